@@ -1,0 +1,161 @@
+"""``clickpulse`` command line: ``worker``, ``replay``, ``demo``.
+
+Settings come from ``CLICKPULSE_*`` env vars (see :mod:`clickpulse.settings`); flags override
+the few that matter per command. Logging is configured here and only here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import orjson
+
+from .errors import ClickpulseError
+from .ingest.datasets import BUNDLED_SAMPLE
+from .ingest.replay import FORMATS, messages, publish
+from .settings import Settings
+from .topics import ensure_topics
+
+log = logging.getLogger("clickpulse")
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import faust  # noqa: F401 - heavy import only for the worker
+
+    from .app import create_app
+
+    settings = Settings.from_env()
+    if args.mode:
+        settings = settings.replace(time_mode=args.mode)
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    loop.run_until_complete(ensure_topics(settings))
+    app = create_app(settings)
+    from faust.worker import Worker
+
+    worker = Worker(app, loglevel=args.loglevel, logfile=None, quiet=True, override_logging=True)
+    worker.execute_from_commandline()  # exits the process
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    asyncio.run(ensure_topics(settings))
+    res = asyncio.run(publish(settings.kafka_bootstrap, settings.topic_raw, messages(args.format, args.file),
+                              speed=args.speed, flush=args.flush))
+    print(f"published {res.published} records from {args.file} to {settings.topic_raw} in {res.seconds:.2f} s"
+          f"{' + end_of_input on every partition' if res.flushed else ''}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .runtime import WorkerProcess, free_port, read_topic, services, wait_caught_up
+
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started_services = False
+    if not args.no_services:
+        if not services("status"):
+            print("starting local Kafka and Redis (deploy/local/services.sh start) ...", flush=True)
+            services("start")
+            started_services = True
+    run = time.strftime("%Y%m%d%H%M%S")
+    settings = Settings.from_env().replace(namespace=f"demo-{run}", time_mode="replay", web_port=free_port())
+    worker = WorkerProcess(settings, out_dir / "worker.log")
+    try:
+        asyncio.run(ensure_topics(settings))
+        print(f"starting a worker (namespace {settings.namespace}, log {worker.log_path}) ...", flush=True)
+        worker.start().wait_ready()
+        print(f"replaying {args.file} ({args.format}) to {settings.topic_raw}"
+              f"{' with --flush' if args.flush else ''} ...", flush=True)
+        t0 = time.monotonic()
+        res = asyncio.run(publish(settings.kafka_bootstrap, settings.topic_raw, messages(args.format, args.file),
+                                  flush=args.flush))
+        wait_caught_up(worker, settings)
+        elapsed = time.monotonic() - t0
+        m = worker.metrics()
+        actions = asyncio.run(read_topic(settings.kafka_bootstrap, settings.topic_actions))
+    finally:
+        worker.stop()
+        if started_services and not args.keep_services:
+            services("stop")
+    path = out_dir / "actions.jsonl"
+    with path.open("wb") as fh:
+        for _k, v, _meta in actions:
+            fh.write(v + b"\n")
+    by_type = Counter(orjson.loads(v)["type"] for _k, v, _m in actions)
+
+    def total(prefix: str) -> int:
+        return int(sum(v for k, v in m.items() if k.startswith(prefix + "{") or k == prefix))
+
+    events_in = total("clickpulse_events_processed_total")
+    print()
+    print("clickpulse demo summary")
+    print(f"  input               {res.published} records from {args.file}")
+    print(f"  events in           {events_in}  (applied to user state)")
+    print(f"  invalid             {total('clickpulse_events_invalid_total')}  (dead-letter topic {settings.topic_dlq})")
+    print(f"  duplicates          {total('clickpulse_events_duplicate_total')}")
+    print(f"  late                {total('clickpulse_events_late_total')}")
+    print(f"  users               {total('clickpulse_users_new_total')}")
+    print(f"  sessions            {total('clickpulse_sessions_started_total')}")
+    print(f"  actions             {dict(sorted(by_type.items())) or '{}'}")
+    for a in actions:
+        rec = orjson.loads(a[1])
+        if len(actions) <= 5:
+            print(f"    {rec['type']} user {rec['user_key']} at {rec['event_time']}: {rec['reason']}")
+    print(f"  throughput          {res.published / elapsed:.0f} events/s end to end "
+          f"({elapsed:.1f} s from first publish to caught up)")
+    print(f"  actions written to  {path.resolve()}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="clickpulse", description=__doc__.split("\n")[0])
+    p.add_argument("--log-level", default="warning", help="logging level for this command (default warning)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    w = sub.add_parser("worker", help="run the stream worker (Faust) until SIGTERM/SIGINT")
+    w.add_argument("--mode", choices=("live", "replay"), help="override CLICKPULSE_TIME_MODE")
+    w.add_argument("--loglevel", default="info")
+    w.set_defaults(func=cmd_worker)
+
+    r = sub.add_parser("replay", help="publish a dataset to the raw topic, preserving event time")
+    r.add_argument("--format", choices=FORMATS, required=True)
+    r.add_argument("file")
+    r.add_argument("--speed", type=float, default=0.0,
+                   help="event-time speed-up (60 = an hour of data per minute); 0 = as fast as possible")
+    r.add_argument("--flush", action="store_true",
+                   help="end with end_of_input on every partition: close the file's event time so pending timers fire")
+    r.set_defaults(func=cmd_replay)
+
+    d = sub.add_parser("demo", help="start local services and a worker, replay the bundled REES46 sample, "
+                                    "write actions to OUT_DIR/actions.jsonl and print a summary")
+    d.add_argument("--file", default=str(BUNDLED_SAMPLE))
+    d.add_argument("--format", choices=FORMATS, default="rees46")
+    d.add_argument("--flush", action="store_true", help="close the input's event time at the end (see replay)")
+    d.add_argument("--out-dir", default="./demo-output")
+    d.add_argument("--no-services", action="store_true", help="use already running Kafka/Redis (CLICKPULSE_* env)")
+    d.add_argument("--keep-services", action="store_true", help="leave Kafka/Redis running afterwards")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.cmd != "worker":
+        logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ClickpulseError as err:
+        print(f"clickpulse: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The event contract: parsing, validation, normalization and de-duplication keys."""

@@ -1,0 +1,1 @@
+"""Getting events in: dataset readers and the replay publisher."""

@@ -1,0 +1,57 @@
+"""Every Prometheus metric of clickpulse, declared once.
+
+Label sets are fixed and low-cardinality (never user ids): ``type`` is a canonical event type
+or ``custom``; ``reason`` is a dead-letter reason code. Latency histograms are in seconds with
+buckets from 0.5 ms. Pass your own ``CollectorRegistry`` to keep tests isolated.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from ..events.contract import CANONICAL_TYPES
+
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+def type_label(etype: str) -> str:
+    """Bound the ``type`` label: canonical types as themselves, anything else as ``custom``."""
+    return etype if etype in CANONICAL_TYPES else "custom"
+
+
+class Metrics:
+    """The metric families. Names follow Prometheus conventions (``_total`` counters, base units)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.raw_in = Counter("clickpulse_raw_messages_total", "Messages read from the raw topic", registry=r)
+        self.events_valid = Counter("clickpulse_events_valid_total", "Events that passed validation, by type",
+                                    ["type"], registry=r)
+        self.events_invalid = Counter("clickpulse_events_invalid_total",
+                                      "Messages sent to the dead-letter topic, by reason", ["reason"], registry=r)
+        self.events_in = Counter("clickpulse_events_processed_total",
+                                 "Events applied to user state (after de-duplication), by type", ["type"], registry=r)
+        self.duplicates = Counter("clickpulse_events_duplicate_total", "Events dropped as duplicates (same event_id)",
+                                  registry=r)
+        self.late = Counter("clickpulse_events_late_total",
+                            "Events behind the watermark (not counted in windows; lifetime still updated)", registry=r)
+        self.clock_corrected = Counter("clickpulse_events_clock_corrected_total",
+                                       "Events whose future event time was clamped/corrected", registry=r)
+        self.sessions = Counter("clickpulse_sessions_started_total", "Sessions started", registry=r)
+        self.users_new = Counter("clickpulse_users_new_total", "Users seen for the first time by this app", registry=r)
+        self.actions = Counter("clickpulse_actions_total", "Actions published, by type", ["type"], registry=r)
+        self.timers_pending = Gauge("clickpulse_timers_pending", "Pending event-time timers on this worker", registry=r)
+        self.watermark = Gauge("clickpulse_watermark_seconds", "Lowest watermark over assigned partitions (epoch s)",
+                               registry=r)
+        self.process_latency = Histogram("clickpulse_event_process_seconds",
+                                         "Wall time to apply one event to state and fire timers",
+                                         buckets=LATENCY_BUCKETS_S, registry=r)
+        self.redis_writes = Counter("clickpulse_redis_profiles_written_total", "Profiles written to Redis", registry=r)
+        self.redis_errors = Counter("clickpulse_redis_errors_total", "Failed Redis flushes", registry=r)
+        self.redis_dropped = Counter("clickpulse_redis_profiles_dropped_total",
+                                     "Profiles dropped from the write-behind buffer (over CLICKPULSE_REDIS_MAX_PENDING)",
+                                     registry=r)
+        self.redis_pending = Gauge("clickpulse_redis_pending_profiles", "Profiles waiting to be written", registry=r)
+        self.dlq_publish_errors = Counter("clickpulse_dlq_publish_errors_total",
+                                          "Dead-letter records that could not be published", registry=r)

@@ -1,0 +1,240 @@
+"""Running clickpulse: local services, worker processes, progress and topic reads.
+
+Used by ``clickpulse demo`` and by the integration tests; nothing here is on the stream's path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from .errors import ServiceError
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SERVICES_SH = REPO_ROOT / "deploy" / "local" / "services.sh"
+
+
+def services(cmd: str) -> bool:
+    """Run ``deploy/local/services.sh start|stop|status``; True on exit code 0.
+
+    Raises
+    ------
+    ServiceError
+        ``start`` failed, or the script is missing (clickpulse not run from a source checkout).
+    """
+    if not SERVICES_SH.exists():
+        raise ServiceError(f"{SERVICES_SH} not found: run from a clickpulse source checkout")
+    res = subprocess.run(["bash", str(SERVICES_SH), cmd], check=False)
+    if cmd == "start" and res.returncode != 0:
+        raise ServiceError("deploy/local/services.sh start failed; see .local/logs/")
+    return res.returncode == 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class WorkerProcess:
+    """A ``clickpulse worker`` subprocess with its own settings (env) and log file."""
+
+    settings: Settings
+    log_path: Path
+    proc: subprocess.Popen | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.settings.web_host}:{self.settings.web_port}"
+
+    def start(self) -> WorkerProcess:
+        env = {**os.environ, **self.settings.env(), **self.extra_env}
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        fh = self.log_path.open("ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "clickpulse.cli", "worker"], env=env,
+                                     stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait_ready(self, timeout_s: float = 90.0) -> None:
+        """Wait until the worker's web server answers and it owns partitions.
+
+        Raises
+        ------
+        ServiceError
+            The worker exited or did not become ready in time (its log path is in the message).
+        """
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise ServiceError(f"worker exited with {self.proc.returncode if self.proc else None}; log: {self.log_path}")
+            try:
+                if "clickpulse_raw_messages_total" in self.get("/metrics").decode():
+                    if b"clickpulse ready" in self.log_path.read_bytes():
+                        return
+            except OSError:
+                pass
+            time.sleep(0.3)
+        raise ServiceError(f"worker not ready after {timeout_s:.0f} s; log: {self.log_path}")
+
+    def get(self, path: str) -> bytes:
+        with urllib.request.urlopen(self.base_url + path, timeout=5) as resp:
+            return resp.read()
+
+    def progress(self) -> dict[str, Any]:
+        return orjson.loads(self.get("/progress"))
+
+    def metrics(self) -> dict[str, float]:
+        """Scrape ``/metrics``: ``{"name{label=value}": value}`` (labels sorted), plus bare names."""
+        out: dict[str, float] = {}
+        for fam in text_string_to_metric_families(self.get("/metrics").decode()):
+            for s in fam.samples:
+                labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+                out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+        return out
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> int | None:
+        """Stop the worker (SIGTERM, then SIGKILL after ``timeout_s``); returns its exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL, as in a crash."""
+        self.stop(signal.SIGKILL, timeout_s=10)
+
+
+async def _stop(consumer: AIOKafkaConsumer) -> None:
+    # aiokafka raises CancelledError from stop() right after start() without a group
+    # (aio-libs/aiokafka#647); the consumer is closed all the same.
+    try:
+        await consumer.stop()
+    except asyncio.CancelledError:
+        pass
+
+
+async def partitions_of(bootstrap: str, topic: str) -> list[int]:
+    """Partition numbers of ``topic`` (empty when it does not exist)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        desc = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    return sorted(p["partition"] for d in desc if d["error_code"] == 0 for p in d["partitions"])
+
+
+async def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
+    """Next offset to be written on each partition of ``topic``."""
+    parts = await partitions_of(bootstrap, topic)
+    if not parts:
+        return {}
+    c = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await c.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        ends = await c.end_offsets(tps) if tps else {}
+        return {tp.partition: off for tp, off in ends.items()}
+    finally:
+        await _stop(c)
+
+
+async def read_topic(bootstrap: str, topic: str, timeout_s: float = 30.0) -> list[tuple[bytes | None, bytes, dict]]:
+    """Every message currently in ``topic``, from the beginning to the end offsets:
+    ``(key, value, {"partition", "offset", "headers"})``."""
+    ends = await end_offsets(bootstrap, topic)
+    c = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest",
+                         max_partition_fetch_bytes=8 * 1024 * 1024, fetch_max_bytes=64 * 1024 * 1024)
+    await c.start()
+    out: list[tuple[bytes | None, bytes, dict]] = []
+    try:
+        tps = [TopicPartition(topic, p) for p in ends]
+        if not tps:
+            return out
+        c.assign(tps)
+        await c.seek_to_beginning(*tps)
+        remaining = {tp for tp in tps if ends[tp.partition] > 0}
+        begins = await c.beginning_offsets(tps)
+        remaining = {tp for tp in remaining if begins[tp] < ends[tp.partition]}
+        deadline = time.monotonic() + timeout_s
+        while remaining and time.monotonic() < deadline:
+            batch = await c.getmany(timeout_ms=500)
+            for tp, msgs in batch.items():
+                for m in msgs:
+                    if m.offset < ends[tp.partition]:
+                        out.append((m.key, m.value, {"partition": tp.partition, "offset": m.offset,
+                                                     "headers": list(m.headers or [])}))
+                    if m.offset >= ends[tp.partition] - 1:
+                        remaining.discard(tp)
+        if remaining:
+            raise ServiceError(f"timed out reading {topic}: {len(remaining)} partitions unfinished")
+    finally:
+        await _stop(c)
+    out.sort(key=lambda r: (r[2]["partition"], r[2]["offset"]))
+    return out
+
+
+def wait_caught_up(worker: WorkerProcess, settings: Settings, timeout_s: float = 300.0,
+                   settle_s: float = 1.5) -> None:
+    """Block until the worker has processed everything on the raw and valid topics.
+
+    Raises
+    ------
+    ServiceError
+        Not caught up within ``timeout_s`` or the worker died.
+    """
+    deadline = time.monotonic() + timeout_s
+
+    def done(topic: str, ends: dict[int, int], prog: dict[str, Any]) -> bool:
+        seen = prog["topics"].get(topic, {})
+        return all(end == 0 or seen.get(str(p), -1) >= end - 1 for p, end in ends.items())
+
+    while time.monotonic() < deadline:
+        if not worker.alive():
+            raise ServiceError(f"worker died; log: {worker.log_path}")
+        raw_ends = asyncio.run(end_offsets(settings.kafka_bootstrap, settings.topic_raw))
+        try:
+            prog = worker.progress()
+        except OSError:
+            time.sleep(0.5)
+            continue
+        if done(settings.topic_raw, raw_ends, prog):
+            valid_ends = asyncio.run(end_offsets(settings.kafka_bootstrap, settings.topic_valid))
+            if done(settings.topic_valid, valid_ends, worker.progress()):
+                time.sleep(settle_s)  # let the producer flush actions and Redis write-behind run
+                if done(settings.topic_valid, asyncio.run(end_offsets(settings.kafka_bootstrap, settings.topic_valid)),
+                        worker.progress()):
+                    return
+        time.sleep(0.3)
+    raise ServiceError(f"worker did not catch up within {timeout_s:.0f} s; log: {worker.log_path}")

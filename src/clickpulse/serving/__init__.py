@@ -1,0 +1,1 @@
+"""Serving: Redis profiles."""

@@ -1,0 +1,90 @@
+"""Write-behind of user profiles to Redis: coalesced, pipelined, never blocking the stream.
+
+The stream calls :meth:`ProfileWriter.mark` (a dict assignment: the newest profile per user
+wins); a background task calls :meth:`flush` every ``CLICKPULSE_REDIS_FLUSH_INTERVAL_S`` and
+writes all pending profiles in one pipeline (``SET key json EX ttl``). When Redis is down the
+profiles stay pending (bounded by ``CLICKPULSE_REDIS_MAX_PENDING``; the oldest are dropped and
+counted beyond it) and are retried on the next flush.
+
+Key: ``<namespace>:profile:<user_key>``; value: JSON per ``schemas/profile.v1.json``;
+TTL: ``CLICKPULSE_USER_RETENTION_S``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+
+from ..observability.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+def profile_key(namespace: str, user_key: str) -> str:
+    return f"{namespace}:profile:{user_key}"
+
+
+class ProfileWriter:
+    """Coalescing write-behind buffer.
+
+    Parameters
+    ----------
+    client
+        A ``redis.asyncio.Redis`` (or ``None`` to disable writing).
+    namespace
+        Key prefix.
+    ttl_s
+        Expiry of each profile key, seconds.
+    max_pending
+        Bound on buffered profiles.
+    """
+
+    def __init__(self, client: Any, namespace: str, ttl_s: int, max_pending: int, metrics: Metrics) -> None:
+        self.client = client
+        self.namespace = namespace
+        self.ttl_s = max(1, int(ttl_s))
+        self.max_pending = max_pending
+        self.metrics = metrics
+        self.pending: dict[str, dict[str, Any]] = {}
+        self._failing = False
+
+    def mark(self, user_key: str, profile: dict[str, Any]) -> None:
+        """Queue the newest profile of a user (O(1), no I/O)."""
+        if user_key in self.pending:
+            del self.pending[user_key]  # re-insert at the end: dict order = age
+        self.pending[user_key] = profile
+        while len(self.pending) > self.max_pending:
+            self.pending.pop(next(iter(self.pending)))
+            self.metrics.redis_dropped.inc()
+        self.metrics.redis_pending.set(len(self.pending))
+
+    async def flush(self) -> int:
+        """Write every pending profile in one pipeline; returns how many were written."""
+        if self.client is None or not self.pending:
+            return 0
+        batch, self.pending = self.pending, {}
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for user_key, prof in batch.items():
+                    pipe.set(profile_key(self.namespace, user_key), orjson.dumps(prof), ex=self.ttl_s)
+                await pipe.execute()
+        except Exception as err:  # noqa: BLE001 - Redis outage must not stop the stream
+            self.metrics.redis_errors.inc()
+            if not self._failing:
+                log.warning("redis write-behind failed (%s); %d profiles kept for retry", err, len(batch))
+            self._failing = True
+            for k, v in batch.items():  # keep newer marks made meanwhile
+                self.pending.setdefault(k, v)
+            while len(self.pending) > self.max_pending:
+                self.pending.pop(next(iter(self.pending)))
+                self.metrics.redis_dropped.inc()
+            self.metrics.redis_pending.set(len(self.pending))
+            return 0
+        if self._failing:
+            log.info("redis write-behind recovered")
+            self._failing = False
+        self.metrics.redis_writes.inc(len(batch))
+        self.metrics.redis_pending.set(len(self.pending))
+        return len(batch)

@@ -1,0 +1,217 @@
+"""One frozen settings object, read from ``CLICKPULSE_*`` environment variables.
+
+Every field documents its env var, unit and default. ``Settings.from_env()`` is the only place
+that reads the environment; everything else receives a ``Settings``.
+
+Examples
+--------
+>>> s = Settings.from_env({"CLICKPULSE_CART_ABANDON_AFTER_S": "600"})
+>>> s.cart_abandon_after_ms
+600000
+>>> s.topic_raw
+'clickpulse.events.raw'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+TIME_MODES = ("live", "replay")
+
+
+def _env(name: str) -> str:
+    return "CLICKPULSE_" + name.upper()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All clickpulse settings. Env var = ``CLICKPULSE_`` + field name in upper case.
+
+    Attributes
+    ----------
+    kafka_bootstrap : str
+        ``CLICKPULSE_KAFKA_BOOTSTRAP``; ``host:port[,host:port]``. Default ``127.0.0.1:9092``
+        (the local embedded broker of ``deploy/local/kafka.sh``).
+    redis_url : str
+        ``CLICKPULSE_REDIS_URL``; default ``redis://127.0.0.1:6379/0``. Empty disables Redis.
+    namespace : str
+        ``CLICKPULSE_NAMESPACE``; prefix of every topic, of the Faust app id (consumer group) and
+        of Redis keys. Default ``clickpulse``.
+    partitions : int
+        ``CLICKPULSE_PARTITIONS``; partitions of the raw and valid topics and of the state
+        table's changelog (they must be equal: the table is co-partitioned with the stream).
+        Default 4.
+    time_mode : str
+        ``CLICKPULSE_TIME_MODE``; ``live`` (an idle partition's watermark follows the wall clock)
+        or ``replay`` (event time advances only with events). Default ``live``.
+    allowed_lateness_s : float
+        ``CLICKPULSE_ALLOWED_LATENESS_S``; seconds. Watermark = max event time seen on the
+        partition − this. Default 60.
+    idle_timeout_s : float
+        ``CLICKPULSE_IDLE_TIMEOUT_S``; seconds without events after which, in live mode, a
+        partition's event-time clock follows ``wall clock − idle_timeout_s``. Default 5.
+    max_future_skew_s : float
+        ``CLICKPULSE_MAX_FUTURE_SKEW_S``; seconds. An event time further than this in the future
+        of the message's receive time is clamped to the receive time (and counted). Default 300.
+    session_gap_s : float
+        ``CLICKPULSE_SESSION_GAP_S``; seconds of inactivity that end a session. Default 1800
+        (30 min, the GA / Segment / Snowplow convention).
+    cart_abandon_after_s : float
+        ``CLICKPULSE_CART_ABANDON_AFTER_S``; seconds of event time after the last cart update
+        with no purchase before ``cart_abandoned`` fires. Default 1800.
+    max_event_bytes : int
+        ``CLICKPULSE_MAX_EVENT_BYTES``; bytes. Larger raw messages go to the dead-letter topic.
+        Default 65536 (64 KiB).
+    dlq_max_payload_bytes : int
+        ``CLICKPULSE_DLQ_MAX_PAYLOAD_BYTES``; bytes of the original value copied into a
+        dead-letter record (the full value stays at its topic/partition/offset). Default 65536.
+    dedup_ids_per_user : int
+        ``CLICKPULSE_DEDUP_IDS_PER_USER``; how many recent event ids each user keeps for
+        de-duplication. Default 32.
+    user_retention_s : float
+        ``CLICKPULSE_USER_RETENTION_S``; seconds of event time a user may be idle before its
+        Redis profile expires. Default 2,592,000 (30 days).
+    redis_flush_interval_s : float
+        ``CLICKPULSE_REDIS_FLUSH_INTERVAL_S``; seconds between write-behind flushes. Default 0.5.
+    redis_max_pending : int
+        ``CLICKPULSE_REDIS_MAX_PENDING``; profiles waiting for Redis; beyond it the oldest are
+        dropped (and counted) rather than blocking the stream. Default 100000.
+    web_port : int
+        ``CLICKPULSE_WEB_PORT``; the worker's HTTP port serving ``/metrics``. Default 6066.
+    web_host : str
+        ``CLICKPULSE_WEB_HOST``; default ``127.0.0.1``.
+    data_dir : str
+        ``CLICKPULSE_DATA_DIR``; the worker's local folder (Faust data dir; the table itself is
+        in memory, recovered from its changelog topic). Default ``.local/worker-data``.
+    """
+
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    namespace: str = "clickpulse"
+    partitions: int = 4
+    time_mode: str = "live"
+    allowed_lateness_s: float = 60.0
+    idle_timeout_s: float = 5.0
+    max_future_skew_s: float = 300.0
+    session_gap_s: float = 1800.0
+    cart_abandon_after_s: float = 1800.0
+    max_event_bytes: int = 65536
+    dlq_max_payload_bytes: int = 65536
+    dedup_ids_per_user: int = 32
+    user_retention_s: float = 30 * 86400.0
+    redis_flush_interval_s: float = 0.5
+    redis_max_pending: int = 100_000
+    web_port: int = 6066
+    web_host: str = "127.0.0.1"
+    data_dir: str = ".local/worker-data"
+    extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.time_mode not in TIME_MODES:
+            raise ConfigError(f"{_env('time_mode')} must be one of {TIME_MODES}, got {self.time_mode!r}")
+        positive = ("partitions", "session_gap_s", "cart_abandon_after_s", "max_event_bytes",
+                    "dedup_ids_per_user", "redis_flush_interval_s", "idle_timeout_s")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{_env(name)} must be > 0, got {getattr(self, name)!r}")
+        for name in ("allowed_lateness_s", "max_future_skew_s"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{_env(name)} must be >= 0, got {getattr(self, name)!r}")
+        if not self.namespace or not all(c.isalnum() or c in "-_." for c in self.namespace):
+            raise ConfigError(f"{_env('namespace')} must be non-empty [A-Za-z0-9._-], got {self.namespace!r}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from ``CLICKPULSE_*`` variables (``os.environ`` by default).
+
+        Raises
+        ------
+        ConfigError
+            A variable cannot be converted to its field's type, or a value is out of range.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name == "extra":
+                continue
+            raw = env.get(_env(f.name))
+            if raw is None:
+                continue
+            kind = type(f.default)
+            try:
+                values[f.name] = kind(raw) if kind is not bool else raw.lower() in ("1", "true", "yes")
+            except ValueError as err:
+                raise ConfigError(f"{_env(f.name)}={raw!r} is not a valid {kind.__name__}") from err
+        values.update(overrides)
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    # derived values -------------------------------------------------------------------
+    @property
+    def app_id(self) -> str:
+        """Faust app id = Kafka consumer group of the worker."""
+        return f"{self.namespace}-worker"
+
+    @property
+    def topic_raw(self) -> str:
+        return f"{self.namespace}.events.raw"
+
+    @property
+    def topic_valid(self) -> str:
+        return f"{self.namespace}.events.valid"
+
+    @property
+    def topic_dlq(self) -> str:
+        return f"{self.namespace}.events.dlq"
+
+    @property
+    def topic_actions(self) -> str:
+        return f"{self.namespace}.actions"
+
+    @property
+    def state_table(self) -> str:
+        return "users"
+
+    @property
+    def allowed_lateness_ms(self) -> int:
+        return int(self.allowed_lateness_s * 1000)
+
+    @property
+    def idle_timeout_ms(self) -> int:
+        return int(self.idle_timeout_s * 1000)
+
+    @property
+    def max_future_skew_ms(self) -> int:
+        return int(self.max_future_skew_s * 1000)
+
+    @property
+    def session_gap_ms(self) -> int:
+        return int(self.session_gap_s * 1000)
+
+    @property
+    def cart_abandon_after_ms(self) -> int:
+        return int(self.cart_abandon_after_s * 1000)
+
+    @property
+    def user_retention_ms(self) -> int:
+        return int(self.user_retention_s * 1000)
+
+    def env(self) -> dict[str, str]:
+        """These settings as ``CLICKPULSE_*`` env vars (to start a worker subprocess)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.name != "extra":
+                out[_env(f.name)] = str(getattr(self, f.name))
+        return out
+
+
+ENV_VARS = tuple(_env(f.name) for f in dataclasses.fields(Settings) if f.name != "extra")

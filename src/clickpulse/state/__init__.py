@@ -1,0 +1,1 @@
+"""Per-user state in event time: windows, session, cart, lifetime; watermarks and timers."""

@@ -1,0 +1,140 @@
+"""Per-partition event-time clocks (watermarks) and the event-time timer index.
+
+Watermark of a partition = highest event time seen on it − allowed lateness (never moves
+back). In ``live`` mode, once the partition has had no event for ``idle_timeout_ms`` of wall
+clock, its event time is taken to be at least ``wall − idle_timeout_ms``, so timers fire without
+further traffic (SCENARIOS S1); ``replay`` mode never looks at the wall clock. A bounded input
+can close its time with ``end_of_input`` from every source partition: the watermark becomes
+:data:`END_OF_TIME` and every pending timer fires (like the final watermark of a bounded stream
+in Flink or Beam).
+
+Examples
+--------
+>>> c = PartitionClock(allowed_lateness_ms=10_000, idle_timeout_ms=5_000, live=True)
+>>> c.observe(60_000, wall_ms=1_000_000); c.watermark(wall_ms=1_000_000)
+50000
+>>> c.watermark(wall_ms=1_000_000 + 4_000)   # not idle long enough
+50000
+>>> c.observe(90_000, wall_ms=2_000_000)
+>>> c.watermark(wall_ms=2_000_000)
+80000
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable
+
+END_OF_TIME = 2**62
+
+
+class PartitionClock:
+    """Watermark of one partition.
+
+    Parameters
+    ----------
+    allowed_lateness_ms
+        Milliseconds of event time an event may be behind the partition's maximum and still count.
+    idle_timeout_ms
+        Wall-clock milliseconds without events after which a live partition follows the wall clock.
+    live
+        ``True`` for live mode (idle advance), ``False`` for replay mode.
+    """
+
+    __slots__ = ("lateness", "idle", "live", "max_ts", "last_event_wall", "wm", "eoi_sources", "closed")
+
+    def __init__(self, allowed_lateness_ms: int, idle_timeout_ms: int, live: bool) -> None:
+        self.lateness = allowed_lateness_ms
+        self.idle = idle_timeout_ms
+        self.live = live
+        self.max_ts: int | None = None
+        self.last_event_wall: int | None = None
+        self.wm: int | None = None
+        self.eoi_sources: set[int] = set()
+        self.closed = False
+
+    def observe(self, ts_ms: int, wall_ms: int) -> None:
+        """Record an event with event time ``ts_ms`` received at wall time ``wall_ms``."""
+        if self.max_ts is None or ts_ms > self.max_ts:
+            self.max_ts = ts_ms
+        self.last_event_wall = wall_ms
+        self._raise(self.max_ts - self.lateness)
+
+    def restore(self, max_ts: int | None, wall_ms: int) -> None:
+        """After a restart: the highest event time in the recovered state (lost otherwise)."""
+        if max_ts is not None:
+            self.max_ts = max_ts if self.max_ts is None else max(self.max_ts, max_ts)
+            self._raise(self.max_ts - self.lateness)
+        if self.last_event_wall is None:
+            self.last_event_wall = wall_ms
+
+    def end_of_input(self, source_partition: int, source_partitions: int) -> bool:
+        """One source partition reports the end of a bounded input; returns True once all have."""
+        self.eoi_sources.add(source_partition)
+        if len(self.eoi_sources) >= source_partitions:
+            self.closed = True
+            self.wm = END_OF_TIME
+        return self.closed
+
+    def _raise(self, candidate: int) -> None:
+        if self.wm is None or candidate > self.wm:
+            self.wm = candidate
+
+    def watermark(self, wall_ms: int | None = None) -> int | None:
+        """The current watermark (epoch ms), ``None`` before any event; ``END_OF_TIME`` once closed."""
+        if self.live and wall_ms is not None and self.last_event_wall is not None \
+                and wall_ms - self.last_event_wall >= self.idle:
+            self._raise(wall_ms - self.idle - self.lateness)
+        return self.wm
+
+
+class TimerIndex:
+    """Pending event-time timers of one partition: which user is due when.
+
+    A min-heap with lazy deletion; ``set(key, due)`` replaces the key's timer, ``set(key, None)``
+    cancels it. ``pop_due(wm)`` returns the keys whose due time is strictly before ``wm``.
+
+    >>> ti = TimerIndex(); ti.set("a", 10); ti.set("b", 5); ti.set("a", 20)
+    >>> ti.pop_due(15), len(ti)
+    (['b'], 1)
+    """
+
+    __slots__ = ("_heap", "_due")
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[int, str]] = []
+        self._due: dict[str, int] = {}
+
+    def set(self, key: str, due_ms: int | None) -> None:
+        if due_ms is None:
+            self._due.pop(key, None)
+            return
+        if self._due.get(key) == due_ms:
+            return
+        self._due[key] = due_ms
+        heapq.heappush(self._heap, (due_ms, key))
+        if len(self._heap) > 4 * len(self._due) + 64:
+            self._heap = [(d, k) for k, d in self._due.items()]
+            heapq.heapify(self._heap)
+
+    def pop_due(self, watermark_ms: int | None) -> list[str]:
+        out: list[str] = []
+        if watermark_ms is None:
+            return out
+        while self._heap and self._heap[0][0] < watermark_ms:
+            due, key = heapq.heappop(self._heap)
+            if self._due.get(key) == due:
+                del self._due[key]
+                out.append(key)
+        return out
+
+    def rebuild(self, items: Iterable[tuple[str, int]]) -> None:
+        self._due = dict(items)
+        self._heap = [(d, k) for k, d in self._due.items()]
+        heapq.heapify(self._heap)
+
+    def next_due(self) -> int | None:
+        return min(self._due.values()) if self._due else None
+
+    def __len__(self) -> int:
+        return len(self._due)

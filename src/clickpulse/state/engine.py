@@ -1,0 +1,171 @@
+"""The keyed event-time engine: per-partition clocks and timers over a user-state table.
+
+Broker-free: the table is any mutable mapping ``bytes -> bytes`` (a ``dict`` in tests, the
+Faust table in the worker), the wall clock is passed in. The Faust agents in
+:mod:`clickpulse.app` are thin loops over :meth:`Engine.process`, :meth:`Engine.tick` and
+:meth:`Engine.end_of_input`.
+
+Pending timers live inside each user's state (``cart.due_ms``), so they are in the table's
+changelog and survive restarts; the in-memory :class:`TimerIndex` and each partition's maximum
+event time are rebuilt from the table by :meth:`Engine.restore` after a rebalance/recovery.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, MutableMapping
+from datetime import UTC, datetime
+from typing import Any
+
+from ..observability.metrics import Metrics, type_label
+from .clock import END_OF_TIME, PartitionClock, TimerIndex
+from .user import Applied, StateConfig, UserState, apply, fire_due
+
+log = logging.getLogger(__name__)
+
+
+def wall_rfc3339(wall_ms: int) -> str:
+    return datetime.fromtimestamp(wall_ms / 1000, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class Engine:
+    """Event-time processing of one worker's partitions.
+
+    Parameters
+    ----------
+    table
+        Mapping from ``user_key`` (UTF-8 bytes) to ``UserState.to_bytes()``.
+    cfg
+        Session gap, abandonment delay, de-duplication depth (ms).
+    allowed_lateness_ms, idle_timeout_ms, live
+        Watermark settings (see :class:`PartitionClock`).
+    metrics
+        Where counters go.
+    on_state
+        Called with each changed ``UserState`` (the Redis write-behind); must not block.
+    """
+
+    def __init__(self, table: MutableMapping[bytes, bytes], cfg: StateConfig, *, allowed_lateness_ms: int,
+                 idle_timeout_ms: int, live: bool, metrics: Metrics,
+                 on_state: Callable[[UserState], None] | None = None) -> None:
+        self.table = table
+        self.cfg = cfg
+        self.lateness = allowed_lateness_ms
+        self.idle = idle_timeout_ms
+        self.live = live
+        self.metrics = metrics
+        self.on_state = on_state
+        self.clocks: dict[int, PartitionClock] = {}
+        self.timers: dict[int, TimerIndex] = {}
+
+    # -- helpers ----------------------------------------------------------------------------
+    def clock(self, partition: int) -> PartitionClock:
+        c = self.clocks.get(partition)
+        if c is None:
+            c = self.clocks[partition] = PartitionClock(self.lateness, self.idle, self.live)
+            self.timers.setdefault(partition, TimerIndex())
+        return c
+
+    def load(self, user_key: str) -> UserState | None:
+        raw = self.table.get(user_key.encode())
+        return None if raw is None else UserState.from_bytes(raw)
+
+    def _save(self, st: UserState) -> None:
+        self.table[st.key.encode()] = st.to_bytes()
+        if self.on_state is not None:
+            self.on_state(st)
+
+    def pending_timers(self) -> int:
+        return sum(len(t) for t in self.timers.values())
+
+    # -- the three entry points ---------------------------------------------------------------
+    def process(self, partition: int, event: dict[str, Any], wall_ms: int) -> tuple[Applied, list[dict[str, Any]]]:
+        """Apply one canonical event, then fire the partition's due timers.
+
+        Returns the :class:`Applied` flags and the actions to publish (in due-time order).
+        """
+        clock = self.clock(partition)
+        wm_before = clock.watermark(wall_ms)
+        key = event["user_key"]
+        st = self.load(key)
+        if st is None:
+            st = UserState(key=key, partition=partition)
+            self.metrics.users_new.inc()
+        res = apply(st, event, wm_before, self.cfg)
+        if res.duplicate:
+            self.metrics.duplicates.inc()
+            return res, self.tick(partition, wall_ms)
+        st.partition = partition
+        self.metrics.events_in.labels(type_label(event["type"])).inc()
+        if res.late:
+            self.metrics.late.inc()
+        if res.session_started:
+            self.metrics.sessions.inc()
+        clock.observe(int(event["timestamp_ms"]), wall_ms)
+        self.timers[partition].set(key, st.cart.due_ms)
+        self._save(st)
+        return res, self.tick(partition, wall_ms)
+
+    def tick(self, partition: int, wall_ms: int) -> list[dict[str, Any]]:
+        """Fire every timer of ``partition`` the watermark is past (live mode: idle advance)."""
+        clock = self.clock(partition)
+        wm = clock.watermark(wall_ms)
+        due_keys = self.timers[partition].pop_due(wm)
+        if not due_keys or wm is None:
+            return []
+        created = wall_rfc3339(wall_ms)
+        out: list[dict[str, Any]] = []
+        for key in due_keys:
+            st = self.load(key)
+            if st is None:
+                continue
+            actions = fire_due(st, wm, created)
+            # a timer that did not fire (e.g. cart changed) is re-armed from the state
+            self.timers[partition].set(key, st.cart.due_ms)
+            if actions:
+                self._save(st)
+                for a in actions:
+                    self.metrics.actions.labels(a["type"]).inc()
+                out.extend(actions)
+        out.sort(key=lambda a: (a["event_time_ms"], a["user_key"]))
+        return out
+
+    def end_of_input(self, partition: int, source_partition: int, source_partitions: int,
+                     wall_ms: int) -> list[dict[str, Any]]:
+        """A bounded input ended on one source partition; when all have, close time and fire all."""
+        if self.clock(partition).end_of_input(source_partition, source_partitions):
+            log.info("partition %d: end of input from all %d source partitions; watermark closed",
+                     partition, source_partitions)
+            return self.tick(partition, wall_ms)
+        return []
+
+    def restore(self, partitions: Iterable[int], items: Iterable[tuple[bytes, bytes]], wall_ms: int) -> int:
+        """Rebuild clocks and timer indexes of ``partitions`` from the recovered table.
+
+        Returns the number of pending timers restored.
+        """
+        keep = set(partitions)
+        for p in list(self.clocks):
+            if p not in keep:
+                del self.clocks[p]
+                self.timers.pop(p, None)
+        max_ts: dict[int, int] = {}
+        due: dict[int, list[tuple[str, int]]] = {p: [] for p in keep}
+        for _key, raw in items:
+            st = UserState.from_bytes(raw)
+            if st.partition not in keep:
+                continue
+            if st.life.last_ms is not None:
+                max_ts[st.partition] = max(max_ts.get(st.partition, st.life.last_ms), st.life.last_ms)
+            if st.cart.due_ms is not None:
+                due[st.partition].append((st.key, st.cart.due_ms))
+        for p in keep:
+            clock = self.clock(p)
+            clock.restore(max_ts.get(p), wall_ms)
+            self.timers[p].rebuild(due[p])
+        return sum(len(v) for v in due.values())
+
+    def min_watermark(self, wall_ms: int) -> int | None:
+        marks = [c.watermark(wall_ms) for c in self.clocks.values()]
+        marks = [m for m in marks if m is not None and m != END_OF_TIME]
+        return min(marks) if marks else None

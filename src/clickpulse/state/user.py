@@ -1,0 +1,395 @@
+"""Per-user state in event time and the pure step that updates it.
+
+``apply(state, event, watermark_ms, cfg) -> Applied`` is the whole per-event state transition;
+``fire_due(state, watermark_ms, cfg) -> list[dict]`` fires the user's timers the watermark has
+passed. No Kafka, no clocks: both take event time explicitly.
+
+Rules (stated once, applied identically whatever the arrival order):
+
+* **Late**: an event is late when its event time is earlier than the partition watermark at
+  arrival. Late events are counted and do not touch window counts; they still update the
+  session, the cart and lifetime totals (first/last seen, orders, revenue), which are
+  order-insensitive.
+* **Session boundary**: two events belong to the same session when their event times are less
+  than ``session_gap_ms`` apart (a gap of exactly 30:00.000 starts a new session). An event
+  within the gap of the current session extends it on either side; one at least a gap after it
+  starts a new session; one at least a gap before it goes to the previous session (kept too), or
+  starts an earlier one. So 10:05, 10:00, 10:10 is one 10-minute session, and 10:00:00.000 and
+  10:30:00.000 are two sessions in either arrival order.
+* **Cart episode**: ``add_to_cart`` adds quantity (default 1) of a product; ``remove_from_cart``
+  subtracts. The abandonment timer is due ``cart_abandon_after_ms`` after the last cart update
+  (event time). A ``purchase`` at time P closes the episode: it removes every item added at or
+  before P (REES46-like sources do not list an order's items; any purchase means the user
+  checked out), so a purchase within the delay cancels the timer. An emptied cart cancels the
+  timer. A purchase exactly at the due time still counts as "within".
+* **Timers** fire when the watermark is strictly past their due time.
+* **Duplicates**: an event whose ``event_id`` is among the user's last ``dedup_ids_per_user``
+  ids changes nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from ..events.contract import to_rfc3339
+from .windows import Windows
+
+ACTION_NAMESPACE = uuid.UUID("6f0b1b0e-8a53-4c3e-9d3f-3c1c6a1c9e01")
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    """The settings the state step needs, in milliseconds (see :class:`clickpulse.settings.Settings`)."""
+
+    session_gap_ms: int = 1_800_000
+    cart_abandon_after_ms: int = 1_800_000
+    dedup_ids_per_user: int = 32
+
+    @classmethod
+    def from_settings(cls, s: Any) -> StateConfig:
+        return cls(s.session_gap_ms, s.cart_abandon_after_ms, s.dedup_ids_per_user)
+
+
+@dataclass
+class Session:
+    """A session window: event-time span ``[start_ms, last_ms]`` and counts by type."""
+
+    start_ms: int
+    last_ms: int
+    events: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def duration_ms(self) -> int:
+        return self.last_ms - self.start_ms
+
+    def to_obj(self) -> list[Any]:
+        return [self.start_ms, self.last_ms, self.events, self.counts]
+
+    @classmethod
+    def from_obj(cls, o: list[Any] | None) -> Session | None:
+        return None if o is None else cls(o[0], o[1], o[2], o[3])
+
+
+@dataclass
+class CartItem:
+    quantity: int
+    price: float | None
+    added_ms: int
+    category: str | None = None
+
+
+@dataclass
+class Cart:
+    """The user's cart. ``due_ms`` is the pending abandonment timer (event time) or ``None``."""
+
+    items: dict[str, CartItem] = field(default_factory=dict)
+    currency: str | None = None
+    updated_ms: int | None = None
+    due_ms: int | None = None
+
+    @property
+    def value(self) -> float:
+        """Cart value: sum of quantity x unit price, in ``currency``."""
+        return round(sum(i.quantity * (i.price or 0.0) for i in self.items.values()), 2)
+
+    def to_obj(self) -> dict[str, Any] | None:
+        if not self.items and self.updated_ms is None:
+            return None
+        return {"i": {p: [i.quantity, i.price, i.added_ms, i.category] for p, i in self.items.items()},
+                "c": self.currency, "u": self.updated_ms, "d": self.due_ms}
+
+    @classmethod
+    def from_obj(cls, o: dict[str, Any] | None) -> Cart:
+        if not o:
+            return cls()
+        return cls({p: CartItem(*v) for p, v in o["i"].items()}, o["c"], o["u"], o["d"])
+
+
+@dataclass
+class Lifetime:
+    first_ms: int | None = None
+    last_ms: int | None = None
+    events: int = 0
+    sessions: int = 0
+    orders: int = 0
+    revenue: float = 0.0
+
+    def to_obj(self) -> list[Any]:
+        return [self.first_ms, self.last_ms, self.events, self.sessions, self.orders, self.revenue]
+
+
+@dataclass
+class UserState:
+    """Everything clickpulse knows about one user. Serialized with :meth:`to_bytes` (orjson,
+    a few hundred bytes for a typical shopper)."""
+
+    key: str
+    partition: int = -1
+    user_id: str | None = None
+    anonymous_id: str | None = None
+    windows: Windows = field(default_factory=Windows)
+    session: Session | None = None
+    prev_session: Session | None = None
+    cart: Cart = field(default_factory=Cart)
+    life: Lifetime = field(default_factory=Lifetime)
+    traits: dict[str, Any] = field(default_factory=dict)
+    recent_ids: list[str] = field(default_factory=list)
+
+    def to_bytes(self) -> bytes:
+        obj: dict[str, Any] = {"k": self.key, "p": self.partition, "w": self.windows.to_obj(),
+                               "l": self.life.to_obj(), "r": self.recent_ids}
+        if self.user_id is not None:
+            obj["u"] = self.user_id
+        if self.anonymous_id is not None:
+            obj["a"] = self.anonymous_id
+        if self.session is not None:
+            obj["s"] = self.session.to_obj()
+        if self.prev_session is not None:
+            obj["ps"] = self.prev_session.to_obj()
+        cart = self.cart.to_obj()
+        if cart is not None:
+            obj["c"] = cart
+        if self.traits:
+            obj["t"] = self.traits
+        return orjson.dumps(obj)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> UserState:
+        o = orjson.loads(data)
+        return cls(key=o["k"], partition=o.get("p", -1), user_id=o.get("u"), anonymous_id=o.get("a"),
+                   windows=Windows.from_obj(o.get("w")), session=Session.from_obj(o.get("s")),
+                   prev_session=Session.from_obj(o.get("ps")), cart=Cart.from_obj(o.get("c")),
+                   life=Lifetime(*o["l"]), traits=o.get("t", {}), recent_ids=o.get("r", []))
+
+    def profile(self, at_ms: int | None = None) -> dict[str, Any]:
+        """The summary served from Redis (``schemas/profile.v1.json``)."""
+        at = at_ms if at_ms is not None else (self.life.last_ms or 0)
+        s = self.session
+        return {
+            "schema_version": 1,
+            "user_key": self.key,
+            "user_id": self.user_id,
+            "anonymous_id": self.anonymous_id,
+            "as_of": to_rfc3339(at),
+            "counts": self.windows.counts(at),
+            "session": None if s is None else {"start": to_rfc3339(s.start_ms), "last": to_rfc3339(s.last_ms),
+                                               "duration_s": s.duration_ms / 1000, "events": s.events,
+                                               "counts": s.counts},
+            "cart": {"items": cart_items(self.cart), "value": self.cart.value, "currency": self.cart.currency,
+                     "abandon_due": None if self.cart.due_ms is None else to_rfc3339(self.cart.due_ms)},
+            "lifetime": {"first_seen": None if self.life.first_ms is None else to_rfc3339(self.life.first_ms),
+                         "last_seen": None if self.life.last_ms is None else to_rfc3339(self.life.last_ms),
+                         "events": self.life.events, "sessions": self.life.sessions,
+                         "orders": self.life.orders, "revenue": round(self.life.revenue, 2)},
+            "traits": self.traits,
+        }
+
+
+@dataclass
+class Applied:
+    """What one :func:`apply` call did."""
+
+    duplicate: bool = False
+    late: bool = False
+    session_started: bool = False
+
+
+def _short_id(event_id: str) -> str:
+    return base64.b64encode(hashlib.blake2b(event_id.encode(), digest_size=9).digest()).decode()
+
+
+def _in_session(s: Session, t: int, gap: int) -> bool:
+    return s.start_ms - gap < t < s.last_ms + gap
+
+
+def _extend(s: Session, t: int, etype: str) -> None:
+    s.start_ms = min(s.start_ms, t)
+    s.last_ms = max(s.last_ms, t)
+    s.events += 1
+    s.counts[etype] = s.counts.get(etype, 0) + 1
+
+
+def _apply_session(st: UserState, t: int, etype: str, gap: int) -> bool:
+    """Assign the event to a session; return True when it started a new one."""
+    cur = st.session
+    if cur is None:
+        st.session = Session(t, t)
+        _extend(st.session, t, etype)
+        return True
+    if _in_session(cur, t, gap):
+        _extend(cur, t, etype)
+        return False
+    if t >= cur.last_ms + gap:
+        st.prev_session = cur
+        st.session = Session(t, t)
+        _extend(st.session, t, etype)
+        return True
+    prev = st.prev_session  # t <= cur.start - gap: an earlier session
+    if prev is not None and _in_session(prev, t, gap):
+        _extend(prev, t, etype)
+        return False
+    if prev is None or t >= prev.last_ms + gap:
+        st.prev_session = Session(t, t)
+        _extend(st.prev_session, t, etype)
+    return True
+
+
+def _props(event: dict[str, Any]) -> dict[str, Any]:
+    p = event.get("properties")
+    return p if isinstance(p, dict) else {}
+
+
+def _apply_cart(cart: Cart, event: dict[str, Any], t: int, delay_ms: int) -> None:
+    etype = event["type"]
+    props = _props(event)
+    if etype == "add_to_cart" or etype == "remove_from_cart":
+        pid = str(props.get("product_id", "unknown"))
+        qty = props.get("quantity")
+        qty = 1 if qty is None else int(qty)
+        if etype == "add_to_cart":
+            if qty <= 0:
+                return
+            item = cart.items.get(pid)
+            if item is None:
+                cart.items[pid] = CartItem(qty, props.get("price"), t, props.get("category"))
+            else:
+                item.quantity += qty
+                item.added_ms = max(item.added_ms, t)
+                if props.get("price") is not None:
+                    item.price = props["price"]
+            if props.get("currency"):
+                cart.currency = props["currency"]
+        else:
+            item = cart.items.get(pid)
+            if item is not None:
+                item.quantity -= qty if qty > 0 else item.quantity
+                if item.quantity <= 0:
+                    del cart.items[pid]
+        cart.updated_ms = t if cart.updated_ms is None else max(cart.updated_ms, t)
+    elif etype == "purchase":
+        for pid in [p for p, i in cart.items.items() if i.added_ms <= t]:
+            del cart.items[pid]
+    else:
+        return
+    if not cart.items:
+        cart.due_ms = None
+    elif etype == "purchase":
+        cart.due_ms = max(i.added_ms for i in cart.items.values()) + delay_ms
+    else:
+        cart.due_ms = cart.updated_ms + delay_ms
+
+
+def apply(st: UserState, event: dict[str, Any], watermark_ms: int | None, cfg: StateConfig) -> Applied:
+    """Apply one canonical event to the user's state, in place.
+
+    Parameters
+    ----------
+    st
+        The user's state (``UserState(key=event["user_key"])`` for a new user).
+    event
+        A canonical event (output of :func:`clickpulse.events.contract.parse`).
+    watermark_ms
+        The partition's watermark before this event (epoch ms), ``None`` before the first event.
+    cfg
+        Session gap, abandonment delay, de-duplication depth.
+
+    Returns
+    -------
+    Applied
+        Flags: duplicate (nothing changed), late (not counted in windows), session_started.
+    """
+    sid = _short_id(event["event_id"])
+    if sid in st.recent_ids:
+        return Applied(duplicate=True)
+    st.recent_ids.append(sid)
+    if len(st.recent_ids) > cfg.dedup_ids_per_user:
+        del st.recent_ids[: len(st.recent_ids) - cfg.dedup_ids_per_user]
+    t = int(event["timestamp_ms"])
+    etype = event["type"]
+    res = Applied()
+    res.late = watermark_ms is not None and t < watermark_ms
+    if not res.late:
+        st.windows.add(etype, t)
+    if event.get("user_id") and st.user_id is None:
+        st.user_id = event["user_id"]
+    if event.get("anonymous_id") and st.anonymous_id is None:
+        st.anonymous_id = event["anonymous_id"]
+    res.session_started = _apply_session(st, t, etype, cfg.session_gap_ms)
+    if res.session_started:
+        st.life.sessions += 1
+    _apply_cart(st.cart, event, t, cfg.cart_abandon_after_ms)
+    life = st.life
+    life.first_ms = t if life.first_ms is None else min(life.first_ms, t)
+    life.last_ms = t if life.last_ms is None else max(life.last_ms, t)
+    life.events += 1
+    props = _props(event)
+    if etype == "purchase":
+        life.orders += 1
+        rev = props.get("revenue")
+        if rev is None and props.get("price") is not None:
+            rev = props["price"] * int(props.get("quantity") or 1)
+        life.revenue += float(rev or 0.0)
+    ctx = event.get("context") if isinstance(event.get("context"), dict) else {}
+    for k in ("device", "country"):
+        if isinstance(ctx.get(k), str):
+            st.traits[k] = ctx[k]
+    if etype == "identify" and isinstance(props.get("traits"), dict):
+        for k, v in list(props["traits"].items())[:16]:
+            if isinstance(v, str | int | float | bool) and len(str(k)) <= 64:
+                st.traits[str(k)] = v if not isinstance(v, str) else v[:256]
+    return res
+
+
+def cart_items(cart: Cart) -> list[dict[str, Any]]:
+    return [{"product_id": p, "quantity": i.quantity, "price": i.price, "category": i.category}
+            for p, i in sorted(cart.items.items())]
+
+
+def action_id(user_key: str, action_type: str, discriminator: str) -> str:
+    """Deterministic action id: UUIDv5 of ``user_key|type|discriminator``; re-processing the
+    same input gives the same id.
+
+    >>> action_id("u1", "cart_abandoned", "1000") == action_id("u1", "cart_abandoned", "1000")
+    True
+    """
+    return str(uuid.uuid5(ACTION_NAMESPACE, f"{user_key}|{action_type}|{discriminator}"))
+
+
+def fire_due(st: UserState, watermark_ms: int, created_at: str) -> list[dict[str, Any]]:
+    """Fire the user's timers that ``watermark_ms`` is strictly past; returns actions
+    (``schemas/action.v1.json``) and clears the fired timers in ``st``.
+
+    ``created_at`` is the wall-clock publication time (RFC 3339), the only non-deterministic field.
+    """
+    cart = st.cart
+    if cart.due_ms is None or not watermark_ms > cart.due_ms or not cart.items:
+        return []
+    due = cart.due_ms
+    cart.due_ms = None
+    quiet_min = round((due - (cart.updated_ms or due)) / 60000)
+    items = cart_items(cart)
+    n = sum(i["quantity"] for i in items)
+    return [{
+        "schema_version": 1,
+        "action_id": action_id(st.key, "cart_abandoned", str(due)),
+        "type": "cart_abandoned",
+        "user_key": st.key,
+        "user_id": st.user_id,
+        "anonymous_id": st.anonymous_id,
+        "event_time": to_rfc3339(due),
+        "event_time_ms": due,
+        "reason": (f"{n} item(s) worth {cart.value:.2f} {cart.currency or ''} left in the cart with no purchase "
+                   f"for {quiet_min} min after the last cart update at {to_rfc3339(cart.updated_ms or due)}").replace("  ", " "),
+        "payload": {"cart": {"items": items, "value": cart.value, "currency": cart.currency,
+                             "last_update": to_rfc3339(cart.updated_ms or due)}},
+        "model_version": None,
+        "rules_version": None,
+        "created_at": created_at,
+    }]

@@ -1,0 +1,57 @@
+"""Every Kafka topic of clickpulse, and creating them with the right partition counts.
+
+=====================================  =========  ============================================
+topic                                  key        value
+=====================================  =========  ============================================
+``<ns>.events.raw``                    any        producer JSON (``schemas/event.v1.json``,
+                                                  lenient) or control (header)
+``<ns>.events.valid``                  user_key   canonical event / control (header)
+``<ns>.events.dlq``                    raw key    ``schemas/dlq.v1.json``
+``<ns>.actions``                       user_key   ``schemas/action.v1.json``
+``<ns>-worker-users-changelog``        user_key   user state (Faust table changelog, compacted)
+=====================================  =========  ============================================
+
+Control messages carry the header ``clickpulse-control`` and a ``schemas/control.v1.json`` value.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+CONTROL_HEADER = "clickpulse-control"
+
+
+def topic_specs(s: Settings) -> dict[str, dict]:
+    """Name -> {partitions, config} for every topic the app owns (the table changelog is Faust's)."""
+    retention_7d = str(7 * 86400 * 1000)
+    return {
+        s.topic_raw: {"partitions": s.partitions, "config": {"retention.ms": retention_7d}},
+        s.topic_valid: {"partitions": s.partitions, "config": {"retention.ms": retention_7d}},
+        s.topic_dlq: {"partitions": 1, "config": {"retention.ms": str(30 * 86400 * 1000)}},
+        s.topic_actions: {"partitions": s.partitions, "config": {"retention.ms": retention_7d}},
+    }
+
+
+async def ensure_topics(s: Settings) -> None:
+    """Create missing topics (idempotent). Existing topics are left as they are."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap, request_timeout_ms=30000)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        new = [NewTopic(name, spec["partitions"], 1, topic_configs=spec["config"])
+               for name, spec in topic_specs(s).items() if name not in existing]
+        if new:
+            try:
+                await admin.create_topics(new)
+            except TopicAlreadyExistsError:
+                pass
+            log.info("created topics %s", [t.name for t in new])
+    finally:
+        await admin.close()
