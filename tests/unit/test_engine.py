@@ -1,0 +1,150 @@
+"""The event-time engine with a hand-moved clock: timers, watermarks, restarts (S1-S3, S10-S12)."""
+
+from __future__ import annotations
+
+import csv
+from datetime import UTC, datetime
+
+import orjson
+
+from clickpulse.events.contract import parse
+from clickpulse.ingest.datasets import BUNDLED_SAMPLE, read_rees46
+from clickpulse.state.clock import END_OF_TIME, PartitionClock
+from clickpulse.testing import ManualClock, event, memory_engine, ms
+
+
+def test_s1_lone_add_to_cart_fires_on_wall_clock_in_live_mode():
+    eng = memory_engine(live=True, lateness_s=60, idle_s=5)
+    clock = ManualClock(ms("2019-10-01T10:00:00Z"))
+    _, acts = eng.process(0, event("add_to_cart", product_id="p1", at="2019-10-01T10:00:00Z"), clock.now_ms)
+    assert acts == []
+    fired = []
+    while clock.now_ms < ms("2019-10-01T11:00:00Z"):
+        clock.advance(1)
+        fired += [(a, clock.now_ms) for a in eng.tick(0, clock.now_ms)]
+    assert len(fired) == 1
+    action, when = fired[0]
+    assert action["user_key"] == "u1" and action["event_time"] == "2019-10-01T10:30:00.000Z"
+    # due 10:30 + allowed lateness 60 s + idle timeout 5 s (strictly past)
+    assert ms("2019-10-01T10:30:00Z") < when <= ms("2019-10-01T10:31:06Z")
+
+
+def test_replay_mode_never_uses_the_wall_clock():
+    eng = memory_engine(live=False)
+    eng.process(0, event("add_to_cart", product_id="p1", at="2019-10-01T10:00:00Z"), 0)
+    assert eng.tick(0, ms("2030-01-01T00:00:00Z")) == []
+    _, acts = eng.process(0, event("page_view", user="u2", at="2019-10-01T10:31:01Z"), 0)
+    assert [a["user_key"] for a in acts] == ["u1"]
+
+
+def test_s2_late_event_counted_not_lost():
+    eng = memory_engine(live=True, lateness_s=10, idle_s=5)
+    arrive = {"10:00:50": "10:00:51", "10:00:58": "10:01:05", "10:00:59": "10:01:20"}
+    late = []
+    for ev_t, arr_t in arrive.items():
+        res, _ = eng.process(0, event("page_view", at=f"2019-10-01T{ev_t}Z"), ms(f"2019-10-01T{arr_t}Z"))
+        late.append(res.late)
+    assert late == [False, False, True]
+    st = eng.load("u1")
+    assert st.windows.count("page_view", "5m", ms("2019-10-01T10:00:59Z")) == 2
+    assert st.life.events == 3
+    assert eng.metrics.late._value.get() == 1
+
+
+def test_s3_pending_timer_survives_restart():
+    clock = ManualClock(ms("2019-10-01T10:00:00Z"))
+    eng = memory_engine(live=True)
+    eng.process(1, event("add_to_cart", product_id="p1", at="2019-10-01T10:00:00Z"), clock.now_ms)
+    clock.advance(300)
+    assert eng.tick(1, clock.now_ms) == []
+    table = dict(eng.table)              # what the changelog holds at the crash
+    restarted = memory_engine(live=True)
+    restarted.table = table
+    assert restarted.restore([1], table.items(), clock.advance(10)) == 1
+    fired = []
+    while clock.now_ms < ms("2019-10-01T11:00:00Z"):
+        fired += restarted.tick(1, clock.advance(1))
+    assert len(fired) == 1
+    # the restored state no longer has the timer: a second restore fires nothing
+    again = memory_engine(live=True)
+    again.table = dict(restarted.table)
+    assert again.restore([1], again.table.items(), clock.now_ms) == 0
+
+
+def test_restore_keeps_watermark_from_state():
+    eng = memory_engine(live=False, lateness_s=60)
+    eng.process(2, event("page_view", at="2019-10-01T10:00:00Z"), 0)
+    eng2 = memory_engine(live=False, lateness_s=60)
+    eng2.restore([2], eng.table.items(), 0)
+    assert eng2.clock(2).watermark() == ms("2019-10-01T09:59:00Z")
+
+
+def test_duplicate_delivery_s7_one_action_at_most():
+    eng = memory_engine(live=False)
+    add = event("add_to_cart", product_id="p1", price=5.0, at="2019-10-01T10:00:00Z", event_id="dup-1")
+    eng.process(0, add, 0)
+    res, _ = eng.process(0, dict(add), 0)
+    assert res.duplicate
+    acts = eng.end_of_input(0, 0, 1, 0)
+    assert len(acts) == 1 and acts[0]["payload"]["cart"]["items"][0]["quantity"] == 1
+
+
+def test_end_of_input_waits_for_every_source_partition():
+    c = PartitionClock(0, 0, live=False)
+    assert not c.end_of_input(0, 3)
+    assert not c.end_of_input(0, 3)       # same source twice
+    assert not c.end_of_input(2, 3)
+    assert c.end_of_input(1, 3) and c.watermark() == END_OF_TIME
+
+
+def _replay_sample(flush: bool):
+    """The bundled REES46 sample through parse + engine in file order, 4 partitions by user."""
+    eng = memory_engine(live=False, lateness_s=60)
+    actions = []
+    for raw in read_rees46(BUNDLED_SAMPLE):
+        ev = parse(orjson.dumps(raw), None)
+        p = int(ev["user_id"]) % 4
+        actions += eng.process(p, ev, 0)[1]
+    if flush:
+        for p in range(4):
+            for src in range(4):
+                actions += eng.end_of_input(p, src, 4, 0)
+    return actions
+
+
+def independent_abandoned_users(flush: bool, delay_s: int = 1800, lateness_s: int = 60) -> set[str]:
+    """Plain-Python computation over the CSV: a user's cart episode is abandoned when no purchase
+    follows within the delay of the last add, and the file's time (max time - lateness) is past it
+    (or the input is flushed)."""
+    rows = list(csv.DictReader(open(BUNDLED_SAMPLE, encoding="utf-8")))
+
+    def t(r):
+        return int(datetime.strptime(r["event_time"], "%Y-%m-%d %H:%M:%S %Z").replace(tzinfo=UTC).timestamp())
+
+    end = max(t(r) for r in rows) - lateness_s
+    last_add: dict[str, int] = {}
+    abandoned = set()
+    for r in rows:  # the file is in time order
+        u, ts = r["user_id"], t(r)
+        if u in last_add and ts - last_add[u] > delay_s and u not in abandoned:
+            abandoned.add(u)  # a later event after the deadline: the episode was abandoned
+            del last_add[u]
+        if r["event_type"] == "cart":
+            last_add[u] = ts
+        elif r["event_type"] == "purchase":
+            last_add.pop(u, None)
+    for u, ts in last_add.items():
+        if flush or end > ts + delay_s:
+            abandoned.add(u)
+    return abandoned
+
+
+def test_rees46_offline_matches_independent_computation():
+    no_flush = {a["user_key"] for a in _replay_sample(False)}
+    assert no_flush == {"550121407"} == independent_abandoned_users(False)  # S11, S12
+    flushed = _replay_sample(True)
+    users = [a["user_key"] for a in flushed]
+    assert len(users) == len(set(users))
+    assert set(users) == independent_abandoned_users(True)
+    assert len(users) == 24
+    assert "524325294" not in users and "533624186" not in users  # S10
