@@ -95,9 +95,9 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
     # use_partitioner: the changelog partition comes from the key (same murmur2 partitioner as
     # the valid topic, so the table stays co-partitioned) and the table can be written from the
     # timer task, outside stream iteration.
-    raw_schema = faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
-    users = app.Table(settings.state_table, default=None, schema=raw_schema, partitions=settings.partitions,
-                      use_partitioner=True)
+    # key_type/value_type bytes -> Faust uses the "raw" codec for the changelog (no JSON wrapping)
+    users = app.Table(settings.state_table, default=None, key_type=bytes, value_type=bytes,
+                      partitions=settings.partitions, use_partitioner=True)
 
     writer = ProfileWriter(None, settings.namespace, int(settings.user_retention_s),
                            settings.redis_max_pending, metrics)

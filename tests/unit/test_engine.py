@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import csv
-from datetime import UTC, datetime
-
 import orjson
 
 from clickpulse.events.contract import parse
 from clickpulse.ingest.datasets import BUNDLED_SAMPLE, read_rees46
 from clickpulse.state.clock import END_OF_TIME, PartitionClock
 from clickpulse.testing import ManualClock, event, memory_engine, ms
+from tests.oracle import independent_abandoned_users
 
 
 def test_s1_lone_add_to_cart_fires_on_wall_clock_in_live_mode():
@@ -110,33 +108,6 @@ def _replay_sample(flush: bool):
             for src in range(4):
                 actions += eng.end_of_input(p, src, 4, 0)
     return actions
-
-
-def independent_abandoned_users(flush: bool, delay_s: int = 1800, lateness_s: int = 60) -> set[str]:
-    """Plain-Python computation over the CSV: a user's cart episode is abandoned when no purchase
-    follows within the delay of the last add, and the file's time (max time - lateness) is past it
-    (or the input is flushed)."""
-    rows = list(csv.DictReader(open(BUNDLED_SAMPLE, encoding="utf-8")))
-
-    def t(r):
-        return int(datetime.strptime(r["event_time"], "%Y-%m-%d %H:%M:%S %Z").replace(tzinfo=UTC).timestamp())
-
-    end = max(t(r) for r in rows) - lateness_s
-    last_add: dict[str, int] = {}
-    abandoned = set()
-    for r in rows:  # the file is in time order
-        u, ts = r["user_id"], t(r)
-        if u in last_add and ts - last_add[u] > delay_s and u not in abandoned:
-            abandoned.add(u)  # a later event after the deadline: the episode was abandoned
-            del last_add[u]
-        if r["event_type"] == "cart":
-            last_add[u] = ts
-        elif r["event_type"] == "purchase":
-            last_add.pop(u, None)
-    for u, ts in last_add.items():
-        if flush or end > ts + delay_s:
-            abandoned.add(u)
-    return abandoned
 
 
 def test_rees46_offline_matches_independent_computation():

@@ -151,8 +151,12 @@ class Engine:
                 self.timers.pop(p, None)
         max_ts: dict[int, int] = {}
         due: dict[int, list[tuple[str, int]]] = {p: [] for p in keep}
-        for _key, raw in items:
-            st = UserState.from_bytes(raw)
+        for key, raw in items:
+            try:
+                st = UserState.from_bytes(raw)
+            except Exception:  # noqa: BLE001 - one corrupt record must not stop recovery
+                log.exception("skipping undecodable state record for key %r", key)
+                continue
             if st.partition not in keep:
                 continue
             if st.life.last_ms is not None:

@@ -1,0 +1,114 @@
+"""Integration fixtures: the real Kafka broker and Redis of deploy/local (started if needed),
+one namespace (topics, consumer group, Redis keys) per test, worker subprocesses."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+import redis
+from aiokafka import AIOKafkaProducer
+
+from clickpulse.events.schemas import validation_errors
+from clickpulse.runtime import WorkerProcess, free_port, read_topic, services
+from clickpulse.settings import Settings
+from clickpulse.topics import CONTROL_HEADER, ensure_topics
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="session")
+def local_services() -> Settings:
+    """Kafka and Redis on loopback (deploy/local/services.sh start is idempotent)."""
+    services("start")
+    base = Settings.from_env()
+    redis.Redis.from_url(base.redis_url).ping()
+    return base
+
+
+@pytest.fixture
+def make_settings(local_services: Settings, tmp_path: Path) -> Callable[..., Settings]:
+    def make(**over) -> Settings:
+        ns = f"it-{uuid.uuid4().hex[:10]}"
+        s = local_services.replace(namespace=ns, web_port=free_port(), data_dir=str(tmp_path / ns), **over)
+        asyncio.run(ensure_topics(s))
+        return s
+    return make
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[Callable[[Settings], WorkerProcess]]:
+    started: list[WorkerProcess] = []
+
+    def start(settings: Settings) -> WorkerProcess:
+        w = WorkerProcess(settings, tmp_path / f"worker-{settings.namespace}-{len(started)}.log").start()
+        started.append(w)
+        w.wait_ready()
+        return w
+    yield start
+    for w in started:
+        w.stop()
+
+
+async def _produce(bootstrap: str, topic: str, records: list[tuple[bytes | None, bytes, list | None]]) -> None:
+    p = AIOKafkaProducer(bootstrap_servers=bootstrap, max_request_size=4 * 1024 * 1024, acks="all")
+    await p.start()
+    try:
+        for key, value, headers in records:
+            await (await p.send(topic, key=key, value=value, headers=headers))
+    finally:
+        await p.stop()
+
+
+def produce(settings: Settings, records: list) -> None:
+    """Publish ``[(key, value[, headers])]`` (values dict -> JSON) to the raw topic, in order."""
+    norm = []
+    for r in records:
+        key, value = r[0], r[1]
+        headers = r[2] if len(r) > 2 else None
+        if isinstance(value, dict):
+            value = orjson.dumps(value)
+        if isinstance(key, str):
+            key = key.encode()
+        norm.append((key, value, headers))
+    asyncio.run(_produce(settings.kafka_bootstrap, settings.topic_raw, norm))
+
+
+def end_of_input(settings: Settings) -> None:
+    """What ``replay --flush`` sends: end_of_input on every raw partition."""
+    recs = [(None, orjson.dumps({"schema_version": 1, "control": "end_of_input", "source_partition": p,
+                                 "source_partitions": settings.partitions}), [(CONTROL_HEADER, b"end_of_input")])
+            for p in range(settings.partitions)]
+    asyncio.run(_produce_partitioned(settings, recs))
+
+
+async def _produce_partitioned(settings: Settings, recs: list) -> None:
+    p = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    await p.start()
+    try:
+        for part, (key, value, headers) in enumerate(recs):
+            await (await p.send(settings.topic_raw, key=key, value=value, headers=headers, partition=part))
+    finally:
+        await p.stop()
+
+
+def topic_values(settings: Settings, topic: str) -> list[dict]:
+    return [orjson.loads(v) for _k, v, _m in asyncio.run(read_topic(settings.kafka_bootstrap, topic))]
+
+
+def assert_topics_match_schemas(settings: Settings) -> dict[str, int]:
+    """Every message on the valid, dead-letter and actions topics validates against schemas/."""
+    counts = {}
+    for topic, schema in ((settings.topic_valid, None), (settings.topic_dlq, "dlq"), (settings.topic_actions, "action")):
+        msgs = asyncio.run(read_topic(settings.kafka_bootstrap, topic))
+        for _k, v, meta in msgs:
+            obj = orjson.loads(v)
+            name = schema or ("control" if any(h[0] == CONTROL_HEADER for h in meta["headers"]) else "event")
+            errs = validation_errors(name, obj)
+            assert errs == [], f"{topic}@{meta['partition']}:{meta['offset']} violates {name}.v1: {errs}"
+        counts[topic] = len(msgs)
+    return counts
