@@ -82,6 +82,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
         broker_commit_every=1000,
         broker_commit_interval=1.0,
         table_standby_replicas=0,
+        broker_session_timeout=settings.kafka_session_timeout_s,
+        broker_heartbeat_interval=min(3.0, settings.kafka_session_timeout_s / 3),
         logging_config=None,
     )
     raw_topic = app.topic(settings.topic_raw, key_type=bytes, value_type=bytes, key_serializer="raw",

@@ -205,36 +205,50 @@ async def read_topic(bootstrap: str, topic: str, timeout_s: float = 30.0) -> lis
     return out
 
 
+async def committed_offsets(bootstrap: str, group: str) -> dict[tuple[str, int], int]:
+    """The consumer group's committed offsets (next offset to read) per (topic, partition)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        offs = await admin.list_consumer_group_offsets(group)
+    finally:
+        await admin.close()
+    return {(tp.topic, tp.partition): meta.offset for tp, meta in offs.items()}
+
+
+async def lag(settings: Settings) -> dict[str, int]:
+    """Messages not yet committed by the worker's consumer group, per input topic."""
+    committed = await committed_offsets(settings.kafka_bootstrap, settings.app_id)
+    out = {}
+    for topic in (settings.topic_raw, settings.topic_valid):
+        ends = await end_offsets(settings.kafka_bootstrap, topic)
+        out[topic] = sum(max(0, end - max(0, committed.get((topic, p), 0))) for p, end in ends.items())
+    return out
+
+
 def wait_caught_up(worker: WorkerProcess, settings: Settings, timeout_s: float = 300.0,
-                   settle_s: float = 1.5) -> None:
-    """Block until the worker has processed everything on the raw and valid topics.
+                   settle_s: float = 1.0) -> None:
+    """Block until the worker's consumer group has committed everything on the raw and valid
+    topics (checked twice, ``settle_s`` apart, so actions and Redis writes triggered by the last
+    events have been flushed).
 
     Raises
     ------
     ServiceError
-        Not caught up within ``timeout_s`` or the worker died.
+        Not caught up within ``timeout_s``, or the worker died.
     """
     deadline = time.monotonic() + timeout_s
-
-    def done(topic: str, ends: dict[int, int], prog: dict[str, Any]) -> bool:
-        seen = prog["topics"].get(topic, {})
-        return all(end == 0 or seen.get(str(p), -1) >= end - 1 for p, end in ends.items())
-
+    confirmations = 0
     while time.monotonic() < deadline:
         if not worker.alive():
             raise ServiceError(f"worker died; log: {worker.log_path}")
-        raw_ends = asyncio.run(end_offsets(settings.kafka_bootstrap, settings.topic_raw))
-        try:
-            prog = worker.progress()
-        except OSError:
-            time.sleep(0.5)
+        remaining = asyncio.run(lag(settings))
+        if sum(remaining.values()) == 0:
+            confirmations += 1
+            if confirmations >= 2:
+                return
+            time.sleep(settle_s)
             continue
-        if done(settings.topic_raw, raw_ends, prog):
-            valid_ends = asyncio.run(end_offsets(settings.kafka_bootstrap, settings.topic_valid))
-            if done(settings.topic_valid, valid_ends, worker.progress()):
-                time.sleep(settle_s)  # let the producer flush actions and Redis write-behind run
-                if done(settings.topic_valid, asyncio.run(end_offsets(settings.kafka_bootstrap, settings.topic_valid)),
-                        worker.progress()):
-                    return
+        confirmations = 0
         time.sleep(0.3)
-    raise ServiceError(f"worker did not catch up within {timeout_s:.0f} s; log: {worker.log_path}")
+    raise ServiceError(f"worker did not catch up within {timeout_s:.0f} s (lag {remaining}); log: {worker.log_path}")

@@ -86,6 +86,10 @@ class Settings:
         ``CLICKPULSE_WEB_PORT``; the worker's HTTP port serving ``/metrics``. Default 6066.
     web_host : str
         ``CLICKPULSE_WEB_HOST``; default ``127.0.0.1``.
+    kafka_session_timeout_s : float
+        ``CLICKPULSE_KAFKA_SESSION_TIMEOUT_S``; seconds without heartbeats before the group
+        coordinator declares a worker dead and moves its partitions (after a crash, the restarted
+        worker waits this long for them). Default 30.
     data_dir : str
         ``CLICKPULSE_DATA_DIR``; the worker's local folder (Faust data dir; the table itself is
         in memory, recovered from its changelog topic). Default ``.local/worker-data``.
@@ -109,6 +113,7 @@ class Settings:
     redis_max_pending: int = 100_000
     web_port: int = 6066
     web_host: str = "127.0.0.1"
+    kafka_session_timeout_s: float = 30.0
     data_dir: str = ".local/worker-data"
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -120,6 +125,9 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_env(name)} must be > 0, got {getattr(self, name)!r}")
+        if self.kafka_session_timeout_s < 6:
+            raise ConfigError(f"{_env('kafka_session_timeout_s')} must be >= 6 (the broker's "
+                              f"group.min.session.timeout.ms), got {self.kafka_session_timeout_s!r}")
         for name in ("allowed_lateness_s", "max_future_skew_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{_env(name)} must be >= 0, got {getattr(self, name)!r}")

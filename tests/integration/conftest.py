@@ -34,6 +34,7 @@ def local_services() -> Settings:
 def make_settings(local_services: Settings, tmp_path: Path) -> Callable[..., Settings]:
     def make(**over) -> Settings:
         ns = f"it-{uuid.uuid4().hex[:10]}"
+        over.setdefault("kafka_session_timeout_s", 8)  # a SIGKILLed worker's partitions move quickly
         s = local_services.replace(namespace=ns, web_port=free_port(), data_dir=str(tmp_path / ns), **over)
         asyncio.run(ensure_topics(s))
         return s

@@ -2,7 +2,7 @@
 
 Label sets are fixed and low-cardinality (never user ids): ``type`` is a canonical event type
 or ``custom``; ``reason`` is a dead-letter reason code. Latency histograms are in seconds with
-buckets from 0.5 ms. Pass your own ``CollectorRegistry`` to keep tests isolated.
+buckets from 50 µs. Pass your own ``CollectorRegistry`` to keep tests isolated.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from ..events.contract import CANONICAL_TYPES
 
-LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+LATENCY_BUCKETS_S = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
 def type_label(etype: str) -> str:
