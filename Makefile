@@ -1,0 +1,41 @@
+# The two commands of the README: `make demo` and `make test`. Everything else is a helper.
+PY ?= python3
+VENV ?= .venv
+ARGS ?=
+
+.PHONY: setup demo test test-unit services-start services-stop bench clean-local
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -c 'import sys; assert sys.version_info >= (3, 11), "clickpulse needs Python >= 3.11, this is " + sys.version'
+	$(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+# main job on real data: local Kafka + Redis, a worker, the bundled REES46 sample -> ./demo-output
+demo: setup
+	$(VENV)/bin/clickpulse demo $(ARGS)
+
+# every test: unit + doctests + integration against the real local Kafka and Redis
+test: setup
+	deploy/local/services.sh start
+	$(VENV)/bin/python -m pytest
+
+test-unit: setup
+	$(VENV)/bin/python -m pytest -m "not integration"
+
+services-start:
+	deploy/local/services.sh start
+
+services-stop:
+	deploy/local/services.sh stop
+
+bench: setup
+	deploy/local/services.sh start
+	$(VENV)/bin/python benchmarks/pipeline.py $(ARGS)
+
+# stop services and delete broker data, jars cache and worker data
+clean-local: services-stop
+	rm -rf .local
