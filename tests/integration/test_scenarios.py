@@ -144,3 +144,24 @@ def test_s7_s8_duplicates_out_of_order_and_late_in_redis(make_settings, workers)
     # 10:00 view arrives after 10:05 on its partition with 10 s lateness: counted as late
     assert m["clickpulse_events_late_total"] >= 1
     assert_topics_match_schemas(s)
+
+
+def test_s2_late_event_by_wall_clock_arrival(make_settings, workers):
+    """S2 with real arrival times: event times 10:00:50, :58, :59 arrive at 10:00:51, 10:01:05,
+    10:01:20 (shifted by whole minutes to now); 1-minute buckets, 10 s allowed lateness."""
+    s = make_settings(time_mode="live", allowed_lateness_s=10, idle_timeout_s=5)
+    w = workers(s)
+    ten_00_51 = 51_000  # offset of 10:00:51 within its minute
+    start = ((now_ms() + 5_000 - ten_00_51) // 60_000 + 1) * 60_000 + ten_00_51  # next hh:mm:51 >= 5 s away
+    minute = start - ten_00_51
+    plan = [(minute + 50_000, start), (minute + 58_000, start + 14_000), (minute + 59_000, start + 29_000)]
+    for i, (event_ms, arrive_ms) in enumerate(plan):
+        time.sleep(max(0.0, (arrive_ms - now_ms()) / 1000))
+        produce(s, [("u-s2", {"event_id": f"s2-{i}", "type": "page_view", "user_id": "u-s2", "timestamp": event_ms})])
+    wait_caught_up(w, s)
+    assert w.metrics()["clickpulse_events_late_total"] == 1
+    r = redis.Redis.from_url(s.redis_url)
+    prof = wait_for(lambda: r.get(profile_key(s.namespace, "u-s2")), 10, "profile")
+    prof = orjson.loads(prof)
+    assert prof["counts"]["page_view"]["5m"] == 2          # the 10:00 minute counts 2
+    assert prof["lifetime"]["events"] == 3                   # the late one is not lost
