@@ -188,8 +188,9 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
                     ev = orjson.loads(msg.value)
                     _, actions = engine.process(msg.partition, ev, _now_ms())
                 await publish(actions)
-            except Exception:  # noqa: BLE001 - valid topic is ours; log loudly, keep going
+            except Exception as err:  # noqa: BLE001 - one message never stops the stream
                 log.exception("processing failed at %s[%d]@%d", msg.topic, msg.partition, msg.offset)
+                await _dead_letter(InvalidEvent("internal", f"{type(err).__name__}: {err}"), msg)
             finally:
                 metrics.process_latency.observe(time.perf_counter() - started)
                 progress[settings.topic_valid][msg.partition] = msg.offset

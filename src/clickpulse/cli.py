@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import logging
 import sys
 import time
@@ -46,8 +47,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
+    records = messages(args.format, args.file)
+    first = next(records, None)  # reads the header: a bad file fails before touching Kafka
+    records = itertools.chain([first] if first is not None else [], records)
     asyncio.run(ensure_topics(settings))
-    res = asyncio.run(publish(settings.kafka_bootstrap, settings.topic_raw, messages(args.format, args.file),
+    res = asyncio.run(publish(settings.kafka_bootstrap, settings.topic_raw, records,
                               speed=args.speed, flush=args.flush))
     print(f"published {res.published} records from {args.file} to {settings.topic_raw} in {res.seconds:.2f} s"
           f"{' + end_of_input on every partition' if res.flushed else ''}")

@@ -1,0 +1,42 @@
+"""Dataset readers and the CLI's error handling (no broker needed)."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from clickpulse.cli import main
+from clickpulse.errors import DatasetError
+from clickpulse.ingest.replay import messages
+
+
+def test_jsonl_messages_keep_bytes_and_key_by_user(tmp_path):
+    f = tmp_path / "events.jsonl"
+    f.write_bytes(b'{"type":"page_view","user_id":"u1","timestamp":1000}\n\nnot json\n'
+                  b'{"type":"page_view","anonymousId":"a1","timestamp":"1970-01-01T00:00:02Z"}\n')
+    out = list(messages("jsonl", f))
+    assert [k for k, _v, _t in out] == [b"u1", None, b"anon:a1"]
+    assert out[1][1] == b"not json"            # published as-is; ingest dead-letters it
+    assert [t for _k, _v, t in out] == [1000, None, 2000]
+
+
+def test_rees46_messages_are_keyed_by_user_and_carry_event_time():
+    key, value, ts = next(iter(messages("rees46", "src/clickpulse/data/rees46-2019-oct-sample.csv")))
+    ev = orjson.loads(value)
+    assert key == b"541312140" and ts == ev["timestamp"] == 1569888000000
+
+
+def test_bad_dataset_files(tmp_path):
+    with pytest.raises(DatasetError):
+        list(messages("rees46", tmp_path / "missing.csv"))
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b,c\n1,2,3\n")
+    with pytest.raises(DatasetError, match="REES46 header"):
+        list(messages("rees46", bad))
+    with pytest.raises(DatasetError, match="unknown format"):
+        list(messages("parquet", bad))
+
+
+def test_cli_reports_errors_without_traceback(tmp_path, capsys):
+    assert main(["replay", "--format", "rees46", str(tmp_path / "nope.csv")]) == 2
+    assert "clickpulse: error: no such file" in capsys.readouterr().err
