@@ -37,9 +37,11 @@ class Settings:
     ----------
     kafka_bootstrap : str
         ``CLICKPULSE_KAFKA_BOOTSTRAP``; ``host:port[,host:port]``. Default ``127.0.0.1:9092``
-        (the local embedded broker of ``deploy/local/kafka.sh``).
+        (the local embedded broker of ``deploy/local/kafka.sh``), or ``127.0.0.1:$CLICKPULSE_KAFKA_PORT``
+        when only the local scripts' port variable is set.
     redis_url : str
-        ``CLICKPULSE_REDIS_URL``; default ``redis://127.0.0.1:6379/0``. Empty disables Redis.
+        ``CLICKPULSE_REDIS_URL``; default ``redis://127.0.0.1:6379/0`` (port from
+        ``CLICKPULSE_REDIS_PORT`` when only that is set). Empty disables Redis.
     namespace : str
         ``CLICKPULSE_NAMESPACE``; prefix of every topic, of the Faust app id (consumer group) and
         of Redis keys. Default ``clickpulse``.
@@ -75,8 +77,8 @@ class Settings:
         ``CLICKPULSE_DEDUP_IDS_PER_USER``; how many recent event ids each user keeps for
         de-duplication. Default 32.
     user_retention_s : float
-        ``CLICKPULSE_USER_RETENTION_S``; seconds of event time a user may be idle before its
-        Redis profile expires. Default 2,592,000 (30 days).
+        ``CLICKPULSE_USER_RETENTION_S``; seconds (wall clock) before a user's Redis profile expires
+        unless rewritten (Redis TTL). Default 2,592,000 (30 days).
     redis_flush_interval_s : float
         ``CLICKPULSE_REDIS_FLUSH_INTERVAL_S``; seconds between write-behind flushes. Default 0.5.
     redis_max_pending : int
@@ -156,6 +158,12 @@ class Settings:
                 values[f.name] = kind(raw) if kind is not bool else raw.lower() in ("1", "true", "yes")
             except ValueError as err:
                 raise ConfigError(f"{_env(f.name)}={raw!r} is not a valid {kind.__name__}") from err
+        # the local services scripts take CLICKPULSE_KAFKA_PORT / CLICKPULSE_REDIS_PORT; without an
+        # explicit address, connect to where those scripts put the services
+        if "kafka_bootstrap" not in values and env.get("CLICKPULSE_KAFKA_PORT"):
+            values["kafka_bootstrap"] = f"127.0.0.1:{env['CLICKPULSE_KAFKA_PORT']}"
+        if "redis_url" not in values and env.get("CLICKPULSE_REDIS_PORT"):
+            values["redis_url"] = f"redis://127.0.0.1:{env['CLICKPULSE_REDIS_PORT']}/0"
         values.update(overrides)
         return cls(**values)
 

@@ -21,6 +21,7 @@ import logging
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
+from .errors import ConfigError
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -40,11 +41,28 @@ def topic_specs(s: Settings) -> dict[str, dict]:
 
 
 async def ensure_topics(s: Settings) -> None:
-    """Create missing topics (idempotent). Existing topics are left as they are."""
+    """Create missing topics (idempotent); check existing ones have the expected partitions.
+
+    Raises
+    ------
+    ConfigError
+        An existing topic's partition count differs from the settings.
+    """
     admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap, request_timeout_ms=30000)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
+        specs = topic_specs(s)
+        present = [name for name in specs if name in existing]
+        if present:
+            for d in await admin.describe_topics(present):
+                want = specs[d["topic"]]["partitions"]
+                have = len(d["partitions"])
+                if have != want:
+                    raise ConfigError(
+                        f"topic {d['topic']} has {have} partitions but CLICKPULSE_PARTITIONS/settings want {want}; "
+                        "the state table is co-partitioned with the stream, so they must match "
+                        "(use a new CLICKPULSE_NAMESPACE or set CLICKPULSE_PARTITIONS={have})")
         new = [NewTopic(name, spec["partitions"], 1, topic_configs=spec["config"])
                for name, spec in topic_specs(s).items() if name not in existing]
         if new:

@@ -147,3 +147,27 @@ def test_rees46_sample_ids_and_duplicates():
 
 def test_rfc3339_roundtrip():
     assert to_rfc3339(0) == "1970-01-01T00:00:00.000Z"
+
+
+@pytest.mark.parametrize("ts,why", [
+    (1764432000, "epoch seconds"), ("20261129T100000Z", "not RFC 3339"), ("2026-11-29 10:00Z", "not RFC 3339"),
+    ("2026-11-29T10:00:00", "no UTC offset"),
+])
+def test_ambiguous_or_non_rfc3339_timestamps_are_rejected(ts, why):
+    err = reason_of(orjson.dumps(good(timestamp=ts)))
+    assert err.reason == "bad_timestamp"
+    assert why.split()[0].lower() in err.detail.lower() or "rfc 3339" in err.detail.lower()
+
+
+def test_segment_delivered_timestamp_is_not_corrected_twice():
+    # Segment already corrected `timestamp`; originalTimestamp (device clock, 2 h ahead) marks it
+    seg = {"type": "track", "event": "Product Viewed", "userId": "u1", "timestamp": "2019-10-01T10:00:01Z",
+           "originalTimestamp": "2019-10-01T12:00:00Z", "sentAt": "2019-10-01T12:00:00.500Z",
+           "receivedAt": "2019-10-01T10:00:01.500Z"}
+    ev = parse(orjson.dumps(seg), None)
+    assert ev["timestamp"] == "2019-10-01T10:00:01.000Z" and "clock_corrected" not in ev.get("context", {})
+
+
+def test_network_transit_is_not_clock_skew():
+    ev = parse(orjson.dumps(good(timestamp=T0, sent_at=T0 + 10, received_at=T0 + 50)), None)
+    assert ev["timestamp_ms"] == T0 and "clock_corrected" not in ev.get("context", {})

@@ -119,3 +119,43 @@ def test_rees46_offline_matches_independent_computation():
     assert set(users) == independent_abandoned_users(True)
     assert len(users) == 24
     assert "524325294" not in users and "533624186" not in users  # S10
+
+
+def test_old_data_replayed_into_a_live_worker_fires_no_false_abandonment():
+    """A live partition that saw today's traffic, then a burst of 2019 events (add, then purchase
+    one message later): the add is late and its window already passed -> no action."""
+    eng = memory_engine(live=True)
+    now = ms("2026-11-29T10:00:00Z")
+    eng.process(0, event("page_view", user="today", at=now), now)
+    acts = []
+    acts += eng.process(0, event("add_to_cart", user="u9", product_id="p", at="2019-10-01T00:09:33Z"), now + 10_000)[1]
+    acts += eng.tick(0, now + 11_000)
+    acts += eng.process(0, event("purchase", user="u9", at="2019-10-01T00:10:08Z"), now + 12_000)[1]
+    assert acts == [] and eng.metrics.timers_skipped_late._value.get() == 1
+
+
+def test_live_clock_follows_event_time_not_wall_time():
+    """Event times 2 h behind the wall clock (skewed producer): a lone add still fires after
+    30 min of *elapsed* time, not at once."""
+    eng = memory_engine(live=True, lateness_s=60, idle_s=5)
+    wall = ManualClock(ms("2019-10-01T12:00:00Z"))
+    eng.process(0, event("add_to_cart", product_id="p", at="2019-10-01T10:00:00Z"), wall.now_ms)
+    fired_at = None
+    while fired_at is None and wall.now_ms < ms("2019-10-01T13:00:00Z"):
+        if eng.tick(0, wall.advance(1)):
+            fired_at = wall.now_ms
+    assert fired_at is not None and 30 * 60_000 < fired_at - ms("2019-10-01T12:00:00Z") <= 31 * 60_000 + 1000
+
+
+def test_restart_keeps_counting_idle_time_through_the_downtime():
+    wall = ManualClock(ms("2019-10-01T10:00:00Z"))
+    eng = memory_engine(live=True)
+    eng.process(0, event("add_to_cart", product_id="p", at="2019-10-01T10:00:00Z"), wall.now_ms)
+    wall.advance(20 * 60)                       # down for 20 minutes
+    eng2 = memory_engine(live=True)
+    eng2.table = dict(eng.table)
+    eng2.restore([0], eng2.table.items(), wall.now_ms)
+    fired = []
+    while not fired:
+        fired = eng2.tick(0, wall.advance(1))
+    assert wall.now_ms <= ms("2019-10-01T10:31:01Z")   # not 20 minutes late

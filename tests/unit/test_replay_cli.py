@@ -12,12 +12,12 @@ from clickpulse.ingest.replay import messages
 
 def test_jsonl_messages_keep_bytes_and_key_by_user(tmp_path):
     f = tmp_path / "events.jsonl"
-    f.write_bytes(b'{"type":"page_view","user_id":"u1","timestamp":1000}\n\nnot json\n'
-                  b'{"type":"page_view","anonymousId":"a1","timestamp":"1970-01-01T00:00:02Z"}\n')
+    f.write_bytes(b'{"type":"page_view","user_id":"u1","timestamp":1569888000000}\n\nnot json\n'
+                  b'{"type":"page_view","anonymousId":"a1","timestamp":"2019-10-01T00:00:02Z"}\n')
     out = list(messages("jsonl", f))
     assert [k for k, _v, _t in out] == [b"u1", None, b"anon:a1"]
     assert out[1][1] == b"not json"            # published as-is; ingest dead-letters it
-    assert [t for _k, _v, t in out] == [1000, None, 2000]
+    assert [t for _k, _v, t in out] == [1569888000000, None, 1569888002000]
 
 
 def test_rees46_messages_are_keyed_by_user_and_carry_event_time():

@@ -42,3 +42,10 @@ def test_schemas_are_valid_draft_2020_12(name):
 def test_package_schemas_are_the_repo_schemas():
     for name in SCHEMA_NAMES:
         assert (SCHEMA_DIR / f"{name}.v1.json").read_bytes() == (REPO_ROOT / "schemas" / f"{name}.v1.json").read_bytes()
+
+
+def test_local_service_ports_imply_the_addresses():
+    s = Settings.from_env({"CLICKPULSE_KAFKA_PORT": "19092", "CLICKPULSE_REDIS_PORT": "16379"})
+    assert s.kafka_bootstrap == "127.0.0.1:19092" and s.redis_url == "redis://127.0.0.1:16379/0"
+    s = Settings.from_env({"CLICKPULSE_KAFKA_PORT": "19092", "CLICKPULSE_KAFKA_BOOTSTRAP": "k:9092"})
+    assert s.kafka_bootstrap == "k:9092"

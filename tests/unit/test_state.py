@@ -129,3 +129,27 @@ def test_profile_matches_schema():
     prof = st.profile()
     assert validation_errors("profile", prof) == []
     assert prof["traits"]["country"] == "DE" and prof["cart"]["value"] == 3.0
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as hst  # noqa: E402
+
+
+@settings(max_examples=200, deadline=None)
+@given(hst.permutations([("add_to_cart", "a", 0), ("add_to_cart", "b", 5), ("purchase", None, 10),
+                         ("add_to_cart", "c", 15), ("add_to_cart", "a", 20), ("purchase", None, 3)]))
+def test_cart_outcome_is_the_same_in_any_arrival_order(order):
+    st = run([event(t, product_id=p, at=ms("2019-10-01T10:00:00Z") + m * 60_000) if p else
+              event(t, at=ms("2019-10-01T10:00:00Z") + m * 60_000) for t, p, m in order])
+    assert {p: i.quantity for p, i in st.cart.items.items()} == {"c": 1, "a": 1}
+    assert st.cart.due_ms == ms("2019-10-01T10:50:00Z")
+
+
+def test_late_add_never_arms_a_timer_that_is_already_due():
+    st = UserState(key="u1")
+    res = apply(st, event("add_to_cart", product_id="p1", at="2019-10-01T10:00:00Z"), ms("2026-01-01T00:00:00Z"), CFG)
+    assert res.late and res.timer_skipped and st.cart.due_ms is None and list(st.cart.items) == ["p1"]
+    # a late add whose window is still open arms normally
+    st2 = UserState(key="u2")
+    res2 = apply(st2, event("add_to_cart", product_id="p1", at="2019-10-01T10:00:00Z"), ms("2019-10-01T10:01:00Z"), CFG)
+    assert res2.late and not res2.timer_skipped and st2.cart.due_ms == ms("2019-10-01T10:30:00Z")

@@ -32,11 +32,13 @@ clickpulse.errors.InvalidEvent: missing_identity: neither user_id nor anonymous_
 from __future__ import annotations
 
 import hashlib
+import re
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 from jsonschema import Draft202012Validator, FormatChecker
+from rfc3339_validator import validate_rfc3339
 
 from ..errors import InvalidEvent
 from .schemas import load_schema
@@ -68,6 +70,9 @@ SEGMENT_EVENT_NAMES = {
 #: Segment message types (``type`` field of a Segment call) with no ``event`` name.
 SEGMENT_CALL_TYPES = {"page": "page_view", "screen": "page_view", "identify": "identify"}
 
+#: Client clock offsets (received_at - sent_at) below this are taken as network transit, not skew.
+MIN_CLOCK_OFFSET_MS = 2000
+
 DLQ_REASONS = ("not_utf8", "key_not_utf8", "not_json", "not_object", "too_large",
                "missing_identity", "bad_timestamp", "schema", "internal")
 
@@ -77,6 +82,9 @@ _SEGMENT_FIELDS = {"userId": "user_id", "anonymousId": "anonymous_id", "messageI
 
 _MIN_TS_MS = 0
 _MAX_TS_MS = 253402300799999  # 9999-12-31T23:59:59.999Z
+_MIN_PLAUSIBLE_MS = 100_000_000_000  # 1973-03-03 in ms; any epoch-seconds value of today is below it
+_RFC3339_NO_OFFSET = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?$")
+_is_rfc3339 = validate_rfc3339  # the same checker jsonschema uses for format: date-time
 
 _validator: Draft202012Validator | None = None
 
@@ -104,21 +112,25 @@ def parse_timestamp(value: Any, field: str = "timestamp") -> int:
     Raises
     ------
     InvalidEvent
-        ``bad_timestamp``: missing, naive (no offset), unparsable, or outside year 1970–9999.
+        ``bad_timestamp``: missing, naive (no offset), not RFC 3339, epoch seconds instead of
+        milliseconds (a number below 1e11, i.e. before 1973), or outside year 1970–9999.
     """
     if isinstance(value, bool) or value is None:
         raise InvalidEvent("bad_timestamp", f"{field} is missing or not a time: {value!r}")
-    if isinstance(value, int):
-        ms = value
-    elif isinstance(value, float):
+    if isinstance(value, int | float):
         ms = int(value)
+        if 0 < ms < _MIN_PLAUSIBLE_MS:
+            raise InvalidEvent("bad_timestamp", f"{field}={value!r} is before 1973 as epoch milliseconds; "
+                                                "epoch seconds are not accepted (multiply by 1000)")
     elif isinstance(value, str):
+        if not _is_rfc3339(value):
+            if _RFC3339_NO_OFFSET.match(value):
+                raise InvalidEvent("bad_timestamp", f"{field} has no UTC offset: {value[:64]!r}")
+            raise InvalidEvent("bad_timestamp", f"{field} is not RFC 3339 (e.g. 2019-10-01T10:00:00Z): {value[:64]!r}")
         try:
-            dt = datetime.fromisoformat(value)
+            dt = datetime.fromisoformat(value.replace("z", "Z"))
         except ValueError as err:
-            raise InvalidEvent("bad_timestamp", f"{field} is not RFC 3339: {value[:64]!r}") from err
-        if dt.tzinfo is None:
-            raise InvalidEvent("bad_timestamp", f"{field} has no UTC offset: {value[:64]!r}")
+            raise InvalidEvent("bad_timestamp", f"{field} is not a valid date-time: {value[:64]!r}") from err
         ms = int(dt.timestamp() * 1000)
     else:
         raise InvalidEvent("bad_timestamp", f"{field} must be an RFC 3339 string or epoch ms, got {type(value).__name__}")
@@ -239,14 +251,16 @@ def normalize(obj: dict[str, Any], *, received_ms: int | None = None,
     ev["type"] = SEGMENT_EVENT_NAMES.get(ev["type"], ev["type"])
     ts_ms = parse_timestamp(ev.get("timestamp"))
     corrected = False
-    if ev.get("sent_at") is not None:
+    if ev.get("sent_at") is not None and ev.get("original_timestamp") is None:
         # Segment's correction: timestamp + (received_at - sent_at) removes the client clock's
-        # offset (https://segment.com/docs/connections/spec/common/#timestamp-overview).
+        # offset (https://segment.com/docs/connections/spec/common/#timestamp-overview). A message
+        # that carries originalTimestamp was corrected upstream (Segment did it): left alone.
+        # Offsets under MIN_CLOCK_OFFSET_MS are transit time, not skew.
         recv_raw = ev.get("received_at")
         recv = parse_timestamp(recv_raw, "received_at") if recv_raw is not None else received_ms
         if recv is not None:
             offset = recv - parse_timestamp(ev["sent_at"], "sent_at")
-            if offset:
+            if abs(offset) >= MIN_CLOCK_OFFSET_MS:
                 ts_ms, corrected = ts_ms + offset, True
     if received_ms is not None and ts_ms > received_ms + max_future_skew_ms:
         ts_ms, corrected = received_ms, True

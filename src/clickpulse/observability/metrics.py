@@ -41,6 +41,9 @@ class Metrics:
         self.sessions = Counter("clickpulse_sessions_started_total", "Sessions started", registry=r)
         self.users_new = Counter("clickpulse_users_new_total", "Users seen for the first time by this app", registry=r)
         self.actions = Counter("clickpulse_actions_total", "Actions published, by type", ["type"], registry=r)
+        self.timers_skipped_late = Counter("clickpulse_timers_skipped_late_total",
+                                           "Timers not armed because the late event that would arm them "
+                                           "was already past due", registry=r)
         self.timers_pending = Gauge("clickpulse_timers_pending", "Pending event-time timers on this worker", registry=r)
         self.watermark = Gauge("clickpulse_watermark_seconds", "Lowest watermark over assigned partitions (epoch s)",
                                registry=r)

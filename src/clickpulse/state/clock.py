@@ -2,8 +2,11 @@
 
 Watermark of a partition = highest event time seen on it − allowed lateness (never moves
 back). In ``live`` mode, once the partition has had no event for ``idle_timeout_ms`` of wall
-clock, its event time is taken to be at least ``wall − idle_timeout_ms``, so timers fire without
-further traffic (SCENARIOS S1); ``replay`` mode never looks at the wall clock. A bounded input
+clock, its event time advances with the wall clock from its newest event: ``max event time +
+(wall now − wall time that event arrived)``, so timers fire without further traffic (SCENARIOS
+S1). Anchoring on the partition's own newest event (not on the wall clock itself) keeps client
+clock skew and replays of old data in live mode from making everything late; ``replay`` mode
+never looks at the wall clock. A bounded input
 can close its time with ``end_of_input`` from every source partition: the watermark becomes
 :data:`END_OF_TIME` and every pending timer fires (like the final watermark of a bounded stream
 in Flink or Beam).
@@ -15,9 +18,11 @@ Examples
 50000
 >>> c.watermark(wall_ms=1_000_000 + 4_000)   # not idle long enough
 50000
->>> c.observe(90_000, wall_ms=2_000_000)
->>> c.watermark(wall_ms=2_000_000)
+>>> c.watermark(wall_ms=1_000_000 + 30_000)  # idle: event time advances with the wall clock
 80000
+>>> c.observe(95_000, wall_ms=2_000_000)
+>>> c.watermark(wall_ms=2_000_000)
+85000
 """
 
 from __future__ import annotations
@@ -60,13 +65,14 @@ class PartitionClock:
         self.last_event_wall = wall_ms
         self._raise(self.max_ts - self.lateness)
 
-    def restore(self, max_ts: int | None, wall_ms: int) -> None:
-        """After a restart: the highest event time in the recovered state (lost otherwise)."""
+    def restore(self, max_ts: int | None, wall_ms: int, max_ts_wall_ms: int | None = None) -> None:
+        """After a restart: the highest event time in the recovered state and the wall-clock time
+        it arrived at (so the idle clock keeps counting through the downtime)."""
         if max_ts is not None:
             self.max_ts = max_ts if self.max_ts is None else max(self.max_ts, max_ts)
             self._raise(self.max_ts - self.lateness)
         if self.last_event_wall is None:
-            self.last_event_wall = wall_ms
+            self.last_event_wall = max_ts_wall_ms if max_ts_wall_ms is not None else wall_ms
 
     def end_of_input(self, source_partition: int, source_partitions: int) -> bool:
         """One source partition reports the end of a bounded input; returns True once all have."""
@@ -83,8 +89,8 @@ class PartitionClock:
     def watermark(self, wall_ms: int | None = None) -> int | None:
         """The current watermark (epoch ms), ``None`` before any event; ``END_OF_TIME`` once closed."""
         if self.live and wall_ms is not None and self.last_event_wall is not None \
-                and wall_ms - self.last_event_wall >= self.idle:
-            self._raise(wall_ms - self.idle - self.lateness)
+                and self.max_ts is not None and wall_ms - self.last_event_wall >= self.idle:
+            self._raise(self.max_ts + (wall_ms - self.last_event_wall) - self.lateness)
         return self.wm
 
 

@@ -91,7 +91,7 @@ class Engine:
         if st is None:
             st = UserState(key=key, partition=partition)
             self.metrics.users_new.inc()
-        res = apply(st, event, wm_before, self.cfg)
+        res = apply(st, event, wm_before, self.cfg, wall_ms)
         if res.duplicate:
             self.metrics.duplicates.inc()
             return res, self.tick(partition, wall_ms)
@@ -99,6 +99,8 @@ class Engine:
         self.metrics.events_in.labels(type_label(event["type"])).inc()
         if res.late:
             self.metrics.late.inc()
+        if res.timer_skipped:
+            self.metrics.timers_skipped_late.inc()
         if res.session_started:
             self.metrics.sessions.inc()
         clock.observe(int(event["timestamp_ms"]), wall_ms)
@@ -150,6 +152,7 @@ class Engine:
                 del self.clocks[p]
                 self.timers.pop(p, None)
         max_ts: dict[int, int] = {}
+        max_wall: dict[int, int | None] = {}
         due: dict[int, list[tuple[str, int]]] = {p: [] for p in keep}
         for key, raw in items:
             try:
@@ -159,13 +162,14 @@ class Engine:
                 continue
             if st.partition not in keep:
                 continue
-            if st.life.last_ms is not None:
-                max_ts[st.partition] = max(max_ts.get(st.partition, st.life.last_ms), st.life.last_ms)
+            if st.life.last_ms is not None and st.life.last_ms >= max_ts.get(st.partition, st.life.last_ms):
+                max_ts[st.partition] = st.life.last_ms
+                max_wall[st.partition] = st.life.last_wall_ms
             if st.cart.due_ms is not None:
                 due[st.partition].append((st.key, st.cart.due_ms))
         for p in keep:
             clock = self.clock(p)
-            clock.restore(max_ts.get(p), wall_ms)
+            clock.restore(max_ts.get(p), wall_ms, max_wall.get(p))
             self.timers[p].rebuild(due[p])
         return sum(len(v) for v in due.values())
 

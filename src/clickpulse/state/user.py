@@ -18,7 +18,7 @@ Rules (stated once, applied identically whatever the arrival order):
   10:30:00.000 are two sessions in either arrival order.
 * **Cart episode**: ``add_to_cart`` adds quantity (default 1) of a product; ``remove_from_cart``
   subtracts. The abandonment timer is due ``cart_abandon_after_ms`` after the last cart update
-  (event time). A ``purchase`` at time P closes the episode: it removes every item added at or
+  (event time). A ``purchase`` at time P closes the episode: it removes every unit added at or
   before P (REES46-like sources do not list an order's items; any purchase means the user
   checked out), so a purchase within the delay cancels the timer. An emptied cart cancels the
   timer. A purchase exactly at the due time still counts as "within".
@@ -79,10 +79,30 @@ class Session:
 
 @dataclass
 class CartItem:
+    """A product in the cart. ``lots`` = ``[[added_ms, quantity], ...]``: when each unit was added,
+    so a purchase at P settles exactly the units added at or before P (in any arrival order)."""
+
     quantity: int
     price: float | None
     added_ms: int
     category: str | None = None
+    lots: list[list[int]] = field(default_factory=list)
+
+    def settle(self, purchase_ms: int) -> None:
+        self.lots = [lot for lot in self.lots if lot[0] > purchase_ms]
+        self.quantity = sum(q for _t, q in self.lots)
+        self.added_ms = max((t for t, _q in self.lots), default=self.added_ms)
+
+    def remove(self, qty: int) -> None:
+        """Remove ``qty`` units, newest first."""
+        self.lots.sort()
+        while qty > 0 and self.lots:
+            take = min(qty, self.lots[-1][1])
+            self.lots[-1][1] -= take
+            qty -= take
+            if self.lots[-1][1] <= 0:
+                self.lots.pop()
+        self.quantity = sum(q for _t, q in self.lots)
 
 
 @dataclass
@@ -93,6 +113,7 @@ class Cart:
     currency: str | None = None
     updated_ms: int | None = None
     due_ms: int | None = None
+    closed_ms: int | None = None  # latest purchase time: cart changes at or before it are settled
 
     @property
     def value(self) -> float:
@@ -100,16 +121,16 @@ class Cart:
         return round(sum(i.quantity * (i.price or 0.0) for i in self.items.values()), 2)
 
     def to_obj(self) -> dict[str, Any] | None:
-        if not self.items and self.updated_ms is None:
+        if not self.items and self.updated_ms is None and self.closed_ms is None:
             return None
-        return {"i": {p: [i.quantity, i.price, i.added_ms, i.category] for p, i in self.items.items()},
-                "c": self.currency, "u": self.updated_ms, "d": self.due_ms}
+        return {"i": {p: [i.quantity, i.price, i.added_ms, i.category, i.lots] for p, i in self.items.items()},
+                "c": self.currency, "u": self.updated_ms, "d": self.due_ms, "x": self.closed_ms}
 
     @classmethod
     def from_obj(cls, o: dict[str, Any] | None) -> Cart:
         if not o:
             return cls()
-        return cls({p: CartItem(*v) for p, v in o["i"].items()}, o["c"], o["u"], o["d"])
+        return cls({p: CartItem(*v) for p, v in o["i"].items()}, o["c"], o["u"], o["d"], o.get("x"))
 
 
 @dataclass
@@ -120,9 +141,11 @@ class Lifetime:
     sessions: int = 0
     orders: int = 0
     revenue: float = 0.0
+    last_wall_ms: int | None = None  # wall-clock arrival of the event with the highest event time
 
     def to_obj(self) -> list[Any]:
-        return [self.first_ms, self.last_ms, self.events, self.sessions, self.orders, self.revenue]
+        return [self.first_ms, self.last_ms, self.events, self.sessions, self.orders, self.revenue,
+                self.last_wall_ms]
 
 
 @dataclass
@@ -166,7 +189,7 @@ class UserState:
         return cls(key=o["k"], partition=o.get("p", -1), user_id=o.get("u"), anonymous_id=o.get("a"),
                    windows=Windows.from_obj(o.get("w")), session=Session.from_obj(o.get("s")),
                    prev_session=Session.from_obj(o.get("ps")), cart=Cart.from_obj(o.get("c")),
-                   life=Lifetime(*o["l"]), traits=o.get("t", {}), recent_ids=o.get("r", []))
+                   life=Lifetime(*o["l"][:7]), traits=o.get("t", {}), recent_ids=o.get("r", []))
 
     def profile(self, at_ms: int | None = None) -> dict[str, Any]:
         """The summary served from Redis (``schemas/profile.v1.json``)."""
@@ -199,6 +222,7 @@ class Applied:
     duplicate: bool = False
     late: bool = False
     session_started: bool = False
+    timer_skipped: bool = False
 
 
 def _short_id(event_id: str) -> str:
@@ -250,6 +274,8 @@ def _apply_cart(cart: Cart, event: dict[str, Any], t: int, delay_ms: int) -> Non
     etype = event["type"]
     props = _props(event)
     if etype == "add_to_cart" or etype == "remove_from_cart":
+        if cart.closed_ms is not None and t <= cart.closed_ms:
+            return  # arrived after a purchase that already settled it: same result in any order
         pid = str(props.get("product_id", "unknown"))
         qty = props.get("quantity")
         qty = 1 if qty is None else int(qty)
@@ -258,8 +284,9 @@ def _apply_cart(cart: Cart, event: dict[str, Any], t: int, delay_ms: int) -> Non
                 return
             item = cart.items.get(pid)
             if item is None:
-                cart.items[pid] = CartItem(qty, props.get("price"), t, props.get("category"))
+                cart.items[pid] = CartItem(qty, props.get("price"), t, props.get("category"), [[t, qty]])
             else:
+                item.lots.append([t, qty])
                 item.quantity += qty
                 item.added_ms = max(item.added_ms, t)
                 if props.get("price") is not None:
@@ -269,13 +296,16 @@ def _apply_cart(cart: Cart, event: dict[str, Any], t: int, delay_ms: int) -> Non
         else:
             item = cart.items.get(pid)
             if item is not None:
-                item.quantity -= qty if qty > 0 else item.quantity
+                item.remove(qty if qty > 0 else item.quantity)
                 if item.quantity <= 0:
                     del cart.items[pid]
         cart.updated_ms = t if cart.updated_ms is None else max(cart.updated_ms, t)
     elif etype == "purchase":
-        for pid in [p for p, i in cart.items.items() if i.added_ms <= t]:
-            del cart.items[pid]
+        cart.closed_ms = t if cart.closed_ms is None else max(cart.closed_ms, t)
+        for pid, item in list(cart.items.items()):
+            item.settle(t)
+            if item.quantity <= 0:
+                del cart.items[pid]
     else:
         return
     if not cart.items:
@@ -286,7 +316,8 @@ def _apply_cart(cart: Cart, event: dict[str, Any], t: int, delay_ms: int) -> Non
         cart.due_ms = cart.updated_ms + delay_ms
 
 
-def apply(st: UserState, event: dict[str, Any], watermark_ms: int | None, cfg: StateConfig) -> Applied:
+def apply(st: UserState, event: dict[str, Any], watermark_ms: int | None, cfg: StateConfig,
+          wall_ms: int | None = None) -> Applied:
     """Apply one canonical event to the user's state, in place.
 
     Parameters
@@ -297,8 +328,12 @@ def apply(st: UserState, event: dict[str, Any], watermark_ms: int | None, cfg: S
         A canonical event (output of :func:`clickpulse.events.contract.parse`).
     watermark_ms
         The partition's watermark before this event (epoch ms), ``None`` before the first event.
+        A late event never arms a timer that is already due: its cart still changes, but the
+        abandonment window it would open has passed unobserved (``Applied.timer_skipped``).
     cfg
         Session gap, abandonment delay, de-duplication depth.
+    wall_ms
+        Wall-clock arrival time (epoch ms), kept for the idle-advance clock across restarts.
 
     Returns
     -------
@@ -324,8 +359,15 @@ def apply(st: UserState, event: dict[str, Any], watermark_ms: int | None, cfg: S
     res.session_started = _apply_session(st, t, etype, cfg.session_gap_ms)
     if res.session_started:
         st.life.sessions += 1
+    due_before = st.cart.due_ms
     _apply_cart(st.cart, event, t, cfg.cart_abandon_after_ms)
+    if res.late and st.cart.due_ms is not None and st.cart.due_ms != due_before \
+            and watermark_ms is not None and st.cart.due_ms < watermark_ms:
+        st.cart.due_ms = None
+        res.timer_skipped = True
     life = st.life
+    if wall_ms is not None and (life.last_ms is None or t >= life.last_ms):
+        life.last_wall_ms = wall_ms
     life.first_ms = t if life.first_ms is None else min(life.first_ms, t)
     life.last_ms = t if life.last_ms is None else max(life.last_ms, t)
     life.events += 1
@@ -373,7 +415,8 @@ def fire_due(st: UserState, watermark_ms: int, created_at: str) -> list[dict[str
         return []
     due = cart.due_ms
     cart.due_ms = None
-    quiet_min = round((due - (cart.updated_ms or due)) / 60000)
+    quiet_s = (due - (cart.updated_ms or due)) / 1000
+    quiet = f"{quiet_s / 60:.0f} min" if quiet_s >= 120 else f"{quiet_s:.0f} s"
     items = cart_items(cart)
     n = sum(i["quantity"] for i in items)
     return [{
@@ -386,7 +429,7 @@ def fire_due(st: UserState, watermark_ms: int, created_at: str) -> list[dict[str
         "event_time": to_rfc3339(due),
         "event_time_ms": due,
         "reason": (f"{n} item(s) worth {cart.value:.2f} {cart.currency or ''} left in the cart with no purchase "
-                   f"for {quiet_min} min after the last cart update at {to_rfc3339(cart.updated_ms or due)}").replace("  ", " "),
+                   f"for {quiet} after the last cart update at {to_rfc3339(cart.updated_ms or due)}").replace("  ", " "),
         "payload": {"cart": {"items": items, "value": cart.value, "currency": cart.currency,
                              "last_update": to_rfc3339(cart.updated_ms or due)}},
         "model_version": None,

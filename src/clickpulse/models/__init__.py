@@ -1,0 +1,1 @@
+"""Online models (River): pipelines, the model wrapper, progressive validation."""
