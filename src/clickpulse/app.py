@@ -27,6 +27,8 @@ from .events.dlq import dlq_record
 from .observability.metrics import Metrics, type_label
 from .serving.redis_sink import ProfileWriter
 from .settings import Settings
+from .models.labels import ModelConfig
+from .models.registry import ModelRegistry
 from .state.engine import Engine
 from .state.user import StateConfig, UserState
 from .topics import CONTROL_HEADER
@@ -101,11 +103,16 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
     users = app.Table(settings.state_table, default=None, key_type=bytes, value_type=bytes,
                       partitions=settings.partitions, use_partitioner=True)
 
+    training_topic = app.topic(settings.topic_training, key_type=bytes, value_type=bytes, key_serializer="raw",
+                               value_serializer="raw", partitions=1)
     writer = ProfileWriter(None, settings.namespace, int(settings.user_retention_s),
                            settings.redis_max_pending, metrics)
+    registry = ModelRegistry({"intent": settings.intent_pipeline, "churn": settings.churn_pipeline},
+                             settings.model_seed) if settings.models_enabled else None
     engine = Engine(users, StateConfig.from_settings(settings), allowed_lateness_ms=settings.allowed_lateness_ms,
                     idle_timeout_ms=settings.idle_timeout_ms, live=settings.time_mode == "live",
-                    metrics=metrics, on_state=ProfileSink(writer))
+                    metrics=metrics, on_state=ProfileSink(writer), models=registry,
+                    model_cfg=ModelConfig.from_settings(settings), pending_total_cap=settings.pending_total)
     progress: dict[str, dict[int, int]] = {settings.topic_raw: {}, settings.topic_valid: {}}
     app.clickpulse = {"engine": engine, "metrics": metrics, "writer": writer, "settings": settings,  # type: ignore[attr-defined]
                       "progress": progress}
@@ -113,6 +120,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
     async def publish(actions: list[dict[str, Any]]) -> None:
         for a in actions:
             await actions_topic.send(key=a["user_key"].encode(), value=orjson.dumps(a))
+        for ex in engine.drain_examples():
+            await training_topic.send(key=ex["user_key"].encode(), value=orjson.dumps(ex))
 
     @app.agent(raw_topic, name="ingest")
     async def ingest(stream: faust.StreamT) -> None:
@@ -215,6 +224,38 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
         writer.pending = {k: (v.profile() if isinstance(v, UserState) else v) for k, v in writer.pending.items()}
         await writer.flush()
 
+    if registry is not None:
+        @app.task
+        async def follow_models() -> None:
+            """Load every new model snapshot from the compacted models topic (hot swap)."""
+            from aiokafka import AIOKafkaConsumer, TopicPartition
+            consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False,
+                                        auto_offset_reset="earliest", max_partition_fetch_bytes=32 * 1024 * 1024,
+                                        fetch_max_bytes=64 * 1024 * 1024)
+            await consumer.start()
+            try:
+                tp = TopicPartition(settings.topic_models, 0)
+                consumer.assign([tp])
+                await consumer.seek_to_beginning(tp)
+                while True:
+                    for _tp, msgs in (await consumer.getmany(timeout_ms=1000)).items():
+                        for m in msgs:
+                            try:
+                                env = orjson.loads(m.value)
+                                if registry.install(env):
+                                    for scope in ("all", "window"):
+                                        for name, v in env["metrics"][scope].items():
+                                            if name != "size" and v == v:
+                                                metrics.model_metric.labels(env["task"], name, scope).set(v)
+                                    metrics.model_examples.labels(env["task"]).set(env["examples"])
+                            except Exception:  # noqa: BLE001 - a bad snapshot keeps the current model
+                                log.exception("could not install model snapshot at offset %d", m.offset)
+            finally:
+                try:
+                    await consumer.stop()
+                except BaseException:  # noqa: BLE001 - shutting down
+                    pass
+
     @app.on_rebalance_complete.connect
     async def on_rebalance_complete(sender: Any = None, **kwargs: Any) -> None:
         parts = [tp.partition for tp in app.assignor.assigned_actives() if tp.topic == settings.topic_valid]
@@ -229,6 +270,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
     @app.page("/progress")
     async def progress_page(web: Any, request: Any) -> Any:
         return web.json({"topics": {t: {str(p): o for p, o in parts.items()} for t, parts in progress.items()},
+                         "models": registry.snapshot_versions if registry is not None else {},
                          "pending_timers": engine.pending_timers(),
                          "redis_pending": len(writer.pending)})
 

@@ -1,4 +1,4 @@
-"""``clickpulse`` command line: ``worker``, ``replay``, ``demo``.
+"""``clickpulse`` command line: ``worker``, ``trainer``, ``replay``, ``demo``, ``evaluate``.
 
 Settings come from ``CLICKPULSE_*`` env vars (see :mod:`clickpulse.settings`); flags override
 the few that matter per command. Logging is configured here and only here.
@@ -45,6 +45,23 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_trainer(args: argparse.Namespace) -> int:
+    from .models.trainer import run
+
+    settings = Settings.from_env()
+    logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        force=True)
+    asyncio.run(ensure_topics(settings))
+    asyncio.run(run(settings))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .models.evaluate import run_cli
+
+    return run_cli(args.dataset, args.pipeline, args.limit, args.seed)
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     records = messages(args.format, args.file)
@@ -71,11 +88,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
             started_services = True
     run = time.strftime("%Y%m%d%H%M%S")
     settings = Settings.from_env().replace(namespace=f"demo-{run}", time_mode="replay", web_port=free_port())
+    for name in ("worker.log", "trainer.log"):
+        (out_dir / name).unlink(missing_ok=True)
+    settings = settings.replace(trainer_web_port=free_port())
     worker = WorkerProcess(settings, out_dir / "worker.log")
+    trainer = WorkerProcess(settings, out_dir / "trainer.log", command="trainer")
     try:
         asyncio.run(ensure_topics(settings))
-        print(f"starting a worker (namespace {settings.namespace}, log {worker.log_path}) ...", flush=True)
-        worker.start().wait_ready()
+        print(f"starting a worker and the trainer (namespace {settings.namespace}, logs in {out_dir}) ...",
+              flush=True)
+        worker.start()
+        trainer.start()
+        worker.wait_ready()
+        trainer.wait_ready()
         print(f"replaying {args.file} ({args.format}) to {settings.topic_raw}"
               f"{' with --flush' if args.flush else ''} ...", flush=True)
         t0 = time.monotonic()
@@ -85,8 +110,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         elapsed = time.monotonic() - t0
         m = worker.metrics()
         actions = asyncio.run(read_topic(settings.kafka_bootstrap, settings.topic_actions))
+        trainer.stop()  # publishes a final snapshot
+        from .models.trainer import latest_snapshots
+        snapshots = asyncio.run(latest_snapshots(settings.kafka_bootstrap, settings.topic_models))
     finally:
         worker.stop()
+        trainer.stop()
         if started_services and not args.keep_services:
             services("stop")
     path = out_dir / "actions.jsonl"
@@ -113,6 +142,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
         rec = orjson.loads(a[1])
         if len(actions) <= 5:
             print(f"    {rec['type']} user {rec['user_key']} at {rec['event_time']}: {rec['reason']}")
+    for task in ("intent", "churn"):
+        env = snapshots.get(task)
+        if env is None:
+            print(f"  model {task:<13} no labeled examples yet")
+            continue
+        r = env["metrics"]
+        a = r["all"]
+        print(f"  model {task:<13} {env['examples']} examples ({r['positives']} positive), progressive validation: "
+              f"ROC AUC {a['roc_auc']:.3f}, PR AUC {a['pr_auc']:.3f}, log loss {a['log_loss']:.3f}, "
+              f"F1@{r['threshold']} {a['f1']:.3f}")
     print(f"  throughput          {res.published / elapsed:.0f} events/s end to end "
           f"({elapsed:.1f} s from first publish to caught up)")
     print(f"  actions written to  {path.resolve()}")
@@ -128,6 +167,18 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--mode", choices=("live", "replay"), help="override CLICKPULSE_TIME_MODE")
     w.add_argument("--loglevel", default="info")
     w.set_defaults(func=cmd_worker)
+
+    t = sub.add_parser("trainer", help="run the single model trainer (training topic -> model snapshots)")
+    t.add_argument("--loglevel", default="info")
+    t.set_defaults(func=cmd_trainer)
+
+    e = sub.add_parser("evaluate", help="progressive validation of a model on a public dataset")
+    e.add_argument("task", choices=("intent",))
+    e.add_argument("--dataset", default="uci", help="uci (bundled UCI Online Shoppers Purchasing Intention)")
+    e.add_argument("--pipeline", default="all", help="logreg | arf | hoeffding | all")
+    e.add_argument("--limit", type=int, default=None, help="only the first N rows")
+    e.add_argument("--seed", type=int, default=42)
+    e.set_defaults(func=cmd_evaluate)
 
     r = sub.add_parser("replay", help="publish a dataset to the raw topic, preserving event time")
     r.add_argument("--format", choices=FORMATS, required=True)

@@ -61,6 +61,7 @@ class WorkerProcess:
     log_path: Path
     proc: subprocess.Popen | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    command: str = "worker"
 
     @property
     def base_url(self) -> str:
@@ -70,7 +71,7 @@ class WorkerProcess:
         env = {**os.environ, **self.settings.env(), **self.extra_env}
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         fh = self.log_path.open("ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "clickpulse.cli", "worker"], env=env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "clickpulse.cli", self.command], env=env,
                                      stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
         return self
 
@@ -90,7 +91,10 @@ class WorkerProcess:
             if not self.alive():
                 raise ServiceError(f"worker exited with {self.proc.returncode if self.proc else None}; log: {self.log_path}")
             try:
-                if "clickpulse_raw_messages_total" in self.get("/metrics").decode():
+                if self.command == "trainer":
+                    if b"clickpulse trainer ready" in self.log_path.read_bytes():
+                        return
+                elif "clickpulse_raw_messages_total" in self.get("/metrics").decode():
                     if b"clickpulse ready" in self.log_path.read_bytes():
                         return
             except OSError:

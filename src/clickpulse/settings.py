@@ -92,6 +92,39 @@ class Settings:
         ``CLICKPULSE_KAFKA_SESSION_TIMEOUT_S``; seconds without heartbeats before the group
         coordinator declares a worker dead and moves its partitions (after a crash, the restarted
         worker waits this long for them). Default 30.
+    models_enabled : bool
+        ``CLICKPULSE_MODELS_ENABLED``; score intent/churn and emit training examples. Default true.
+    intent_pipeline, churn_pipeline : str
+        ``CLICKPULSE_INTENT_PIPELINE`` / ``CLICKPULSE_CHURN_PIPELINE``; River pipeline names
+        (:data:`clickpulse.models.online.PIPELINES`). Default ``logreg`` (scaler + logistic regression).
+    model_seed : int
+        ``CLICKPULSE_MODEL_SEED``; seed of the pipelines. Default 42.
+    intent_score_every : int
+        ``CLICKPULSE_INTENT_SCORE_EVERY``; intent is scored at add_to_cart, checkout_start and every
+        N-th event of a session. Default 5.
+    intent_threshold, churn_threshold : float
+        ``CLICKPULSE_INTENT_THRESHOLD`` (0.8) / ``CLICKPULSE_CHURN_THRESHOLD`` (0.7); scores in
+        [0, 1] at or above which ``high_intent`` / ``churn_risk`` fire (and the threshold of the
+        F1/precision/recall in progressive validation).
+    churn_horizon_days : float
+        ``CLICKPULSE_CHURN_HORIZON_DAYS``; days: churn = no return within this. Default 14.
+    churn_cooldown_days : float
+        ``CLICKPULSE_CHURN_COOLDOWN_DAYS``; days between two churn_risk actions for a user. Default 7.
+    pending_per_user, pending_total : int
+        ``CLICKPULSE_PENDING_PER_USER`` (8) / ``CLICKPULSE_PENDING_TOTAL`` (1,000,000); bounds of the
+        unlabeled intent predictions buffer.
+    pending_max_age_s : float
+        ``CLICKPULSE_PENDING_MAX_AGE_S``; seconds of event time after which an unlabeled prediction
+        expires. Default 21600 (6 h).
+    snapshot_every : int
+        ``CLICKPULSE_SNAPSHOT_EVERY``; the trainer publishes a snapshot after this many new
+        examples (or ``snapshot_interval_s``). Default 500.
+    snapshot_interval_s : float
+        ``CLICKPULSE_SNAPSHOT_INTERVAL_S``; seconds. Default 5.
+    validation_window : int
+        ``CLICKPULSE_VALIDATION_WINDOW``; examples in the rolling progressive-validation window. Default 1000.
+    trainer_web_port : int
+        ``CLICKPULSE_TRAINER_WEB_PORT``; the trainer's ``/metrics`` port. Default 6067.
     data_dir : str
         ``CLICKPULSE_DATA_DIR``; the worker's local folder (Faust data dir; the table itself is
         in memory, recovered from its changelog topic). Default ``.local/worker-data``.
@@ -116,13 +149,33 @@ class Settings:
     web_port: int = 6066
     web_host: str = "127.0.0.1"
     kafka_session_timeout_s: float = 30.0
+    models_enabled: bool = True
+    intent_pipeline: str = "logreg"
+    churn_pipeline: str = "logreg"
+    model_seed: int = 42
+    intent_score_every: int = 5
+    intent_threshold: float = 0.8
+    churn_threshold: float = 0.7
+    churn_horizon_days: float = 14.0
+    churn_cooldown_days: float = 7.0
+    pending_per_user: int = 8
+    pending_total: int = 1_000_000
+    pending_max_age_s: float = 21600.0
+    snapshot_every: int = 500
+    snapshot_interval_s: float = 5.0
+    validation_window: int = 1000
+    trainer_web_port: int = 6067
     data_dir: str = ".local/worker-data"
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.time_mode not in TIME_MODES:
             raise ConfigError(f"{_env('time_mode')} must be one of {TIME_MODES}, got {self.time_mode!r}")
-        positive = ("partitions", "session_gap_s", "cart_abandon_after_s", "max_event_bytes",
+        for name in ("intent_threshold", "churn_threshold"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{_env(name)} must be in [0, 1], got {getattr(self, name)!r}")
+        positive = ("intent_score_every", "pending_per_user", "pending_total", "snapshot_every",
+                    "validation_window", "churn_horizon_days", "partitions", "session_gap_s", "cart_abandon_after_s", "max_event_bytes",
                     "dedup_ids_per_user", "redis_flush_interval_s", "idle_timeout_s")
         for name in positive:
             if getattr(self, name) <= 0:
@@ -192,6 +245,14 @@ class Settings:
     @property
     def topic_actions(self) -> str:
         return f"{self.namespace}.actions"
+
+    @property
+    def topic_training(self) -> str:
+        return f"{self.namespace}.training"
+
+    @property
+    def topic_models(self) -> str:
+        return f"{self.namespace}.models"
 
     @property
     def state_table(self) -> str:

@@ -101,10 +101,17 @@ def topic_values(settings: Settings, topic: str) -> list[dict]:
     return [orjson.loads(v) for _k, v, _m in asyncio.run(read_topic(settings.kafka_bootstrap, topic))]
 
 
+def cart_actions(settings: Settings) -> list[dict]:
+    """The cart_abandoned actions on the actions topic (model actions filtered out)."""
+    return [a for a in topic_values(settings, settings.topic_actions) if a["type"] == "cart_abandoned"]
+
+
 def assert_topics_match_schemas(settings: Settings) -> dict[str, int]:
-    """Every message on the valid, dead-letter and actions topics validates against schemas/."""
+    """Every message on the valid, dead-letter, actions, training and models topics validates
+    against schemas/."""
     counts = {}
-    for topic, schema in ((settings.topic_valid, None), (settings.topic_dlq, "dlq"), (settings.topic_actions, "action")):
+    for topic, schema in ((settings.topic_valid, None), (settings.topic_dlq, "dlq"), (settings.topic_actions, "action"),
+                          (settings.topic_training, "example"), (settings.topic_models, "snapshot")):
         msgs = asyncio.run(read_topic(settings.kafka_bootstrap, topic))
         for _k, v, meta in msgs:
             obj = orjson.loads(v)

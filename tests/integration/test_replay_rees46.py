@@ -14,7 +14,7 @@ from clickpulse.ingest.datasets import BUNDLED_SAMPLE
 from clickpulse.ingest.replay import messages, publish
 from clickpulse.runtime import wait_caught_up
 from clickpulse.serving.redis_sink import profile_key
-from tests.integration.conftest import assert_topics_match_schemas, end_of_input, topic_values
+from tests.integration.conftest import assert_topics_match_schemas, cart_actions, end_of_input, topic_values
 from tests.oracle import independent_abandoned_users
 
 pytestmark = pytest.mark.integration
@@ -30,7 +30,7 @@ def test_replay_without_flush_then_kill_restart_and_flush(make_settings, workers
     w = workers(s)
     assert replay(s).published == 4999
     wait_caught_up(w, s)
-    actions = topic_values(s, s.topic_actions)
+    actions = cart_actions(s)
     assert [a["user_key"] for a in actions] == ["550121407"]           # S11, and S12: nothing else yet
     assert {a["user_key"] for a in actions} == independent_abandoned_users(flush=False)
     m = w.metrics()
@@ -48,7 +48,7 @@ def test_replay_without_flush_then_kill_restart_and_flush(make_settings, workers
     w2 = workers(s)
     end_of_input(s)                                                      # replay --flush, after the restart
     wait_caught_up(w2, s)
-    actions = topic_values(s, s.topic_actions)
+    actions = cart_actions(s)
     users = [a["user_key"] for a in actions]
     assert len(users) == len(set(users)) == len({a["action_id"] for a in actions})
     assert set(users) == independent_abandoned_users(flush=True)
@@ -62,7 +62,7 @@ def test_replay_with_flush_yields_pending_carts(make_settings, workers):
     w = workers(s)
     replay(s, flush=True)
     wait_caught_up(w, s)
-    actions = topic_values(s, s.topic_actions)
+    actions = cart_actions(s)
     assert {a["user_key"] for a in actions} == independent_abandoned_users(flush=True)
     assert len(actions) == 24
     by_user = {a["user_key"]: a for a in actions}

@@ -106,6 +106,22 @@ class OnlineModel:
             return 0.5
         return min(1.0, max(0.0, float(p)))
 
+    def explain(self, x: dict[str, float], k: int = 3) -> list[list[Any]]:
+        """Top ``k`` contributions ``[[feature, weight × standardized value], ...]`` by absolute
+        size, for the linear pipeline (``logreg``); ``[]`` for tree pipelines, which have no
+        per-prediction additive contributions in River."""
+        steps = list(getattr(self.model, "steps", {}).values())
+        if len(steps) != 2 or not isinstance(steps[1], linear_model.LogisticRegression):
+            return []
+        try:
+            z = steps[0].transform_one(x)
+            w = steps[1].weights
+            contrib = [[name, round(float(w.get(name, 0.0)) * float(v), 4)] for name, v in z.items()]
+        except (ZeroDivisionError, ValueError, KeyError, TypeError):
+            return []
+        contrib.sort(key=lambda c: -abs(c[1]))
+        return [c for c in contrib[:k] if c[1] != 0.0]
+
     def learn(self, x: dict[str, float], y: bool) -> None:
         self.model.learn_one(x, bool(y))
         self.examples += 1

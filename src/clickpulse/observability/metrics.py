@@ -44,6 +44,19 @@ class Metrics:
         self.timers_skipped_late = Counter("clickpulse_timers_skipped_late_total",
                                            "Timers not armed because the late event that would arm them "
                                            "was already past due", registry=r)
+        self.examples = Counter("clickpulse_training_examples_total", "Labeled examples sent to the trainer, by task",
+                                ["task"], registry=r)
+        self.predictions_dropped = Counter("clickpulse_predictions_dropped_total",
+                                           "Unlabeled predictions dropped from the buffer, by reason "
+                                           "(per_user, capacity, expired)", ["reason"], registry=r)
+        self.predictions_pending = Gauge("clickpulse_predictions_pending", "Unlabeled intent predictions buffered",
+                                         registry=r)
+        self.model_metric = Gauge("clickpulse_model_metric",
+                                  "Progressive-validation metric of the newest model snapshot "
+                                  "(roc_auc, pr_auc, log_loss, f1, precision, recall, accuracy)",
+                                  ["task", "metric", "scope"], registry=r)
+        self.model_examples = Gauge("clickpulse_model_examples", "Examples learned by the model in use", ["task"],
+                                    registry=r)
         self.timers_pending = Gauge("clickpulse_timers_pending", "Pending event-time timers on this worker", registry=r)
         self.watermark = Gauge("clickpulse_watermark_seconds", "Lowest watermark over assigned partitions (epoch s)",
                                registry=r)

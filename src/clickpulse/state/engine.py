@@ -19,7 +19,7 @@ from typing import Any
 
 from ..observability.metrics import Metrics, type_label
 from .clock import END_OF_TIME, PartitionClock, TimerIndex
-from .user import Applied, StateConfig, UserState, apply, fire_due
+from .user import Applied, StateConfig, UserState, apply, fire_due, is_duplicate
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +43,18 @@ class Engine:
         Where counters go.
     on_state
         Called with each changed ``UserState`` (the Redis write-behind); must not block.
+    models, model_cfg
+        A :class:`clickpulse.models.registry.ModelRegistry` and
+        :class:`clickpulse.models.labels.ModelConfig` to score intent/churn and resolve labels;
+        ``None`` disables models.
+    pending_total_cap
+        Bound on buffered unlabeled predictions over all users of this worker.
     """
 
     def __init__(self, table: MutableMapping[bytes, bytes], cfg: StateConfig, *, allowed_lateness_ms: int,
                  idle_timeout_ms: int, live: bool, metrics: Metrics,
-                 on_state: Callable[[UserState], None] | None = None) -> None:
+                 on_state: Callable[[UserState], None] | None = None,
+                 models: Any = None, model_cfg: Any = None, pending_total_cap: int = 1_000_000) -> None:
         self.table = table
         self.cfg = cfg
         self.lateness = allowed_lateness_ms
@@ -57,6 +64,12 @@ class Engine:
         self.on_state = on_state
         self.clocks: dict[int, PartitionClock] = {}
         self.timers: dict[int, TimerIndex] = {}
+        # models (optional): a ModelRegistry and a ModelConfig; examples wait in an outbox
+        self.models = models
+        self.mcfg = model_cfg
+        self.pending_total_cap = pending_total_cap
+        self.pending_predictions = 0
+        self.examples: list[dict[str, Any]] = []
 
     # -- helpers ----------------------------------------------------------------------------
     def clock(self, partition: int) -> PartitionClock:
@@ -78,6 +91,32 @@ class Engine:
     def pending_timers(self) -> int:
         return sum(len(t) for t in self.timers.values())
 
+    def drain_examples(self) -> list[dict[str, Any]]:
+        """Labeled examples produced since the last call (for the training topic)."""
+        out, self.examples = self.examples, []
+        return out
+
+    def _due(self, st: UserState, closed: bool = False) -> int | None:
+        dues = [d for d in (st.cart.due_ms, self._model_due(st, closed)) if d is not None]
+        return min(dues) if dues else None
+
+    def _model_due(self, st: UserState, closed: bool) -> int | None:
+        if self.models is None:
+            return None
+        from ..models.labels import next_due
+        return next_due(st, self.mcfg, closed)
+
+    def _take(self, outcome: Any) -> list[dict[str, Any]]:
+        """Account for a models outcome; returns its actions."""
+        for ex in outcome.examples:
+            self.metrics.examples.labels(ex["task"]).inc()
+        self.examples.extend(outcome.examples)
+        for reason, n in outcome.dropped.items():
+            self.metrics.predictions_dropped.labels(reason).inc(n)
+        self.pending_predictions = max(0, self.pending_predictions + outcome.buffered)
+        self.metrics.predictions_pending.set(self.pending_predictions)
+        return outcome.actions
+
     # -- the three entry points ---------------------------------------------------------------
     def process(self, partition: int, event: dict[str, Any], wall_ms: int) -> tuple[Applied, list[dict[str, Any]]]:
         """Apply one canonical event, then fire the partition's due timers.
@@ -91,10 +130,21 @@ class Engine:
         if st is None:
             st = UserState(key=key, partition=partition)
             self.metrics.users_new.inc()
-        res = apply(st, event, wm_before, self.cfg, wall_ms)
-        if res.duplicate:
+        if is_duplicate(st, event):
             self.metrics.duplicates.inc()
-            return res, self.tick(partition, wall_ms)
+            return Applied(duplicate=True), self.tick(partition, wall_ms)
+        actions: list[dict[str, Any]] = []
+        created = wall_rfc3339(wall_ms)
+        if self.models is not None:
+            from ..models.labels import before_event
+            actions += self._take(before_event(st, int(event["timestamp_ms"]), self.models.score, self.mcfg, created))
+        res = apply(st, event, wm_before, self.cfg, wall_ms)
+        if self.models is not None:
+            from ..models.labels import after_event
+            actions += self._take(after_event(st, event, self.models.score, self.mcfg, created, res.late,
+                                              allow_buffer=self.pending_predictions < self.pending_total_cap))
+        for a in actions:
+            self.metrics.actions.labels(a["type"]).inc()
         st.partition = partition
         self.metrics.events_in.labels(type_label(event["type"])).inc()
         if res.late:
@@ -104,9 +154,9 @@ class Engine:
         if res.session_started:
             self.metrics.sessions.inc()
         clock.observe(int(event["timestamp_ms"]), wall_ms)
-        self.timers[partition].set(key, st.cart.due_ms)
+        self.timers[partition].set(key, self._due(st))
         self._save(st)
-        return res, self.tick(partition, wall_ms)
+        return res, actions + self.tick(partition, wall_ms)
 
     def tick(self, partition: int, wall_ms: int) -> list[dict[str, Any]]:
         """Fire every timer of ``partition`` the watermark is past (live mode: idle advance)."""
@@ -121,10 +171,15 @@ class Engine:
             st = self.load(key)
             if st is None:
                 continue
+            before = st.to_bytes()
             actions = fire_due(st, wm, created)
-            # a timer that did not fire (e.g. cart changed) is re-armed from the state
-            self.timers[partition].set(key, st.cart.due_ms)
-            if actions:
+            if self.models is not None:
+                from ..models.labels import on_watermark
+                actions += self._take(on_watermark(st, wm, self.models.score, self.mcfg, created))
+            # what did not fire (e.g. the cart changed) is re-armed from the state
+            self.timers[partition].set(key, self._due(st, closed=wm == END_OF_TIME))
+            if actions or st.to_bytes() != before:
+                self._save(st)
                 self._save(st)
                 for a in actions:
                     self.metrics.actions.labels(a["type"]).inc()
@@ -147,6 +202,7 @@ class Engine:
         Returns the number of pending timers restored.
         """
         keep = set(partitions)
+        self.pending_predictions = 0
         for p in list(self.clocks):
             if p not in keep:
                 del self.clocks[p]
@@ -165,8 +221,10 @@ class Engine:
             if st.life.last_ms is not None and st.life.last_ms >= max_ts.get(st.partition, st.life.last_ms):
                 max_ts[st.partition] = st.life.last_ms
                 max_wall[st.partition] = st.life.last_wall_ms
-            if st.cart.due_ms is not None:
-                due[st.partition].append((st.key, st.cart.due_ms))
+            d = self._due(st)
+            if d is not None:
+                due[st.partition].append((st.key, d))
+            self.pending_predictions += len(st.ml.get("pi", []))
         for p in keep:
             clock = self.clock(p)
             clock.restore(max_ts.get(p), wall_ms, max_wall.get(p))

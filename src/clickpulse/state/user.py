@@ -64,17 +64,22 @@ class Session:
     last_ms: int
     events: int = 0
     counts: dict[str, int] = field(default_factory=dict)
+    products: list[str] = field(default_factory=list)  # distinct product ids seen (first 32)
+    max_scroll_pct: float = 0.0
+    dwell_ms: int = 0
+    ended: bool = False  # its end (last + gap) has been processed
 
     @property
     def duration_ms(self) -> int:
         return self.last_ms - self.start_ms
 
     def to_obj(self) -> list[Any]:
-        return [self.start_ms, self.last_ms, self.events, self.counts]
+        return [self.start_ms, self.last_ms, self.events, self.counts, self.products, self.max_scroll_pct,
+                self.dwell_ms, self.ended]
 
     @classmethod
     def from_obj(cls, o: list[Any] | None) -> Session | None:
-        return None if o is None else cls(o[0], o[1], o[2], o[3])
+        return None if o is None else cls(*o[:8])
 
 
 @dataclass
@@ -164,6 +169,11 @@ class UserState:
     life: Lifetime = field(default_factory=Lifetime)
     traits: dict[str, Any] = field(default_factory=dict)
     recent_ids: list[str] = field(default_factory=list)
+    #: model bookkeeping (see clickpulse.models.labels): "pi" pending intent predictions
+    #: [[session_start_ms, at_ms, score, version, x], ...]; "pc" pending churn prediction
+    #: [at_ms, due_ms, score, version, x]; "sc" latest scores; "hi" session start of the last
+    #: high_intent action; "cr" event time of the last churn_risk action
+    ml: dict[str, Any] = field(default_factory=dict)
 
     def to_bytes(self) -> bytes:
         obj: dict[str, Any] = {"k": self.key, "p": self.partition, "w": self.windows.to_obj(),
@@ -181,6 +191,8 @@ class UserState:
             obj["c"] = cart
         if self.traits:
             obj["t"] = self.traits
+        if self.ml:
+            obj["m"] = self.ml
         return orjson.dumps(obj)
 
     @classmethod
@@ -189,7 +201,8 @@ class UserState:
         return cls(key=o["k"], partition=o.get("p", -1), user_id=o.get("u"), anonymous_id=o.get("a"),
                    windows=Windows.from_obj(o.get("w")), session=Session.from_obj(o.get("s")),
                    prev_session=Session.from_obj(o.get("ps")), cart=Cart.from_obj(o.get("c")),
-                   life=Lifetime(*o["l"][:7]), traits=o.get("t", {}), recent_ids=o.get("r", []))
+                   life=Lifetime(*o["l"][:7]), traits=o.get("t", {}), recent_ids=o.get("r", []),
+                   ml=o.get("m", {}))
 
     def profile(self, at_ms: int | None = None) -> dict[str, Any]:
         """The summary served from Redis (``schemas/profile.v1.json``)."""
@@ -212,6 +225,7 @@ class UserState:
                          "events": self.life.events, "sessions": self.life.sessions,
                          "orders": self.life.orders, "revenue": round(self.life.revenue, 2)},
             "traits": self.traits,
+            "scores": self.ml.get("sc", {}),
         }
 
 
@@ -223,45 +237,64 @@ class Applied:
     late: bool = False
     session_started: bool = False
     timer_skipped: bool = False
+    ended_session: Session | None = None
 
 
 def _short_id(event_id: str) -> str:
     return base64.b64encode(hashlib.blake2b(event_id.encode(), digest_size=9).digest()).decode()
 
 
+def is_duplicate(st: UserState, event: dict[str, Any]) -> bool:
+    """True when the event's id is among the user's recent ids (it would change nothing)."""
+    return _short_id(event["event_id"]) in st.recent_ids
+
+
 def _in_session(s: Session, t: int, gap: int) -> bool:
     return s.start_ms - gap < t < s.last_ms + gap
 
 
-def _extend(s: Session, t: int, etype: str) -> None:
+MAX_SESSION_PRODUCTS = 32
+
+
+def _extend(s: Session, t: int, etype: str, props: dict[str, Any] | None = None) -> None:
     s.start_ms = min(s.start_ms, t)
     s.last_ms = max(s.last_ms, t)
     s.events += 1
     s.counts[etype] = s.counts.get(etype, 0) + 1
+    if props:
+        pid = props.get("product_id")
+        if pid is not None and len(s.products) < MAX_SESSION_PRODUCTS and str(pid) not in s.products:
+            s.products.append(str(pid))
+        scroll = props.get("scroll_pct")
+        if isinstance(scroll, int | float) and scroll > s.max_scroll_pct:
+            s.max_scroll_pct = float(scroll)
+        dwell = props.get("dwell_ms")
+        if isinstance(dwell, int) and dwell > 0:
+            s.dwell_ms += dwell
 
 
-def _apply_session(st: UserState, t: int, etype: str, gap: int) -> bool:
+def _apply_session(st: UserState, t: int, etype: str, gap: int, props: dict[str, Any] | None = None) -> bool:
     """Assign the event to a session; return True when it started a new one."""
     cur = st.session
     if cur is None:
         st.session = Session(t, t)
-        _extend(st.session, t, etype)
+        _extend(st.session, t, etype, props)
         return True
     if _in_session(cur, t, gap):
-        _extend(cur, t, etype)
+        _extend(cur, t, etype, props)
         return False
     if t >= cur.last_ms + gap:
         st.prev_session = cur
         st.session = Session(t, t)
-        _extend(st.session, t, etype)
+        _extend(st.session, t, etype, props)
         return True
     prev = st.prev_session  # t <= cur.start - gap: an earlier session
     if prev is not None and _in_session(prev, t, gap):
-        _extend(prev, t, etype)
+        _extend(prev, t, etype, props)
         return False
     if prev is None or t >= prev.last_ms + gap:
         st.prev_session = Session(t, t)
-        _extend(st.prev_session, t, etype)
+        _extend(st.prev_session, t, etype, props)
     return True
 
 
@@ -356,7 +389,11 @@ def apply(st: UserState, event: dict[str, Any], watermark_ms: int | None, cfg: S
         st.user_id = event["user_id"]
     if event.get("anonymous_id") and st.anonymous_id is None:
         st.anonymous_id = event["anonymous_id"]
-    res.session_started = _apply_session(st, t, etype, cfg.session_gap_ms)
+    prev_current = st.session
+    res.session_started = _apply_session(st, t, etype, cfg.session_gap_ms, _props(event))
+    if res.session_started and prev_current is not None and st.prev_session is prev_current \
+            and not prev_current.ended:
+        res.ended_session = prev_current  # a new current session began: the old one is over
     if res.session_started:
         st.life.sessions += 1
     due_before = st.cart.due_ms

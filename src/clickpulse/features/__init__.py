@@ -1,0 +1,1 @@
+"""State -> feature dict for models and rules."""

@@ -1,0 +1,230 @@
+"""The single trainer: labeled examples in, versioned model snapshots out.
+
+Workers publish examples to ``<ns>.training`` (one partition, so one consumer of the group
+``<ns>-trainer`` owns it: a single trainer, and a second one waits as a hot standby). For each
+example the trainer first scores it with its current model (progressive validation: predict,
+then learn), updates the metrics, then learns. Every ``snapshot_every`` examples or
+``snapshot_interval_s`` seconds it publishes, per task, a snapshot (model pickle + metrics +
+example count + the training offset it covers) to the compacted ``<ns>.models`` topic.
+
+Restart without loss or double learning: at start the trainer reads the newest snapshot per
+task and resumes each model from it; on partition assignment it seeks to the smallest
+``training_offset + 1`` of those snapshots and skips, per task, any example at or below that
+task's own snapshot offset. Group offsets are not used for this (they could be ahead of the
+last snapshot after a crash).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import signal
+import time
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+from ..settings import Settings
+from .online import OnlineModel
+from .registry import TASKS, envelope
+from .validation import ProgressiveValidation
+
+log = logging.getLogger(__name__)
+
+
+class Trainer:
+    """Broker-free trainer state: models, validation, snapshot bookkeeping.
+
+    Parameters
+    ----------
+    pipelines
+        Task -> pipeline name.
+    thresholds
+        Task -> action threshold (for F1/precision/recall).
+    seed, window
+        Model seed; rolling validation window (examples).
+    """
+
+    def __init__(self, pipelines: dict[str, str], thresholds: dict[str, float], seed: int = 42,
+                 window: int = 1000) -> None:
+        self.models = {t: OnlineModel(t, pipelines.get(t, "logreg"), seed) for t in TASKS}
+        self.validation = {t: ProgressiveValidation(thresholds.get(t, 0.5), window) for t in TASKS}
+        self.offsets = {t: -1 for t in TASKS}       # last training offset learned, per task
+        self.versions = {t: 0 for t in TASKS}       # last snapshot version, per task
+        self.since_snapshot = 0
+        self.skipped = 0
+
+    def resume(self, env: dict[str, Any]) -> None:
+        """Continue from a snapshot envelope (model, metrics object, offsets, version)."""
+        task = env["task"]
+        if task not in self.models or env["version"] <= self.versions[task]:
+            return
+        state = OnlineModel.from_bytes(base64.b64decode(env["model_b64"]))
+        self.models[task] = state
+        val = env.get("validation_b64")
+        if val:
+            import pickle
+            self.validation[task] = pickle.loads(base64.b64decode(val))  # noqa: S301 - own topic only
+        self.offsets[task] = env["training_offset"]
+        self.versions[task] = env["version"]
+
+    def start_offset(self) -> int:
+        """The training-topic offset to read from."""
+        return min(self.offsets.values()) + 1
+
+    def learn(self, ex: dict[str, Any], offset: int) -> bool:
+        """Predict, score, learn one example; False when skipped (already learned or unknown task)."""
+        task = ex.get("task")
+        if task not in self.models or offset <= self.offsets[task]:
+            self.skipped += 1
+            return False
+        model = self.models[task]
+        p = model.score(ex["x"])
+        self.validation[task].update(bool(ex["y"]), p)
+        model.learn(ex["x"], bool(ex["y"]))
+        self.offsets[task] = offset
+        self.since_snapshot += 1
+        return True
+
+    def snapshots(self) -> list[dict[str, Any]]:
+        """One new snapshot envelope per task (bumps versions, resets the counter)."""
+        import pickle
+        out = []
+        for task in TASKS:
+            self.versions[task] += 1
+            env = envelope(task, self.versions[task], self.models[task], self.validation[task].report(),
+                           self.offsets[task])
+            env["validation_b64"] = base64.b64encode(pickle.dumps(self.validation[task])).decode()
+            out.append(env)
+        self.since_snapshot = 0
+        return out
+
+
+async def latest_snapshots(bootstrap: str, topic: str, timeout_s: float = 10.0) -> dict[str, dict[str, Any]]:
+    """The newest snapshot envelope per task on the (compacted) models topic."""
+    from ..runtime import end_offsets
+    ends = await end_offsets(bootstrap, topic)
+    out: dict[str, dict[str, Any]] = {}
+    if not ends or all(e == 0 for e in ends.values()):
+        return out
+    c = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest",
+                         max_partition_fetch_bytes=32 * 1024 * 1024, fetch_max_bytes=64 * 1024 * 1024)
+    await c.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in ends]
+        c.assign(tps)
+        await c.seek_to_beginning(*tps)
+        deadline = time.monotonic() + timeout_s
+        done = {tp for tp in tps if ends[tp.partition] == 0}
+        while len(done) < len(tps) and time.monotonic() < deadline:
+            for tp, msgs in (await c.getmany(timeout_ms=500)).items():
+                for m in msgs:
+                    env = orjson.loads(m.value)
+                    if env["version"] > out.get(env["task"], {}).get("version", 0):
+                        out[env["task"]] = env
+                    if m.offset >= ends[tp.partition] - 1:
+                        done.add(tp)
+    finally:
+        try:
+            await c.stop()
+        except asyncio.CancelledError:
+            pass
+    return out
+
+
+class _Seek(ConsumerRebalanceListener):
+    def __init__(self, consumer: AIOKafkaConsumer, trainer: Trainer, topic: str) -> None:
+        self.consumer, self.trainer, self.topic = consumer, trainer, topic
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        pass
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        for tp in assigned:
+            if tp.topic == self.topic:
+                self.consumer.seek(tp, self.trainer.start_offset())
+                log.info("trainer owns %s; resuming at offset %d", tp, self.trainer.start_offset())
+
+
+class TrainerMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.learned = Counter("clickpulse_trainer_examples_total", "Examples learned, by task", ["task"],
+                               registry=registry)
+        self.skipped = Counter("clickpulse_trainer_examples_skipped_total",
+                               "Examples skipped as already learned (replayed after a restart)", registry=registry)
+        self.snapshots = Counter("clickpulse_trainer_snapshots_total", "Snapshots published", registry=registry)
+        self.metric = Gauge("clickpulse_model_metric", "Progressive-validation metric",
+                            ["task", "metric", "scope"], registry=registry)
+
+
+async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    """Run the trainer until ``stop`` is set (or SIGTERM/SIGINT)."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    registry = CollectorRegistry()
+    metrics = TrainerMetrics(registry)
+    start_http_server(settings.trainer_web_port, addr=settings.web_host, registry=registry)
+    trainer = Trainer({"intent": settings.intent_pipeline, "churn": settings.churn_pipeline},
+                      {"intent": settings.intent_threshold, "churn": settings.churn_threshold},
+                      settings.model_seed, settings.validation_window)
+    for env in (await latest_snapshots(settings.kafka_bootstrap, settings.topic_models)).values():
+        trainer.resume(env)
+    log.info("trainer starting: versions %s, offsets %s", trainer.versions, trainer.offsets)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all",
+                                max_request_size=16 * 1024 * 1024, enable_idempotence=True)
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=f"{settings.namespace}-trainer",
+                                enable_auto_commit=False, auto_offset_reset="earliest",
+                                session_timeout_ms=int(settings.kafka_session_timeout_s * 1000),
+                                heartbeat_interval_ms=int(min(3.0, settings.kafka_session_timeout_s / 3) * 1000))
+    await producer.start()
+    await consumer.start()
+    consumer.subscribe([settings.topic_training], listener=_Seek(consumer, trainer, settings.topic_training))
+    last_snapshot = time.monotonic()
+
+    async def publish() -> None:
+        nonlocal last_snapshot
+        for env in trainer.snapshots():
+            await producer.send_and_wait(settings.topic_models, key=env["task"].encode(), value=orjson.dumps(env))
+            metrics.snapshots.inc()
+            for scope in ("all", "window"):
+                for name, v in env["metrics"][scope].items():
+                    if name != "size" and v == v:  # skip NaN
+                        metrics.metric.labels(env["task"], name, scope).set(v)
+        last_snapshot = time.monotonic()
+        log.info("published snapshots %s", trainer.versions)
+        print(f"clickpulse trainer snapshot {trainer.versions}", flush=True)
+
+    try:
+        print("clickpulse trainer ready", flush=True)
+        while not stop.is_set():
+            batch = await consumer.getmany(timeout_ms=500, max_records=2000)
+            for _tp, msgs in batch.items():
+                for m in msgs:
+                    try:
+                        ex = orjson.loads(m.value)
+                        if trainer.learn(ex, m.offset):
+                            metrics.learned.labels(ex["task"]).inc()
+                        else:
+                            metrics.skipped.inc()
+                    except Exception:  # noqa: BLE001 - one bad example never stops learning
+                        log.exception("bad training example at offset %d", m.offset)
+            due = time.monotonic() - last_snapshot >= settings.snapshot_interval_s
+            if trainer.since_snapshot and (trainer.since_snapshot >= settings.snapshot_every or due):
+                await publish()
+        if trainer.since_snapshot:
+            await publish()
+    finally:
+        try:
+            await consumer.stop()
+        except asyncio.CancelledError:
+            pass
+        await producer.stop()

@@ -1,0 +1,140 @@
+"""Delayed labels and model actions (SCENARIOS S5, S6), with a hand-moved event-time clock."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry
+
+from clickpulse.models.labels import ModelConfig
+from clickpulse.models.registry import ModelRegistry
+from clickpulse.observability.metrics import Metrics
+from clickpulse.state.clock import END_OF_TIME
+from clickpulse.state.engine import Engine
+from clickpulse.state.user import StateConfig
+from clickpulse.testing import event, ms
+
+DAY = 86_400_000
+
+
+class RecordingScorer:
+    """Wraps a registry and records the feature dicts it scored."""
+
+    def __init__(self, registry):
+        self.registry = registry
+        self.seen = []
+
+    def score(self, task, x):
+        self.seen.append((task, dict(x)))
+        return self.registry.score(task, x)
+
+
+def engine(cap: int = 1000, **cfg):
+    mcfg = ModelConfig(**{"score_every": 5, "churn_horizon_ms": 14 * DAY, **cfg})
+    reg = ModelRegistry({"intent": "logreg", "churn": "logreg"})
+    eng = Engine({}, StateConfig(), allowed_lateness_ms=0, idle_timeout_ms=5000, live=False,
+                 metrics=Metrics(CollectorRegistry()), models=reg, model_cfg=mcfg, pending_total_cap=cap)
+    return eng, reg
+
+
+def test_s5_score_before_learning_is_in_unit_interval():
+    eng, reg = engine()
+    p, version, top = reg.score("intent", {})
+    assert 0.0 <= p <= 1.0 and version == "intent-logreg-0" and top == []
+    eng.process(0, event("add_to_cart", product_id="p1", price=5.0), 0)
+    st = eng.load("u1")
+    assert 0.0 <= st.ml["sc"]["intent"] <= 1.0
+
+
+def test_s6_learns_from_features_at_prediction_time():
+    eng, _reg = engine()
+    eng.process(0, event("product_view", user="u7", product_id="p", at="2019-10-01T10:00:00Z"), 0)
+    eng.process(0, event("add_to_cart", user="u7", product_id="p", price=20.0, at="2019-10-01T10:02:00Z"), 0)
+    x_at_add = eng.load("u7").ml["pi"][0][4]
+    assert eng.drain_examples() == []                               # unlabeled until the outcome
+    for t in ("10:15", "10:28"):                                     # still browsing: same session
+        eng.process(0, event("page_view", user="u7", at=f"2019-10-01T{t}:00Z"), 0)
+    eng.process(0, event("purchase", user="u7", price=20.0, at="2019-10-01T10:40:00Z"), 0)
+    examples = [e for e in eng.drain_examples() if e["task"] == "intent"]
+    assert len(examples) == 1
+    ex = examples[0]
+    assert ex["y"] is True and ex["x"] == x_at_add
+    assert "orders" in ex["x"] and ex["x"]["orders"] == 0.0      # no trace of the purchase
+    assert ex["predicted_at_ms"] == ms("2019-10-01T10:02:00Z")
+    assert eng.load("u7").ml.get("pi") is None
+
+
+def test_session_end_labels_negative_and_scores_churn():
+    eng, _ = engine()
+    eng.process(0, event("add_to_cart", product_id="p", at="2019-10-01T10:00:00Z"), 0)
+    # another user's event moves the watermark past 10:00 + 30 min
+    eng.process(0, event("page_view", user="other", at="2019-10-01T10:31:00Z"), 0)
+    intent = [e for e in eng.drain_examples() if e["task"] == "intent"]
+    assert [e["y"] for e in intent] == [False]
+    pc = eng.load("u1").ml["pc"]
+    assert pc[1] == ms("2019-10-01T10:00:00Z") + 14 * DAY          # churn horizon timer
+
+
+def test_churn_label_zero_when_user_returns_within_horizon():
+    eng, _ = engine()
+    eng.process(0, event("page_view", at="2019-10-01T10:00:00Z"), 0)
+    eng.process(0, event("page_view", at="2019-10-05T10:00:00Z"), 0)   # returns after 4 days
+    churn = [e for e in eng.drain_examples() if e["task"] == "churn"]
+    assert [e["y"] for e in churn] == [False]
+
+
+def test_churn_label_one_when_horizon_passes():
+    eng, _ = engine()
+    eng.process(0, event("page_view", at="2019-10-01T10:00:00Z"), 0)
+    eng.process(0, event("page_view", user="other", at="2019-10-20T00:00:00Z"), 0)   # watermark moves on
+    churn = {e["user_key"]: e["y"] for e in eng.drain_examples() if e["task"] == "churn"}
+    assert churn["u1"] is True
+
+
+def test_end_of_input_does_not_invent_churn():
+    eng, _ = engine()
+    eng.process(0, event("page_view", at="2019-10-01T10:00:00Z"), 0)
+    eng.end_of_input(0, 0, 1, 0)
+    assert eng.clock(0).watermark() == END_OF_TIME
+    assert [e["task"] for e in eng.drain_examples()] == []          # session ended, nothing to label
+    assert eng.load("u1").ml.get("pc") is not None                   # churn still pending
+    assert eng.tick(0, 0) == [] and eng.drain_examples() == []
+
+
+def test_pending_buffer_is_bounded_per_user_and_expires():
+    eng, _ = engine(pending_per_user=3, pending_max_age_ms=3_600_000)
+    for i in range(6):   # add_to_cart scores every time
+        eng.process(0, event("add_to_cart", product_id=f"p{i}", at=ms("2019-10-01T10:00:00Z") + i * 60_000), 0)
+    st = eng.load("u1")
+    assert len(st.ml["pi"]) == 3
+    assert eng.metrics.predictions_dropped.labels("per_user")._value.get() == 3
+    # a session kept alive for > 1 h: old predictions expire when the watermark passes their age
+    for i in range(1, 5):
+        eng.process(0, event("page_view", at=ms("2019-10-01T10:05:00Z") + i * 20 * 60_000), 0)
+    assert eng.metrics.predictions_dropped.labels("expired")._value.get() >= 1
+
+
+def test_high_intent_fires_once_per_session_with_score_and_version():
+    eng, reg = engine(intent_threshold=0.0)   # any score qualifies
+    _, acts = eng.process(0, event("add_to_cart", product_id="p1", price=10.0, at="2019-10-01T10:00:00Z"), 0)
+    _, acts2 = eng.process(0, event("add_to_cart", product_id="p2", price=10.0, at="2019-10-01T10:01:00Z"), 0)
+    hi = [a for a in acts + acts2 if a["type"] == "high_intent"]
+    assert len(hi) == 1 and hi[0]["model_version"] == "intent-logreg-0" and 0 <= hi[0]["payload"]["score"] <= 1
+    from clickpulse.events.schemas import validation_errors
+    assert validation_errors("action", hi[0]) == []
+
+
+def test_churn_risk_cooldown():
+    eng, _ = engine(churn_threshold=0.0, churn_cooldown_ms=7 * DAY)
+    acts = []
+    for day in (1, 3, 10):   # sessions ending on day 1, 3 (within cooldown) and 10
+        acts += eng.process(0, event("page_view", at=ms("2019-10-01T10:00:00Z") + (day - 1) * DAY), 0)[1]
+    acts += eng.process(0, event("page_view", user="other", at=ms("2019-10-30T00:00:00Z")), 0)[1]
+    risky = [a for a in acts if a["type"] == "churn_risk" and a["user_key"] == "u1"]
+    assert len(risky) == 2   # day 1 and day 10; day 3 is inside the cooldown
+
+
+def test_pending_buffer_is_bounded_in_total():
+    eng, _ = engine(cap=2)
+    for u in ("a", "b", "c", "d"):
+        eng.process(0, event("add_to_cart", user=u, product_id="p", at="2019-10-01T10:00:00Z"), 0)
+    assert eng.pending_predictions == 2
+    assert eng.metrics.predictions_dropped.labels("capacity")._value.get() == 2
