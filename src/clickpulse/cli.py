@@ -149,9 +149,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
             continue
         r = env["metrics"]
         a = r["all"]
-        print(f"  model {task:<13} {env['examples']} examples ({r['positives']} positive), progressive validation: "
-              f"ROC AUC {a['roc_auc']:.3f}, PR AUC {a['pr_auc']:.3f}, log loss {a['log_loss']:.3f}, "
-              f"F1@{r['threshold']} {a['f1']:.3f}")
+        if 0 < r["positives"] < r["n"]:
+            quality = (f"ROC AUC {a['roc_auc']:.3f}, PR AUC {a['pr_auc']:.3f}, log loss {a['log_loss']:.3f}, "
+                       f"F1@{r['threshold']} {a['f1']:.3f}")
+        else:
+            quality = f"log loss {a['log_loss']:.3f} (one class only: no ROC/PR AUC yet)"
+        print(f"  model {task:<13} {env['examples']} examples ({r['positives']} positive), "
+              f"progressive validation: {quality}")
     print(f"  throughput          {res.published / elapsed:.0f} events/s end to end "
           f"({elapsed:.1f} s from first publish to caught up)")
     print(f"  actions written to  {path.resolve()}")
