@@ -12,11 +12,13 @@ event time are rebuilt from the table by :meth:`Engine.restore` after a rebalanc
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterable, MutableMapping
 from datetime import UTC, datetime
 from typing import Any
 
+from ..models.labels import after_event, before_event, next_due, on_watermark
 from ..observability.metrics import Metrics, type_label
 from .clock import END_OF_TIME, PartitionClock, TimerIndex
 from .user import Applied, StateConfig, UserState, apply, fire_due, is_duplicate
@@ -24,7 +26,9 @@ from .user import Applied, StateConfig, UserState, apply, fire_due, is_duplicate
 log = logging.getLogger(__name__)
 
 
+@functools.lru_cache(maxsize=4)
 def wall_rfc3339(wall_ms: int) -> str:
+    """Wall-clock epoch ms -> RFC 3339 (cached: called with the same value for a whole batch)."""
     return datetime.fromtimestamp(wall_ms / 1000, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
@@ -103,11 +107,12 @@ class Engine:
     def _model_due(self, st: UserState, closed: bool) -> int | None:
         if self.models is None:
             return None
-        from ..models.labels import next_due
         return next_due(st, self.mcfg, closed)
 
     def _take(self, outcome: Any) -> list[dict[str, Any]]:
         """Account for a models outcome; returns its actions."""
+        if not (outcome.examples or outcome.dropped or outcome.buffered):
+            return outcome.actions
         for ex in outcome.examples:
             self.metrics.examples.labels(ex["task"]).inc()
         self.examples.extend(outcome.examples)
@@ -136,11 +141,9 @@ class Engine:
         actions: list[dict[str, Any]] = []
         created = wall_rfc3339(wall_ms)
         if self.models is not None:
-            from ..models.labels import before_event
             actions += self._take(before_event(st, int(event["timestamp_ms"]), self.models.score, self.mcfg, created))
         res = apply(st, event, wm_before, self.cfg, wall_ms)
         if self.models is not None:
-            from ..models.labels import after_event
             actions += self._take(after_event(st, event, self.models.score, self.mcfg, created, res.late,
                                               allow_buffer=self.pending_predictions < self.pending_total_cap))
         for a in actions:
@@ -171,19 +174,15 @@ class Engine:
             st = self.load(key)
             if st is None:
                 continue
-            before = st.to_bytes()
             actions = fire_due(st, wm, created)
             if self.models is not None:
-                from ..models.labels import on_watermark
                 actions += self._take(on_watermark(st, wm, self.models.score, self.mcfg, created))
             # what did not fire (e.g. the cart changed) is re-armed from the state
             self.timers[partition].set(key, self._due(st, closed=wm == END_OF_TIME))
-            if actions or st.to_bytes() != before:
-                self._save(st)
-                self._save(st)
-                for a in actions:
-                    self.metrics.actions.labels(a["type"]).inc()
-                out.extend(actions)
+            self._save(st)  # it was due: a timer fired, a session ended or a label resolved
+            for a in actions:
+                self.metrics.actions.labels(a["type"]).inc()
+            out.extend(actions)
         out.sort(key=lambda a: (a["event_time_ms"], a["user_key"]))
         return out
 

@@ -1,0 +1,71 @@
+"""Per-event cost of the models on the worker's path (features + predict + explain), measured as
+the difference between the engine with and without models over the same REES46 events.
+
+    .venv/bin/python benchmarks/engine_cost.py [--repeat 5]
+
+Prints µs per event for: the state step alone, the state step + models (default pipelines,
+untrained and trained on the replay's own examples), and the models' share per event and per
+scoring point. No Kafka: the same Engine the worker runs, over a dict table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import orjson
+from prometheus_client import CollectorRegistry
+
+from clickpulse.events.contract import parse
+from clickpulse.ingest.datasets import BUNDLED_SAMPLE, read_rees46
+from clickpulse.models.labels import ModelConfig
+from clickpulse.models.registry import ModelRegistry
+from clickpulse.observability.metrics import Metrics
+from clickpulse.state.engine import Engine
+from clickpulse.state.user import StateConfig
+
+
+def run(events, models):
+    eng = Engine({}, StateConfig(), allowed_lateness_ms=60_000, idle_timeout_ms=5000, live=False,
+                 metrics=Metrics(CollectorRegistry()), models=models, model_cfg=ModelConfig())
+    t0 = time.perf_counter_ns()
+    for ev in events:
+        eng.process(int(ev["user_id"]) % 4, ev, 0)
+    elapsed = time.perf_counter_ns() - t0
+    return elapsed / len(events) / 1000, eng.drain_examples(), eng
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args()
+    events = [parse(orjson.dumps(e), None) for e in read_rees46(BUNDLED_SAMPLE)]
+    base = [run(events, None)[0] for _ in range(args.repeat)]
+    fresh = [run(events, ModelRegistry({}))[0] for _ in range(args.repeat)]
+    # a trained registry: learn the replay's own examples first
+    _, examples, eng = run(events, ModelRegistry({}))
+    trained = ModelRegistry({})
+    for ex in examples:
+        trained.models[ex["task"]].learn(ex["x"], ex["y"])
+    calls = [0]
+    inner = trained.score
+
+    def counting(task, x):
+        calls[0] += 1
+        return inner(task, x)
+    trained.score = counting
+    warm = [run(events, trained)[0] for _ in range(args.repeat)]
+    scoring_points = calls[0] // args.repeat or 1
+    b, f, w = statistics.median(base), statistics.median(fresh), statistics.median(warm)
+    print(f"{len(events)} REES46 events, median of {args.repeat} runs, µs per event (no Kafka)")
+    print(f"  state step only                      {b:7.1f}")
+    print(f"  state + models (untrained)           {f:7.1f}   models' share {f - b:5.1f} µs/event")
+    print(f"  state + models (trained logreg)      {w:7.1f}   models' share {w - b:5.1f} µs/event")
+    print(f"  scoring points per replay: {scoring_points} (intent + churn), labeled examples: {len(examples)}; "
+          f"models' share per scoring point ≈ {(w - b) * len(events) / scoring_points:.0f} µs "
+          f"(features + predict + top contributions + label bookkeeping)")
+
+
+if __name__ == "__main__":
+    main()
