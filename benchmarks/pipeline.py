@@ -278,8 +278,13 @@ def offline_states(s: Settings, records: list[Record]) -> tuple[dict[bytes, byte
     """Apply the same events with the worker's engine, in per-partition order, no Kafka; also
     returns the wall time of each ``Engine.process`` and of each ``contract.parse`` call (s)."""
     table: dict[bytes, bytes] = {}
+    from clickpulse.models.labels import ModelConfig
+    from clickpulse.models.registry import ModelRegistry
+    registry = ModelRegistry({"intent": s.intent_pipeline, "churn": s.churn_pipeline}, s.model_seed) \
+        if s.models_enabled else None   # the worker's configuration, models included
     engine = Engine(table, StateConfig.from_settings(s), allowed_lateness_ms=s.allowed_lateness_ms,
-                    idle_timeout_ms=s.idle_timeout_ms, live=s.time_mode == "live", metrics=Metrics())
+                    idle_timeout_ms=s.idle_timeout_ms, live=s.time_mode == "live", metrics=Metrics(),
+                    models=registry, model_cfg=ModelConfig.from_settings(s), pending_total_cap=s.pending_total)
     parts = list(range(s.partitions))
     partition_of = DefaultPartitioner()
     now = int(time.time() * 1000)

@@ -1,8 +1,9 @@
 """The feature extractor: a user's state at an event time -> ``dict[str, float]``.
 
 Heavy-tailed counts and durations are log-scaled with ``log1p`` (noted ``log1p`` below), so a
-linear model sees comparable ranges. All features are floats; absent ones are simply missing
-(River models treat a missing key as 0).
+linear model sees comparable ranges. All features are floats rounded to 4 decimals (the
+stored predictions stay small); absent ones are simply missing (River models treat a missing
+key as 0).
 
 =============================  =================================================================
 feature                        meaning (unit)
@@ -94,4 +95,5 @@ def features(st: UserState, at_ms: int) -> dict[str, float]:
     device = st.traits.get("device")
     if isinstance(device, str) and device:
         x[f"device={device[:32]}"] = 1.0
-    return x
+    # 4 decimals: far below the models' sensitivity, and stored predictions stay small
+    return {k: round(v, 4) for k, v in x.items()}
