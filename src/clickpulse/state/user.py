@@ -237,7 +237,6 @@ class Applied:
     late: bool = False
     session_started: bool = False
     timer_skipped: bool = False
-    ended_session: Session | None = None
 
 
 def _short_id(event_id: str) -> str:
@@ -389,11 +388,7 @@ def apply(st: UserState, event: dict[str, Any], watermark_ms: int | None, cfg: S
         st.user_id = event["user_id"]
     if event.get("anonymous_id") and st.anonymous_id is None:
         st.anonymous_id = event["anonymous_id"]
-    prev_current = st.session
     res.session_started = _apply_session(st, t, etype, cfg.session_gap_ms, _props(event))
-    if res.session_started and prev_current is not None and st.prev_session is prev_current \
-            and not prev_current.ended:
-        res.ended_session = prev_current  # a new current session began: the old one is over
     if res.session_started:
         st.life.sessions += 1
     due_before = st.cart.due_ms
