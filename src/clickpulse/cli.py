@@ -214,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     except ClickpulseError as err:
         print(f"clickpulse: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `clickpulse evaluate ... | head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..events.contract import to_rfc3339
-from ..features.extract import features
+from ..features.extract import features, pack, unpack
 from ..state.clock import END_OF_TIME
 from ..state.user import ACTION_NAMESPACE, Session, UserState, action_id, cart_items
 
@@ -88,7 +88,8 @@ class Outcome:
 
 def example(st: UserState, task: str, pred: list[Any], y: bool, label_ms: int) -> dict[str, Any]:
     """A labeled example (``schemas/example.v1.json``) from a stored prediction."""
-    at_ms, score, version, x = pred
+    at_ms, score, version, packed = pred
+    x = unpack(packed) if isinstance(packed, list) else packed
     return {"schema_version": 1, "example_id": str(uuid.uuid5(ACTION_NAMESPACE, f"{st.key}|{task}|{at_ms}")),
             "task": task, "user_key": st.key, "x": x, "y": bool(y), "score": score, "model_version": version,
             "predicted_at_ms": at_ms, "label_at_ms": label_ms}
@@ -145,7 +146,7 @@ def end_session(st: UserState, session: Session, score: Scorer, cfg: ModelConfig
     x = features(st, session.last_ms)
     p, version, top = score("churn", x)
     st.ml.setdefault("sc", {}).update({"churn": p, "churn_version": version})
-    st.ml["pc"] = [session.last_ms, session.last_ms + cfg.churn_horizon_ms, p, version, x]
+    st.ml["pc"] = [session.last_ms, session.last_ms + cfg.churn_horizon_ms, p, version, pack(x)]
     last = st.ml.get("cr")
     if p >= cfg.churn_threshold and (last is None or session.last_ms - last >= cfg.churn_cooldown_ms):
         st.ml["cr"] = session.last_ms
@@ -193,7 +194,7 @@ def after_event(st: UserState, event: dict[str, Any], score: Scorer, cfg: ModelC
     st.ml.setdefault("sc", {}).update({"intent": p, "intent_version": version})
     pending = st.ml.setdefault("pi", [])
     if allow_buffer:
-        pending.append([s.start_ms, t, p, version, x])
+        pending.append([s.start_ms, t, p, version, pack(x)])
         out.buffered += 1
     else:
         out.dropped["capacity"] = 1
