@@ -38,7 +38,7 @@ def engine(cap: int = 1000, **cfg):
 def test_s5_score_before_learning_is_in_unit_interval():
     eng, reg = engine()
     p, version, top = reg.score("intent", {})
-    assert 0.0 <= p <= 1.0 and version == "intent-logreg-0" and top == []
+    assert 0.0 <= p <= 1.0 and version == "intent-logreg-0" and top() == []
     eng.process(0, event("add_to_cart", product_id="p1", price=5.0), 0)
     st = eng.load("u1")
     assert 0.0 <= st.ml["sc"]["intent"] <= 1.0

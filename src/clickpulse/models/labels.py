@@ -60,8 +60,8 @@ class ModelConfig:
                    s.pending_per_user, int(s.pending_max_age_s * 1000))
 
 
-#: (task, features) -> (score in [0, 1], model version, top features [[name, contribution], ...])
-Scorer = Callable[[str, dict[str, float]], tuple[float, str, list[list[Any]]]]
+#: (task, features) -> (score in [0, 1], model version, () -> top features [[name, contribution], ...])
+Scorer = Callable[[str, dict[str, float]], tuple[float, str, Callable[[], list[list[Any]]]]]
 
 
 @dataclass
@@ -154,7 +154,7 @@ def end_session(st: UserState, session: Session, score: Scorer, cfg: ModelConfig
             st, "churn_risk", end_ms, str(session.last_ms),
             f"churn risk {p:.2f} ≥ {cfg.churn_threshold:.2f} at the end of a session "
             f"({session.events} events, {session.duration_ms / 60000:.0f} min)",
-            {"score": p, "threshold": cfg.churn_threshold, "top_features": top,
+            {"score": p, "threshold": cfg.churn_threshold, "top_features": top(),
              "horizon_days": cfg.churn_horizon_ms / DAY_MS}, version, created_at))
     return out
 
@@ -210,7 +210,7 @@ def after_event(st: UserState, event: dict[str, Any], score: Scorer, cfg: ModelC
             st, "high_intent", t, str(s.start_ms),
             f"purchase intent {p:.2f} ≥ {cfg.intent_threshold:.2f} with {len(st.cart.items)} product(s) "
             f"in the cart: a moment for live chat or assistance",
-            {"score": p, "threshold": cfg.intent_threshold, "top_features": top,
+            {"score": p, "threshold": cfg.intent_threshold, "top_features": top(),
              "cart": {"items": cart_items(st.cart), "value": st.cart.value, "currency": st.cart.currency}},
             version, created_at))
     return out

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import functools
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,9 +26,11 @@ class ModelRegistry:
         self.snapshot_versions: dict[str, int] = {}
         self.metrics: dict[str, dict[str, Any]] = {}
 
-    def score(self, task: str, x: dict[str, float]) -> tuple[float, str, list[list[Any]]]:
+    def score(self, task: str, x: dict[str, float]) -> tuple[float, str, Callable[[], list[list[Any]]]]:
+        """``(score in [0, 1], model version, top_features)``; ``top_features()`` computes the top
+        contributions on demand (only actions need them: it costs a second transform)."""
         m = self.models[task]
-        return m.score(x), m.version, m.explain(x)
+        return m.score(x), m.version, functools.partial(m.explain, x)
 
     def install(self, envelope: dict[str, Any]) -> bool:
         """Swap in the model of a snapshot envelope (``schemas/snapshot.v1.json``) when it is newer.
