@@ -29,6 +29,7 @@ from .serving.redis_sink import ProfileWriter
 from .settings import Settings
 from .models.labels import ModelConfig
 from .models.registry import ModelRegistry
+from .models.trainer import metric_samples
 from .state.engine import Engine
 from .state.user import StateConfig, UserState
 from .topics import CONTROL_HEADER
@@ -243,10 +244,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
                             try:
                                 env = orjson.loads(m.value)
                                 if registry.install(env):
-                                    for scope in ("all", "window"):
-                                        for name, v in env["metrics"][scope].items():
-                                            if name != "size" and v == v:
-                                                metrics.model_metric.labels(env["task"], name, scope).set(v)
+                                    for task, name, scope, v in metric_samples(env):
+                                        metrics.model_metric.labels(task, name, scope).set(v)
                                     metrics.model_examples.labels(env["task"]).set(env["examples"])
                             except Exception:  # noqa: BLE001 - a bad snapshot keeps the current model
                                 log.exception("could not install model snapshot at offset %d", m.offset)

@@ -126,11 +126,62 @@ def test_high_intent_fires_once_per_session_with_score_and_version():
 def test_churn_risk_cooldown():
     eng, _ = engine(churn_threshold=0.0, churn_cooldown_ms=7 * DAY)
     acts = []
-    for day in (1, 3, 10):   # sessions ending on day 1, 3 (within cooldown) and 10
-        acts += eng.process(0, event("page_view", at=ms("2019-10-01T10:00:00Z") + (day - 1) * DAY), 0)[1]
-    acts += eng.process(0, event("page_view", user="other", at=ms("2019-10-30T00:00:00Z")), 0)[1]
+    for day in (1, 3, 10):   # sessions ending (by the watermark) on day 1, 3 (within cooldown) and 10
+        t = ms("2019-10-01T10:00:00Z") + (day - 1) * DAY
+        acts += eng.process(0, event("page_view", at=t), 0)[1]
+        acts += eng.process(0, event("page_view", user=f"clock{day}", at=t + 31 * 60_000), 0)[1]
     risky = [a for a in acts if a["type"] == "churn_risk" and a["user_key"] == "u1"]
     assert len(risky) == 2   # day 1 and day 10; day 3 is inside the cooldown
+
+
+def test_no_churn_risk_for_a_user_whose_return_ends_the_session():
+    eng, _ = engine(churn_threshold=0.0)
+    acts = eng.process(0, event("page_view", at="2019-10-01T10:00:00Z"), 0)[1]
+    acts += eng.process(0, event("page_view", at="2019-10-03T10:00:00Z"), 0)[1]   # the return ends it
+    assert [a for a in acts if a["type"] == "churn_risk"] == []
+    assert [(e["task"], e["y"]) for e in eng.drain_examples()] == [("churn", False)]
+
+
+def test_predictions_are_labelled_before_they_could_expire():
+    """A user back after 7 h (replay: nothing else moved the watermark): the old session's intent
+    predictions are labelled 0, not dropped as expired."""
+    eng, _ = engine(pending_max_age_ms=6 * 3_600_000)
+    eng.process(0, event("add_to_cart", product_id="p", at="2019-10-01T10:00:00Z"), 0)
+    eng.process(0, event("checkout_start", at="2019-10-01T10:01:00Z"), 0)
+    eng.process(0, event("page_view", at="2019-10-01T17:30:00Z"), 0)
+    intent = [e["y"] for e in eng.drain_examples() if e["task"] == "intent"]
+    assert intent == [False, False]
+    assert eng.metrics.predictions_dropped.labels("expired")._value.get() == 0
+
+
+def test_session_start_moving_earlier_keeps_its_predictions():
+    eng, _ = engine(intent_threshold=0.0)
+    acts = eng.process(0, event("add_to_cart", product_id="p", price=5.0, at="2019-10-01T10:05:00Z"), 0)[1]
+    acts += eng.process(0, event("page_view", at="2019-10-01T10:00:00Z"), 0)[1]     # out of order
+    acts += eng.process(0, event("add_to_cart", product_id="q", price=5.0, at="2019-10-01T10:06:00Z"), 0)[1]
+    eng.process(0, event("purchase", at="2019-10-01T10:10:00Z"), 0)
+    intent = [e for e in eng.drain_examples() if e["task"] == "intent"]
+    assert [e["y"] for e in intent] == [True, True] and len({e["example_id"] for e in intent}) == 2
+    assert len([a for a in acts if a["type"] == "high_intent"]) == 1
+
+
+def test_no_high_intent_with_an_empty_cart():
+    eng, _ = engine(intent_threshold=0.0, score_every=1)
+    acts = []
+    for i in range(3):
+        acts += eng.process(0, event("page_view", at=ms("2019-10-01T10:00:00Z") + i * 1000), 0)[1]
+    assert [a for a in acts if a["type"] == "high_intent"] == []
+
+
+def test_a_late_event_of_an_ended_session_is_not_a_return():
+    eng, _ = engine()
+    eng.process(0, event("page_view", at="2019-10-01T10:00:00Z"), 0)
+    eng.process(0, event("page_view", user="clock", at="2019-10-01T10:31:00Z"), 0)  # session ends by watermark
+    assert eng.load("u1").ml.get("pc") is not None
+    eng.process(0, event("page_view", at="2019-10-01T10:10:00Z"), 0)                   # late, same session
+    assert [e for e in eng.drain_examples() if e["task"] == "churn"] == []
+    assert eng.load("u1").ml.get("pc") is not None
+
 
 
 def test_pending_buffer_is_bounded_in_total():

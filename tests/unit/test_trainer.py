@@ -60,3 +60,45 @@ def test_restart_resumes_without_double_learning():
         assert second.models[task].score(x) == straight.models[task].score(x)
         assert second.validation[task].n == straight.validation[task].n
     assert [s["version"] for s in second.snapshots()] == [2, 2]
+
+
+def test_standby_trainer_reloads_snapshots_when_it_takes_over():
+    import asyncio
+
+    from clickpulse.models.trainer import _Seek
+
+    exs = examples(200)
+    owner = Trainer({"intent": "logreg", "churn": "logreg"}, {})
+    standby = Trainer({"intent": "logreg", "churn": "logreg"}, {})   # started when nothing was published
+    for off, ex in enumerate(exs):
+        owner.learn(ex, off)
+    published = {s["task"]: s for s in owner.snapshots() + owner.snapshots()}   # v2 is the newest
+
+    class FakeConsumer:
+        seeks = []
+
+        def seek(self, tp, offset):
+            self.seeks.append((tp, offset))
+
+    class TP:
+        topic, partition = "t", 0
+
+    async def reload():
+        return published
+
+    consumer = FakeConsumer()
+    asyncio.run(_Seek(consumer, standby, "t", reload).on_partitions_assigned([TP()]))
+    assert standby.versions == {"intent": 2, "churn": 2}
+    assert consumer.seeks == [(consumer.seeks[0][0], 199)]   # after the last example learned by every task
+    assert [s["version"] for s in standby.snapshots()] == [3, 3]
+
+
+def test_metric_samples_skip_ranking_metrics_with_one_class():
+    from clickpulse.models.trainer import metric_samples
+
+    t = Trainer({"intent": "logreg", "churn": "logreg"}, {})
+    for off in range(5):
+        t.learn({"task": "churn", "x": {"a": 1.0}, "y": False}, off)
+    churn = next(s for s in t.snapshots() if s["task"] == "churn")
+    names = {(m, scope) for _t, m, scope, _v in metric_samples(churn)}
+    assert ("roc_auc", "all") not in names and ("log_loss", "all") in names

@@ -90,7 +90,8 @@ def example(st: UserState, task: str, pred: list[Any], y: bool, label_ms: int) -
     """A labeled example (``schemas/example.v1.json``) from a stored prediction."""
     at_ms, score, version, packed = pred
     x = unpack(packed) if isinstance(packed, list) else packed
-    return {"schema_version": 1, "example_id": str(uuid.uuid5(ACTION_NAMESPACE, f"{st.key}|{task}|{at_ms}")),
+    eid = uuid.uuid5(ACTION_NAMESPACE, f"{st.key}|{task}|{at_ms}|{sorted(x.items())}")
+    return {"schema_version": 1, "example_id": str(eid),
             "task": task, "user_key": st.key, "x": x, "y": bool(y), "score": score, "model_version": version,
             "predicted_at_ms": at_ms, "label_at_ms": label_ms}
 
@@ -135,12 +136,17 @@ def expire(st: UserState, now_ms: int, cfg: ModelConfig) -> Outcome:
     return out
 
 
-def end_session(st: UserState, session: Session, score: Scorer, cfg: ModelConfig, created_at: str) -> Outcome:
-    """The session is over (``last + gap`` passed): label its intent predictions, score churn."""
+def end_session(st: UserState, session: Session, score: Scorer, cfg: ModelConfig, created_at: str,
+                returning: bool = False) -> Outcome:
+    """The session is over (``last + gap`` passed): label its intent predictions, score churn.
+
+    ``returning``: the end is processed because the user's next session already began; the churn
+    prediction is still made and learned (label 0), but no ``churn_risk`` action is sent for a
+    user who is back."""
     session.ended = True
     end_ms = session.last_ms + cfg.session_gap_ms
     purchased = session.counts.get("purchase", 0) > 0
-    out = _resolve_intent(st, session.start_ms, purchased, end_ms)
+    out = _resolve_intent(st, session.sid, purchased, end_ms)
     if session is not st.session:
         return out  # an older session closing late: no churn prediction for it
     x = features(st, session.last_ms)
@@ -148,7 +154,7 @@ def end_session(st: UserState, session: Session, score: Scorer, cfg: ModelConfig
     st.ml.setdefault("sc", {}).update({"churn": p, "churn_version": version})
     st.ml["pc"] = [session.last_ms, session.last_ms + cfg.churn_horizon_ms, p, version, pack(x)]
     last = st.ml.get("cr")
-    if p >= cfg.churn_threshold and (last is None or session.last_ms - last >= cfg.churn_cooldown_ms):
+    if not returning and p >= cfg.churn_threshold and (last is None or session.last_ms - last >= cfg.churn_cooldown_ms):
         st.ml["cr"] = session.last_ms
         out.actions.append(_action(
             st, "churn_risk", end_ms, str(session.last_ms),
@@ -163,12 +169,13 @@ def before_event(st: UserState, t: int, score: Scorer, cfg: ModelConfig, created
     """Run before applying an event at ``t``: a user returning resolves churn (0, or 1 past the
     horizon); an event a full gap after the current session ends that session first, on the
     state as it was (no leakage of the new session into churn features)."""
-    out = expire(st, t, cfg)
+    out = Outcome.empty()
     s = st.session
     if s is not None and not s.ended and t >= s.last_ms + cfg.session_gap_ms:
-        out.extend(end_session(st, s, score, cfg, created_at))
+        out.extend(end_session(st, s, score, cfg, created_at, returning=True))
+    out.extend(expire(st, t, cfg))  # after labelling: a session's own predictions are never expired first
     pc = st.ml.get("pc")
-    if pc is not None and t > pc[0]:
+    if pc is not None and t >= pc[0] + cfg.session_gap_ms:  # a new session: the user is back
         out.examples.append(example(st, "churn", [pc[0], pc[2], pc[3], pc[4]], t >= pc[1], min(t, pc[1])))
         del st.ml["pc"]
     return out
@@ -184,7 +191,7 @@ def after_event(st: UserState, event: dict[str, Any], score: Scorer, cfg: ModelC
         return out
     etype = event["type"]
     if etype == "purchase":
-        return _resolve_intent(st, s.start_ms, True, t)
+        return _resolve_intent(st, s.sid, True, t)
     if s.counts.get("purchase", 0) > 0:
         return out  # the outcome is known: no more intent predictions in this session
     if not (etype in ("add_to_cart", "checkout_start") or s.events % cfg.score_every == 0):
@@ -194,7 +201,7 @@ def after_event(st: UserState, event: dict[str, Any], score: Scorer, cfg: ModelC
     st.ml.setdefault("sc", {}).update({"intent": p, "intent_version": version})
     pending = st.ml.setdefault("pi", [])
     if allow_buffer:
-        pending.append([s.start_ms, t, p, version, pack(x)])
+        pending.append([s.sid, t, p, version, pack(x)])
         out.buffered += 1
     else:
         out.dropped["capacity"] = 1
@@ -204,10 +211,10 @@ def after_event(st: UserState, event: dict[str, Any], score: Scorer, cfg: ModelC
         del pending[:drop]
         out.dropped["per_user"] = drop
         out.buffered -= drop
-    if p >= cfg.intent_threshold and st.cart.items and st.ml.get("hi") != s.start_ms:
-        st.ml["hi"] = s.start_ms
+    if p >= cfg.intent_threshold and st.cart.items and st.ml.get("hi") != s.sid:
+        st.ml["hi"] = s.sid
         out.actions.append(_action(
-            st, "high_intent", t, str(s.start_ms),
+            st, "high_intent", t, str(s.sid),
             f"purchase intent {p:.2f} ≥ {cfg.intent_threshold:.2f} with {len(st.cart.items)} product(s) "
             f"in the cart: a moment for live chat or assistance",
             {"score": p, "threshold": cfg.intent_threshold, "top_features": top(),
@@ -218,10 +225,12 @@ def after_event(st: UserState, event: dict[str, Any], score: Scorer, cfg: ModelC
 
 def on_watermark(st: UserState, wm: int, score: Scorer, cfg: ModelConfig, created_at: str) -> Outcome:
     """Timers of the model side: session end (intent labels, churn score), churn horizon."""
-    out = expire(st, wm if wm != END_OF_TIME else 0, cfg) if wm != END_OF_TIME else Outcome.empty()
+    out = Outcome.empty()
     s = st.session
     if s is not None and not s.ended and wm > s.last_ms + cfg.session_gap_ms:
         out.extend(end_session(st, s, score, cfg, created_at))
+    if wm != END_OF_TIME:
+        out.extend(expire(st, wm, cfg))  # after labelling, as in before_event
     pc = st.ml.get("pc")
     if pc is not None and wm != END_OF_TIME and wm > pc[1]:
         out.examples.append(example(st, "churn", [pc[0], pc[2], pc[3], pc[4]], True, pc[1]))

@@ -21,6 +21,7 @@ import base64
 import logging
 import signal
 import time
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import orjson
@@ -51,6 +52,7 @@ class Trainer:
 
     def __init__(self, pipelines: dict[str, str], thresholds: dict[str, float], seed: int = 42,
                  window: int = 1000) -> None:
+        self.pipelines = dict(pipelines)
         self.models = {t: OnlineModel(t, pipelines.get(t, "logreg"), seed) for t in TASKS}
         self.validation = {t: ProgressiveValidation(thresholds.get(t, 0.5), window) for t in TASKS}
         self.offsets = {t: -1 for t in TASKS}       # last training offset learned, per task
@@ -65,10 +67,15 @@ class Trainer:
             return
         state = OnlineModel.from_bytes(base64.b64decode(env["model_b64"]))
         self.models[task] = state
+        if state.pipeline_name != self.pipelines.get(task, state.pipeline_name):
+            log.warning("%s: configured pipeline %r differs from the snapshot's %r; continuing with the "
+                        "snapshot's (use a new CLICKPULSE_NAMESPACE to start a different pipeline from scratch)",
+                        task, self.pipelines.get(task), state.pipeline_name)
         val = env.get("validation_b64")
         if val:
             import pickle
-            self.validation[task] = pickle.loads(base64.b64decode(val))  # noqa: S301 - own topic only
+            import zlib
+            self.validation[task] = pickle.loads(zlib.decompress(base64.b64decode(val)))  # noqa: S301 - own topic
         self.offsets[task] = env["training_offset"]
         self.versions[task] = env["version"]
 
@@ -93,12 +100,13 @@ class Trainer:
     def snapshots(self) -> list[dict[str, Any]]:
         """One new snapshot envelope per task (bumps versions, resets the counter)."""
         import pickle
+        import zlib
         out = []
         for task in TASKS:
             self.versions[task] += 1
             env = envelope(task, self.versions[task], self.models[task], self.validation[task].report(),
                            self.offsets[task])
-            env["validation_b64"] = base64.b64encode(pickle.dumps(self.validation[task])).decode()
+            env["validation_b64"] = base64.b64encode(zlib.compress(pickle.dumps(self.validation[task]))).decode()
             out.append(env)
         self.since_snapshot = 0
         return out
@@ -137,17 +145,37 @@ async def latest_snapshots(bootstrap: str, topic: str, timeout_s: float = 10.0) 
 
 
 class _Seek(ConsumerRebalanceListener):
-    def __init__(self, consumer: AIOKafkaConsumer, trainer: Trainer, topic: str) -> None:
-        self.consumer, self.trainer, self.topic = consumer, trainer, topic
+    """On assignment: reload the newest snapshots (a standby trainer taking over resumes from what
+    the previous owner published, not from what it read at start), then seek past them."""
+
+    def __init__(self, consumer: Any, trainer: Trainer, topic: str,
+                 reload: Callable[[], Awaitable[dict[str, dict[str, Any]]]]) -> None:
+        self.consumer, self.trainer, self.topic, self.reload = consumer, trainer, topic, reload
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
         pass
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
+        if not any(tp.topic == self.topic for tp in assigned):
+            return
+        for env in (await self.reload()).values():
+            self.trainer.resume(env)
         for tp in assigned:
             if tp.topic == self.topic:
                 self.consumer.seek(tp, self.trainer.start_offset())
                 log.info("trainer owns %s; resuming at offset %d", tp, self.trainer.start_offset())
+
+
+def metric_samples(env: dict[str, Any]) -> Iterator[tuple[str, str, str, float]]:
+    """``(task, metric, scope, value)`` of a snapshot's metrics for Prometheus; ranking metrics
+    (ROC AUC, PR AUC) only once both classes have been seen, NaNs never."""
+    report = env["metrics"]
+    both = 0 < report.get("positives", 0) < report.get("n", 0)
+    for scope in ("all", "window"):
+        for name, v in report[scope].items():
+            if name == "size" or v != v or (name in ("roc_auc", "pr_auc") and not both):
+                continue
+            yield env["task"], name, scope, float(v)
 
 
 class TrainerMetrics:
@@ -187,7 +215,9 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
                                 heartbeat_interval_ms=int(min(3.0, settings.kafka_session_timeout_s / 3) * 1000))
     await producer.start()
     await consumer.start()
-    consumer.subscribe([settings.topic_training], listener=_Seek(consumer, trainer, settings.topic_training))
+    consumer.subscribe([settings.topic_training], listener=_Seek(
+        consumer, trainer, settings.topic_training,
+        lambda: latest_snapshots(settings.kafka_bootstrap, settings.topic_models)))
     last_snapshot = time.monotonic()
 
     async def publish() -> None:
@@ -195,10 +225,8 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         for env in trainer.snapshots():
             await producer.send_and_wait(settings.topic_models, key=env["task"].encode(), value=orjson.dumps(env))
             metrics.snapshots.inc()
-            for scope in ("all", "window"):
-                for name, v in env["metrics"][scope].items():
-                    if name != "size" and v == v:  # skip NaN
-                        metrics.metric.labels(env["task"], name, scope).set(v)
+            for task, name, scope, v in metric_samples(env):
+                metrics.metric.labels(task, name, scope).set(v)
         last_snapshot = time.monotonic()
         log.info("published snapshots %s", trainer.versions)
         print(f"clickpulse trainer snapshot {trainer.versions}", flush=True)

@@ -68,6 +68,11 @@ class Session:
     max_scroll_pct: float = 0.0
     dwell_ms: int = 0
     ended: bool = False  # its end (last + gap) has been processed
+    sid: int = -1  # identity: the event time it was created at (start_ms may move earlier)
+
+    def __post_init__(self) -> None:
+        if self.sid == -1:
+            self.sid = self.start_ms
 
     @property
     def duration_ms(self) -> int:
@@ -75,11 +80,11 @@ class Session:
 
     def to_obj(self) -> list[Any]:
         return [self.start_ms, self.last_ms, self.events, self.counts, self.products, self.max_scroll_pct,
-                self.dwell_ms, self.ended]
+                self.dwell_ms, self.ended, self.sid]
 
     @classmethod
     def from_obj(cls, o: list[Any] | None) -> Session | None:
-        return None if o is None else cls(*o[:8])
+        return None if o is None else cls(*o[:9])
 
 
 @dataclass
