@@ -216,6 +216,15 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
         if wm is not None:
             metrics.watermark.set(wm / 1000)
 
+    @app.timer(interval=300.0)
+    async def expire_idle_users() -> None:
+        now = _now_ms()
+        for tp in app.assignor.assigned_actives():
+            if tp.topic == settings.topic_valid:
+                n = engine.expire_users(tp.partition, settings.user_retention_ms, now)
+                if n:
+                    log.info("partition %d: expired %d idle users", tp.partition, n)
+
     @app.timer(interval=settings.redis_flush_interval_s)
     async def flush_profiles() -> None:
         if writer.client is None and settings.redis_url:

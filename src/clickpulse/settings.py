@@ -77,8 +77,10 @@ class Settings:
         ``CLICKPULSE_DEDUP_IDS_PER_USER``; how many recent event ids each user keeps for
         de-duplication. Default 32.
     user_retention_s : float
-        ``CLICKPULSE_USER_RETENTION_S``; seconds (wall clock) before a user's Redis profile expires
-        unless rewritten (Redis TTL). Default 2,592,000 (30 days).
+        ``CLICKPULSE_USER_RETENTION_S``; seconds. A user with no event for this long (event time,
+        against the partition watermark) and no pending timer is removed from the state table
+        (checked every 5 min), and it is the TTL (wall clock) of the user's Redis profile.
+        Default 2,592,000 (30 days; longer than the 14-day churn horizon).
     redis_flush_interval_s : float
         ``CLICKPULSE_REDIS_FLUSH_INTERVAL_S``; seconds between write-behind flushes. Default 0.5.
     redis_max_pending : int

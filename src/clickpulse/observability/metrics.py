@@ -39,6 +39,9 @@ class Metrics:
         self.clock_corrected = Counter("clickpulse_events_clock_corrected_total",
                                        "Events whose future event time was clamped/corrected", registry=r)
         self.sessions = Counter("clickpulse_sessions_started_total", "Sessions started", registry=r)
+        self.users_expired = Counter("clickpulse_users_expired_total",
+                                     "Users removed from the state table after CLICKPULSE_USER_RETENTION_S of event "
+                                     "time without events (and no pending timer)", registry=r)
         self.users_new = Counter("clickpulse_users_new_total", "Users seen for the first time by this app", registry=r)
         self.actions = Counter("clickpulse_actions_total", "Actions published, by type", ["type"], registry=r)
         self.timers_skipped_late = Counter("clickpulse_timers_skipped_late_total",

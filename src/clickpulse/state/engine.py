@@ -230,6 +230,33 @@ class Engine:
             self.timers[p].rebuild(due[p])
         return sum(len(v) for v in due.values())
 
+    def expire_users(self, partition: int, retention_ms: int, wall_ms: int, limit: int = 10_000) -> int:
+        """Delete users of ``partition`` whose newest event is more than ``retention_ms`` of event
+        time behind the partition's watermark and who have no pending timer; returns how many.
+
+        Scans the table (O(users)); the worker runs it every few minutes, not per event.
+        """
+        wm = self.clock(partition).watermark(wall_ms)
+        if wm is None or wm == END_OF_TIME:
+            return 0
+        horizon = wm - retention_ms
+        stale = []
+        for key, raw in list(self.table.items()):
+            try:
+                st = UserState.from_bytes(raw)
+            except Exception:  # noqa: BLE001 - leave undecodable records to an operator
+                continue
+            if st.partition == partition and st.life.last_ms is not None and st.life.last_ms < horizon \
+                    and self._due(st) is None:
+                stale.append(key)
+                if len(stale) >= limit:
+                    break
+        for key in stale:
+            del self.table[key]
+        if stale:
+            self.metrics.users_expired.inc(len(stale))
+        return len(stale)
+
     def min_watermark(self, wall_ms: int) -> int | None:
         marks = [c.watermark(wall_ms) for c in self.clocks.values()]
         marks = [m for m in marks if m is not None and m != END_OF_TIME]
