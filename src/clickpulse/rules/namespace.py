@@ -1,0 +1,259 @@
+"""The names a rule's CEL expression can use, built from one user's state.
+
+:func:`namespace` turns a :class:`~clickpulse.state.user.UserState` into a plain nested dict
+(the *namespace*); :data:`VARIABLES` declares each top-level CEL name with its CEL type, so the
+rules compiler type-checks every expression against it at load time (an unknown name such as
+``cartt.value`` or ``session.nope`` is rejected there, with its position).
+
+Names, types and units
+----------------------
+Integers are CEL ``int`` and money, scores and percentages CEL ``double``. CEL does not mix the
+two: compare an ``int`` with ``2`` and a ``double`` with ``50.0`` (or convert with ``int(...)`` /
+``double(...)``). Times are whole seconds or whole days, floored.
+
+count : map<string, map<string, int>>
+    Events per type per window, as of ``at_ms``: ``count.add_to_cart["7d"]``. Windows ``"5m"``,
+    ``"1h"``, ``"24h"``, ``"7d"`` (:data:`clickpulse.state.windows.SPANS`; "last 5 min" = the
+    current minute plus the 4 before it, and so on). A span name starts with a digit, so it is
+    indexed with ``["7d"]``: ``count.add_to_cart.7d`` is a syntax error in CEL. Every canonical
+    type is present (0 when unseen), plus any other type the user sent; an absent type is a
+    runtime error (the condition is then false). Late events are not counted.
+session.duration_s : int
+    Seconds from the first to the last event of the user's latest session.
+session.events : int
+    Events in that session.
+session.counts : map<string, int>
+    Events of that session by type (every canonical type present, 0 when unseen):
+    ``session.counts.product_view``.
+session.max_scroll_pct : double
+    Highest ``scroll_pct`` property seen in the session, 0–100 (%).
+session.dwell_s : int
+    Sum of the ``dwell_ms`` properties of the session's events, in seconds.
+session.page_type_dwell_s : map<string, int>
+    Seconds of dwell per ``page_type`` in the session (``session.page_type_dwell_s.checkout``).
+    Reserved: the state does not track dwell per page type yet, so the map is always empty
+    (``"checkout" in session.page_type_dwell_s`` is false).
+session.products : int
+    Distinct products seen in the session (counted up to 32).
+session.idle_s : int
+    Seconds from the session's last event to ``at_ms`` (0 while the user is active; 1800 or
+    more means that session has ended).
+cart.items : list<map<string, dyn>>
+    The cart's lines, sorted by product id, each ``{"product_id": string, "quantity": int,
+    "price": double or null, "category": string or null}`` (``price`` per unit, in
+    ``cart.currency``).
+cart.count : int
+    Distinct products in the cart.
+cart.units : int
+    Units in the cart (sum of quantities).
+cart.value : double
+    Sum of quantity × unit price, in ``cart.currency`` (unknown prices count 0).
+cart.currency : string
+    ISO 4217 code of the cart's prices, ``""`` when unknown.
+cart.empty : bool
+    True when the cart has no items.
+cart.idle_s : int
+    Seconds since the last cart change (add, remove, purchase), ``-1`` when there was none.
+lifetime.events : int
+    Events of the user, all time.
+lifetime.sessions : int
+    Sessions of the user, all time.
+lifetime.orders : int
+    Purchases, all time.
+lifetime.revenue : double
+    Revenue of those purchases, in the shop's currency (summed as sent).
+lifetime.days_since_last_order : int
+    Whole days from the latest purchase to ``at_ms``, ``-1`` when the user never purchased.
+lifetime.days_since_first_seen : int
+    Whole days from the user's first event to ``at_ms`` (0 for a new user).
+traits : map<string, dyn>
+    Traits from ``identify`` events (string, int, double or bool values) plus ``device`` and
+    ``country`` from the events' context: ``traits.country == "DE"``; test a trait that may be
+    absent with ``has(traits.age_band)``.
+category_views : map<string, int>
+    Product views per product category over the last 7 days. Reserved: the state does not
+    count views per category yet, so the map is always empty.
+scores.intent : double
+    Latest purchase-intent score, 0–1 (0.5 before the model has learned anything).
+scores.churn : double
+    Latest churn score, 0–1 (0.5 by default).
+segments : list<string>
+    Names of the segments the user is in: ``"cart_builders" in segments``.
+event : map<string, dyn>
+    The event being evaluated: ``{"type": string, "timestamp_ms": int, "properties": map,
+    "context": map}`` (``event.properties.category``); for a timer (no event) ``type`` is
+    ``""`` and the maps are empty.
+
+Examples
+--------
+>>> from clickpulse.state.user import StateConfig, UserState, apply
+>>> from clickpulse.testing import event, ms
+>>> st = UserState("u1")
+>>> _ = apply(st, event("add_to_cart", at="2019-10-01T10:00:00Z", product_id="p1", price=30.0,
+...                     currency="EUR", quantity=2), None, StateConfig())
+>>> ns = namespace(st, ms("2019-10-01T10:05:00Z"))
+>>> ns["count"]["add_to_cart"]["7d"], ns["cart"]["value"], ns["cart"]["units"], ns["session"]["idle_s"]
+(1, 60.0, 2, 300)
+>>> ns["scores"], ns["lifetime"]["days_since_last_order"]
+({'intent': 0.5, 'churn': 0.5}, -1)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from ..events.contract import CANONICAL_TYPES
+from ..state.user import UserState, cart_items
+from ..state.windows import DAY_MS, SPANS
+
+#: Every CEL name of the namespace and its CEL type (``cel.Type`` signature). A dotted name is
+#: one CEL variable (``session.duration_s``), so the type checker rejects ``session.nope``.
+VARIABLES: dict[str, str] = {
+    "count": "map<string, map<string, int>>",
+    "session.duration_s": "int",
+    "session.events": "int",
+    "session.counts": "map<string, int>",
+    "session.max_scroll_pct": "double",
+    "session.dwell_s": "int",
+    "session.page_type_dwell_s": "map<string, int>",
+    "session.products": "int",
+    "session.idle_s": "int",
+    "cart.items": "list<map<string, dyn>>",
+    "cart.count": "int",
+    "cart.units": "int",
+    "cart.value": "double",
+    "cart.currency": "string",
+    "cart.empty": "bool",
+    "cart.idle_s": "int",
+    "lifetime.events": "int",
+    "lifetime.sessions": "int",
+    "lifetime.orders": "int",
+    "lifetime.revenue": "double",
+    "lifetime.days_since_last_order": "int",
+    "lifetime.days_since_first_seen": "int",
+    "traits": "map<string, dyn>",
+    "category_views": "map<string, int>",
+    "scores.intent": "double",
+    "scores.churn": "double",
+    "segments": "list<string>",
+    "event": "map<string, dyn>",
+}
+
+#: Score used for a model that has not scored this user yet (the models' own prior, S5).
+DEFAULT_SCORE = 0.5
+SCORE_NAMES = ("intent", "churn")
+_TYPES = sorted(CANONICAL_TYPES)
+
+
+def _secs(ms: int) -> int:
+    return max(0, ms) // 1000
+
+
+def _days(at_ms: int, then_ms: int | None) -> int:
+    return -1 if then_ms is None else max(0, at_ms - then_ms) // DAY_MS
+
+
+def _zero_filled(counts: Mapping[str, int]) -> dict[str, int]:
+    out = dict.fromkeys(_TYPES, 0)
+    out.update({str(k): int(v) for k, v in counts.items()})
+    return out
+
+
+def _window_counts(st: UserState, at_ms: int) -> dict[str, dict[str, int]]:
+    types = set(_TYPES)
+    for ring in st.windows.rings.values():
+        types.update(ring)
+    return {t: {span: st.windows.count(t, span, at_ms) for span in SPANS} for t in sorted(types)}
+
+
+def _plain(v: Any) -> Any:
+    """A JSON-like copy (str keys; str/int/float/bool/None leaves) for a ``dyn`` value."""
+    if isinstance(v, Mapping):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_plain(x) for x in v]
+    if v is None or isinstance(v, str | bool | int | float):
+        return v
+    return str(v)
+
+
+def namespace(state: UserState, at_ms: int, scores: Mapping[str, float] | None = None, *,
+              segments: Iterable[str] = (), event: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The CEL namespace of one user as of event time ``at_ms``: a nested plain dict.
+
+    Parameters
+    ----------
+    state
+        The user's state (after the current event, if any, was applied).
+    at_ms
+        Event time of the evaluation (epoch ms): the current event's time, or a timer's due time.
+    scores
+        Model scores by name (``intent``, ``churn``, 0–1); by default the state's latest scores.
+        A missing score is :data:`DEFAULT_SCORE`.
+    segments
+        Names of the segments the user is currently in.
+    event
+        The canonical event being evaluated, or ``None`` for a timer.
+
+    Returns
+    -------
+    dict
+        ``{"count": ..., "session": {...}, "cart": {...}, "lifetime": {...}, "traits": ...,
+        "category_views": ..., "scores": {...}, "segments": [...], "event": {...}}``; every name
+        of :data:`VARIABLES` (a dotted name ``a.b`` is ``ns["a"]["b"]``), with exactly its type
+        (``int`` for CEL int, ``float`` for CEL double). See the module docstring for units.
+    """
+    s = state.session
+    if s is None:
+        session = {"duration_s": 0, "events": 0, "counts": _zero_filled({}), "max_scroll_pct": 0.0,
+                   "dwell_s": 0, "page_type_dwell_s": {}, "products": 0, "idle_s": 0}
+    else:
+        session = {"duration_s": _secs(s.duration_ms), "events": int(s.events), "counts": _zero_filled(s.counts),
+                   "max_scroll_pct": float(s.max_scroll_pct), "dwell_s": _secs(int(s.dwell_ms)),
+                   "page_type_dwell_s": {}, "products": len(s.products), "idle_s": _secs(at_ms - s.last_ms)}
+    cart = state.cart
+    items = [{"product_id": i["product_id"], "quantity": int(i["quantity"]),
+              "price": None if i["price"] is None else float(i["price"]), "category": i["category"]}
+             for i in cart_items(cart)]
+    life = state.life
+    raw_scores = dict(state.ml.get("sc", {}))
+    if scores is not None:
+        raw_scores.update(scores)
+    ev: dict[str, Any]
+    if event is None:
+        ev = {"type": "", "timestamp_ms": int(at_ms), "properties": {}, "context": {}}
+    else:
+        props = event.get("properties")
+        ctx = event.get("context")
+        ev = {"type": str(event.get("type", "")), "timestamp_ms": int(event.get("timestamp_ms", at_ms)),
+              "properties": _plain(props) if isinstance(props, Mapping) else {},
+              "context": _plain(ctx) if isinstance(ctx, Mapping) else {}}
+    return {
+        "count": _window_counts(state, at_ms),
+        "session": session,
+        "cart": {
+            "items": items,
+            "count": len(items),
+            "units": sum(i["quantity"] for i in items),
+            "value": float(cart.value),
+            "currency": cart.currency or "",
+            "empty": not items,
+            "idle_s": -1 if cart.updated_ms is None and cart.closed_ms is None
+            else _secs(at_ms - max(t for t in (cart.updated_ms, cart.closed_ms) if t is not None)),
+        },
+        "lifetime": {
+            "events": int(life.events),
+            "sessions": int(life.sessions),
+            "orders": int(life.orders),
+            "revenue": round(float(life.revenue), 2),
+            # Cart.closed_ms is the latest purchase time of the user (any purchase closes the cart)
+            "days_since_last_order": _days(at_ms, cart.closed_ms) if life.orders else -1,
+            "days_since_first_seen": max(0, _days(at_ms, life.first_ms)),
+        },
+        "traits": _plain(state.traits),
+        "category_views": {},
+        "scores": {k: float(raw_scores.get(k, DEFAULT_SCORE)) for k in SCORE_NAMES},
+        "segments": [str(x) for x in segments],
+        "event": ev,
+    }

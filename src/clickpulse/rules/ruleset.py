@@ -1,0 +1,702 @@
+"""The rules file: segments and triggers with CEL conditions, compiled once, hot-reloadable.
+
+A rules file is YAML::
+
+    version: "2026-11-01"              # a string (quote it): decisions carry "<version>+<hash>"
+    segments:
+      - name: cart_builders
+        when: 'count.add_to_cart["7d"] > 2 && lifetime.orders == 0'
+        min_size: 50                   # members before the segment may drive actions (default 50)
+    triggers:
+      - name: cart_abandonment
+        on: {timeout: {after: add_to_cart, no: purchase, within_s: 1800}}
+        when: '!cart.empty'            # default "true"
+        action:
+          type: cart_reminder
+          payload:                     # a string is a CEL expression; other scalars are constants
+            items: cart.items
+            value: cart.value
+            offer: '"FREESHIP"'        # a constant string is a CEL string literal
+        cooldown_s: 86400              # default 0
+        once_per: episode              # episode | session | lifetime (default: none)
+        requires_consent: marketing    # default: none
+
+``on`` is an event type (``product_view``), ``{segment_enter: NAME}``, ``{segment_exit: NAME}``
+or ``{timeout: {after: A, no: B, within_s: T}}`` ("after an A, no B within T seconds"; ``no``
+may be a list of types). The names an expression can use are those of
+:mod:`clickpulse.rules.namespace`.
+
+Every expression is compiled and **type-checked** at load by the CEL reference runtime (cel-cpp,
+through ``cel-expr-python``); nothing is ever passed to Python's ``eval``. A syntax error, an
+unknown name (``cartt.value``), a type error (``cart.value > "x"``, ``cart.value > 50`` —
+CEL does not mix ``double`` and ``int``: write ``50.0``) or a malformed rule raises
+:class:`RulesError`, naming the rule, the field, the position and the reason. At run time an
+expression can still fail (a trait or an event type the user does not have, a division by zero):
+:func:`evaluate_condition` then answers False and reports the reason instead of raising.
+
+:class:`RulesFile` keeps the active :class:`Ruleset` of a file and reloads it on
+:meth:`RulesFile.poll` when its content changes; a bad reload keeps the previous ruleset and
+records the error.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import logging
+import math
+import re
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from cel_expr_python import cel
+
+from ..errors import ClickpulseError
+from .namespace import VARIABLES
+
+log = logging.getLogger(__name__)
+
+ONCE_PER = ("episode", "session", "lifetime")
+DEFAULT_MIN_SIZE = 50
+_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
+_CEL_ERROR_RE = re.compile(r"ERROR: <input>:(\d+):(\d+): (.*)")
+
+
+class RulesError(ClickpulseError):
+    """A rules file (or one expression) is invalid.
+
+    The message names the file, the rule, the field, the position and the reason, e.g.
+    ``rules.yaml: trigger 'cart_abandonment', field 'when' (file line 14), expression line 1,
+    column 31: Syntax error: mismatched input '<EOF>' expecting ...``.
+
+    Attributes
+    ----------
+    reason : str
+        What is wrong.
+    path : str | None
+        The rules file.
+    rule : str | None
+        The rule's name (``None`` for a file-level problem).
+    kind : str | None
+        ``segment`` or ``trigger``.
+    field : str | None
+        The field, e.g. ``when``, ``on.timeout.within_s``, ``action.payload.items``.
+    file_line : int | None
+        1-based line of the file where the field (or the rule) is.
+    line, column : int | None
+        1-based position inside the CEL expression (from the CEL parser/type checker), or of a
+        YAML syntax error in the file.
+    """
+
+    def __init__(self, reason: str, *, path: str | None = None, rule: str | None = None, kind: str | None = None,
+                 field: str | None = None, file_line: int | None = None, line: int | None = None,
+                 column: int | None = None) -> None:
+        self.reason = reason
+        self.path = path
+        self.rule = rule
+        self.kind = kind
+        self.field = field
+        self.file_line = file_line
+        self.line = line
+        self.column = column
+        where = []
+        if rule is not None:
+            where.append(f"{kind or 'rule'} {rule!r}")
+        if field is not None:
+            where.append(f"field {field!r}" + (f" (file line {file_line})" if file_line else ""))
+        elif file_line:
+            where.append(f"file line {file_line}")
+        if line is not None:
+            where.append(f"{'expression line' if field is not None else 'line'} {line}, column {column}")
+        head = ", ".join(where)
+        super().__init__((f"{path}: " if path else "") + (f"{head}: {reason}" if head else reason))
+
+
+# --------------------------------------------------------------------------- CEL
+
+
+_ENV: Any = None
+_ENV_LOCK = threading.Lock()
+
+
+def cel_env() -> Any:
+    """The one CEL environment: the namespace's names declared with their types."""
+    global _ENV
+    if _ENV is None:
+        with _ENV_LOCK:
+            if _ENV is None:
+                _ENV = cel.NewEnv(variables={name: cel.Type(sig) for name, sig in VARIABLES.items()})
+    return _ENV
+
+
+@dataclass(frozen=True, eq=False)
+class Expr:
+    """A compiled, type-checked CEL expression and where it came from."""
+
+    source: str
+    rule: str
+    field: str
+    result_type: str  # CEL type name from the checker, e.g. BOOL, DOUBLE, DYN
+    program: Any = field(repr=False)
+
+
+@dataclass(frozen=True)
+class EvalError:
+    """A runtime failure of one expression (the condition counted as False)."""
+
+    rule: str
+    field: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.rule}.{self.field}: {self.reason}"
+
+
+def _cel_failure(message: str) -> tuple[int | None, int | None, str]:
+    """(line, column, reason) of a cel-cpp compile error text."""
+    found = _CEL_ERROR_RE.findall(message)
+    if not found:
+        return None, None, message.strip()
+    reasons = [r.strip() for _l, _c, r in found]
+    reason = "; ".join(dict.fromkeys(reasons))
+    if re.search(r"applied to '\((double, int|int, double)", reason):
+        reason += " (CEL does not mix int and double: write 50.0 rather than 50, or convert with double()/int())"
+    first_line = message[message.index("ERROR: <input>"):].splitlines()
+    snippet = [ln[3:] if ln.startswith(" | ") else ln for ln in first_line[1:3] if ln.startswith(" |")]
+    if snippet:
+        reason += "\n  " + "\n  ".join(s.replace(" [INVALID_ARGUMENT]", "") for s in snippet)
+    return int(found[0][0]), int(found[0][1]), reason
+
+
+def compile_expression(source: str, *, rule: str = "<expression>", field: str = "when", want_bool: bool = False,
+                       kind: str | None = None, path: str | None = None, file_line: int | None = None) -> Expr:
+    """Compile and type-check one CEL expression over the namespace.
+
+    Raises
+    ------
+    RulesError
+        Syntax error, unknown name or function, type error, or (``want_bool``) a result that
+        cannot be a bool; with the position inside the expression.
+
+    Examples
+    --------
+    >>> compile_expression('count.add_to_cart["7d"] > 2', want_bool=True).result_type
+    'BOOL'
+    >>> compile_expression('cart.value > 50', rule="r1")
+    Traceback (most recent call last):
+    ...
+    clickpulse.rules.ruleset.RulesError: rule 'r1', field 'when', expression line 1, column 12: found no matching overload for '_>_' applied to '(double, int)' (CEL does not mix int and double: write 50.0 rather than 50, or convert with double()/int())
+      cart.value > 50
+      ...........^
+    """
+    ctx = {"rule": rule, "kind": kind, "field": field, "path": path, "file_line": file_line}
+    if not isinstance(source, str) or not source.strip():
+        raise RulesError("empty expression", **ctx)
+    try:
+        program = cel_env().compile(source)
+    except Exception as err:  # cel-cpp reports every compile problem as RuntimeError(INVALID_ARGUMENT ...)
+        line, column, reason = _cel_failure(str(err))
+        raise RulesError(reason, line=line, column=column, **ctx) from err
+    result_type = program.return_type().name()
+    if want_bool and result_type not in ("BOOL", "DYN"):
+        raise RulesError(f"a condition must be a bool, this expression is a {result_type.lower()}", **ctx)
+    return Expr(source, rule, field, result_type, program)
+
+
+def activation(ns: Mapping[str, Any]) -> Any:
+    """A CEL activation of a namespace (:func:`clickpulse.rules.namespace.namespace`); build it
+    once per event and evaluate every expression against it."""
+    flat: dict[str, Any] = {}
+    for name in VARIABLES:
+        head, _, tail = name.partition(".")
+        if head not in ns:
+            continue
+        value = ns[head]
+        if tail:
+            if not isinstance(value, Mapping) or tail not in value:
+                continue
+            value = value[tail]
+        flat[name] = value
+    return cel_env().Activation(flat)
+
+
+def _to_activation(act: Any) -> Any:
+    return act if isinstance(act, cel.Activation) else activation(act)
+
+
+def _json(v: Any) -> Any:
+    """A CEL result as JSON-friendly Python (str keys, RFC 3339 timestamps, seconds, base64)."""
+    if isinstance(v, Mapping):
+        return {str(_json(k)): _json(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_json(x) for x in v]
+    if v is None or isinstance(v, str | bool | int):
+        return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dt.datetime):
+        return v.isoformat().replace("+00:00", "Z")
+    if isinstance(v, dt.timedelta):
+        return v.total_seconds()
+    if isinstance(v, bytes | bytearray):
+        return base64.b64encode(bytes(v)).decode()
+    return str(v)
+
+
+def evaluate(expr: Expr, act: Any) -> tuple[Any, str | None]:
+    """Evaluate ``expr``; returns ``(value, None)`` (value as plain Python) or ``(None, reason)``.
+    Never raises for a runtime error. ``act``: an :func:`activation` or a namespace dict."""
+    try:
+        value = expr.program.eval(_to_activation(act))
+        if value.type().name() == "ERROR":
+            return None, str(value.value())
+        return _json(value.plain_value()), None
+    except Exception as err:  # noqa: BLE001 - a rule must never take the stream down
+        return None, f"{type(err).__name__}: {err}"
+
+
+def evaluate_condition(expr: Expr, act: Any, errors: list[EvalError] | None = None) -> bool:
+    """True when the condition holds. A runtime error (missing key, division by zero, a non-bool
+    result) is False, never an exception; its reason is appended to ``errors`` when given.
+
+    Examples
+    --------
+    >>> from clickpulse.rules.namespace import namespace
+    >>> from clickpulse.state.user import UserState
+    >>> ns = namespace(UserState("u1"), 0)
+    >>> errs = []
+    >>> evaluate_condition(compile_expression("traits.age_band == '25-34'", rule="r"), ns, errs)
+    False
+    >>> str(errs[0])
+    'r.when: NOT_FOUND: Key not found in map : "age_band"'
+    """
+    value, reason = evaluate(expr, act)
+    if reason is None and not isinstance(value, bool):
+        reason = f"the condition gave {value!r}, not a bool"
+    if reason is not None:
+        if errors is not None:
+            errors.append(EvalError(expr.rule, expr.field, reason))
+        return False
+    return bool(value)
+
+
+# A payload template: nested dicts/lists whose leaves are Expr (strings in the file) or constants.
+Template = Any
+
+
+def render_payload(template: Template, act: Any, errors: list[EvalError] | None = None) -> Any:
+    """Evaluate a payload template: every :class:`Expr` leaf is replaced by its value (``None``
+    when it fails at run time, with the reason appended to ``errors``)."""
+    if isinstance(template, Expr):
+        value, reason = evaluate(template, act)
+        if reason is not None and errors is not None:
+            errors.append(EvalError(template.rule, template.field, reason))
+        return value
+    if isinstance(template, dict):
+        return {k: render_payload(v, act, errors) for k, v in template.items()}
+    if isinstance(template, list):
+        return [render_payload(v, act, errors) for v in template]
+    return template
+
+
+# --------------------------------------------------------------------------- the rules
+
+
+@dataclass(frozen=True)
+class Segment:
+    name: str
+    when: Expr
+    min_size: int = DEFAULT_MIN_SIZE
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Timeout:
+    """"After an ``after`` event, no ``no`` event within ``within_s`` seconds" (event time)."""
+
+    after: str
+    no: tuple[str, ...]
+    within_s: float
+
+
+@dataclass(frozen=True)
+class On:
+    """What a trigger listens to: ``kind`` is ``event``, ``segment_enter``, ``segment_exit`` or
+    ``timeout``."""
+
+    kind: str
+    event_type: str | None = None
+    segment: str | None = None
+    timeout: Timeout | None = None
+
+
+@dataclass(frozen=True)
+class Action:
+    type: str
+    payload: Template = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Trigger:
+    name: str
+    on: On
+    when: Expr
+    action: Action
+    cooldown_s: float = 0.0
+    once_per: str | None = None
+    requires_consent: str | None = None
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Ruleset:
+    """One loaded rules file. ``version`` = the file's ``version`` + ``+`` + the first 8 hex
+    digits of its SHA-256: what a decision records as its ``rules_version``."""
+
+    version: str
+    file_version: str
+    content_hash: str  # full SHA-256 hex of the file's bytes
+    segments: tuple[Segment, ...]
+    triggers: tuple[Trigger, ...]
+    path: str | None = None
+
+    def segment(self, name: str) -> Segment:
+        """The segment called ``name`` (KeyError if none)."""
+        for s in self.segments:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def trigger(self, name: str) -> Trigger:
+        """The trigger called ``name`` (KeyError if none)."""
+        for t in self.triggers:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def triggers_on(self, event_type: str) -> list[Trigger]:
+        """Triggers listening to ``event_type`` events (``on: <type>``)."""
+        return [t for t in self.triggers if t.on.kind == "event" and t.on.event_type == event_type]
+
+    def matching_segments(self, act: Any, errors: list[EvalError] | None = None) -> list[str]:
+        """Names of the segments whose condition holds (``min_size`` is not applied here)."""
+        act = _to_activation(act)
+        return [s.name for s in self.segments if evaluate_condition(s.when, act, errors)]
+
+
+class _Map(dict):  # type: ignore[type-arg]
+    """A YAML mapping that remembers its line and the line of each value."""
+
+    line: int | None = None
+    key_lines: dict[Any, int]
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 booleans: only true/false are bools. YAML 1.1 also reads ``on``,
+    ``off``, ``yes`` and ``no`` as booleans, which would turn the trigger keys ``on:`` and
+    ``no:`` into True and False."""
+
+
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_Loader.yaml_implicit_resolvers = {
+    first: [r for r in resolvers if r[0] != _BOOL_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def _construct_map(loader: yaml.SafeLoader, node: yaml.MappingNode) -> _Map:
+    loader.flatten_mapping(node)
+    out = _Map()
+    out.line = node.start_mark.line + 1
+    out.key_lines = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            duplicate = key in out
+        except TypeError:
+            raise yaml.constructor.ConstructorError(None, None, "a key must be a string", key_node.start_mark) from None
+        if duplicate:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        out[key] = loader.construct_object(value_node, deep=True)
+        out.key_lines[key] = value_node.start_mark.line + 1
+    return out
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_map)
+
+
+class _Ctx:
+    """Error context while validating one rule."""
+
+    def __init__(self, path: str | None, kind: str | None = None, rule: str | None = None,
+                 node: Any = None) -> None:
+        self.path, self.kind, self.rule, self.node = path, kind, rule, node
+
+    def line_of(self, key: str | None, node: Any = None) -> int | None:
+        node = self.node if node is None else node
+        if key is not None and isinstance(node, _Map) and key in node.key_lines:
+            return node.key_lines[key]
+        return getattr(node, "line", None)
+
+    def error(self, reason: str, field: str | None = None, node: Any = None, key: str | None = None) -> RulesError:
+        if key is None and field:
+            key = field.split(".")[-1]
+        return RulesError(reason, path=self.path, rule=self.rule, kind=self.kind, field=field,
+                          file_line=self.line_of(key, node))
+
+    def expr(self, source: Any, field: str, *, want_bool: bool, node: Any = None, key: str | None = None) -> Expr:
+        if isinstance(source, bool):
+            source = "true" if source else "false"
+        if not isinstance(source, str):
+            raise self.error(f"expected a CEL expression (a string), got {type(source).__name__}", field, node, key)
+        return compile_expression(source, rule=self.rule or "<file>", field=field, want_bool=want_bool,
+                                  kind=self.kind, path=self.path,
+                                  file_line=self.line_of(key if key is not None else field.split(".")[-1], node))
+
+
+def _check_keys(ctx: _Ctx, m: Mapping[str, Any], allowed: set[str], required: set[str], where: str | None) -> None:
+    for k in m:
+        if k not in allowed:
+            raise ctx.error(f"unknown field {k!r} (expected one of {', '.join(sorted(allowed))})",
+                            f"{where}.{k}" if where else str(k), m, str(k))
+    for k in sorted(required - set(m)):
+        raise ctx.error(f"missing field {k!r}", f"{where}.{k}" if where else k, m, None)
+
+
+def _name(ctx: _Ctx, m: Mapping[str, Any]) -> str:
+    name = m.get("name")
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ctx.error(f"a name must be a string of letters, digits, '_', '.', '-' starting with a letter "
+                        f"(at most 64), got {name!r}", "name", m, "name")
+    return name
+
+
+def _number(ctx: _Ctx, m: Mapping[str, Any], key: str, field: str, *, default: float | None = None,
+            positive: bool = False, integer: bool = False) -> float:
+    v = m.get(key, default)
+    ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and (v > 0 if positive else v >= 0)
+    if ok and integer and not isinstance(v, int):
+        ok = False
+    if not ok:
+        what = ("a positive" if positive else "a non-negative") + (" integer" if integer else " number")
+        raise ctx.error(f"expected {what}, got {v!r}", field, m, key)
+    return v  # type: ignore[return-value]
+
+
+def _type_name(ctx: _Ctx, v: Any, field: str, node: Any, key: str) -> str:
+    if not isinstance(v, str) or not v.strip():
+        raise ctx.error(f"expected an event type (a string), got {v!r}", field, node, key)
+    return v.strip()
+
+
+def _template(ctx: _Ctx, v: Any, field: str, node: Any, key: str) -> Template:
+    if isinstance(v, dict):
+        return {str(k): _template(ctx, x, f"{field}.{k}", v, str(k)) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_template(ctx, x, f"{field}[{i}]", node, key) for i, x in enumerate(v)]
+    if isinstance(v, str):
+        return ctx.expr(v, field, want_bool=False, node=node, key=key)
+    if v is None or isinstance(v, bool | int | float):
+        return v
+    raise ctx.error(f"unsupported payload value {v!r}", field, node, key)
+
+
+def _segment(path: str | None, m: Any, index: int) -> Segment:
+    ctx = _Ctx(path, "segment", f"#{index + 1}", m)
+    if not isinstance(m, dict):
+        raise ctx.error("a segment must be a mapping with name and when")
+    ctx.rule = _name(ctx, m)
+    _check_keys(ctx, m, {"name", "when", "min_size", "description"}, {"name", "when"}, None)
+    min_size = _number(ctx, m, "min_size", "min_size", default=DEFAULT_MIN_SIZE, integer=True)
+    return Segment(ctx.rule, ctx.expr(m["when"], "when", want_bool=True), int(min_size), str(m.get("description", "")))
+
+
+def _on(ctx: _Ctx, m: Mapping[str, Any], segment_names: set[str]) -> On:
+    v = m["on"]
+    if isinstance(v, str):
+        return On("event", event_type=_type_name(ctx, v, "on", m, "on"))
+    kinds = {"segment_enter", "segment_exit", "timeout"}
+    if not isinstance(v, dict) or len(v) != 1 or next(iter(v)) not in kinds:
+        raise ctx.error("'on' must be an event type, {segment_enter: NAME}, {segment_exit: NAME} or "
+                        "{timeout: {after: A, no: B, within_s: T}}", "on", m, "on")
+    kind, arg = next(iter(v.items()))
+    if kind in ("segment_enter", "segment_exit"):
+        if not isinstance(arg, str) or arg not in segment_names:
+            raise ctx.error(f"unknown segment {arg!r} (declared: {', '.join(sorted(segment_names)) or 'none'})",
+                            f"on.{kind}", v, kind)
+        return On(kind, segment=arg)
+    if not isinstance(arg, dict):
+        raise ctx.error("a timeout is {after: A, no: B, within_s: T}", "on.timeout", v, kind)
+    _check_keys(ctx, arg, {"after", "no", "within_s"}, {"after", "no", "within_s"}, "on.timeout")
+    no = arg["no"]
+    nos = no if isinstance(no, list) else [no]
+    if not nos:
+        raise ctx.error("expected at least one event type", "on.timeout.no", arg, "no")
+    return On("timeout", timeout=Timeout(
+        _type_name(ctx, arg["after"], "on.timeout.after", arg, "after"),
+        tuple(_type_name(ctx, x, "on.timeout.no", arg, "no") for x in nos),
+        float(_number(ctx, arg, "within_s", "on.timeout.within_s", positive=True))))
+
+
+def _trigger(path: str | None, m: Any, index: int, segment_names: set[str]) -> Trigger:
+    ctx = _Ctx(path, "trigger", f"#{index + 1}", m)
+    if not isinstance(m, dict):
+        raise ctx.error("a trigger must be a mapping with name, on and action")
+    ctx.rule = _name(ctx, m)
+    _check_keys(ctx, m, {"name", "on", "when", "action", "cooldown_s", "once_per", "requires_consent", "description"},
+                {"name", "on", "action"}, None)
+    on = _on(ctx, m, segment_names)
+    when = ctx.expr(m.get("when", "true"), "when", want_bool=True)
+    a = m["action"]
+    if not isinstance(a, dict):
+        raise ctx.error("an action is {type: NAME, payload: {...}}", "action", m, "action")
+    _check_keys(ctx, a, {"type", "payload"}, {"type"}, "action")
+    atype = a["type"]
+    if not isinstance(atype, str) or not _NAME_RE.match(atype):
+        raise ctx.error(f"an action type must be a name, got {atype!r}", "action.type", a, "type")
+    payload = a.get("payload", {})
+    if not isinstance(payload, dict):
+        raise ctx.error("a payload is a mapping of names to CEL expressions or constants", "action.payload", a,
+                        "payload")
+    action = Action(atype, _template(ctx, payload, "action.payload", a, "payload"))
+    cooldown = _number(ctx, m, "cooldown_s", "cooldown_s", default=0)
+    once_per = m.get("once_per")
+    if once_per is not None and once_per not in ONCE_PER:
+        raise ctx.error(f"once_per must be one of {', '.join(ONCE_PER)}, got {once_per!r}", "once_per", m, "once_per")
+    consent = m.get("requires_consent")
+    if consent is not None and (not isinstance(consent, str) or not _NAME_RE.match(consent)):
+        raise ctx.error(f"requires_consent must be a consent purpose name such as 'marketing', got {consent!r}",
+                        "requires_consent", m, "requires_consent")
+    return Trigger(ctx.rule, on, when, action, float(cooldown), once_per, consent, str(m.get("description", "")))
+
+
+def _unique(ctx: _Ctx, items: list[Any], kind: str) -> None:
+    seen: set[str] = set()
+    for it in items:
+        if it.name in seen:
+            raise RulesError(f"duplicate {kind} name", path=ctx.path, rule=it.name, kind=kind)
+        seen.add(it.name)
+
+
+def parse_rules(data: bytes | str, path: str | None = None) -> Ruleset:
+    """Parse, validate and compile a rules file's content.
+
+    Raises
+    ------
+    RulesError
+        Invalid YAML, a malformed rule, or an invalid CEL expression (rule, field, position,
+        reason in the message).
+    """
+    raw = data.encode() if isinstance(data, str) else data
+    digest = hashlib.sha256(raw).hexdigest()
+    try:
+        doc = yaml.load(raw, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        parts = (getattr(err, "context", None), getattr(err, "problem", None))
+        reason = " ".join(str(x) for x in parts if x) or str(err)
+        raise RulesError(f"invalid YAML: {reason}", path=path, line=None if mark is None else mark.line + 1,
+                         column=None if mark is None else mark.column + 1) from err
+    ctx = _Ctx(path, node=doc)
+    if not isinstance(doc, dict):
+        raise RulesError("a rules file is a mapping with version, segments and triggers", path=path)
+    _check_keys(ctx, doc, {"version", "segments", "triggers", "description"}, {"version"}, None)
+    version = doc["version"]
+    if not isinstance(version, str) or not version.strip():
+        raise ctx.error(f"version must be a non-empty string, got {type(version).__name__} {version!r} "
+                        f"(quote it, e.g. version: \"2026-11-01.1\")", "version", doc, "version")
+    lists = {}
+    for key in ("segments", "triggers"):
+        v = doc.get(key) or []
+        if not isinstance(v, list):
+            raise ctx.error(f"{key} must be a list", key, doc, key)
+        lists[key] = v
+    segments = [_segment(path, m, i) for i, m in enumerate(lists["segments"])]
+    _unique(ctx, segments, "segment")
+    names = {s.name for s in segments}
+    triggers = [_trigger(path, m, i, names) for i, m in enumerate(lists["triggers"])]
+    _unique(ctx, triggers, "trigger")
+    file_version = version.strip()
+    return Ruleset(f"{file_version}+{digest[:8]}", file_version, digest, tuple(segments), tuple(triggers), path)
+
+
+def load_rules(path: str | Path) -> Ruleset:
+    """Load a rules file (see :func:`parse_rules`); an unreadable file is a :class:`RulesError`."""
+    p = str(path)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise RulesError(f"cannot read the rules file: {err.strerror or err}", path=p) from err
+    return parse_rules(data, p)
+
+
+class RulesFile:
+    """The active ruleset of a rules file, reloaded without a restart.
+
+    ``RulesFile(path)`` loads the file (a :class:`RulesError` if it is invalid: there is nothing
+    to fall back on yet). :meth:`poll` re-reads it (rules files are small) and, when its SHA-256
+    changed, compiles it: a valid file becomes :meth:`current`; an invalid or unreadable one
+    leaves the previous ruleset active and is recorded in :attr:`error` (and logged once per
+    distinct bad content). Call ``poll()`` every few seconds from the worker.
+
+    Attributes
+    ----------
+    error : RulesError | None
+        Why the file's current content is not the active ruleset; ``None`` when it is.
+    reloads : int
+        Successful reloads since the first load.
+    failures : int
+        Rejected reloads (each distinct bad content counted once).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._ruleset = load_rules(self.path)
+        self._failed_key: str | None = None  # hash (or read error) of the last rejected content
+        self.error: RulesError | None = None
+        self.reloads = 0
+        self.failures = 0
+
+    def current(self) -> Ruleset:
+        """The active ruleset."""
+        return self._ruleset
+
+    def poll(self) -> bool:
+        """Reload when the file's content changed; True when a new ruleset became active."""
+        try:
+            data = self.path.read_bytes()
+        except OSError as err:
+            self._fail(RulesError(f"cannot read the rules file: {err.strerror or err}", path=str(self.path)),
+                       f"unreadable: {err.strerror or err}")
+            return False
+        digest = hashlib.sha256(data).hexdigest()
+        if digest == self._ruleset.content_hash:
+            self.error = None  # the file is back to the active content
+            self._failed_key = None
+            return False
+        if digest == self._failed_key:
+            return False
+        try:
+            new = parse_rules(data, str(self.path))
+        except RulesError as err:
+            self._fail(err, digest)
+            return False
+        log.info("rules %s: version %s active (was %s)", self.path, new.version, self._ruleset.version)
+        self._ruleset = new
+        self.error = None
+        self._failed_key = None
+        self.reloads += 1
+        return True
+
+    def _fail(self, err: RulesError, key: str) -> None:
+        if key != self._failed_key:  # count and log each distinct failure once
+            self.failures += 1
+            log.warning("rules %s: reload rejected, keeping version %s: %s", self.path, self._ruleset.version, err)
+        self.error = err
+        self._failed_key = key
