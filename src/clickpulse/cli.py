@@ -62,6 +62,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return run_cli(args.dataset, args.pipeline, args.limit, args.seed)
 
 
+def cmd_report_paths(args: argparse.Namespace) -> int:
+    from .models.markov import report_paths
+
+    print(report_paths(args.file, k=args.top, max_len=args.max_len))
+    return 0
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     records = messages(args.format, args.file)
@@ -183,6 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, default=None, help="only the first N rows")
     e.add_argument("--seed", type=int, default=42)
     e.set_defaults(func=cmd_evaluate)
+
+    rp = sub.add_parser("report", help="offline reports over a dataset")
+    rsub = rp.add_subparsers(dest="report", required=True)
+    paths = rsub.add_parser("paths", help="most frequent session paths that lead to a purchase (REES46 CSV)")
+    paths.add_argument("--file", default=str(BUNDLED_SAMPLE))
+    paths.add_argument("--top", type=int, default=10)
+    paths.add_argument("--max-len", type=int, default=4)
+    paths.set_defaults(func=cmd_report_paths)
 
     r = sub.add_parser("replay", help="publish a dataset to the raw topic, preserving event time")
     r.add_argument("--format", choices=FORMATS, required=True)

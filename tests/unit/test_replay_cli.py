@@ -40,3 +40,9 @@ def test_bad_dataset_files(tmp_path):
 def test_cli_reports_errors_without_traceback(tmp_path, capsys):
     assert main(["replay", "--format", "rees46", str(tmp_path / "nope.csv")]) == 2
     assert "clickpulse: error: no such file" in capsys.readouterr().err
+
+
+def test_report_paths_cli(capsys):
+    assert main(["report", "paths", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "product_view > add_to_cart" in out and "conversion" in out
