@@ -117,9 +117,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
         elapsed = time.monotonic() - t0
         m = worker.metrics()
         actions = asyncio.run(read_topic(settings.kafka_bootstrap, settings.topic_actions))
-        trainer.stop()  # publishes a final snapshot
         from .models.trainer import latest_snapshots
-        snapshots = asyncio.run(latest_snapshots(settings.kafka_bootstrap, settings.topic_models))
+        from .runtime import end_offsets
+        # wait until the trainer's snapshots cover every example on the training topic
+        n_examples = sum(asyncio.run(end_offsets(settings.kafka_bootstrap, settings.topic_training)).values())
+        deadline = time.monotonic() + 60
+        while True:
+            snapshots = asyncio.run(latest_snapshots(settings.kafka_bootstrap, settings.topic_models))
+            covered = sum(env["examples"] for env in snapshots.values())
+            if covered >= n_examples or time.monotonic() > deadline or not trainer.alive():
+                break
+            time.sleep(1.0)
+        trainer.stop()
     finally:
         worker.stop()
         trainer.stop()
@@ -145,10 +154,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"  users               {total('clickpulse_users_new_total')}")
     print(f"  sessions            {total('clickpulse_sessions_started_total')}")
     print(f"  actions             {dict(sorted(by_type.items())) or '{}'}")
-    for a in actions:
-        rec = orjson.loads(a[1])
-        if len(actions) <= 5:
-            print(f"    {rec['type']} user {rec['user_key']} at {rec['event_time']}: {rec['reason']}")
+    carts = [orjson.loads(v) for _k, v, _m in actions if orjson.loads(v)["type"] == "cart_abandoned"]
+    for rec in carts[:5]:
+        print(f"    {rec['type']} user {rec['user_key']} at {rec['event_time']}: {rec['reason']}")
+    if len(carts) > 5:
+        print(f"    ... and {len(carts) - 5} more cart_abandoned (all in {out_dir / 'actions.jsonl'})")
     for task in ("intent", "churn"):
         env = snapshots.get(task)
         if env is None:

@@ -211,6 +211,10 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
                                 max_request_size=16 * 1024 * 1024, enable_idempotence=True)
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=f"{settings.namespace}-trainer",
                                 enable_auto_commit=False, auto_offset_reset="earliest",
+                                # a just-created training topic can have no partition metadata at the
+                                # first join (empty assignment); refresh metadata every 2 s so the
+                                # group rebalances onto it quickly instead of after the 5 min default
+                                metadata_max_age_ms=2000,
                                 session_timeout_ms=int(settings.kafka_session_timeout_s * 1000),
                                 heartbeat_interval_ms=int(min(3.0, settings.kafka_session_timeout_s / 3) * 1000))
     await producer.start()
