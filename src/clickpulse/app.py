@@ -231,7 +231,9 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
             import redis.asyncio as aioredis
             writer.client = aioredis.from_url(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
         # build profiles lazily, once per user per flush (coalescing)
-        writer.pending = {k: (v.profile() if isinstance(v, UserState) else v) for k, v in writer.pending.items()}
+        ecfg = engine.cfg.engagement
+        writer.pending = {k: (v.profile(engagement=ecfg) if isinstance(v, UserState) else v)
+                          for k, v in writer.pending.items()}
         await writer.flush()
 
     if registry is not None:

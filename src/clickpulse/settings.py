@@ -127,6 +127,9 @@ class Settings:
         ``CLICKPULSE_VALIDATION_WINDOW``; examples in the rolling progressive-validation window. Default 1000.
     trainer_web_port : int
         ``CLICKPULSE_TRAINER_WEB_PORT``; the trainer's ``/metrics`` port. Default 6067.
+    engagement_half_life_s : float
+        ``CLICKPULSE_ENGAGEMENT_HALF_LIFE_S``; seconds after which an event's engagement points
+        count half (exponential recency decay). Default 604800 (7 days).
     data_dir : str
         ``CLICKPULSE_DATA_DIR``; the worker's local folder (Faust data dir; the table itself is
         in memory, recovered from its changelog topic). Default ``.local/worker-data``.
@@ -167,6 +170,7 @@ class Settings:
     snapshot_interval_s: float = 5.0
     validation_window: int = 1000
     trainer_web_port: int = 6067
+    engagement_half_life_s: float = 604800.0
     data_dir: str = ".local/worker-data"
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 

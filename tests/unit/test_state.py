@@ -153,3 +153,14 @@ def test_late_add_never_arms_a_timer_that_is_already_due():
     st2 = UserState(key="u2")
     res2 = apply(st2, event("add_to_cart", product_id="p1", at="2019-10-01T10:00:00Z"), ms("2019-10-01T10:01:00Z"), CFG)
     assert res2.late and not res2.timer_skipped and st2.cart.due_ms == ms("2019-10-01T10:30:00Z")
+
+
+def test_engagement_score_on_the_profile_decays_with_event_time():
+    st = run([event("product_view", product_id="p1", at="2019-10-01T10:00:00Z"),
+              event("add_to_cart", product_id="p1", price=5.0, at="2019-10-01T10:01:00Z")])
+    now = st.profile(ms("2019-10-01T10:01:00Z"))
+    week_later = st.profile(ms("2019-10-08T10:01:00Z"))
+    assert validation_errors("profile", now) == []
+    assert now["engagement"]["top"][0][0] == "add_to_cart"          # active above passive
+    assert abs(week_later["engagement"]["score"] - now["engagement"]["score"] / 2) < 0.01   # 7-day half-life
+    assert UserState.from_bytes(st.to_bytes()).profile(ms("2019-10-01T10:01:00Z"))["engagement"] == now["engagement"]

@@ -38,6 +38,9 @@ from typing import Any
 import orjson
 
 from ..events.contract import to_rfc3339
+from ..features.engagement import EngagementConfig, top_contributors
+from ..features.engagement import update as engagement_update
+from ..features.engagement import value as engagement_value
 from .windows import Windows
 
 ACTION_NAMESPACE = uuid.UUID("6f0b1b0e-8a53-4c3e-9d3f-3c1c6a1c9e01")
@@ -50,10 +53,12 @@ class StateConfig:
     session_gap_ms: int = 1_800_000
     cart_abandon_after_ms: int = 1_800_000
     dedup_ids_per_user: int = 32
+    engagement: EngagementConfig = field(default_factory=EngagementConfig)
 
     @classmethod
     def from_settings(cls, s: Any) -> StateConfig:
-        return cls(s.session_gap_ms, s.cart_abandon_after_ms, s.dedup_ids_per_user)
+        return cls(s.session_gap_ms, s.cart_abandon_after_ms, s.dedup_ids_per_user,
+                   EngagementConfig.from_settings(s))
 
 
 @dataclass
@@ -209,9 +214,12 @@ class UserState:
                    life=Lifetime(*o["l"][:7]), traits=o.get("t", {}), recent_ids=o.get("r", []),
                    ml=o.get("m", {}))
 
-    def profile(self, at_ms: int | None = None) -> dict[str, Any]:
-        """The summary served from Redis (``schemas/profile.v1.json``)."""
+    def profile(self, at_ms: int | None = None, engagement: EngagementConfig | None = None) -> dict[str, Any]:
+        """The summary served from Redis (``schemas/profile.v1.json``); ``engagement`` is the
+        config the score was accumulated with (its half-life decays it to ``at_ms``)."""
         at = at_ms if at_ms is not None else (self.life.last_ms or 0)
+        ecfg = engagement or EngagementConfig()
+        en = self.ml.get("en", {})
         s = self.session
         return {
             "schema_version": 1,
@@ -231,6 +239,8 @@ class UserState:
                          "orders": self.life.orders, "revenue": round(self.life.revenue, 2)},
             "traits": self.traits,
             "scores": self.ml.get("sc", {}),
+            "engagement": {"score": round(engagement_value(en, at, ecfg), 4) if en else 0.0,
+                           "top": top_contributors(en, at, ecfg) if en else []},
         }
 
 
@@ -415,6 +425,9 @@ def apply(st: UserState, event: dict[str, Any], watermark_ms: int | None, cfg: S
         if rev is None and props.get("price") is not None:
             rev = props["price"] * int(props.get("quantity") or 1)
         life.revenue += float(rev or 0.0)
+    st.ml["en"] = engagement_update(st.ml.get("en", {}), event, cfg.engagement) or st.ml.get("en", {})
+    if not st.ml["en"]:
+        del st.ml["en"]
     ctx = event.get("context") if isinstance(event.get("context"), dict) else {}
     for k in ("device", "country"):
         if isinstance(ctx.get(k), str):
