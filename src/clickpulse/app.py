@@ -4,10 +4,14 @@ Nothing here decides anything: agents call :func:`clickpulse.events.contract.par
 :class:`clickpulse.state.engine.Engine`, and publish what they return.
 
 * ``ingest``   raw -> parse/validate/normalize -> valid (keyed by user) | dead-letter topic
-* ``process``  valid -> user state (table ``users``) -> actions; fires timers after each event
+* ``process``  valid -> user state (table ``users``) -> rules -> actions, segment changes;
+               fires timers after each event
 * timers       live mode: every second, fire timers of idle partitions (watermark follows wall
-               clock); every ``redis_flush_interval_s``: flush profiles to Redis
-* web          ``/metrics`` (Prometheus text format), ``/progress`` (last processed offsets)
+               clock); every ``redis_flush_interval_s``: flush profiles to Redis; every
+               ``rules_poll_s``: reload the rules file when it changed
+* web          ``/metrics`` (Prometheus text format), ``/progress`` (last processed offsets),
+               ``/segments`` (segment sizes and smoothed conversion rates), ``/rules`` (active
+               rules version, last reload error)
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from .settings import Settings
 from .models.labels import ModelConfig
 from .models.registry import ModelRegistry
 from .models.trainer import metric_samples
+from .rules.bots import BotConfig
+from .rules.ruleset import RulesFile
 from .state.engine import Engine
 from .state.user import StateConfig, UserState
 from .topics import CONTROL_HEADER
@@ -110,10 +116,20 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
                            settings.redis_max_pending, metrics)
     registry = ModelRegistry({"intent": settings.intent_pipeline, "churn": settings.churn_pipeline},
                              settings.model_seed) if settings.models_enabled else None
+    segments_topic = app.topic(settings.topic_segments, key_type=bytes, value_type=bytes, key_serializer="raw",
+                               value_serializer="raw", partitions=settings.partitions)
+    # an invalid rules file at start is a RulesError (nothing to fall back on); later reloads
+    # that fail keep the previous rules
+    rules = RulesFile(settings.rules_file) if settings.rules_file else None
+    if rules is not None:
+        metrics.rules_info.labels(rules.current().version).set(1)
+        log.info("rules %s: version %s (%d segments, %d triggers)", rules.path, rules.current().version,
+                 len(rules.current().segments), len(rules.current().triggers))
     engine = Engine(users, StateConfig.from_settings(settings), allowed_lateness_ms=settings.allowed_lateness_ms,
                     idle_timeout_ms=settings.idle_timeout_ms, live=settings.time_mode == "live",
                     metrics=metrics, on_state=ProfileSink(writer), models=registry,
-                    model_cfg=ModelConfig.from_settings(settings), pending_total_cap=settings.pending_total)
+                    model_cfg=ModelConfig.from_settings(settings), pending_total_cap=settings.pending_total,
+                    rules=rules, assumed_consent=settings.assumed_consent, bots=BotConfig.from_settings(settings))
     progress: dict[str, dict[int, int]] = {settings.topic_raw: {}, settings.topic_valid: {}}
     app.clickpulse = {"engine": engine, "metrics": metrics, "writer": writer, "settings": settings,  # type: ignore[attr-defined]
                       "progress": progress}
@@ -123,6 +139,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
             await actions_topic.send(key=a["user_key"].encode(), value=orjson.dumps(a))
         for ex in engine.drain_examples():
             await training_topic.send(key=ex["user_key"].encode(), value=orjson.dumps(ex))
+        for ch in engine.drain_segment_changes():
+            await segments_topic.send(key=ch["user_key"].encode(), value=orjson.dumps(ch))
 
     @app.agent(raw_topic, name="ingest")
     async def ingest(stream: faust.StreamT) -> None:
@@ -232,9 +250,38 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
             writer.client = aioredis.from_url(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
         # build profiles lazily, once per user per flush (coalescing)
         ecfg = engine.cfg.engagement
-        writer.pending = {k: (v.profile(engagement=ecfg) if isinstance(v, UserState) else v)
+        writer.pending = {k: (v.profile(engagement=ecfg, extra=engine.profile_extra(v)) if isinstance(v, UserState)
+                              else v)
                           for k, v in writer.pending.items()}
         await writer.flush()
+
+    if rules is not None:
+        @app.timer(interval=settings.rules_poll_s)
+        async def reload_rules() -> None:
+            old = rules.current().version
+            failures = rules.failures
+            try:
+                changed = await app.loop.run_in_executor(None, rules.poll)  # compiling can take a while
+            except Exception:  # noqa: BLE001 - a reload problem never stops the worker
+                log.exception("rules reload failed; keeping version %s", old)
+                return
+            if changed:
+                metrics.rules_reloads.labels("ok").inc()
+                metrics.rules_info.labels(old).set(0)
+                metrics.rules_info.labels(rules.current().version).set(1)
+                print(f"clickpulse rules reloaded: {old} -> {rules.current().version}", flush=True)
+            elif rules.failures != failures:
+                metrics.rules_reloads.labels("rejected").inc()
+                print(f"clickpulse rules reload rejected, keeping {old}: {rules.error}", flush=True)
+
+    @app.timer(interval=10.0)
+    async def segment_gauges() -> None:
+        for name, row in engine.segment_conversion().items():
+            metrics.segment_conversion.labels(name, "raw").set(row["rate"])
+            metrics.segment_conversion.labels(name, "smoothed").set(row["rate_smoothed"])
+        rs = engine.ruleset()
+        for seg in (rs.segments if rs is not None else ()):
+            metrics.segment_members.labels(seg.name).set(engine.segment_size(seg.name))
 
     if registry is not None:
         @app.task
@@ -276,6 +323,26 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
     @app.page("/metrics")
     async def metrics_page(web: Any, request: Any) -> Any:
         return web.bytes(generate_latest(metrics.registry), content_type=CONTENT_TYPE_LATEST.split(";")[0])
+
+    @app.page("/segments")
+    async def segments_page(web: Any, request: Any) -> Any:
+        rs = engine.ruleset()
+        conv = engine.segment_conversion()
+        a, b = engine.user_prior()
+        return web.json({"rules_version": None if rs is None else rs.version,
+                         "user_conversion_prior": {"alpha": a, "beta": b, "mean": a / (a + b)},
+                         "segments": {s.name: {"min_size": s.min_size, "members": engine.segment_size(s.name),
+                                               "active": engine.segment_active(s.name),
+                                               **{k: v for k, v in conv.get(s.name, {}).items() if k != "members"}}
+                                      for s in (rs.segments if rs is not None else ())}})
+
+    @app.page("/rules")
+    async def rules_page(web: Any, request: Any) -> Any:
+        if rules is None:
+            return web.json({"path": None, "version": None})
+        return web.json({"path": str(rules.path), "version": rules.current().version, "reloads": rules.reloads,
+                         "rejected": rules.failures, "error": None if rules.error is None else str(rules.error),
+                         "evaluation_errors": engine.rule_errors})
 
     @app.page("/progress")
     async def progress_page(web: Any, request: Any) -> Any:

@@ -5,8 +5,8 @@ that reads the environment; everything else receives a ``Settings``.
 
 Examples
 --------
->>> s = Settings.from_env({"CLICKPULSE_CART_ABANDON_AFTER_S": "600"})
->>> s.cart_abandon_after_ms
+>>> s = Settings.from_env({"CLICKPULSE_SESSION_GAP_S": "600"})
+>>> s.session_gap_ms
 600000
 >>> s.topic_raw
 'clickpulse.events.raw'
@@ -64,9 +64,26 @@ class Settings:
     session_gap_s : float
         ``CLICKPULSE_SESSION_GAP_S``; seconds of inactivity that end a session. Default 1800
         (30 min, the GA / Segment / Snowplow convention).
-    cart_abandon_after_s : float
-        ``CLICKPULSE_CART_ABANDON_AFTER_S``; seconds of event time after the last cart update
-        with no purchase before ``cart_abandoned`` fires. Default 1800.
+    rules_path : str
+        ``CLICKPULSE_RULES_PATH``; the rules file (segments and triggers, YAML + CEL, see
+        :mod:`clickpulse.rules.ruleset`). Empty (the default): the packaged default rules
+        (``src/clickpulse/rules/default_rules.yaml``, also ``deploy/rules.example.yaml``);
+        ``none``: no rules (no segments, no rule actions). Cart abandonment and its delay are
+        rules (default: 30 min after the last ``add_to_cart``).
+    rules_poll_s : float
+        ``CLICKPULSE_RULES_POLL_S``; seconds between checks of the rules file for changes (a
+        changed valid file is hot-reloaded; an invalid one is rejected and the previous rules
+        keep running). Default 5.
+    assume_consent : str
+        ``CLICKPULSE_ASSUME_CONSENT``; comma-separated consent purposes taken as granted for a
+        user who never sent a ``consent`` event (e.g. ``marketing`` for a source that collects
+        consent upstream). Default empty: opt-in, a ``requires_consent`` trigger fires only after
+        the user's ``consent`` event granted the purpose.
+    bot_max_cart_adds, bot_cart_window_s, bot_max_events, bot_events_window_s : int, float
+        ``CLICKPULSE_BOT_*``; a user with more than ``bot_max_cart_adds`` ``add_to_cart`` within
+        ``bot_cart_window_s`` seconds of event time, or more than ``bot_max_events`` events within
+        ``bot_events_window_s``, is a bot (as is one with a known crawler user agent): it fires no
+        rule action. Defaults 20 in 10 s, 300 in 60 s (:mod:`clickpulse.rules.bots`).
     max_event_bytes : int
         ``CLICKPULSE_MAX_EVENT_BYTES``; bytes. Larger raw messages go to the dead-letter topic.
         Default 65536 (64 KiB).
@@ -144,7 +161,13 @@ class Settings:
     idle_timeout_s: float = 5.0
     max_future_skew_s: float = 300.0
     session_gap_s: float = 1800.0
-    cart_abandon_after_s: float = 1800.0
+    rules_path: str = ""
+    rules_poll_s: float = 5.0
+    assume_consent: str = ""
+    bot_max_cart_adds: int = 20
+    bot_cart_window_s: float = 10.0
+    bot_max_events: int = 300
+    bot_events_window_s: float = 60.0
     max_event_bytes: int = 65536
     dlq_max_payload_bytes: int = 65536
     dedup_ids_per_user: int = 32
@@ -181,7 +204,8 @@ class Settings:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{_env(name)} must be in [0, 1], got {getattr(self, name)!r}")
         positive = ("intent_score_every", "pending_per_user", "pending_total", "snapshot_every",
-                    "validation_window", "churn_horizon_days", "partitions", "session_gap_s", "cart_abandon_after_s", "max_event_bytes",
+                    "validation_window", "churn_horizon_days", "partitions", "session_gap_s", "max_event_bytes", "rules_poll_s",
+                    "bot_max_cart_adds", "bot_cart_window_s", "bot_max_events", "bot_events_window_s",
                     "dedup_ids_per_user", "redis_flush_interval_s", "idle_timeout_s")
         for name in positive:
             if getattr(self, name) <= 0:
@@ -257,6 +281,10 @@ class Settings:
         return f"{self.namespace}.training"
 
     @property
+    def topic_segments(self) -> str:
+        return f"{self.namespace}.segments"
+
+    @property
     def topic_models(self) -> str:
         return f"{self.namespace}.models"
 
@@ -281,8 +309,18 @@ class Settings:
         return int(self.session_gap_s * 1000)
 
     @property
-    def cart_abandon_after_ms(self) -> int:
-        return int(self.cart_abandon_after_s * 1000)
+    def rules_file(self) -> str | None:
+        """The rules file to load (``None`` for ``CLICKPULSE_RULES_PATH=none``)."""
+        if self.rules_path.strip().lower() == "none":
+            return None
+        if self.rules_path.strip():
+            return self.rules_path
+        from pathlib import Path
+        return str(Path(__file__).parent / "rules" / "default_rules.yaml")
+
+    @property
+    def assumed_consent(self) -> frozenset[str]:
+        return frozenset(p.strip() for p in self.assume_consent.split(",") if p.strip())
 
     @property
     def user_retention_ms(self) -> int:

@@ -11,6 +11,9 @@ from prometheus_client import CollectorRegistry
 
 from .events.contract import normalize
 from .observability.metrics import Metrics
+from .rules.bots import BotConfig
+from .rules.ruleset import Ruleset, load_rules, parse_rules
+from .settings import Settings
 from .state.engine import Engine
 from .state.user import StateConfig
 
@@ -51,9 +54,26 @@ def event(etype: str, user: str = "u1", at: str | int = "2019-10-01T10:00:00Z", 
     return normalize(raw)
 
 
+def default_rules() -> Ruleset:
+    """The packaged default rules (``src/clickpulse/rules/default_rules.yaml``)."""
+    return load_rules(Settings().rules_file or "")
+
+
 def memory_engine(*, lateness_s: float = 60, idle_s: float = 5, live: bool = False, gap_s: float = 1800,
-                  abandon_s: float = 1800, dedup: int = 32) -> Engine:
-    """An :class:`Engine` over a plain dict table with its own metrics registry."""
-    return Engine({}, StateConfig(int(gap_s * 1000), int(abandon_s * 1000), dedup),
+                  dedup: int = 32, rules: Ruleset | str | None = "default",
+                  assume_consent: tuple[str, ...] = ("marketing",), bots: BotConfig | None = None) -> Engine:
+    """An :class:`Engine` over a plain dict table with its own metrics registry.
+
+    ``rules``: ``"default"`` (the packaged default rules: cart abandonment after 30 min...), a
+    :class:`Ruleset`, rules-file YAML text, or ``None`` for none. ``assume_consent``: purposes
+    granted to users who sent no ``consent`` event (``marketing`` by default, so the default
+    rules' marketing triggers fire on test data without consent events).
+    """
+    if rules == "default":
+        rules = default_rules()
+    elif isinstance(rules, str):
+        rules = parse_rules(rules, "<test rules>")
+    return Engine({}, StateConfig(int(gap_s * 1000), dedup),
                   allowed_lateness_ms=int(lateness_s * 1000), idle_timeout_ms=int(idle_s * 1000), live=live,
-                  metrics=Metrics(CollectorRegistry()))
+                  metrics=Metrics(CollectorRegistry()), rules=rules, assumed_consent=frozenset(assume_consent),
+                  bots=bots)

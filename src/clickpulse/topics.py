@@ -8,6 +8,7 @@ topic                                  key        value
 ``<ns>.events.valid``                  user_key   canonical event / control (header)
 ``<ns>.events.dlq``                    raw key    ``schemas/dlq.v1.json``
 ``<ns>.actions``                       user_key   ``schemas/action.v1.json``
+``<ns>.segments``                      user_key   ``schemas/segment_change.v1.json``
 ``<ns>.training`` (1 partition)        user_key   ``schemas/example.v1.json``
 ``<ns>.models`` (compacted)            task       ``schemas/snapshot.v1.json``
 ``<ns>-worker-users-changelog``        user_key   user state (Faust table changelog, compacted)
@@ -39,6 +40,7 @@ def topic_specs(s: Settings) -> dict[str, dict]:
         s.topic_valid: {"partitions": s.partitions, "config": {"retention.ms": retention_7d}},
         s.topic_dlq: {"partitions": 1, "config": {"retention.ms": str(30 * 86400 * 1000)}},
         s.topic_actions: {"partitions": s.partitions, "config": {"retention.ms": retention_7d}},
+        s.topic_segments: {"partitions": s.partitions, "config": {"retention.ms": retention_7d}},
         # one partition: a single trainer learns every example in order
         s.topic_training: {"partitions": 1, "config": {"retention.ms": retention_7d}},
         s.topic_models: {"partitions": 1, "config": {"cleanup.policy": "compact", "max.message.bytes": str(16 * 1024 * 1024)}},

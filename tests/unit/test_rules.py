@@ -73,7 +73,11 @@ def test_namespace_values_from_a_real_state(ns):
     assert s["duration_s"] == 360 and s["events"] == 5 and s["idle_s"] == 120
     assert s["counts"]["add_to_cart"] == 3 and s["counts"]["product_view"] == 2 and s["counts"]["purchase"] == 0
     assert s["max_scroll_pct"] == 80.5 and s["dwell_s"] == 12 and s["products"] == 2
-    assert s["page_type_dwell_s"] == {}
+    # 10:00 and 10:01 product views (60 s each until the next event), then cart changes at
+    # 10:02 (60 s to 10:03) and 10:03 (180 s to 10:06); the time after the last event is not credited yet
+    assert s["page_type_dwell_s"] == {"product": 120, "cart": 240}
+    assert s["path"] == ["product_view", "add_to_cart"]
+    assert ns["category_views"] == {"shoes": 2}
     c = ns["cart"]
     assert c["items"] == [{"product_id": "p1", "quantity": 2, "price": 30.0, "category": "shoes"},
                           {"product_id": "p2", "quantity": 2, "price": 12.5, "category": None}]
@@ -83,8 +87,8 @@ def test_namespace_values_from_a_real_state(ns):
     assert (life["orders"], life["revenue"], life["sessions"], life["events"]) == (1, 20.0, 3, 7)
     assert life["days_since_last_order"] == 5 and life["days_since_first_seen"] == 8
     assert ns["traits"] == {"age_band": "25-34", "vip": True}
-    assert ns["scores"] == {"intent": 0.5, "churn": 0.5}
-    assert ns["segments"] == [] and ns["category_views"] == {}
+    assert ns["scores"] == {"intent": 0.5, "churn": 0.5, "engagement": 0.0, "p_purchase": 0.5}
+    assert ns["segments"] == []
     assert ns["event"] == {"type": "", "timestamp_ms": AT, "properties": {}, "context": {}}
 
 
@@ -113,14 +117,16 @@ def test_namespace_of_a_new_user_scores_segments_and_the_event():
     ev = event("product_view", user="u2", at="2019-10-01T10:00:00Z", product_id="p9", category="toys")
     apply(st, ev, None, CFG)
     ns = namespace(st, ev["timestamp_ms"], {"intent": 0.91}, segments=["browsers"], event=ev)
-    assert ns["scores"] == {"intent": 0.91, "churn": 0.5}
+    assert ns["scores"] == {"intent": 0.91, "churn": 0.5, "engagement": 0.0, "p_purchase": 0.5}
+    assert ns["tier"] == "medium" and ns["conversion"] == {"user": 0.5} and ns["consent"] == {}
     assert ns["segments"] == ["browsers"]
     assert ns["event"]["type"] == "product_view" and ns["event"]["properties"]["category"] == "toys"
     assert ns["cart"] == {"items": [], "count": 0, "units": 0, "value": 0.0, "currency": "", "empty": True,
-                          "idle_s": -1}
+                          "idle_s": -1, "last_update": ""}
     assert ns["lifetime"]["days_since_last_order"] == -1 and ns["lifetime"]["days_since_first_seen"] == 0
     st.ml["sc"] = {"intent": 0.2, "intent_version": "v3", "churn": 0.7}
-    assert namespace(st, ev["timestamp_ms"])["scores"] == {"intent": 0.2, "churn": 0.7}
+    assert namespace(st, ev["timestamp_ms"])["scores"] == {"intent": 0.2, "churn": 0.7, "engagement": 0.0,
+                                                           "p_purchase": 0.5}
     assert namespace(UserState(key="nobody"), 0)["session"]["events"] == 0
 
 
@@ -177,10 +183,11 @@ def test_payload_templates_render_values_and_constants(ns):
     errors = []
     payload = render_payload(rs.trigger("cart_abandonment").action.payload, ns, errors)
     assert errors == []
-    assert payload == {"items": ns["cart"]["items"], "units": 4, "value": 85.0, "currency": "EUR", "offer": "FREESHIP"}
+    assert payload == {"cart": {"items": ns["cart"]["items"], "value": 85.0, "currency": "EUR",
+                                "last_update": "2019-10-08T10:06:00.000Z"}, "offer": "FREESHIP"}
     assert render_payload(rs.trigger("repeat_cart_incentive").action.payload, ns)["discount_pct"] == 10
     payload = render_payload(rs.trigger("category_interest").action.payload, ns, errors)
-    assert payload == {"category": None} and errors[0].field == "action.payload.category"
+    assert payload == {"category": None, "views_7d": None} and errors[0].field == "action.payload.category"
 
 
 def test_no_python_eval_anywhere_in_the_rules_package():
@@ -268,7 +275,7 @@ def test_yaml_syntax_error_has_a_position():
 
 def test_the_example_rules_file_loads():
     rs = load_rules(EXAMPLE)
-    assert rs.version.startswith("2026-11-01.1+") and len(rs.version.split("+")[1]) == 8
+    assert rs.version.startswith("2026-11-29.1+") and len(rs.version.split("+")[1]) == 8
     assert {t.name for t in rs.triggers} == {"cart_abandonment", "browse_abandonment", "repeat_cart_incentive",
                                             "checkout_help", "category_interest"}
     cart = rs.trigger("cart_abandonment")

@@ -13,7 +13,7 @@ from clickpulse.settings import ENV_VARS, Settings
 
 def test_defaults_and_env():
     s = Settings.from_env({})
-    assert s.cart_abandon_after_s == 1800 and s.time_mode == "live" and s.partitions == 4
+    assert s.rules_file.endswith("default_rules.yaml") and s.assumed_consent == frozenset() and s.time_mode == "live" and s.partitions == 4
     s = Settings.from_env({"CLICKPULSE_PARTITIONS": "8", "CLICKPULSE_TIME_MODE": "replay",
                            "CLICKPULSE_ALLOWED_LATENESS_S": "2.5"})
     assert (s.partitions, s.time_mode, s.allowed_lateness_ms) == (8, "replay", 2500)

@@ -7,17 +7,33 @@ import itertools
 import pytest
 
 from clickpulse.events.schemas import validation_errors
-from clickpulse.state.user import StateConfig, UserState, apply, fire_due
+from clickpulse.rules import triggers
+from clickpulse.rules.ruleset import load_rules
+from clickpulse.settings import Settings
+from clickpulse.state.user import StateConfig, UserState, apply
 from clickpulse.testing import event, ms
 
-CFG = StateConfig(session_gap_ms=1_800_000, cart_abandon_after_ms=1_800_000, dedup_ids_per_user=32)
+CFG = StateConfig(session_gap_ms=1_800_000, dedup_ids_per_user=32)
+# cart abandonment is the default rules' cart_abandonment trigger (30 min, once per episode)
+CTX = triggers.RuleContext(load_rules(Settings().rules_file), assumed_consent=frozenset({"marketing"}),
+                           created_at="2026-01-01T00:00:00.000Z")
 
 
-def run(events, wm=None):
-    st = UserState(key="u1")
+def run(events, wm=None, st=None):
+    st = st or UserState(key="u1")
     for e in events:
-        apply(st, e, wm, CFG)
+        res = apply(st, e, wm, CFG)
+        triggers.on_event(st, e, res.late, wm, CTX)
     return st
+
+
+def cart_due(st):
+    return st.rules.get("t", {}).get("cart_abandonment", {}).get("due")
+
+
+def fire_due(st, wm, created="2026-01-01T00:00:00.000Z"):
+    ctx = triggers.RuleContext(CTX.ruleset, assumed_consent=CTX.assumed_consent, created_at=created)
+    return [a for a in triggers.on_timers(st, wm, ctx).actions if a["type"] == "cart_abandoned"]
 
 
 @pytest.mark.parametrize("order", list(itertools.permutations(["10:05", "10:00", "10:10"])))
@@ -51,33 +67,35 @@ def test_cart_add_remove_and_value():
               event("remove_from_cart", product_id="p1", quantity=1, at="2019-10-01T10:02:00Z")])
     assert {p: i.quantity for p, i in st.cart.items.items()} == {"p1": 1, "p2": 1}
     assert st.cart.value == 15.5 and st.cart.currency == "EUR"
-    assert st.cart.due_ms == ms("2019-10-01T10:32:00Z")  # last cart update + 30 min
+    assert cart_due(st) == ms("2019-10-01T10:31:00Z")  # last add_to_cart + 30 min
 
 
-def test_emptying_the_cart_cancels_the_timer():
+def test_an_emptied_cart_fires_nothing():
     st = run([event("add_to_cart", product_id="p1"), event("remove_from_cart", product_id="p1",
                                                            at="2019-10-01T10:01:00Z")])
-    assert st.cart.items == {} and st.cart.due_ms is None
+    assert st.cart.items == {}
+    assert fire_due(st, ms("2019-10-02T00:00:00Z")) == []  # the rule's condition is '!cart.empty'
+    assert cart_due(st) is None
 
 
 def test_any_purchase_closes_the_episode():
     # S10 second user: adds one product, buys another
     st = run([event("add_to_cart", product_id="4804056", at="2019-10-01T00:11:00Z"),
               event("purchase", product_id="4802036", price=171.56, at="2019-10-01T00:12:14Z")])
-    assert st.cart.due_ms is None and st.life.orders == 1 and st.life.revenue == 171.56
+    assert cart_due(st) is None and st.life.orders == 1 and st.life.revenue == 171.56
 
 
 def test_purchase_before_a_later_add_keeps_the_later_item():
     st = run([event("add_to_cart", product_id="a", at="2019-10-01T10:00:00Z"),
               event("add_to_cart", product_id="b", at="2019-10-01T10:20:00Z"),
               event("purchase", at="2019-10-01T10:10:00Z")])  # arrives late
-    assert list(st.cart.items) == ["b"] and st.cart.due_ms == ms("2019-10-01T10:50:00Z")
+    assert list(st.cart.items) == ["b"] and cart_due(st) == ms("2019-10-01T10:50:00Z")
 
 
 def test_purchase_exactly_at_due_time_counts_as_within():
     st = run([event("add_to_cart", product_id="a", at="2019-10-01T10:00:00Z")])
     assert fire_due(st, ms("2019-10-01T10:30:00Z"), "2026-01-01T00:00:00Z") == []  # wm not past due
-    apply(st, event("purchase", at="2019-10-01T10:30:00Z"), ms("2019-10-01T10:30:00Z"), CFG)
+    run([event("purchase", at="2019-10-01T10:30:00Z")], ms("2019-10-01T10:30:00Z"), st)
     assert fire_due(st, ms("2019-10-02T00:00:00Z"), "2026-01-01T00:00:00Z") == []
 
 
@@ -87,7 +105,11 @@ def test_fire_due_once_with_deterministic_id_and_valid_schema():
     acts = fire_due(st, ms("2019-10-01T00:35:15Z"), "2026-01-01T00:00:00.000Z")
     assert len(acts) == 1 and validation_errors("action", acts[0]) == []
     assert acts[0]["event_time"] == "2019-10-01T00:35:14.000Z"
-    assert "29.51 USD" in acts[0]["reason"]
+    assert acts[0]["payload"]["cart"] == {"items": [{"product_id": "p1", "quantity": 1, "price": 29.51,
+                                                     "category": None}], "value": 29.51, "currency": "USD",
+                                          "last_update": "2019-10-01T00:05:14.000Z"}
+    assert acts[0]["trigger"] == "cart_abandonment" and acts[0]["rules_version"] == CTX.ruleset.version
+    assert "no purchase within 1800 s after add_to_cart at 2019-10-01T00:05:14.000Z" in acts[0]["reason"]
     assert fire_due(st, ms("2019-10-02T00:00:00Z"), "x") == []   # fired once
     again = fire_due(copy, ms("2019-10-01T00:35:15Z"), "2026-01-01T00:00:01.000Z")
     assert again[0]["action_id"] == acts[0]["action_id"]  # re-processing -> same id
@@ -142,17 +164,22 @@ def test_cart_outcome_is_the_same_in_any_arrival_order(order):
     st = run([event(t, product_id=p, at=ms("2019-10-01T10:00:00Z") + m * 60_000) if p else
               event(t, at=ms("2019-10-01T10:00:00Z") + m * 60_000) for t, p, m in order])
     assert {p: i.quantity for p, i in st.cart.items.items()} == {"c": 1, "a": 1}
-    assert st.cart.due_ms == ms("2019-10-01T10:50:00Z")
+    assert cart_due(st) == ms("2019-10-01T10:50:00Z")
+
+
+def _late(st, e, wm):
+    res = apply(st, e, wm, CFG)
+    return res, triggers.on_event(st, e, res.late, wm, CTX)
 
 
 def test_late_add_never_arms_a_timer_that_is_already_due():
     st = UserState(key="u1")
-    res = apply(st, event("add_to_cart", product_id="p1", at="2019-10-01T10:00:00Z"), ms("2026-01-01T00:00:00Z"), CFG)
-    assert res.late and res.timer_skipped and st.cart.due_ms is None and list(st.cart.items) == ["p1"]
+    res, out = _late(st, event("add_to_cart", product_id="p1", at="2019-10-01T10:00:00Z"), ms("2026-01-01T00:00:00Z"))
+    assert res.late and out.timer_skipped_late == 1 and cart_due(st) is None and list(st.cart.items) == ["p1"]
     # a late add whose window is still open arms normally
     st2 = UserState(key="u2")
-    res2 = apply(st2, event("add_to_cart", product_id="p1", at="2019-10-01T10:00:00Z"), ms("2019-10-01T10:01:00Z"), CFG)
-    assert res2.late and not res2.timer_skipped and st2.cart.due_ms == ms("2019-10-01T10:30:00Z")
+    res2, out2 = _late(st2, event("add_to_cart", product_id="p1", at="2019-10-01T10:00:00Z"), ms("2019-10-01T10:01:00Z"))
+    assert res2.late and out2.timer_skipped_late == 0 and cart_due(st2) == ms("2019-10-01T10:30:00Z")
 
 
 def test_engagement_score_on_the_profile_decays_with_event_time():

@@ -72,5 +72,24 @@ class Metrics:
                                      "Profiles dropped from the write-behind buffer (over CLICKPULSE_REDIS_MAX_PENDING)",
                                      registry=r)
         self.redis_pending = Gauge("clickpulse_redis_pending_profiles", "Profiles waiting to be written", registry=r)
+        self.rule_decisions = Counter("clickpulse_rule_decisions_total",
+                                      "Trigger decisions by trigger and outcome (fired, bot, consent, cooldown, "
+                                      "once_per, segment_too_small, late)", ["trigger", "outcome"], registry=r)
+        self.rule_errors = Counter("clickpulse_rule_errors_total",
+                                   "Rule expressions that failed at run time (counted as false), by rule",
+                                   ["rule"], registry=r)
+        self.segment_changes = Counter("clickpulse_segment_changes_total", "Segment entries and exits",
+                                       ["change"], registry=r)
+        self.segment_members = Gauge("clickpulse_segment_members", "Members per segment on this worker",
+                                     ["segment"], registry=r)
+        self.segment_conversion = Gauge("clickpulse_segment_conversion_rate",
+                                        "Share of segment membership stints with a purchase (raw and "
+                                        "beta-binomial smoothed)", ["segment", "estimate"], registry=r)
+        self.bots = Counter("clickpulse_bots_flagged_total", "Users flagged as bots (crawler UA, implausible rate)",
+                            registry=r)
+        self.rules_reloads = Counter("clickpulse_rules_reloads_total", "Rules file reloads by result",
+                                     ["result"], registry=r)
+        self.rules_info = Gauge("clickpulse_rules_version_info", "The active rules version (value 1)", ["version"],
+                                registry=r)
         self.dlq_publish_errors = Counter("clickpulse_dlq_publish_errors_total",
                                           "Dead-letter records that could not be published", registry=r)

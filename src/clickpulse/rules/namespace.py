@@ -30,9 +30,15 @@ session.max_scroll_pct : double
 session.dwell_s : int
     Sum of the ``dwell_ms`` properties of the session's events, in seconds.
 session.page_type_dwell_s : map<string, int>
-    Seconds of dwell per ``page_type`` in the session (``session.page_type_dwell_s.checkout``).
-    Reserved: the state does not track dwell per page type yet, so the map is always empty
-    (``"checkout" in session.page_type_dwell_s`` is false).
+    Seconds spent per page type in the session: the time from an event to the user's next event
+    is credited to the first event's page type (``properties.page_type``, else ``checkout`` for
+    ``checkout_start``, ``product`` for ``product_view``, ``cart`` for cart changes, ``search``,
+    ``page``, ``confirmation`` for ``purchase``), each gap capped at the session gap; only page
+    types seen are present: ``"checkout" in session.page_type_dwell_s &&
+    session.page_type_dwell_s.checkout > 300``. The time on the current page is credited when the
+    next event arrives.
+session.path : list<string>
+    Event types of the session in event-time order, consecutive repeats collapsed (last 16).
 session.products : int
     Distinct products seen in the session (counted up to 32).
 session.idle_s : int
@@ -52,6 +58,8 @@ cart.currency : string
     ISO 4217 code of the cart's prices, ``""`` when unknown.
 cart.empty : bool
     True when the cart has no items.
+cart.last_update : string
+    RFC 3339 event time of the last cart change, ``""`` when none.
 cart.idle_s : int
     Seconds since the last cart change (add, remove, purchase), ``-1`` when there was none.
 lifetime.events : int
@@ -71,12 +79,28 @@ traits : map<string, dyn>
     ``country`` from the events' context: ``traits.country == "DE"``; test a trait that may be
     absent with ``has(traits.age_band)``.
 category_views : map<string, int>
-    Product views per product category over the last 7 days. Reserved: the state does not
-    count views per category yet, so the map is always empty.
+    Product views per ``properties.category`` over the UTC day of the evaluation and the 6 days
+    before it (16 most recently viewed categories per user; late events not counted):
+    ``category_views["electronics.smartphone"] >= 3``.
+consent : map<string, bool>
+    The user's latest decision per consent purpose (``consent`` events): ``consent.marketing``.
+    A purpose never decided is absent (``has(consent.marketing)``).
 scores.intent : double
     Latest purchase-intent score, 0–1 (0.5 before the model has learned anything).
 scores.churn : double
     Latest churn score, 0–1 (0.5 by default).
+scores.engagement : double
+    Engagement score decayed to the evaluation time (points, >= 0; see
+    :mod:`clickpulse.features.engagement`).
+scores.p_purchase : double
+    Probability, 0–1, that the current session reaches a purchase given its latest event type
+    (first-order Markov chain learned online by the trainer, :mod:`clickpulse.models.markov`).
+tier : string
+    Engagement tier of the current session: ``"high"``, ``"medium"`` or ``"low"`` (online
+    k-means, :mod:`clickpulse.models.tiers`).
+conversion.user : double
+    The user's share of sessions with a purchase, Bayesian-smoothed towards the population's rate
+    (beta-binomial posterior mean, :mod:`clickpulse.rules.smoothing`), 0–1.
 segments : list<string>
     Names of the segments the user is in: ``"cart_builders" in segments``.
 event : map<string, dyn>
@@ -94,8 +118,8 @@ Examples
 >>> ns = namespace(st, ms("2019-10-01T10:05:00Z"))
 >>> ns["count"]["add_to_cart"]["7d"], ns["cart"]["value"], ns["cart"]["units"], ns["session"]["idle_s"]
 (1, 60.0, 2, 300)
->>> ns["scores"], ns["lifetime"]["days_since_last_order"]
-({'intent': 0.5, 'churn': 0.5}, -1)
+>>> ns["scores"]["intent"], ns["lifetime"]["days_since_last_order"], ns["session"]["page_type_dwell_s"]
+(0.5, -1, {})
 """
 
 from __future__ import annotations
@@ -104,7 +128,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..events.contract import CANONICAL_TYPES
-from ..state.user import UserState, cart_items
+from ..events.contract import to_rfc3339
+from ..state.user import UserState, cart_items, category_views
 from ..state.windows import DAY_MS, SPANS
 
 #: Every CEL name of the namespace and its CEL type (``cel.Type`` signature). A dotted name is
@@ -118,6 +143,7 @@ VARIABLES: dict[str, str] = {
     "session.dwell_s": "int",
     "session.page_type_dwell_s": "map<string, int>",
     "session.products": "int",
+    "session.path": "list<string>",
     "session.idle_s": "int",
     "cart.items": "list<map<string, dyn>>",
     "cart.count": "int",
@@ -126,6 +152,7 @@ VARIABLES: dict[str, str] = {
     "cart.currency": "string",
     "cart.empty": "bool",
     "cart.idle_s": "int",
+    "cart.last_update": "string",
     "lifetime.events": "int",
     "lifetime.sessions": "int",
     "lifetime.orders": "int",
@@ -134,8 +161,13 @@ VARIABLES: dict[str, str] = {
     "lifetime.days_since_first_seen": "int",
     "traits": "map<string, dyn>",
     "category_views": "map<string, int>",
+    "consent": "map<string, bool>",
     "scores.intent": "double",
     "scores.churn": "double",
+    "scores.engagement": "double",
+    "scores.p_purchase": "double",
+    "tier": "string",
+    "conversion.user": "double",
     "segments": "list<string>",
     "event": "map<string, dyn>",
 }
@@ -179,7 +211,8 @@ def _plain(v: Any) -> Any:
 
 
 def namespace(state: UserState, at_ms: int, scores: Mapping[str, float] | None = None, *,
-              segments: Iterable[str] = (), event: Mapping[str, Any] | None = None) -> dict[str, Any]:
+              segments: Iterable[str] = (), event: Mapping[str, Any] | None = None,
+              extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The CEL namespace of one user as of event time ``at_ms``: a nested plain dict.
 
     Parameters
@@ -195,23 +228,30 @@ def namespace(state: UserState, at_ms: int, scores: Mapping[str, float] | None =
         Names of the segments the user is currently in.
     event
         The canonical event being evaluated, or ``None`` for a timer.
+    extra
+        Values the engine computes from its models and population counts:
+        ``{"engagement": float, "p_purchase": float, "tier": str, "conversion_user": float}``;
+        each missing one gets its neutral default (0.0, 0.5, ``"medium"``, 0.5).
 
     Returns
     -------
     dict
         ``{"count": ..., "session": {...}, "cart": {...}, "lifetime": {...}, "traits": ...,
-        "category_views": ..., "scores": {...}, "segments": [...], "event": {...}}``; every name
+        "category_views": ..., "consent": ..., "scores": {...}, "tier": ..., "conversion": {...},
+        "segments": [...], "event": {...}}``; every name
         of :data:`VARIABLES` (a dotted name ``a.b`` is ``ns["a"]["b"]``), with exactly its type
         (``int`` for CEL int, ``float`` for CEL double). See the module docstring for units.
     """
     s = state.session
     if s is None:
         session = {"duration_s": 0, "events": 0, "counts": _zero_filled({}), "max_scroll_pct": 0.0,
-                   "dwell_s": 0, "page_type_dwell_s": {}, "products": 0, "idle_s": 0}
+                   "dwell_s": 0, "page_type_dwell_s": {}, "products": 0, "idle_s": 0, "path": []}
     else:
         session = {"duration_s": _secs(s.duration_ms), "events": int(s.events), "counts": _zero_filled(s.counts),
                    "max_scroll_pct": float(s.max_scroll_pct), "dwell_s": _secs(int(s.dwell_ms)),
-                   "page_type_dwell_s": {}, "products": len(s.products), "idle_s": _secs(at_ms - s.last_ms)}
+                   "page_type_dwell_s": {k: _secs(v) for k, v in s.page_dwell_ms.items()},
+                   "products": len(s.products), "idle_s": _secs(at_ms - s.last_ms), "path": list(s.path)}
+    x = extra or {}
     cart = state.cart
     items = [{"product_id": i["product_id"], "quantity": int(i["quantity"]),
               "price": None if i["price"] is None else float(i["price"]), "category": i["category"]}
@@ -239,6 +279,7 @@ def namespace(state: UserState, at_ms: int, scores: Mapping[str, float] | None =
             "value": float(cart.value),
             "currency": cart.currency or "",
             "empty": not items,
+            "last_update": "" if cart.updated_ms is None else to_rfc3339(cart.updated_ms),
             "idle_s": -1 if cart.updated_ms is None and cart.closed_ms is None
             else _secs(at_ms - max(t for t in (cart.updated_ms, cart.closed_ms) if t is not None)),
         },
@@ -252,8 +293,12 @@ def namespace(state: UserState, at_ms: int, scores: Mapping[str, float] | None =
             "days_since_first_seen": max(0, _days(at_ms, life.first_ms)),
         },
         "traits": _plain(state.traits),
-        "category_views": {},
-        "scores": {k: float(raw_scores.get(k, DEFAULT_SCORE)) for k in SCORE_NAMES},
+        "category_views": category_views(state, at_ms),
+        "consent": {str(k): bool(v[0]) for k, v in state.consent.items()},
+        "scores": {**{k: float(raw_scores.get(k, DEFAULT_SCORE)) for k in SCORE_NAMES},
+                   "engagement": float(x.get("engagement", 0.0)), "p_purchase": float(x.get("p_purchase", 0.5))},
+        "tier": str(x.get("tier", "medium")),
+        "conversion": {"user": float(x.get("conversion_user", 0.5))},
         "segments": [str(x) for x in segments],
         "event": ev,
     }

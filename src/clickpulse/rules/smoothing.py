@@ -95,21 +95,81 @@ def fit_prior(successes: Iterable[float], trials: Iterable[float], *, min_groups
         _check(s, n)
         if n > 0:
             groups.append((s, n))
-    g = len(groups)
-    w = sum(n for _s, n in groups)
-    total_s = sum(s for s, _n in groups)
+    return _fit(len(groups), sum(n for _s, n in groups), sum(s for s, _n in groups),
+                sum(n * n for _s, n in groups), sum(s * s / n for s, n in groups),
+                min_groups, fallback_strength, min_strength, max_strength)
+
+
+def _fit(g: int, w: float, total_s: float, sum_n2: float, sum_s2_n: float, min_groups: int = MIN_GROUPS,
+         fallback_strength: float = FALLBACK_STRENGTH, min_strength: float = MIN_STRENGTH,
+         max_strength: float = MAX_STRENGTH) -> tuple[float, float]:
+    """:func:`fit_prior` from the sufficient statistics: ``g`` groups with trials, ``w = sum n``,
+    ``total_s = sum s``, ``sum_n2 = sum n^2``, ``sum_s2_n = sum s^2 / n``."""
     laplace = (total_s + 1.0) / (w + 2.0)
-    a_minus = w - sum(n * n for _s, n in groups) / w - (g - 1) if w > 0 else 0.0  # A - (G - 1)
+    a_minus = w - sum_n2 / w - (g - 1) if w > 0 else 0.0  # A - (G - 1)
     if g < max(min_groups, 2) or a_minus <= 1e-12:
         return laplace * fallback_strength, (1.0 - laplace) * fallback_strength
     m = total_s / w
     if m <= 0.0 or m >= 1.0:  # nobody / everybody converted: no spread to measure
         return laplace * max_strength, (1.0 - laplace) * max_strength
-    spread = sum(n * (s / n - m) ** 2 for s, n in groups)
+    spread = max(0.0, sum_s2_n - m * total_s)  # sum n (s/n - m)^2
     rho = (spread / (m * (1.0 - m)) - (g - 1)) / a_minus
     strength = max_strength if rho <= 0 else 1.0 / rho - 1.0
     strength = min(max(strength, min_strength), max_strength)
     return m * strength, (1.0 - m) * strength
+
+
+class PopulationPrior:
+    """The sufficient statistics of :func:`fit_prior`, kept incrementally as groups change.
+
+    A stream keeps one per population (e.g. the users of a partition): :meth:`add` a group's
+    ``(s, n)``, :meth:`remove` its old value before adding the new one. :meth:`prior` then equals
+    ``fit_prior`` over the current groups, in O(1).
+
+    >>> pp = PopulationPrior()
+    >>> for s, n in [(1, 2), (0, 0), (2, 3)]:
+    ...     pp.add(s, n)
+    >>> pp.prior() == fit_prior([1, 0, 2], [2, 0, 3])
+    True
+    """
+
+    __slots__ = ("g", "w", "s", "n2", "s2n")
+
+    def __init__(self) -> None:
+        self.g = 0
+        self.w = 0.0
+        self.s = 0.0
+        self.n2 = 0.0
+        self.s2n = 0.0
+
+    def _update(self, s: float, n: float, sign: int) -> None:
+        _check(float(s), float(n))
+        if n <= 0:
+            return
+        self.g += sign
+        self.w += sign * n
+        self.s += sign * s
+        self.n2 += sign * n * n
+        self.s2n += sign * s * s / n
+
+    def add(self, s: float, n: float) -> None:
+        """Count a group with ``s`` successes in ``n`` trials (ValueError unless 0 <= s <= n)."""
+        self._update(s, n, 1)
+
+    def remove(self, s: float, n: float) -> None:
+        """Forget a group previously added with exactly these values."""
+        self._update(s, n, -1)
+
+    def merge(self, other: PopulationPrior) -> PopulationPrior:
+        """A new set of statistics over both populations."""
+        out = PopulationPrior()
+        for k in self.__slots__:
+            setattr(out, k, getattr(self, k) + getattr(other, k))
+        return out
+
+    def prior(self, **fit_kwargs: Any) -> tuple[float, float]:
+        """``(alpha, beta)`` of :func:`fit_prior` over the groups counted now."""
+        return _fit(self.g, self.w, self.s, self.n2, self.s2n, **fit_kwargs)
 
 
 def posterior_mean(s: float, n: float, alpha: float, beta: float) -> float:

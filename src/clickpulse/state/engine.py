@@ -5,8 +5,8 @@ Faust table in the worker), the wall clock is passed in. The Faust agents in
 :mod:`clickpulse.app` are thin loops over :meth:`Engine.process`, :meth:`Engine.tick` and
 :meth:`Engine.end_of_input`.
 
-Pending timers live inside each user's state (``cart.due_ms``), so they are in the table's
-changelog and survive restarts; the in-memory :class:`TimerIndex` and each partition's maximum
+Pending timers live inside each user's state (rule timeouts in ``UserState.rules``, model label
+deadlines in ``UserState.ml``), so they are in the table's changelog and survive restarts; the in-memory :class:`TimerIndex` and each partition's maximum
 event time are rebuilt from the table by :meth:`Engine.restore` after a rebalance/recovery.
 """
 
@@ -18,10 +18,16 @@ from collections.abc import Callable, Iterable, MutableMapping
 from datetime import UTC, datetime
 from typing import Any
 
+from ..features.engagement import value as engagement_value
 from ..models.labels import after_event, before_event, next_due, on_watermark
+from ..models.tiers import session_features
 from ..observability.metrics import Metrics, type_label
+from ..rules import triggers
+from ..rules.bots import BotConfig
+from ..rules.ruleset import Ruleset
+from ..rules.smoothing import PopulationPrior, posterior_mean
 from .clock import END_OF_TIME, PartitionClock, TimerIndex
-from .user import Applied, StateConfig, UserState, apply, fire_due, is_duplicate
+from .user import Applied, StateConfig, UserState, apply, is_duplicate
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +59,22 @@ class Engine:
         ``None`` disables models.
     pending_total_cap
         Bound on buffered unlabeled predictions over all users of this worker.
+    rules
+        The segments and triggers: a :class:`clickpulse.rules.ruleset.Ruleset`, or an object with
+        ``current() -> Ruleset`` (a :class:`clickpulse.rules.ruleset.RulesFile`, reloaded by the
+        worker); ``None``: no rules (no actions from rules, no segments).
+    assumed_consent
+        Consent purposes taken as granted for users who never sent a ``consent`` event.
+    bots
+        Bot-detection thresholds (:class:`clickpulse.rules.bots.BotConfig`).
     """
 
     def __init__(self, table: MutableMapping[bytes, bytes], cfg: StateConfig, *, allowed_lateness_ms: int,
                  idle_timeout_ms: int, live: bool, metrics: Metrics,
                  on_state: Callable[[UserState], None] | None = None,
-                 models: Any = None, model_cfg: Any = None, pending_total_cap: int = 1_000_000) -> None:
+                 models: Any = None, model_cfg: Any = None, pending_total_cap: int = 1_000_000,
+                 rules: Any = None, assumed_consent: frozenset[str] = frozenset(),
+                 bots: BotConfig | None = None) -> None:
         self.table = table
         self.cfg = cfg
         self.lateness = allowed_lateness_ms
@@ -74,6 +90,137 @@ class Engine:
         self.pending_total_cap = pending_total_cap
         self.pending_predictions = 0
         self.examples: list[dict[str, Any]] = []
+        # rules: segments' members per partition, population statistics for smoothing
+        self.rules = rules
+        self.assumed_consent = frozenset(assumed_consent)
+        self.bots = bots or BotConfig()
+        self.segment_members: dict[int, dict[str, int]] = {}
+        self.segment_entries: dict[str, int] = {}      # membership stints started (since start/restore)
+        self.segment_conversions: dict[str, int] = {}  # stints with a purchase
+        self.population: dict[int, PopulationPrior] = {}  # users' (converted sessions, sessions)
+        self.segment_changes: list[dict[str, Any]] = []
+        self.rule_errors = 0
+
+    # -- rules ----------------------------------------------------------------------------
+    def ruleset(self) -> Ruleset | None:
+        r = self.rules
+        return r if r is None or isinstance(r, Ruleset) else r.current()
+
+    def segment_size(self, name: str) -> int:
+        """Members of segment ``name`` over this worker's partitions."""
+        return sum(m.get(name, 0) for m in self.segment_members.values())
+
+    def segment_active(self, name: str) -> bool:
+        rs = self.ruleset()
+        if rs is None:
+            return False
+        try:
+            seg = rs.segment(name)
+        except KeyError:
+            return False
+        return self.segment_size(name) >= seg.min_size
+
+    def user_prior(self) -> tuple[float, float]:
+        """Beta prior of users' session conversion, fitted over this worker's users."""
+        total = PopulationPrior()
+        for pp in self.population.values():
+            total = total.merge(pp)
+        return total.prior()
+
+    def conversion_user(self, st: UserState) -> float:
+        """The user's smoothed session conversion rate (posterior mean), 0-1."""
+        a, b = self.user_prior()
+        n = st.life.sessions
+        return posterior_mean(min(st.life.converted_sessions, n), n, a, b)
+
+    def segment_conversion(self) -> dict[str, dict[str, float]]:
+        """Per segment: stints, conversions, raw and smoothed conversion rate (prior over segments)."""
+        from ..rules.smoothing import fit_prior
+        names = sorted(set(self.segment_entries) | set(self.segment_conversions))
+        s = [min(self.segment_conversions.get(n, 0), self.segment_entries.get(n, 0)) for n in names]
+        n = [self.segment_entries.get(x, 0) for x in names]
+        a, b = fit_prior(s, n)
+        return {name: {"members": self.segment_size(name), "stints": ni, "conversions": si,
+                       "rate": si / ni if ni else 0.0, "rate_smoothed": posterior_mean(si, ni, a, b)}
+                for name, si, ni in zip(names, s, n, strict=True)}
+
+    def _extra(self, st: UserState, at_ms: int) -> dict[str, Any]:
+        en = st.ml.get("en")
+        out: dict[str, Any] = {"engagement": engagement_value(en, at_ms, self.cfg.engagement) if en else 0.0,
+                               "conversion_user": self.conversion_user(st)}
+        if self.models is not None and st.session is not None:
+            if hasattr(self.models, "p_purchase"):
+                out["p_purchase"] = float(self.models.p_purchase(st.session.path))
+            if hasattr(self.models, "tier"):
+                out["tier"] = str(self.models.tier(session_features(st.session, self.cfg.engagement)))
+        return out
+
+    def profile_extra(self, st: UserState) -> dict[str, Any]:
+        """Engine-computed profile fields (tier, p_purchase, smoothed conversion) for ``st``."""
+        return self._extra(st, st.life.last_ms or 0)
+
+    def _context(self, rs: Ruleset, created: str) -> triggers.RuleContext:
+        return triggers.RuleContext(rs, self.segment_active, self._extra, self.assumed_consent, self.bots, created)
+
+    def _count_population(self, st: UserState, sign: int) -> None:
+        pp = self.population.setdefault(st.partition, PopulationPrior())
+        s, n = min(st.life.converted_sessions, st.life.sessions), st.life.sessions
+        (pp.add if sign > 0 else pp.remove)(s, n)
+
+    def _take_rules(self, st: UserState, out: triggers.Outcome, partition: int) -> list[dict[str, Any]]:
+        """Account for a rules outcome (metrics, segment counts and changes); returns its actions."""
+        members = self.segment_members.setdefault(partition, {})
+        for ch in out.changes:
+            if ch.change == "entered":
+                members[ch.segment] = members.get(ch.segment, 0) + 1
+                self.segment_entries[ch.segment] = self.segment_entries.get(ch.segment, 0) + 1
+            else:
+                members[ch.segment] = max(0, members.get(ch.segment, 0) - 1)
+                conv = st.rules.get("cv")
+                if conv and ch.segment in conv:
+                    conv.remove(ch.segment)
+                    if not conv:
+                        del st.rules["cv"]
+            rec = ch.to_record()
+            rec["segment_size"] = members.get(ch.segment, 0)
+            self.segment_changes.append(rec)
+            self.metrics.segment_changes.labels(ch.change).inc()
+        for trig, outcome in out.decisions:
+            self.metrics.rule_decisions.labels(trig, outcome).inc()
+        for err in out.errors:
+            self.rule_errors += 1
+            self.metrics.rule_errors.labels(err.rule).inc()
+            log.debug("rule evaluation error for %s: %s", st.key, err)
+        if out.timer_skipped_late:
+            self.metrics.timers_skipped_late.inc(out.timer_skipped_late)
+        if out.bot_flagged:
+            self.metrics.bots.inc()
+            log.info("user %s flagged as a bot: %s", st.key, out.bot_flagged)
+        return out.actions
+
+    def _segment_purchase(self, st: UserState) -> None:
+        """A purchase converts the user's current membership stints (each counted once)."""
+        segs = st.rules.get("seg")
+        if not segs:
+            return
+        conv = st.rules.setdefault("cv", [])
+        for seg in segs:
+            if seg not in conv:
+                conv.append(seg)
+                self.segment_conversions[seg] = self.segment_conversions.get(seg, 0) + 1
+
+    def _session_examples(self, st: UserState, session: Any) -> None:
+        """Examples of a finished session for the trainer's engagement tiers and Markov chain."""
+        if self.models is None:
+            return
+        base = {"schema_version": 1, "user_key": st.key, "event_time_ms": int(session.last_ms)}
+        self.examples.append({**base, "task": "tiers", "x": session_features(session, self.cfg.engagement)})
+        self.examples.append({**base, "task": "markov", "path": list(session.path)})
+
+    def drain_segment_changes(self) -> list[dict[str, Any]]:
+        """Segment entry/exit records since the last call (for the segments topic)."""
+        out, self.segment_changes = self.segment_changes, []
+        return out
 
     # -- helpers ----------------------------------------------------------------------------
     def clock(self, partition: int) -> PartitionClock:
@@ -101,7 +248,7 @@ class Engine:
         return out
 
     def _due(self, st: UserState, closed: bool = False) -> int | None:
-        dues = [d for d in (st.cart.due_ms, self._model_due(st, closed)) if d is not None]
+        dues = [d for d in (triggers.next_due(st), self._model_due(st, closed)) if d is not None]
         return min(dues) if dues else None
 
     def _model_due(self, st: UserState, closed: bool) -> int | None:
@@ -140,20 +287,31 @@ class Engine:
             return Applied(duplicate=True), self.tick(partition, wall_ms)
         actions: list[dict[str, Any]] = []
         created = wall_rfc3339(wall_ms)
+        st.partition = partition
         if self.models is not None:
             actions += self._take(before_event(st, int(event["timestamp_ms"]), self.models.score, self.mcfg, created))
+        self._count_population(st, -1)
+        prev_sid = None if st.session is None else st.session.sid
         res = apply(st, event, wm_before, self.cfg, wall_ms)
+        self._count_population(st, +1)
+        if res.session_started and st.session is not None and st.session.sid != prev_sid \
+                and st.prev_session is not None:
+            self._session_examples(st, st.prev_session)
         if self.models is not None:
             actions += self._take(after_event(st, event, self.models.score, self.mcfg, created, res.late,
                                               allow_buffer=self.pending_predictions < self.pending_total_cap))
+        rs = self.ruleset()
+        if rs is not None:
+            if event["type"] == "purchase":
+                self._segment_purchase(st)
+            actions += self._take_rules(st, triggers.on_event(st, event, res.late, wm_before,
+                                                              self._context(rs, created)), partition)
         for a in actions:
             self.metrics.actions.labels(a["type"]).inc()
         st.partition = partition
         self.metrics.events_in.labels(type_label(event["type"])).inc()
         if res.late:
             self.metrics.late.inc()
-        if res.timer_skipped:
-            self.metrics.timers_skipped_late.inc()
         if res.session_started:
             self.metrics.sessions.inc()
         clock.observe(int(event["timestamp_ms"]), wall_ms)
@@ -170,11 +328,15 @@ class Engine:
             return []
         created = wall_rfc3339(wall_ms)
         out: list[dict[str, Any]] = []
+        rs = self.ruleset()
+        ctx = None if rs is None else self._context(rs, created)
         for key in due_keys:
             st = self.load(key)
             if st is None:
                 continue
-            actions = fire_due(st, wm, created)
+            actions: list[dict[str, Any]] = []
+            if ctx is not None:
+                actions += self._take_rules(st, triggers.on_timers(st, wm, ctx), partition)
             if self.models is not None:
                 actions += self._take(on_watermark(st, wm, self.models.score, self.mcfg, created))
             # what did not fire (e.g. the cart changed) is re-armed from the state
@@ -206,6 +368,15 @@ class Engine:
             if p not in keep:
                 del self.clocks[p]
                 self.timers.pop(p, None)
+        for p in list(self.segment_members):
+            if p not in keep:
+                del self.segment_members[p]
+        for p in list(self.population):
+            if p not in keep:
+                del self.population[p]
+        for p in keep:  # rebuilt below from the recovered table
+            self.segment_members[p] = {}
+            self.population[p] = PopulationPrior()
         max_ts: dict[int, int] = {}
         max_wall: dict[int, int | None] = {}
         due: dict[int, list[tuple[str, int]]] = {p: [] for p in keep}
@@ -217,6 +388,10 @@ class Engine:
                 continue
             if st.partition not in keep:
                 continue
+            members = self.segment_members[st.partition]
+            for seg in st.rules.get("seg", []):
+                members[seg] = members.get(seg, 0) + 1
+            self._count_population(st, +1)
             if st.life.last_ms is not None and st.life.last_ms >= max_ts.get(st.partition, st.life.last_ms):
                 max_ts[st.partition] = st.life.last_ms
                 max_wall[st.partition] = st.life.last_wall_ms
@@ -252,6 +427,11 @@ class Engine:
                 if len(stale) >= limit:
                     break
         for key in stale:
+            st = UserState.from_bytes(self.table[key])
+            self._count_population(st, -1)
+            members = self.segment_members.setdefault(partition, {})
+            for seg in st.rules.get("seg", []):
+                members[seg] = max(0, members.get(seg, 0) - 1)
             del self.table[key]
         if stale:
             self.metrics.users_expired.inc(len(stale))

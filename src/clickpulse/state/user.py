@@ -1,8 +1,8 @@
 """Per-user state in event time and the pure step that updates it.
 
-``apply(state, event, watermark_ms, cfg) -> Applied`` is the whole per-event state transition;
-``fire_due(state, watermark_ms, cfg) -> list[dict]`` fires the user's timers the watermark has
-passed. No Kafka, no clocks: both take event time explicitly.
+``apply(state, event, watermark_ms, cfg) -> Applied`` is the whole per-event state transition
+(rules, timers and actions are :mod:`clickpulse.rules.triggers`). No Kafka, no clocks: it takes
+event time explicitly.
 
 Rules (stated once, applied identically whatever the arrival order):
 
@@ -16,13 +16,18 @@ Rules (stated once, applied identically whatever the arrival order):
   starts a new session; one at least a gap before it goes to the previous session (kept too), or
   starts an earlier one. So 10:05, 10:00, 10:10 is one 10-minute session, and 10:00:00.000 and
   10:30:00.000 are two sessions in either arrival order.
-* **Cart episode**: ``add_to_cart`` adds quantity (default 1) of a product; ``remove_from_cart``
-  subtracts. The abandonment timer is due ``cart_abandon_after_ms`` after the last cart update
-  (event time). A ``purchase`` at time P closes the episode: it removes every unit added at or
-  before P (REES46-like sources do not list an order's items; any purchase means the user
-  checked out), so a purchase within the delay cancels the timer. An emptied cart cancels the
-  timer. A purchase exactly at the due time still counts as "within".
-* **Timers** fire when the watermark is strictly past their due time.
+* **Cart**: ``add_to_cart`` adds quantity (default 1) of a product; ``remove_from_cart``
+  subtracts. A ``purchase`` at time P removes every unit added at or before P (REES46-like
+  sources do not list an order's items; any purchase means the user checked out). Cart
+  abandonment itself is a rule (``on: {timeout: {after: add_to_cart, no: purchase, ...}}``, see
+  :mod:`clickpulse.rules.triggers`), whose timers live in ``UserState.rules``.
+* **Page-type dwell**: the time from an event to the user's next event in the same session is
+  credited to the first event's page type (``properties.page_type``, else derived from the
+  event type: ``checkout_start`` → ``checkout``, ``product_view`` → ``product``...), capped at
+  the session gap; only for events arriving in event-time order (an out-of-order event is not
+  credited, so a replay and a live run agree when the input is ordered).
+* **Category views**: product views per ``properties.category`` per UTC day, for the 16 most
+  recently viewed categories, not counting late events (like the windows).
 * **Duplicates**: an event whose ``event_id`` is among the user's last ``dedup_ids_per_user``
   ids changes nothing.
 """
@@ -51,14 +56,12 @@ class StateConfig:
     """The settings the state step needs, in milliseconds (see :class:`clickpulse.settings.Settings`)."""
 
     session_gap_ms: int = 1_800_000
-    cart_abandon_after_ms: int = 1_800_000
     dedup_ids_per_user: int = 32
     engagement: EngagementConfig = field(default_factory=EngagementConfig)
 
     @classmethod
     def from_settings(cls, s: Any) -> StateConfig:
-        return cls(s.session_gap_ms, s.cart_abandon_after_ms, s.dedup_ids_per_user,
-                   EngagementConfig.from_settings(s))
+        return cls(s.session_gap_ms, s.dedup_ids_per_user, EngagementConfig.from_settings(s))
 
 
 @dataclass
@@ -74,6 +77,9 @@ class Session:
     dwell_ms: int = 0
     ended: bool = False  # its end (last + gap) has been processed
     sid: int = -1  # identity: the event time it was created at (start_ms may move earlier)
+    page_dwell_ms: dict[str, int] = field(default_factory=dict)  # page type -> ms (see module doc)
+    last_page: str | None = None  # page type of the event at last_ms
+    path: list[str] = field(default_factory=list)  # event types in event-time order, repeats collapsed (last 16)
 
     def __post_init__(self) -> None:
         if self.sid == -1:
@@ -85,11 +91,11 @@ class Session:
 
     def to_obj(self) -> list[Any]:
         return [self.start_ms, self.last_ms, self.events, self.counts, self.products, self.max_scroll_pct,
-                self.dwell_ms, self.ended, self.sid]
+                self.dwell_ms, self.ended, self.sid, self.page_dwell_ms, self.last_page, self.path]
 
     @classmethod
     def from_obj(cls, o: list[Any] | None) -> Session | None:
-        return None if o is None else cls(*o[:9])
+        return None if o is None else cls(*o[:12])
 
 
 @dataclass
@@ -122,12 +128,11 @@ class CartItem:
 
 @dataclass
 class Cart:
-    """The user's cart. ``due_ms`` is the pending abandonment timer (event time) or ``None``."""
+    """The user's cart (its abandonment timer is a rule's: :mod:`clickpulse.rules.triggers`)."""
 
     items: dict[str, CartItem] = field(default_factory=dict)
     currency: str | None = None
     updated_ms: int | None = None
-    due_ms: int | None = None
     closed_ms: int | None = None  # latest purchase time: cart changes at or before it are settled
 
     @property
@@ -139,13 +144,13 @@ class Cart:
         if not self.items and self.updated_ms is None and self.closed_ms is None:
             return None
         return {"i": {p: [i.quantity, i.price, i.added_ms, i.category, i.lots] for p, i in self.items.items()},
-                "c": self.currency, "u": self.updated_ms, "d": self.due_ms, "x": self.closed_ms}
+                "c": self.currency, "u": self.updated_ms, "x": self.closed_ms}
 
     @classmethod
     def from_obj(cls, o: dict[str, Any] | None) -> Cart:
         if not o:
             return cls()
-        return cls({p: CartItem(*v) for p, v in o["i"].items()}, o["c"], o["u"], o["d"], o.get("x"))
+        return cls({p: CartItem(*v) for p, v in o["i"].items()}, o["c"], o["u"], o.get("x"))
 
 
 @dataclass
@@ -157,10 +162,11 @@ class Lifetime:
     orders: int = 0
     revenue: float = 0.0
     last_wall_ms: int | None = None  # wall-clock arrival of the event with the highest event time
+    converted_sessions: int = 0  # sessions with at least one purchase
 
     def to_obj(self) -> list[Any]:
         return [self.first_ms, self.last_ms, self.events, self.sessions, self.orders, self.revenue,
-                self.last_wall_ms]
+                self.last_wall_ms, self.converted_sessions]
 
 
 @dataclass
@@ -184,6 +190,13 @@ class UserState:
     #: [at_ms, due_ms, score, version, x]; "sc" latest scores; "hi" session start of the last
     #: high_intent action; "cr" event time of the last churn_risk action
     ml: dict[str, Any] = field(default_factory=dict)
+    #: consent purpose -> [granted, event time ms of the decision] (latest decision wins)
+    consent: dict[str, list[Any]] = field(default_factory=dict)
+    #: category -> [[UTC day number, product views], ...] (see :func:`category_views`)
+    categories: dict[str, list[list[int]]] = field(default_factory=dict)
+    #: rule bookkeeping (see clickpulse.rules.triggers): "seg" segment membership, "t" per-trigger
+    #: state (timers, cooldowns, once_per), "bot" bot detection, "cs" sessions with a purchase
+    rules: dict[str, Any] = field(default_factory=dict)
 
     def to_bytes(self) -> bytes:
         obj: dict[str, Any] = {"k": self.key, "p": self.partition, "w": self.windows.to_obj(),
@@ -203,6 +216,12 @@ class UserState:
             obj["t"] = self.traits
         if self.ml:
             obj["m"] = self.ml
+        if self.consent:
+            obj["co"] = self.consent
+        if self.categories:
+            obj["cv"] = self.categories
+        if self.rules:
+            obj["ru"] = self.rules
         return orjson.dumps(obj)
 
     @classmethod
@@ -211,12 +230,16 @@ class UserState:
         return cls(key=o["k"], partition=o.get("p", -1), user_id=o.get("u"), anonymous_id=o.get("a"),
                    windows=Windows.from_obj(o.get("w")), session=Session.from_obj(o.get("s")),
                    prev_session=Session.from_obj(o.get("ps")), cart=Cart.from_obj(o.get("c")),
-                   life=Lifetime(*o["l"][:7]), traits=o.get("t", {}), recent_ids=o.get("r", []),
-                   ml=o.get("m", {}))
+                   life=Lifetime(*o["l"][:8]), traits=o.get("t", {}), recent_ids=o.get("r", []),
+                   ml=o.get("m", {}), consent=o.get("co", {}), categories=o.get("cv", {}), rules=o.get("ru", {}))
 
-    def profile(self, at_ms: int | None = None, engagement: EngagementConfig | None = None) -> dict[str, Any]:
+    def profile(self, at_ms: int | None = None, engagement: EngagementConfig | None = None,
+                extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """The summary served from Redis (``schemas/profile.v1.json``); ``engagement`` is the
-        config the score was accumulated with (its half-life decays it to ``at_ms``)."""
+        config the score was accumulated with (its half-life decays it to ``at_ms``); ``extra``
+        holds what the engine computes from its models and population (``tier``, ``p_purchase``,
+        ``conversion_user``: see :meth:`clickpulse.state.engine.Engine.profile_extra`)."""
+        x = extra or {}
         at = at_ms if at_ms is not None else (self.life.last_ms or 0)
         ecfg = engagement or EngagementConfig()
         en = self.ml.get("en", {})
@@ -231,16 +254,28 @@ class UserState:
             "session": None if s is None else {"start": to_rfc3339(s.start_ms), "last": to_rfc3339(s.last_ms),
                                                "duration_s": s.duration_ms / 1000, "events": s.events,
                                                "counts": s.counts},
-            "cart": {"items": cart_items(self.cart), "value": self.cart.value, "currency": self.cart.currency,
-                     "abandon_due": None if self.cart.due_ms is None else to_rfc3339(self.cart.due_ms)},
+            "cart": {"items": cart_items(self.cart), "value": self.cart.value, "currency": self.cart.currency},
             "lifetime": {"first_seen": None if self.life.first_ms is None else to_rfc3339(self.life.first_ms),
                          "last_seen": None if self.life.last_ms is None else to_rfc3339(self.life.last_ms),
                          "events": self.life.events, "sessions": self.life.sessions,
-                         "orders": self.life.orders, "revenue": round(self.life.revenue, 2)},
+                         "orders": self.life.orders, "revenue": round(self.life.revenue, 2),
+                         "converted_sessions": self.life.converted_sessions},
             "traits": self.traits,
             "scores": self.ml.get("sc", {}),
             "engagement": {"score": round(engagement_value(en, at, ecfg), 4) if en else 0.0,
                            "top": top_contributors(en, at, ecfg) if en else []},
+            "segments": list(self.rules.get("seg", [])),
+            "timers": {name: to_rfc3339(ts["due"]) for name, ts in sorted(self.rules.get("t", {}).items())
+                       if "due" in ts},
+            "consent": {k: bool(v[0]) for k, v in self.consent.items()},
+            "bot": self.rules.get("bot", {}).get("flag"),
+            "tier": x.get("tier"),
+            "p_purchase": None if x.get("p_purchase") is None else round(float(x["p_purchase"]), 4),
+            "conversion": {"sessions": self.life.sessions, "converted": self.life.converted_sessions,
+                           "rate": round(self.life.converted_sessions / self.life.sessions, 4)
+                           if self.life.sessions else None,
+                           "rate_smoothed": None if x.get("conversion_user") is None
+                           else round(float(x["conversion_user"]), 4)},
         }
 
 
@@ -251,7 +286,6 @@ class Applied:
     duplicate: bool = False
     late: bool = False
     session_started: bool = False
-    timer_skipped: bool = False
 
 
 def _short_id(event_id: str) -> str:
@@ -270,7 +304,33 @@ def _in_session(s: Session, t: int, gap: int) -> bool:
 MAX_SESSION_PRODUCTS = 32
 
 
-def _extend(s: Session, t: int, etype: str, props: dict[str, Any] | None = None) -> None:
+#: Page type of an event without ``properties.page_type``.
+PAGE_TYPES = {"page_view": "page", "product_view": "product", "add_to_cart": "cart", "remove_from_cart": "cart",
+              "checkout_start": "checkout", "purchase": "confirmation", "search": "search"}
+MAX_PATH = 16
+MAX_CATEGORIES = 16
+
+
+def page_type(etype: str, props: dict[str, Any] | None) -> str | None:
+    """The page type of an event: ``properties.page_type`` (a string, at most 64 characters), else
+    :data:`PAGE_TYPES` of its type, else ``None`` (scroll, dwell, identify... keep the page)."""
+    pt = (props or {}).get("page_type")
+    if isinstance(pt, str) and pt:
+        return pt[:64]
+    return PAGE_TYPES.get(etype)
+
+
+def _extend(s: Session, t: int, etype: str, props: dict[str, Any] | None = None, gap: int = 1_800_000) -> None:
+    if t >= s.last_ms:  # in order: credit the time since the previous event to its page type
+        if s.events and s.last_page is not None and t > s.last_ms:
+            s.page_dwell_ms[s.last_page] = s.page_dwell_ms.get(s.last_page, 0) + min(t - s.last_ms, gap)
+        pt = page_type(etype, props)
+        if pt is not None:
+            s.last_page = pt
+        if not s.path or s.path[-1] != etype:
+            s.path.append(etype)
+            if len(s.path) > MAX_PATH:
+                del s.path[0]
     s.start_ms = min(s.start_ms, t)
     s.last_ms = max(s.last_ms, t)
     s.events += 1
@@ -292,23 +352,23 @@ def _apply_session(st: UserState, t: int, etype: str, gap: int, props: dict[str,
     cur = st.session
     if cur is None:
         st.session = Session(t, t)
-        _extend(st.session, t, etype, props)
+        _extend(st.session, t, etype, props, gap)
         return True
     if _in_session(cur, t, gap):
-        _extend(cur, t, etype, props)
+        _extend(cur, t, etype, props, gap)
         return False
     if t >= cur.last_ms + gap:
         st.prev_session = cur
         st.session = Session(t, t)
-        _extend(st.session, t, etype, props)
+        _extend(st.session, t, etype, props, gap)
         return True
     prev = st.prev_session  # t <= cur.start - gap: an earlier session
     if prev is not None and _in_session(prev, t, gap):
-        _extend(prev, t, etype, props)
+        _extend(prev, t, etype, props, gap)
         return False
     if prev is None or t >= prev.last_ms + gap:
         st.prev_session = Session(t, t)
-        _extend(st.prev_session, t, etype, props)
+        _extend(st.prev_session, t, etype, props, gap)
     return True
 
 
@@ -317,7 +377,7 @@ def _props(event: dict[str, Any]) -> dict[str, Any]:
     return p if isinstance(p, dict) else {}
 
 
-def _apply_cart(cart: Cart, event: dict[str, Any], t: int, delay_ms: int) -> None:
+def _apply_cart(cart: Cart, event: dict[str, Any], t: int) -> None:
     etype = event["type"]
     props = _props(event)
     if etype == "add_to_cart" or etype == "remove_from_cart":
@@ -355,12 +415,6 @@ def _apply_cart(cart: Cart, event: dict[str, Any], t: int, delay_ms: int) -> Non
                 del cart.items[pid]
     else:
         return
-    if not cart.items:
-        cart.due_ms = None
-    elif etype == "purchase":
-        cart.due_ms = max(i.added_ms for i in cart.items.values()) + delay_ms
-    else:
-        cart.due_ms = cart.updated_ms + delay_ms
 
 
 def apply(st: UserState, event: dict[str, Any], watermark_ms: int | None, cfg: StateConfig,
@@ -375,10 +429,8 @@ def apply(st: UserState, event: dict[str, Any], watermark_ms: int | None, cfg: S
         A canonical event (output of :func:`clickpulse.events.contract.parse`).
     watermark_ms
         The partition's watermark before this event (epoch ms), ``None`` before the first event.
-        A late event never arms a timer that is already due: its cart still changes, but the
-        abandonment window it would open has passed unobserved (``Applied.timer_skipped``).
     cfg
-        Session gap, abandonment delay, de-duplication depth.
+        Session gap, de-duplication depth, engagement weights.
     wall_ms
         Wall-clock arrival time (epoch ms), kept for the idle-advance clock across restarts.
 
@@ -406,12 +458,7 @@ def apply(st: UserState, event: dict[str, Any], watermark_ms: int | None, cfg: S
     res.session_started = _apply_session(st, t, etype, cfg.session_gap_ms, _props(event))
     if res.session_started:
         st.life.sessions += 1
-    due_before = st.cart.due_ms
-    _apply_cart(st.cart, event, t, cfg.cart_abandon_after_ms)
-    if res.late and st.cart.due_ms is not None and st.cart.due_ms != due_before \
-            and watermark_ms is not None and st.cart.due_ms < watermark_ms:
-        st.cart.due_ms = None
-        res.timer_skipped = True
+    _apply_cart(st.cart, event, t)
     life = st.life
     if wall_ms is not None and (life.last_ms is None or t >= life.last_ms):
         life.last_wall_ms = wall_ms
@@ -421,6 +468,11 @@ def apply(st: UserState, event: dict[str, Any], watermark_ms: int | None, cfg: S
     props = _props(event)
     if etype == "purchase":
         life.orders += 1
+        for sess in (st.session, st.prev_session):
+            if sess is not None and sess.start_ms <= t <= sess.last_ms:
+                if sess.counts.get("purchase") == 1:  # the session's first purchase
+                    life.converted_sessions += 1
+                break
         rev = props.get("revenue")
         if rev is None and props.get("price") is not None:
             rev = props["price"] * int(props.get("quantity") or 1)
@@ -432,11 +484,48 @@ def apply(st: UserState, event: dict[str, Any], watermark_ms: int | None, cfg: S
     for k in ("device", "country"):
         if isinstance(ctx.get(k), str):
             st.traits[k] = ctx[k]
+    if etype == "consent" and isinstance(props.get("consent"), dict):
+        for purpose, granted in list(props["consent"].items())[:16]:
+            if isinstance(granted, bool) and len(str(purpose)) <= 64:
+                prev = st.consent.get(str(purpose))
+                if prev is None or t >= prev[1]:
+                    st.consent[str(purpose)] = [granted, t]
+    if etype == "product_view" and not res.late and isinstance(props.get("category"), str) and props["category"]:
+        _count_category(st.categories, props["category"][:256], t)
     if etype == "identify" and isinstance(props.get("traits"), dict):
         for k, v in list(props["traits"].items())[:16]:
             if isinstance(v, str | int | float | bool) and len(str(k)) <= 64:
                 st.traits[str(k)] = v if not isinstance(v, str) else v[:256]
     return res
+
+
+def _count_category(cats: dict[str, list[list[int]]], category: str, t: int) -> None:
+    day = t // 86_400_000
+    days = cats.setdefault(category, [])
+    if days and days[-1][0] == day:
+        days[-1][1] += 1
+    else:
+        days.append([day, 1])
+        days.sort()
+        del days[: max(0, len(days) - 7)]
+    if len(cats) > MAX_CATEGORIES:  # forget the category viewed least recently
+        del cats[min(cats, key=lambda c: cats[c][-1][0] if cats[c] else -1)]
+
+
+def category_views(st: UserState, at_ms: int, days: int = 7) -> dict[str, int]:
+    """Product views per category over the UTC day of ``at_ms`` and the ``days - 1`` before it.
+
+    >>> st = UserState("u"); _count_category(st.categories, "shoes", 0); _count_category(st.categories, "shoes", 1)
+    >>> category_views(st, 3 * 86_400_000), category_views(st, 7 * 86_400_000)
+    ({'shoes': 2}, {})
+    """
+    today = at_ms // 86_400_000
+    out = {}
+    for cat, buckets in st.categories.items():
+        n = sum(c for d, c in buckets if today - days < d <= today)
+        if n:
+            out[cat] = n
+    return out
 
 
 def cart_items(cart: Cart) -> list[dict[str, Any]]:
@@ -452,37 +541,3 @@ def action_id(user_key: str, action_type: str, discriminator: str) -> str:
     True
     """
     return str(uuid.uuid5(ACTION_NAMESPACE, f"{user_key}|{action_type}|{discriminator}"))
-
-
-def fire_due(st: UserState, watermark_ms: int, created_at: str) -> list[dict[str, Any]]:
-    """Fire the user's timers that ``watermark_ms`` is strictly past; returns actions
-    (``schemas/action.v1.json``) and clears the fired timers in ``st``.
-
-    ``created_at`` is the wall-clock publication time (RFC 3339), the only non-deterministic field.
-    """
-    cart = st.cart
-    if cart.due_ms is None or not watermark_ms > cart.due_ms or not cart.items:
-        return []
-    due = cart.due_ms
-    cart.due_ms = None
-    quiet_s = (due - (cart.updated_ms or due)) / 1000
-    quiet = f"{quiet_s / 60:.0f} min" if quiet_s >= 120 else f"{quiet_s:.0f} s"
-    items = cart_items(cart)
-    n = sum(i["quantity"] for i in items)
-    return [{
-        "schema_version": 1,
-        "action_id": action_id(st.key, "cart_abandoned", str(due)),
-        "type": "cart_abandoned",
-        "user_key": st.key,
-        "user_id": st.user_id,
-        "anonymous_id": st.anonymous_id,
-        "event_time": to_rfc3339(due),
-        "event_time_ms": due,
-        "reason": (f"{n} item(s) worth {cart.value:.2f} {cart.currency or ''} left in the cart with no purchase "
-                   f"for {quiet} after the last cart update at {to_rfc3339(cart.updated_ms or due)}").replace("  ", " "),
-        "payload": {"cart": {"items": items, "value": cart.value, "currency": cart.currency,
-                             "last_update": to_rfc3339(cart.updated_ms or due)}},
-        "model_version": None,
-        "rules_version": None,
-        "created_at": created_at,
-    }]
