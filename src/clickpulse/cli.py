@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import itertools
 import logging
+import os
 import sys
 import time
 from collections import Counter
@@ -95,6 +96,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
             started_services = True
     run = time.strftime("%Y%m%d%H%M%S")
     settings = Settings.from_env().replace(namespace=f"demo-{run}", time_mode="replay", web_port=free_port())
+    if "CLICKPULSE_ASSUME_CONSENT" not in os.environ:
+        # public clickstream datasets carry no consent events: assume the shop collected marketing
+        # consent upstream, so the default rules' marketing triggers can fire (set
+        # CLICKPULSE_ASSUME_CONSENT= to see them suppressed with outcome "consent")
+        settings = settings.replace(assume_consent="marketing")
     for name in ("worker.log", "trainer.log"):
         (out_dir / name).unlink(missing_ok=True)
     settings = settings.replace(trainer_web_port=free_port())
@@ -116,6 +122,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         wait_caught_up(worker, settings)
         elapsed = time.monotonic() - t0
         m = worker.metrics()
+        segments_now = orjson.loads(worker.get("/segments"))
         actions = asyncio.run(read_topic(settings.kafka_bootstrap, settings.topic_actions))
         from .models.trainer import latest_snapshots
         from .runtime import end_offsets
@@ -154,6 +161,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"  users               {total('clickpulse_users_new_total')}")
     print(f"  sessions            {total('clickpulse_sessions_started_total')}")
     print(f"  actions             {dict(sorted(by_type.items())) or '{}'}")
+    print(f"  rules               {segments_now['rules_version']} (consent assumed: "
+          f"{', '.join(sorted(settings.assumed_consent)) or 'none'})")
+    decisions = Counter()
+    for k, v in m.items():
+        if k.startswith("clickpulse_rule_decisions_total{") and v:
+            labels = dict(x.split("=", 1) for x in k[k.index("{") + 1:-1].split(","))
+            decisions[(labels["trigger"], labels["outcome"])] += int(v)
+    for trig in sorted({t for t, _o in decisions}):
+        outs = ", ".join(f"{o} {n}" for (t, o), n in sorted(decisions.items()) if t == trig)
+        print(f"    trigger {trig:<22} {outs}")
+    for name, seg in segments_now["segments"].items():
+        print(f"    segment {name:<22} {seg['members']} members (min_size {seg['min_size']}, "
+              f"{'active' if seg['active'] else 'inactive'}), conversion {seg.get('rate', 0.0):.3f} raw / "
+              f"{seg.get('rate_smoothed', 0.0):.3f} smoothed over {seg.get('stints', 0)} stints")
     carts = [orjson.loads(v) for _k, v, _m in actions if orjson.loads(v)["type"] == "cart_abandoned"]
     for rec in carts[:5]:
         print(f"    {rec['type']} user {rec['user_key']} at {rec['event_time']}: {rec['reason']}")

@@ -35,6 +35,14 @@ def make_settings(local_services: Settings, tmp_path: Path) -> Callable[..., Set
     def make(**over) -> Settings:
         ns = f"it-{uuid.uuid4().hex[:10]}"
         over.setdefault("kafka_session_timeout_s", 8)  # a SIGKILLed worker's partitions move quickly
+        over.setdefault("assume_consent", "marketing")  # the test data sends no consent events
+        delay = over.pop("cart_abandon_after_s", None)
+        if delay is not None:  # the default rules with a shorter cart-abandonment delay
+            rules = Path(Settings().rules_file).read_text()
+            assert rules.count("within_s: 1800") == 1
+            path = tmp_path / f"rules-{ns}.yaml"
+            path.write_text(rules.replace("within_s: 1800", f"within_s: {delay}"))
+            over["rules_path"] = str(path)
         s = local_services.replace(namespace=ns, web_port=free_port(), data_dir=str(tmp_path / ns), **over)
         asyncio.run(ensure_topics(s))
         return s
@@ -111,7 +119,8 @@ def assert_topics_match_schemas(settings: Settings) -> dict[str, int]:
     against schemas/."""
     counts = {}
     for topic, schema in ((settings.topic_valid, None), (settings.topic_dlq, "dlq"), (settings.topic_actions, "action"),
-                          (settings.topic_training, "example"), (settings.topic_models, "snapshot")):
+                          (settings.topic_segments, "segment_change"), (settings.topic_training, "example"),
+                          (settings.topic_models, "snapshot")):
         msgs = asyncio.run(read_topic(settings.kafka_bootstrap, topic))
         for _k, v, meta in msgs:
             obj = orjson.loads(v)

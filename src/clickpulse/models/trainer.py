@@ -12,6 +12,23 @@ task and resumes each model from it; on partition assignment it seeks to the sma
 ``training_offset + 1`` of those snapshots and skips, per task, any example at or below that
 task's own snapshot offset. Group offsets are not used for this (they could be ahead of the
 last snapshot after a crash).
+
+Besides the labeled ``intent``/``churn`` examples, the topic carries one example per ended session
+for each auxiliary task (:data:`clickpulse.models.registry.AUX_TASKS`, ``schemas/example.v1.json``):
+
+* ``{"task": "tiers", "x": <session_features dict>, ...}``: learned by
+  :class:`~clickpulse.models.tiers.EngagementTiers` (online k-means);
+* ``{"task": "markov", "path": [<event types, event-time order>], "converted": <bool, optional>, ...}``:
+  learned by :class:`~clickpulse.models.markov.MarkovChain` (see :func:`markov_states`).
+
+They are learned without progressive validation; their snapshots carry model statistics as
+``metrics`` (:meth:`Trainer.aux_metrics`). Offsets, resume and skipping work per task exactly as
+for ``intent``/``churn``, with one difference: an auxiliary task appears in
+:attr:`Trainer.offsets`/:attr:`Trainer.versions` (and gets snapshots) only once it has learned an
+example or resumed from a snapshot, so a task that never had an example does not hold the start
+offset back at 0. Its snapshots are published before the ``intent``/``churn`` ones, so after a
+crash mid-publish a missing auxiliary snapshot still means no auxiliary example below the other
+tasks' offsets.
 """
 
 from __future__ import annotations
@@ -30,11 +47,43 @@ from aiokafka.abc import ConsumerRebalanceListener
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from ..settings import Settings
+from .markov import END, PURCHASE, START, MarkovChain
 from .online import OnlineModel
-from .registry import TASKS, envelope
+from .registry import AUX_TASKS, TASKS, aux_envelope, aux_from_bytes, envelope
+from .tiers import TIERS, EngagementTiers
 from .validation import ProgressiveValidation
 
 log = logging.getLogger(__name__)
+
+
+def markov_states(ex: dict[str, Any]) -> list[str]:
+    """The states a ``markov`` example teaches
+    :meth:`MarkovChain.learn_session <clickpulse.models.markov.MarkovChain.learn_session>`.
+
+    ``ex["path"]`` is the session's event types in event-time order, collapsed or not (not
+    collapsing is preferred: self-transitions are part of the chain, as when it learns one event at
+    a time). A purchase is an absorbing *state* of the chain, so it belongs in the path where it
+    happened; what follows the first one is dropped. ``ex["converted"]`` (optional) is True for a
+    session that purchased: when the path has no ``"purchase"`` (e.g. it was cut before it),
+    ``"purchase"`` is appended. A path holding a ``"purchase"`` converted whatever ``converted`` says.
+
+    Raises
+    ------
+    ValueError
+        ``path`` is not a list of strings, or holds ``<start>``/``<end>`` (checked before anything is
+        learned, so a bad example never leaves a half-learned session).
+    """
+    path = ex["path"]
+    if not isinstance(path, list | tuple) or not all(isinstance(s, str) for s in path):
+        raise ValueError("markov example: path must be a list of event-type strings")
+    if START in path or END in path:
+        raise ValueError(f"markov example: {START!r} and {END!r} are reserved states")
+    states = list(path)
+    if PURCHASE in states:
+        return states[: states.index(PURCHASE) + 1]
+    if ex.get("converted") is True:
+        states.append(PURCHASE)
+    return states
 
 
 class Trainer:
@@ -47,22 +96,40 @@ class Trainer:
     thresholds
         Task -> action threshold (for F1/precision/recall).
     seed, window
-        Model seed; rolling validation window (examples).
+        Model seed (also the tiers' k-means seed); rolling validation window (examples).
+    tiers_warmup, tiers_halflife
+        :class:`~clickpulse.models.tiers.EngagementTiers` ``warmup`` and ``halflife``.
+    markov_alpha, markov_max_states
+        :class:`~clickpulse.models.markov.MarkovChain` ``alpha`` and ``max_states``.
+
+    A model resumed from a snapshot keeps the parameters it was created with.
     """
 
     def __init__(self, pipelines: dict[str, str], thresholds: dict[str, float], seed: int = 42,
-                 window: int = 1000) -> None:
+                 window: int = 1000, *, tiers_warmup: int = 30, tiers_halflife: float = 0.05,
+                 markov_alpha: float = 1.0, markov_max_states: int = 64) -> None:
         self.pipelines = dict(pipelines)
         self.models = {t: OnlineModel(t, pipelines.get(t, "logreg"), seed) for t in TASKS}
         self.validation = {t: ProgressiveValidation(thresholds.get(t, 0.5), window) for t in TASKS}
-        self.offsets = {t: -1 for t in TASKS}       # last training offset learned, per task
-        self.versions = {t: 0 for t in TASKS}       # last snapshot version, per task
+        # last training offset learned and last snapshot version, per task; an auxiliary task
+        # has an entry once it has learned an example or resumed from a snapshot
+        self.offsets: dict[str, int] = {t: -1 for t in TASKS}
+        self.versions: dict[str, int] = {t: 0 for t in TASKS}
+        self.aux: dict[str, Any] = {
+            "tiers": EngagementTiers(seed=seed, halflife=tiers_halflife, warmup=tiers_warmup),
+            "markov": MarkovChain(alpha=markov_alpha, max_states=markov_max_states)}
+        self.aux_examples = {t: 0 for t in AUX_TASKS}   # sessions learned, per auxiliary task
+        self.tier_sessions = {t: 0 for t in TIERS}     # sessions by the tier they got when learned
+        self.converted = 0                             # markov sessions that reached a purchase
         self.since_snapshot = 0
         self.skipped = 0
 
     def resume(self, env: dict[str, Any]) -> None:
         """Continue from a snapshot envelope (model, metrics object, offsets, version)."""
         task = env["task"]
+        if task in AUX_TASKS:
+            self._resume_aux(env)
+            return
         if task not in self.models or env["version"] <= self.versions[task]:
             return
         state = OnlineModel.from_bytes(base64.b64decode(env["model_b64"]))
@@ -79,13 +146,44 @@ class Trainer:
         self.offsets[task] = env["training_offset"]
         self.versions[task] = env["version"]
 
+    def _resume_aux(self, env: dict[str, Any]) -> None:
+        task = env["task"]
+        if env["version"] <= self.versions.get(task, 0):
+            return
+        self.aux[task] = aux_from_bytes(task, base64.b64decode(env["model_b64"]))
+        self.aux_examples[task] = int(env["examples"])
+        if task == "tiers":
+            sessions = env.get("metrics", {}).get("sessions", {})
+            self.tier_sessions = {t: int(sessions.get(t, 0)) for t in TIERS}
+        else:
+            self.converted = int(env.get("positives", 0))
+        self.offsets[task] = env["training_offset"]
+        self.versions[task] = env["version"]
+
     def start_offset(self) -> int:
         """The training-topic offset to read from."""
         return min(self.offsets.values()) + 1
 
     def learn(self, ex: dict[str, Any], offset: int) -> bool:
-        """Predict, score, learn one example; False when skipped (already learned or unknown task)."""
+        """Predict, score, learn one example; False when skipped (already learned or unknown task).
+
+        Auxiliary examples (``tiers``, ``markov``) are learned without scoring.
+
+        Raises
+        ------
+        KeyError, ValueError
+            A malformed example (nothing is learned and the task's offset does not move).
+        """
         task = ex.get("task")
+        if task in AUX_TASKS:
+            if offset <= self.offsets.get(task, -1):
+                self.skipped += 1
+                return False
+            self._learn_aux(task, ex)
+            self.offsets[task] = offset
+            self.versions.setdefault(task, 0)
+            self.since_snapshot += 1
+            return True
         if task not in self.models or offset <= self.offsets[task]:
             self.skipped += 1
             return False
@@ -97,11 +195,60 @@ class Trainer:
         self.since_snapshot += 1
         return True
 
+    def _learn_aux(self, task: str, ex: dict[str, Any]) -> None:
+        if task == "tiers":
+            x = ex["x"]
+            if not isinstance(x, dict):
+                raise ValueError("tiers example: x must be an object of session features")
+            model = self.aux["tiers"]
+            self.tier_sessions[model.tier(x)] += 1      # the tier the session got before learning it
+            model.learn(x)
+            self.aux_examples[task] += 1
+            return
+        states = markov_states(ex)
+        if not states:                                  # an empty session teaches nothing
+            return
+        self.aux["markov"].learn_session(states)
+        self.aux_examples[task] += 1
+        self.converted += states[-1] == PURCHASE
+
+    def aux_metrics(self, task: str) -> dict[str, Any]:
+        """The ``metrics`` of an auxiliary task's snapshot.
+
+        ``tiers``: ``n`` (sessions learned), ``initialised`` (warm start done), ``sessions`` (tier
+        name -> sessions that got that tier when learned; the names follow the current centres, so
+        this is a history, not the present cluster sizes), ``centers`` (tier name -> centre
+        coordinates, ``{}`` before the warm start).
+
+        ``markov``: ``n`` (sessions learned), ``positives`` (of which reached a purchase),
+        ``conversion`` (``positives / n``, 0 when ``n`` is 0), ``transitions`` (total learned),
+        ``states`` (known non-absorbing states), ``p_purchase`` (state -> P(purchase before the end),
+        ``"<start>"`` for a session about to start).
+        """
+        if task == "tiers":
+            m = self.aux["tiers"]
+            return {"n": self.aux_examples[task], "initialised": m.initialised, "sessions": dict(self.tier_sessions),
+                    "centers": m.centers()}
+        chain = self.aux["markov"]
+        n = self.aux_examples[task]
+        return {"n": n, "positives": self.converted, "conversion": self.converted / n if n else 0.0,
+                "transitions": chain.transitions, "states": len(chain.states),
+                "p_purchase": {START: chain.p_purchase([]), **{s: chain.p_purchase([s]) for s in chain.states}}}
+
     def snapshots(self) -> list[dict[str, Any]]:
-        """One new snapshot envelope per task (bumps versions, resets the counter)."""
+        """One new snapshot envelope per task (bumps versions, resets the counter): first the
+        auxiliary tasks that have learned an example or resumed from a snapshot, then every
+        supervised task."""
         import pickle
         import zlib
         out = []
+        for task in AUX_TASKS:
+            if task not in self.offsets:
+                continue
+            self.versions[task] += 1
+            out.append(aux_envelope(task, self.versions[task], self.aux[task], self.aux_metrics(task),
+                                    self.offsets[task], self.aux_examples[task],
+                                    positives=self.converted if task == "markov" else None))
         for task in TASKS:
             self.versions[task] += 1
             env = envelope(task, self.versions[task], self.models[task], self.validation[task].report(),
@@ -168,14 +315,37 @@ class _Seek(ConsumerRebalanceListener):
 
 def metric_samples(env: dict[str, Any]) -> Iterator[tuple[str, str, str, float]]:
     """``(task, metric, scope, value)`` of a snapshot's metrics for Prometheus; ranking metrics
-    (ROC AUC, PR AUC) only once both classes have been seen, NaNs never."""
+    (ROC AUC, PR AUC) only once both classes have been seen, NaNs never.
+
+    Auxiliary tasks (``tiers``, ``markov``) yield their model statistics with scope ``"model"``:
+    the numeric top-level metrics, ``sessions_<tier>`` and ``center_<feature>_<tier>`` for tiers."""
     report = env["metrics"]
+    if env["task"] in AUX_TASKS:
+        yield from _aux_samples(env["task"], report)
+        return
     both = 0 < report.get("positives", 0) < report.get("n", 0)
     for scope in ("all", "window"):
         for name, v in report[scope].items():
             if name == "size" or v != v or (name in ("roc_auc", "pr_auc") and not both):
                 continue
             yield env["task"], name, scope, float(v)
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and v == v
+
+
+def _aux_samples(task: str, report: dict[str, Any]) -> Iterator[tuple[str, str, str, float]]:
+    for name, v in report.items():
+        if _number(v):
+            yield task, name, "model", float(v)
+    for tier, n in report.get("sessions", {}).items():
+        if _number(n):
+            yield task, f"sessions_{tier}", "model", float(n)
+    for tier, center in report.get("centers", {}).items():
+        for feature, v in center.items():
+            if _number(v):
+                yield task, f"center_{feature}_{tier}", "model", float(v)
 
 
 class TrainerMetrics:
@@ -185,7 +355,8 @@ class TrainerMetrics:
         self.skipped = Counter("clickpulse_trainer_examples_skipped_total",
                                "Examples skipped as already learned (replayed after a restart)", registry=registry)
         self.snapshots = Counter("clickpulse_trainer_snapshots_total", "Snapshots published", registry=registry)
-        self.metric = Gauge("clickpulse_model_metric", "Progressive-validation metric",
+        self.metric = Gauge("clickpulse_model_metric", "Progressive-validation metric (intent, churn; scope "
+                            "all/window) or model statistic (tiers, markov; scope model)",
                             ["task", "metric", "scope"], registry=registry)
 
 

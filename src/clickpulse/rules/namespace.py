@@ -38,7 +38,8 @@ session.page_type_dwell_s : map<string, int>
     session.page_type_dwell_s.checkout > 300``. The time on the current page is credited when the
     next event arrives.
 session.path : list<string>
-    Event types of the session in event-time order, consecutive repeats collapsed (last 16).
+    The session's opening: its event types in event-time order, consecutive repeats collapsed,
+    the first 16 (events arriving out of order are not inserted).
 session.products : int
     Distinct products seen in the session (counted up to 32).
 session.idle_s : int

@@ -150,7 +150,8 @@ class Engine:
                                "conversion_user": self.conversion_user(st)}
         if self.models is not None and st.session is not None:
             if hasattr(self.models, "p_purchase"):
-                out["p_purchase"] = float(self.models.p_purchase(st.session.path))
+                last = st.session.last_type
+                out["p_purchase"] = float(self.models.p_purchase([last] if last else []))
             if hasattr(self.models, "tier"):
                 out["tier"] = str(self.models.tier(session_features(st.session, self.cfg.engagement)))
         return out
@@ -215,6 +216,7 @@ class Engine:
             return
         base = {"schema_version": 1, "user_key": st.key, "event_time_ms": int(session.last_ms)}
         self.examples.append({**base, "task": "tiers", "x": session_features(session, self.cfg.engagement)})
+        # the opening path (first 16 state changes; a longer session is learned up to there)
         self.examples.append({**base, "task": "markov", "path": list(session.path)})
 
     def drain_segment_changes(self) -> list[dict[str, Any]]:

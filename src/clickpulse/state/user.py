@@ -79,7 +79,8 @@ class Session:
     sid: int = -1  # identity: the event time it was created at (start_ms may move earlier)
     page_dwell_ms: dict[str, int] = field(default_factory=dict)  # page type -> ms (see module doc)
     last_page: str | None = None  # page type of the event at last_ms
-    path: list[str] = field(default_factory=list)  # event types in event-time order, repeats collapsed (last 16)
+    path: list[str] = field(default_factory=list)  # opening event types, event-time order, repeats collapsed (first 16)
+    last_type: str | None = None  # type of the event at last_ms (the Markov state now)
 
     def __post_init__(self) -> None:
         if self.sid == -1:
@@ -91,11 +92,12 @@ class Session:
 
     def to_obj(self) -> list[Any]:
         return [self.start_ms, self.last_ms, self.events, self.counts, self.products, self.max_scroll_pct,
-                self.dwell_ms, self.ended, self.sid, self.page_dwell_ms, self.last_page, self.path]
+                self.dwell_ms, self.ended, self.sid, self.page_dwell_ms, self.last_page, self.path,
+                self.last_type]
 
     @classmethod
     def from_obj(cls, o: list[Any] | None) -> Session | None:
-        return None if o is None else cls(*o[:12])
+        return None if o is None else cls(*o[:13])
 
 
 @dataclass
@@ -327,10 +329,9 @@ def _extend(s: Session, t: int, etype: str, props: dict[str, Any] | None = None,
         pt = page_type(etype, props)
         if pt is not None:
             s.last_page = pt
-        if not s.path or s.path[-1] != etype:
+        if len(s.path) < MAX_PATH and (not s.path or s.path[-1] != etype):
             s.path.append(etype)
-            if len(s.path) > MAX_PATH:
-                del s.path[0]
+        s.last_type = etype
     s.start_ms = min(s.start_ms, t)
     s.last_ms = max(s.last_ms, t)
     s.events += 1
