@@ -64,6 +64,10 @@ class Settings:
     session_gap_s : float
         ``CLICKPULSE_SESSION_GAP_S``; seconds of inactivity that end a session. Default 1800
         (30 min, the GA / Segment / Snowplow convention).
+    engagement_weights : str
+        ``CLICKPULSE_ENGAGEMENT_WEIGHTS``; points per engagement signal overriding the defaults of
+        :data:`clickpulse.features.engagement.DEFAULT_WEIGHTS`, as ``name=points`` pairs
+        separated by commas (``purchase=12,hover=0``; ``dwell`` is per minute). Default empty.
     rules_path : str
         ``CLICKPULSE_RULES_PATH``; the rules file (segments and triggers, YAML + CEL, see
         :mod:`clickpulse.rules.ruleset`). Empty (the default): the packaged default rules
@@ -194,6 +198,7 @@ class Settings:
     validation_window: int = 1000
     trainer_web_port: int = 6067
     engagement_half_life_s: float = 604800.0
+    engagement_weights: str = ""
     data_dir: str = ".local/worker-data"
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -216,6 +221,11 @@ class Settings:
         for name in ("allowed_lateness_s", "max_future_skew_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{_env(name)} must be >= 0, got {getattr(self, name)!r}")
+        try:
+            from .features.engagement import EngagementConfig
+            EngagementConfig.from_settings(self)
+        except ValueError as err:
+            raise ConfigError(f"{_env('engagement_weights')}: {err}") from err
         if not self.namespace or not all(c.isalnum() or c in "-_." for c in self.namespace):
             raise ConfigError(f"{_env('namespace')} must be non-empty [A-Za-z0-9._-], got {self.namespace!r}")
 

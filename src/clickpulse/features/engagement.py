@@ -150,8 +150,22 @@ class EngagementConfig:
     @classmethod
     def from_settings(cls, s: Any) -> EngagementConfig:
         """From :class:`clickpulse.settings.Settings`. Reads ``engagement_half_life_s`` and
-        ``engagement_weights`` when the settings have them; otherwise the defaults apply."""
-        return cls(weights=dict(getattr(s, "engagement_weights", None) or {}),
+        ``engagement_weights`` (a mapping, or the env form ``"purchase=12,hover=0"``) when the
+        settings have them; otherwise the defaults apply.
+
+        Raises
+        ------
+        ValueError
+            A weight that is not ``name=number``.
+        """
+        raw = getattr(s, "engagement_weights", None) or {}
+        if isinstance(raw, str):
+            pairs = [p.split("=", 1) for p in raw.split(",") if p.strip()]
+            bad = [p for p in pairs if len(p) != 2]
+            if bad:
+                raise ValueError(f"engagement weights must be name=number pairs, got {raw!r}")
+            raw = {k.strip(): float(v) for k, v in pairs}
+        return cls(weights=dict(raw),
                    half_life_s=float(getattr(s, "engagement_half_life_s", WEEK_S)))
 
 

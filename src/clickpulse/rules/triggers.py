@@ -356,7 +356,8 @@ def on_timers(st: UserState, watermark_ms: int, ctx: RuleContext) -> Outcome:
         ts = _tstate(st, name)
         ts.pop("due", None)
         to = trig.on.timeout
-        assert to is not None
+        if to is None:  # no longer a timeout after a reload: its pending timer is dropped
+            continue
         act = _ns(st, due, ctx, list(st.rules.get("seg", [])), None)
         if evaluate_condition(trig.when, act, out.errors):
             no = " or ".join(to.no)
