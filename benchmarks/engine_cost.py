@@ -1,9 +1,10 @@
-"""Per-event cost of the models on the worker's path (features + predict + explain), measured as
-the difference between the engine with and without models over the same REES46 events.
+"""Per-event cost of the rules and of the models on the worker's path, measured as the difference
+between the engine with and without them over the same REES46 events.
 
     .venv/bin/python benchmarks/engine_cost.py [--repeat 5]
 
-Prints µs per event for: the state step alone, the state step + models (default pipelines,
+Prints µs per event for: the state step alone, the state step + the default rules (4 segments,
+5 triggers: namespace, CEL evaluation, timers), the state step + models (default pipelines,
 untrained and trained on the replay's own examples), and the models' share per event and per
 scoring point. No Kafka: the same Engine the worker runs, over a dict table.
 """
@@ -24,11 +25,13 @@ from clickpulse.models.registry import ModelRegistry
 from clickpulse.observability.metrics import Metrics
 from clickpulse.state.engine import Engine
 from clickpulse.state.user import StateConfig
+from clickpulse.testing import default_rules
 
 
-def run(events, models):
+def run(events, models, rules=None):
     eng = Engine({}, StateConfig(), allowed_lateness_ms=60_000, idle_timeout_ms=5000, live=False,
-                 metrics=Metrics(CollectorRegistry()), models=models, model_cfg=ModelConfig())
+                 metrics=Metrics(CollectorRegistry()), models=models, model_cfg=ModelConfig(), rules=rules,
+                 assumed_consent=frozenset({"marketing"}))
     t0 = time.perf_counter_ns()
     for ev in events:
         eng.process(int(ev["user_id"]) % 4, ev, 0)
@@ -42,11 +45,15 @@ def main() -> None:
     args = ap.parse_args()
     events = [parse(orjson.dumps(e), None) for e in read_rees46(BUNDLED_SAMPLE)]
     base = [run(events, None)[0] for _ in range(args.repeat)]
+    rules = default_rules()
+    with_rules = [run(events, None, rules)[0] for _ in range(args.repeat)]
     fresh = [run(events, ModelRegistry({}))[0] for _ in range(args.repeat)]
     # a trained registry: learn the replay's own examples first
     _, examples, eng = run(events, ModelRegistry({}))
     trained = ModelRegistry({})
     for ex in examples:
+        if ex["task"] not in trained.models:
+            continue  # session examples for the tiers / Markov chain
         trained.models[ex["task"]].learn(ex["x"], ex["y"])
     calls = [0]
     inner = trained.score
@@ -58,8 +65,10 @@ def main() -> None:
     warm = [run(events, trained)[0] for _ in range(args.repeat)]
     scoring_points = calls[0] // args.repeat or 1
     b, f, w = statistics.median(base), statistics.median(fresh), statistics.median(warm)
+    r = statistics.median(with_rules)
     print(f"{len(events)} REES46 events, median of {args.repeat} runs, µs per event (no Kafka)")
     print(f"  state step only                      {b:7.1f}")
+    print(f"  state + default rules                {r:7.1f}   rules' share {r - b:5.1f} µs/event")
     print(f"  state + models (untrained)           {f:7.1f}   models' share {f - b:5.1f} µs/event")
     print(f"  state + models (trained logreg)      {w:7.1f}   models' share {w - b:5.1f} µs/event")
     print(f"  scoring points per replay: {scoring_points} (intent + churn), labeled examples: {len(examples)}; "

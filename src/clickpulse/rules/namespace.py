@@ -193,20 +193,28 @@ def _zero_filled(counts: Mapping[str, int]) -> dict[str, int]:
     return out
 
 
+_ZERO_COUNTS = dict.fromkeys(SPANS, 0)
+
+
 def _window_counts(st: UserState, at_ms: int) -> dict[str, dict[str, int]]:
-    types = set(_TYPES)
+    seen: set[str] = set()
     for ring in st.windows.rings.values():
-        types.update(ring)
-    return {t: {span: st.windows.count(t, span, at_ms) for span in SPANS} for t in sorted(types)}
+        seen.update(t for t, buckets in ring.items() if buckets)
+    out = {t: _ZERO_COUNTS for t in _TYPES}  # shared read-only zeros for the types never seen
+    for t in seen:
+        out[t] = {span: st.windows.count(t, span, at_ms) for span in SPANS}
+    return out
 
 
 def _plain(v: Any) -> Any:
     """A JSON-like copy (str keys; str/int/float/bool/None leaves) for a ``dyn`` value."""
-    if isinstance(v, Mapping):
+    if v is None or type(v) in (str, bool, int, float):
+        return v
+    if isinstance(v, dict):
         return {str(k): _plain(x) for k, x in v.items()}
     if isinstance(v, list | tuple):
         return [_plain(x) for x in v]
-    if v is None or isinstance(v, str | bool | int | float):
+    if isinstance(v, str | bool | int | float):
         return v
     return str(v)
 

@@ -211,18 +211,28 @@ def compile_expression(source: str, *, rule: str = "<expression>", field: str = 
 def activation(ns: Mapping[str, Any]) -> Any:
     """A CEL activation of a namespace (:func:`clickpulse.rules.namespace.namespace`); build it
     once per event and evaluate every expression against it."""
+    return cel_env().Activation(flatten(ns))
+
+
+_MISSING = object()
+_PATHS: list[tuple[str, str, str]] = [(name, *name.partition(".")[::2]) for name in VARIABLES]
+
+
+def flatten(ns: Mapping[str, Any]) -> dict[str, Any]:
+    """The namespace as ``{CEL variable name: value}`` (``session.duration_s`` is one variable)."""
     flat: dict[str, Any] = {}
-    for name in VARIABLES:
-        head, _, tail = name.partition(".")
-        if head not in ns:
+    for name, head, tail in _PATHS:
+        value = ns.get(head, _MISSING)
+        if value is _MISSING:
             continue
-        value = ns[head]
         if tail:
-            if not isinstance(value, Mapping) or tail not in value:
+            if type(value) is not dict:
                 continue
-            value = value[tail]
+            value = value.get(tail, _MISSING)
+            if value is _MISSING:
+                continue
         flat[name] = value
-    return cel_env().Activation(flat)
+    return flat
 
 
 def _to_activation(act: Any) -> Any:

@@ -12,7 +12,8 @@ Semantics (stated once, applied the same way live and in a replay)
   user's timers fires (a segment whose condition depends only on time passing, e.g.
   ``lifetime.days_since_last_order > 30``, is re-evaluated at the user's next event or timer).
   An entry or exit is a :class:`SegmentChange` (published on ``<ns>.segments``). A segment with
-  fewer than ``min_size`` members (counted by the engine over its partitions) is *inactive*: it
+  fewer than ``min_size`` members (counted by the engine over its partitions, the user who just
+  entered included, the one who just left excluded) is *inactive*: it
   is missing from the ``segments`` name of the namespace and its ``segment_enter`` /
   ``segment_exit`` triggers do not fire (outcome ``segment_too_small``).
 * **``on: <event type>``.** The condition is evaluated on each (not late) event of that type;
@@ -56,7 +57,7 @@ from ..state.user import UserState, action_id
 from .bots import BotConfig, is_bot
 from .bots import observe as observe_bot
 from .namespace import namespace
-from .ruleset import EvalError, Ruleset, Trigger, activation, evaluate_condition, render_payload
+from .ruleset import EvalError, Ruleset, Trigger, cel_env, evaluate_condition, flatten, render_payload
 
 OUTCOMES = ("fired", "bot", "consent", "cooldown", "once_per", "segment_too_small", "late", "condition_error")
 
@@ -101,6 +102,9 @@ class RuleContext:
     ruleset: Ruleset
     segment_active: Callable[[str], bool] = lambda _name: True
     extra: Callable[[UserState, int], Mapping[str, Any]] | None = None
+    #: ``(segment, +1 | -1)`` as soon as a user enters / leaves it, so that the size the gate
+    #: sees includes the user who just entered
+    count_member: Callable[[str, int], None] | None = None
     assumed_consent: frozenset[str] = frozenset()
     bots: BotConfig = field(default_factory=BotConfig)
     created_at: str = ""
@@ -191,17 +195,23 @@ def _fire(st: UserState, trig: Trigger, at_ms: int, occurrence: str, detail: str
     out.decisions.append((trig.name, "fired"))
 
 
-def _ns(st: UserState, at_ms: int, ctx: RuleContext, segments: list[str], event: Mapping[str, Any] | None) -> Any:
+def _flat(st: UserState, at_ms: int, ctx: RuleContext, segments: list[str],
+          event: Mapping[str, Any] | None) -> dict[str, Any]:
     extra = ctx.extra(st, at_ms) if ctx.extra is not None else None
     visible = [s for s in segments if ctx.segment_active(s)]
-    return activation(namespace(st, at_ms, segments=visible, event=event, extra=extra))
+    return flatten(namespace(st, at_ms, segments=visible, event=event, extra=extra))
+
+
+def _ns(st: UserState, at_ms: int, ctx: RuleContext, segments: list[str], event: Mapping[str, Any] | None) -> Any:
+    return cel_env().Activation(_flat(st, at_ms, ctx, segments, event))
 
 
 def _segments(st: UserState, at_ms: int, ctx: RuleContext, event: Mapping[str, Any] | None, event_id: str | None,
               out: Outcome) -> tuple[Any, list[str], list[str]]:
     """Re-evaluate membership; returns (activation with the new membership, entered, exited)."""
     before = list(st.rules.get("seg", []))
-    act = _ns(st, at_ms, ctx, before, event)
+    flat = _flat(st, at_ms, ctx, before, event)
+    act = cel_env().Activation(flat)
     now = ctx.ruleset.matching_segments(act, out.errors)
     entered = [s for s in now if s not in before]
     exited = [s for s in before if s not in now]
@@ -212,9 +222,14 @@ def _segments(st: UserState, at_ms: int, ctx: RuleContext, event: Mapping[str, A
             st.rules.pop("seg", None)
         for s in entered:
             out.changes.append(SegmentChange(st.key, s, "entered", at_ms, ctx.ruleset.version))
+            if ctx.count_member is not None:
+                ctx.count_member(s, +1)
         for s in exited:
             out.changes.append(SegmentChange(st.key, s, "exited", at_ms, ctx.ruleset.version))
-        act = _ns(st, at_ms, ctx, now, event)
+            if ctx.count_member is not None:
+                ctx.count_member(s, -1)
+        flat["segments"] = [s for s in now if ctx.segment_active(s)]  # only membership changed
+        act = cel_env().Activation(flat)
     return act, entered, exited
 
 
@@ -229,7 +244,7 @@ def _segment_triggers(st: UserState, at_ms: int, ctx: RuleContext, act: Any, ent
         seg = trig.on.segment
         if seg not in (entered if kind == "segment_enter" else exited):
             continue
-        if not ctx.segment_active(seg):
+        if not ctx.segment_active(seg):  # the size counts the user who just entered / not the one who left
             out.decisions.append((trig.name, "segment_too_small"))
             continue
         if evaluate_condition(trig.when, act, out.errors):
@@ -294,9 +309,8 @@ def on_event(st: UserState, event: Mapping[str, Any], late: bool, watermark_ms: 
         elif etype == to.after:
             if ts.get("b") is not None and t <= ts["b"]:
                 continue  # answered already
-            if ts.get("e") is None:
+            if ts.get("e") is None:  # the episode's identity: its first A to arrive (never moves)
                 ts["e"] = t
-            ts["e"] = min(ts["e"], t)
             ts["a"] = max(t, ts.get("a", t))
             due = ts["a"] + int(to.within_s * 1000)
             if trig.once_per == "episode" and ts.get("fe") == ts["e"]:

@@ -98,6 +98,9 @@ class Engine:
         self.segment_entries: dict[str, int] = {}      # membership stints started (since start/restore)
         self.segment_conversions: dict[str, int] = {}  # stints with a purchase
         self.population: dict[int, PopulationPrior] = {}  # users' (converted sessions, sessions)
+        self.population_total = PopulationPrior()
+        self._prior_key: tuple[float, ...] | None = None
+        self._prior = (1.0, 1.0)
         self.segment_changes: list[dict[str, Any]] = []
         self.rule_errors = 0
 
@@ -121,11 +124,13 @@ class Engine:
         return self.segment_size(name) >= seg.min_size
 
     def user_prior(self) -> tuple[float, float]:
-        """Beta prior of users' session conversion, fitted over this worker's users."""
-        total = PopulationPrior()
-        for pp in self.population.values():
-            total = total.merge(pp)
-        return total.prior()
+        """Beta prior of users' session conversion, fitted over this worker's users (O(1): from
+        sums kept as users change)."""
+        key = (self.population_total.g, self.population_total.w, self.population_total.s)
+        if self._prior_key != key:
+            self._prior_key = key
+            self._prior = self.population_total.prior()
+        return self._prior
 
     def conversion_user(self, st: UserState) -> float:
         """The user's smoothed session conversion rate (posterior mean), 0-1."""
@@ -160,23 +165,27 @@ class Engine:
         """Engine-computed profile fields (tier, p_purchase, smoothed conversion) for ``st``."""
         return self._extra(st, st.life.last_ms or 0)
 
-    def _context(self, rs: Ruleset, created: str) -> triggers.RuleContext:
-        return triggers.RuleContext(rs, self.segment_active, self._extra, self.assumed_consent, self.bots, created)
+    def _context(self, rs: Ruleset, created: str, partition: int) -> triggers.RuleContext:
+        members = self.segment_members.setdefault(partition, {})
+
+        def count_member(seg: str, delta: int) -> None:
+            members[seg] = max(0, members.get(seg, 0) + delta)
+        return triggers.RuleContext(rs, self.segment_active, self._extra, count_member, self.assumed_consent,
+                                    self.bots, created)
 
     def _count_population(self, st: UserState, sign: int) -> None:
         pp = self.population.setdefault(st.partition, PopulationPrior())
         s, n = min(st.life.converted_sessions, st.life.sessions), st.life.sessions
-        (pp.add if sign > 0 else pp.remove)(s, n)
+        for target in (pp, self.population_total):
+            (target.add if sign > 0 else target.remove)(s, n)
 
     def _take_rules(self, st: UserState, out: triggers.Outcome, partition: int) -> list[dict[str, Any]]:
         """Account for a rules outcome (metrics, segment counts and changes); returns its actions."""
-        members = self.segment_members.setdefault(partition, {})
+        members = self.segment_members.setdefault(partition, {})  # counted by the context's count_member
         for ch in out.changes:
             if ch.change == "entered":
-                members[ch.segment] = members.get(ch.segment, 0) + 1
                 self.segment_entries[ch.segment] = self.segment_entries.get(ch.segment, 0) + 1
             else:
-                members[ch.segment] = max(0, members.get(ch.segment, 0) - 1)
                 conv = st.rules.get("cv")
                 if conv and ch.segment in conv:
                     conv.remove(ch.segment)
@@ -307,7 +316,7 @@ class Engine:
             if event["type"] == "purchase":
                 self._segment_purchase(st)
             actions += self._take_rules(st, triggers.on_event(st, event, res.late, wm_before,
-                                                              self._context(rs, created)), partition)
+                                                              self._context(rs, created, partition)), partition)
         for a in actions:
             self.metrics.actions.labels(a["type"]).inc()
         st.partition = partition
@@ -331,7 +340,7 @@ class Engine:
         created = wall_rfc3339(wall_ms)
         out: list[dict[str, Any]] = []
         rs = self.ruleset()
-        ctx = None if rs is None else self._context(rs, created)
+        ctx = None if rs is None else self._context(rs, created, partition)
         for key in due_keys:
             st = self.load(key)
             if st is None:
@@ -379,6 +388,7 @@ class Engine:
         for p in keep:  # rebuilt below from the recovered table
             self.segment_members[p] = {}
             self.population[p] = PopulationPrior()
+        self.population_total = PopulationPrior()
         max_ts: dict[int, int] = {}
         max_wall: dict[int, int | None] = {}
         due: dict[int, list[tuple[str, int]]] = {p: [] for p in keep}
