@@ -26,7 +26,10 @@ Semantics (stated once, applied the same way live and in a replay)
   follows the user's latest B and ends at the next B. Each A of the episode (re)arms a timer due
   ``T`` seconds after the latest A (event time); a B at or after the latest A cancels it and
   closes the episode (also when it arrives after the due time but before the watermark passed it:
-  the user did answer). An A older than the latest B is ignored. An A whose timer would already
+  the user did answer, within the allowed lateness). An A older than the latest B is ignored.
+  The user's own event that moves the partition's watermark past a pending due time first fires
+  that timer (over the state before the event; the engine does this), so the outcome does not
+  depend on whether another user's event moved the watermark a moment earlier. An A whose timer would already
   be behind the watermark does not arm it (counted ``timer_skipped_late``). When the watermark
   passes the due time the condition is evaluated over the state as of the due time (with every
   event up to the watermark applied) and the trigger fires.

@@ -299,6 +299,17 @@ class Engine:
         actions: list[dict[str, Any]] = []
         created = wall_rfc3339(wall_ms)
         st.partition = partition
+        rs = self.ruleset()
+        if rs is not None:
+            # The watermark this event moves the partition to: the user's own timers it passes
+            # fire first, over the state before the event (so "after A, no B within T" does not
+            # depend on whether another user's event moved the watermark a moment earlier).
+            t = int(event["timestamp_ms"])
+            wm_after = t - self.lateness if wm_before is None else max(wm_before, t - self.lateness)
+            due = triggers.next_due(st)
+            if due is not None and due < wm_after:
+                actions += self._take_rules(st, triggers.on_timers(st, wm_after, self._context(rs, created, partition)),
+                                            partition)
         if self.models is not None:
             actions += self._take(before_event(st, int(event["timestamp_ms"]), self.models.score, self.mcfg, created))
         self._count_population(st, -1)
@@ -311,7 +322,6 @@ class Engine:
         if self.models is not None:
             actions += self._take(after_event(st, event, self.models.score, self.mcfg, created, res.late,
                                               allow_buffer=self.pending_predictions < self.pending_total_cap))
-        rs = self.ruleset()
         if rs is not None:
             if event["type"] == "purchase":
                 self._segment_purchase(st)
