@@ -282,9 +282,13 @@ def offline_states(s: Settings, records: list[Record]) -> tuple[dict[bytes, byte
     from clickpulse.models.registry import ModelRegistry
     registry = ModelRegistry({"intent": s.intent_pipeline, "churn": s.churn_pipeline}, s.model_seed) \
         if s.models_enabled else None   # the worker's configuration, models included
+    from clickpulse.rules.bots import BotConfig
+    from clickpulse.rules.ruleset import load_rules
     engine = Engine(table, StateConfig.from_settings(s), allowed_lateness_ms=s.allowed_lateness_ms,
                     idle_timeout_ms=s.idle_timeout_ms, live=s.time_mode == "live", metrics=Metrics(),
-                    models=registry, model_cfg=ModelConfig.from_settings(s), pending_total_cap=s.pending_total)
+                    models=registry, model_cfg=ModelConfig.from_settings(s), pending_total_cap=s.pending_total,
+                    rules=load_rules(s.rules_file) if s.rules_file else None,  # the worker's rules too
+                    assumed_consent=s.assumed_consent, bots=BotConfig.from_settings(s))
     parts = list(range(s.partitions))
     partition_of = DefaultPartitioner()
     now = int(time.time() * 1000)
