@@ -4,6 +4,7 @@ one namespace (topics, consumer group, Redis keys) per test, worker subprocesses
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -103,6 +104,18 @@ async def _produce_partitioned(settings: Settings, recs: list) -> None:
             await (await p.send(settings.topic_raw, key=key, value=value, headers=headers, partition=part))
     finally:
         await p.stop()
+
+
+def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.3):
+    """Poll ``predicate`` until it returns something truthy (returned); AssertionError after
+    ``timeout_s`` seconds."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def topic_values(settings: Settings, topic: str) -> list[dict]:

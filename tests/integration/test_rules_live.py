@@ -3,14 +3,13 @@ and bots (S9) end to end through Kafka, and the segments topic."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import orjson
 import pytest
 
 from clickpulse.runtime import wait_caught_up
-from tests.integration.conftest import assert_topics_match_schemas, produce, topic_values
+from tests.integration.conftest import assert_topics_match_schemas, produce, topic_values, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -35,16 +34,6 @@ def write(path: Path, version: str, text: str, extra: str = "") -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(RULES.format(version=version, text=text, extra=extra))
     tmp.replace(path)  # atomic, as an editor or a ConfigMap update does
-
-
-def wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def view(user: str, minute: int, eid: str, **ctx) -> tuple[str, dict]:

@@ -11,23 +11,13 @@ import redis
 from clickpulse.runtime import wait_caught_up
 from clickpulse.serving.redis_sink import profile_key
 from clickpulse.testing import ms
-from tests.integration.conftest import assert_topics_match_schemas, cart_actions, produce, topic_values
+from tests.integration.conftest import assert_topics_match_schemas, cart_actions, produce, topic_values, wait_for
 
 pytestmark = pytest.mark.integration
 
 
 def now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def add(user: str, ts: int, eid: str, product="p1", price=19.99):
@@ -63,7 +53,7 @@ def test_s3_sigkill_with_pending_timer(make_settings, workers):
     time.sleep(2)
     w.kill()                                   # SIGKILL, a few seconds after the adds
     assert cart_actions(s) == []
-    w2 = workers(s)
+    workers(s)
     actions = wait_for(lambda: len(cart_actions(s)) >= 2 and cart_actions(s),
                        60, "both actions after restart")
     time.sleep(4)
