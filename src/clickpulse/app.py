@@ -265,14 +265,12 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
             except Exception:  # noqa: BLE001 - a reload problem never stops the worker
                 log.exception("rules reload failed; keeping version %s", old)
                 return
-            if changed:
+            if changed:  # RulesFile logged it (INFO); a rejection was logged once (WARNING)
                 metrics.rules_reloads.labels("ok").inc()
                 metrics.rules_info.labels(old).set(0)
                 metrics.rules_info.labels(rules.current().version).set(1)
-                print(f"clickpulse rules reloaded: {old} -> {rules.current().version}", flush=True)
             elif rules.failures != failures:
                 metrics.rules_reloads.labels("rejected").inc()
-                print(f"clickpulse rules reload rejected, keeping {old}: {rules.error}", flush=True)
 
     @app.timer(interval=10.0)
     async def segment_gauges() -> None:
@@ -340,9 +338,20 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
     async def rules_page(web: Any, request: Any) -> Any:
         if rules is None:
             return web.json({"path": None, "version": None})
-        return web.json({"path": str(rules.path), "version": rules.current().version, "reloads": rules.reloads,
+        rs = rules.current()
+        return web.json({"path": str(rules.path), "version": rs.version, "reloads": rules.reloads,
                          "rejected": rules.failures, "error": None if rules.error is None else str(rules.error),
-                         "evaluation_errors": engine.rule_errors})
+                         "warnings": list(rs.warnings), "evaluation_errors": engine.rule_errors,
+                         "segments": [{"name": g.name, "when": g.when.source, "min_size": g.min_size}
+                                      for g in rs.segments],
+                         "triggers": [{"name": t.name, "on": t.on.kind if t.on.kind != "event" else t.on.event_type,
+                                       "segment": t.on.segment,
+                                       "timeout": None if t.on.timeout is None else
+                                       {"after": t.on.timeout.after, "no": list(t.on.timeout.no),
+                                        "within_s": t.on.timeout.within_s},
+                                       "when": t.when.source, "action": t.action.type, "cooldown_s": t.cooldown_s,
+                                       "once_per": t.once_per, "requires_consent": t.requires_consent}
+                                      for t in rs.triggers]})
 
     @app.page("/progress")
     async def progress_page(web: Any, request: Any) -> Any:

@@ -346,3 +346,18 @@ def test_a_rules_file_that_is_invalid_from_the_start_raises(tmp_path):
         RulesFile(path)
     with pytest.raises(RulesError, match="cannot read"):
         RulesFile(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize(("source", "column"), [('count.add_to_cart["7days"] > 2', 19),
+                                                ('cart.value > 1.0 && count["purchase"]["1d"] == 0', 39)])
+def test_an_unknown_window_is_rejected_at_load(source, column):
+    with pytest.raises(RulesError) as err:
+        compile_expression(source, rule="r")
+    assert err.value.column == column and "unknown window" in err.value.reason
+    assert "'5m', '1h', '24h', '7d'" in err.value.reason
+
+
+def test_a_non_canonical_event_type_loads_with_a_warning():
+    rs = parse_rules('version: "1"\ntriggers:\n  - name: x\n    on: add_to_crt\n    action: {type: a}\n')
+    assert len(rs.warnings) == 1 and "'add_to_crt' is not a canonical event type" in rs.warnings[0]
+    assert load_rules(EXAMPLE).warnings == ()

@@ -1006,3 +1006,32 @@ def test_smoothed_conversion_is_the_posterior_mean_under_the_population_prior():
     # the CEL name conversion.user is the same value, as of the evaluation
     acts = feed(eng, event("search", user="e", at=t("10:20", "2019-10-06"), query="x"), partition=0)
     assert acts[0]["payload"]["user"] == pytest.approx(posterior_mean(1, 6, *eng.user_prior()), rel=1e-12)
+
+
+# ---------------------------------------------------------------- S9 with the default rules
+
+
+def test_a_cart_burst_gets_no_marketing_action_even_from_an_event_trigger():
+    """The default rules' repeat_cart_incentive fires on the 3rd add_to_cart, long before the
+    rate check can recognise a burst (the 21st add within 10 s): marketing decisions of event
+    triggers are held for the bot-detection window (60 s) and dropped if the user turned out to be
+    a bot. A real user adding three items in the same seconds gets exactly one incentive."""
+    eng = memory_engine(lateness_s=60)  # default rules, marketing consent assumed
+    base = t("10:00")
+    acts = []
+    for i in range(40):  # 40 adds in 3 s
+        acts += feed(eng, event("add_to_cart", user="fast", at=base + i * 75, product_id=f"p{i}", price=1.0))
+        if i < 3:
+            acts += feed(eng, event("add_to_cart", user="human", at=base + i * 1000, product_id=f"h{i}", price=9.0))
+    assert [a for a in acts if a["type"] == "incentive"] == []  # held, not published yet
+    assert decided(eng, "repeat_cart_incentive", "held") == 2
+    acts += advance(eng, "10:02:05")  # the watermark (− 60 s lateness) passes the 60 s hold
+    incentives = [(a["user_key"], a["event_time"]) for a in acts if a["type"] == "incentive"]
+    assert incentives == [("human", iso("10:00:02"))]
+    assert decided(eng, "repeat_cart_incentive", "bot") == 1
+    assert "fast" not in [ch["user_key"] for ch in eng.drain_segment_changes() if ch["change"] == "entered"
+                          and ch["event_time_ms"] > base + 1500]  # a bot leaves / never joins segments
+    assert eng.load("fast").rules.get("seg") is None
+    later = flush(eng)
+    assert [a["user_key"] for a in later if a["type"] == "cart_abandoned"] == ["human"]  # the bot: none
+    assert [a["type"] for a in later if a["user_key"] == "fast"] == []

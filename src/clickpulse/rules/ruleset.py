@@ -57,6 +57,8 @@ import yaml
 from cel_expr_python import cel
 
 from ..errors import ClickpulseError
+from ..events.contract import CANONICAL_TYPES
+from ..state.windows import SPANS
 from .namespace import VARIABLES
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,7 @@ ONCE_PER = ("episode", "session", "lifetime")
 DEFAULT_MIN_SIZE = 50
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 _CEL_ERROR_RE = re.compile(r"ERROR: <input>:(\d+):(\d+): (.*)")
+_WINDOW_KEY_RE = re.compile(r"\bcount\s*(?:\.\s*[A-Za-z_]\w*|\[\s*(?:\"[^\"]*\"|'[^']*')\s*\])\s*\[\s*[\"']([^\"']*)[\"']\s*\]")
 
 
 class RulesError(ClickpulseError):
@@ -202,6 +205,11 @@ def compile_expression(source: str, *, rule: str = "<expression>", field: str = 
     except Exception as err:  # cel-cpp reports every compile problem as RuntimeError(INVALID_ARGUMENT ...)
         line, column, reason = _cel_failure(str(err))
         raise RulesError(reason, line=line, column=column, **ctx) from err
+    for m in _WINDOW_KEY_RE.finditer(source):  # a type-correct key CEL cannot know is absent
+        if m.group(1) not in SPANS:
+            before = source[: m.start(1) - 1]
+            raise RulesError(f"unknown window {m.group(1)!r} (the windows are {', '.join(repr(x) for x in SPANS)})",
+                             line=before.count("\n") + 1, column=len(before) - before.rfind("\n"), **ctx)
     result_type = program.return_type().name()
     if want_bool and result_type not in ("BOOL", "DYN"):
         raise RulesError(f"a condition must be a bool, this expression is a {result_type.lower()}", **ctx)
@@ -374,6 +382,8 @@ class Ruleset:
     segments: tuple[Segment, ...]
     triggers: tuple[Trigger, ...]
     path: str | None = None
+    #: things that load but are probably mistakes (an event type no source sends by default)
+    warnings: tuple[str, ...] = ()
 
     def segment(self, name: str) -> Segment:
         """The segment called ``name`` (KeyError if none)."""
@@ -633,7 +643,19 @@ def parse_rules(data: bytes | str, path: str | None = None) -> Ruleset:
     triggers = [_trigger(path, m, i, names) for i, m in enumerate(lists["triggers"])]
     _unique(ctx, triggers, "trigger")
     file_version = version.strip()
-    return Ruleset(f"{file_version}+{digest[:8]}", file_version, digest, tuple(segments), tuple(triggers), path)
+    warnings = []
+    for trig in triggers:
+        types = [trig.on.event_type] if trig.on.kind == "event" else \
+            [trig.on.timeout.after, *trig.on.timeout.no] if trig.on.timeout is not None else []
+        for etype in types:
+            if etype not in CANONICAL_TYPES:
+                warnings.append(f"trigger {trig.name!r}: {etype!r} is not a canonical event type "
+                                f"({', '.join(sorted(CANONICAL_TYPES))}); it only matches events sent with "
+                                f"exactly that type")
+    for w in warnings:
+        log.warning("rules %s: %s", path, w)
+    return Ruleset(f"{file_version}+{digest[:8]}", file_version, digest, tuple(segments), tuple(triggers), path,
+                   tuple(warnings))
 
 
 def load_rules(path: str | Path) -> Ruleset:

@@ -34,12 +34,19 @@ Semantics (stated once, applied the same way live and in a replay)
   passes the due time the condition is evaluated over the state as of the due time (with every
   event up to the watermark applied) and the trigger fires.
 * **Gates**, in this order, each an outcome counted per trigger: the user is a bot (``bot``, see
-  :mod:`clickpulse.rules.bots`: no rule action ever fires for a bot); the consent purpose of
+  :mod:`clickpulse.rules.bots`: no rule action ever fires for a bot, and a bot is in no segment); the consent purpose of
   ``requires_consent`` is not granted (``consent``: the user's latest ``consent`` event decides;
   with none, the purposes of ``assumed_consent`` count as granted, no other); ``cooldown_s`` of
   event time has not passed since the trigger last fired for the user (``cooldown``);
   ``once_per`` (``episode``: a timeout's episode, ``session``: the session the decision's event
   time falls in, ``lifetime``) already used (``once_per``).
+* **Held marketing decisions.** A bot is only recognised by its rate once it has been fast for a
+  while (the 21st add within 10 s), but an ``on: add_to_cart`` trigger could fire at its 3rd
+  add. So a decision of a trigger with ``requires_consent`` that is not a timeout (an event or
+  segment trigger) is *held* for the bot-detection window (the larger of the two rate windows,
+  60 s of event time by default) and published when the watermark passes that (outcome
+  ``fired``), unless the user was flagged as a bot in the meantime (``bot``). Its action keeps
+  the deciding event's time, id and payload. Timeouts are not held (their own delay covers it).
 * **Action ids** are UUIDv5 of ``user_key | trigger | occurrence`` where the occurrence is the
   event id (event triggers), the due time (timeouts) or ``enter|exit`` and the event id or time
   (segment triggers): re-processing the same input gives the same id whatever the rules
@@ -62,7 +69,7 @@ from .bots import observe as observe_bot
 from .namespace import namespace
 from .ruleset import EvalError, Ruleset, Trigger, cel_env, evaluate_condition, flatten, render_payload
 
-OUTCOMES = ("fired", "bot", "consent", "cooldown", "once_per", "segment_too_small", "late", "condition_error")
+OUTCOMES = ("fired", "held", "bot", "consent", "cooldown", "once_per", "segment_too_small", "late")
 
 
 @dataclass(frozen=True)
@@ -111,6 +118,11 @@ class RuleContext:
     assumed_consent: frozenset[str] = frozenset()
     bots: BotConfig = field(default_factory=BotConfig)
     created_at: str = ""
+
+    @property
+    def hold_ms(self) -> int:
+        """How long a marketing (``requires_consent``) event/segment decision is held (ms)."""
+        return max(self.bots.cart_window_ms, self.bots.events_window_ms)
 
 
 @dataclass
@@ -179,7 +191,7 @@ def _fire(st: UserState, trig: Trigger, at_ms: int, occurrence: str, detail: str
     if ts.get("e") is not None:
         ts["fe"] = ts["e"]
     payload = render_payload(trig.action.payload, act, out.errors)
-    out.actions.append({
+    action = {
         "schema_version": 1,
         "action_id": action_id(st.key, trig.name, occurrence),
         "type": trig.action.type,
@@ -194,7 +206,12 @@ def _fire(st: UserState, trig: Trigger, at_ms: int, occurrence: str, detail: str
         "model_version": None,
         "rules_version": ctx.ruleset.version,
         "created_at": ctx.created_at,
-    })
+    }
+    if trig.requires_consent is not None and trig.on.kind != "timeout" and ctx.hold_ms > 0:
+        st.rules.setdefault("held", []).append([at_ms + ctx.hold_ms, action])
+        out.decisions.append((trig.name, "held"))
+        return
+    out.actions.append(action)
     out.decisions.append((trig.name, "fired"))
 
 
@@ -215,7 +232,7 @@ def _segments(st: UserState, at_ms: int, ctx: RuleContext, event: Mapping[str, A
     before = list(st.rules.get("seg", []))
     flat = _flat(st, at_ms, ctx, before, event)
     act = cel_env().Activation(flat)
-    now = ctx.ruleset.matching_segments(act, out.errors)
+    now = [] if is_bot(st.rules.get("bot", {})) else ctx.ruleset.matching_segments(act, out.errors)
     entered = [s for s in now if s not in before]
     exited = [s for s in before if s not in now]
     if entered or exited:
@@ -353,6 +370,7 @@ def on_event(st: UserState, event: Mapping[str, Any], late: bool, watermark_ms: 
 def next_due(st: UserState) -> int | None:
     """The earliest pending timeout of the user (event time, epoch ms), ``None`` when none."""
     dues = [ts["due"] for ts in st.rules.get("t", {}).values() if "due" in ts]
+    dues += [h[0] for h in st.rules.get("held", [])]
     return min(dues) if dues else None
 
 
@@ -362,6 +380,21 @@ def on_timers(st: UserState, watermark_ms: int, ctx: RuleContext) -> Outcome:
     out = Outcome()
     rs = ctx.ruleset
     _prune(st, rs)
+    held = st.rules.get("held", [])
+    if held:
+        keep = []
+        for due, action in held:
+            if not watermark_ms > due:
+                keep.append([due, action])
+            elif is_bot(st.rules.get("bot", {})):
+                out.decisions.append((action["trigger"], "bot"))
+            else:
+                out.actions.append({**action, "created_at": ctx.created_at})
+                out.decisions.append((action["trigger"], "fired"))
+        if keep:
+            st.rules["held"] = keep
+        else:
+            del st.rules["held"]
     due_now = sorted((ts["due"], name) for name, ts in st.rules.get("t", {}).items()
                      if "due" in ts and watermark_ms > ts["due"])
     if not due_now:
@@ -378,8 +411,9 @@ def on_timers(st: UserState, watermark_ms: int, ctx: RuleContext) -> Outcome:
         act = _ns(st, due, ctx, list(st.rules.get("seg", [])), None)
         if evaluate_condition(trig.when, act, out.errors):
             no = " or ".join(to.no)
-            _fire(st, trig, due, str(due),
-                  f"no {no} within {to.within_s:g} s after {to.after} at {to_rfc3339(ts.get('a', due))}", act, ctx, out)
+            a = ts.get("a", due)
+            _fire(st, trig, due, str(due),  # the delay the timer was armed with (rules may have changed)
+                  f"no {no} within {(due - a) / 1000:g} s after {to.after} at {to_rfc3339(a)}", act, ctx, out)
     act, entered, exited = _segments(st, last_at, ctx, None, None, out)
     _segment_triggers(st, last_at, ctx, act, entered, exited, str(last_at), out)
     return out
