@@ -95,7 +95,8 @@ def test_end_of_input_does_not_invent_churn():
     eng.process(0, event("page_view", at="2019-10-01T10:00:00Z"), 0)
     eng.end_of_input(0, 0, 1, 0)
     assert eng.clock(0).watermark() == END_OF_TIME
-    assert [e["task"] for e in eng.drain_examples()] == []          # session ended, nothing to label
+    # session ended: nothing to label, but the session itself goes to the tiers and the Markov chain
+    assert [e["task"] for e in eng.drain_examples()] == ["tiers", "markov"]
     assert eng.load("u1").ml.get("pc") is not None                   # churn still pending
     assert eng.tick(0, 0) == [] and eng.drain_examples() == []
 

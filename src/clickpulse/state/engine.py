@@ -220,7 +220,8 @@ class Engine:
                 self.segment_conversions[seg] = self.segment_conversions.get(seg, 0) + 1
 
     def _session_examples(self, st: UserState, session: Any) -> None:
-        """Examples of a finished session for the trainer's engagement tiers and Markov chain."""
+        """Examples of a session that just ended (its last event + the gap passed, or the user
+        came back) for the trainer's engagement tiers and Markov chain."""
         if self.models is None:
             return
         base = {"schema_version": 1, "user_key": st.key, "event_time_ms": int(session.last_ms)}
@@ -311,14 +312,13 @@ class Engine:
                 actions += self._take_rules(st, triggers.on_timers(st, wm_after, self._context(rs, created, partition)),
                                             partition)
         if self.models is not None:
+            open_session = st.session if st.session is not None and not st.session.ended else None
             actions += self._take(before_event(st, int(event["timestamp_ms"]), self.models.score, self.mcfg, created))
+            if open_session is not None and open_session.ended:  # the user's return ended it
+                self._session_examples(st, open_session)
         self._count_population(st, -1)
-        prev_sid = None if st.session is None else st.session.sid
         res = apply(st, event, wm_before, self.cfg, wall_ms)
         self._count_population(st, +1)
-        if res.session_started and st.session is not None and st.session.sid != prev_sid \
-                and st.prev_session is not None:
-            self._session_examples(st, st.prev_session)
         if self.models is not None:
             actions += self._take(after_event(st, event, self.models.score, self.mcfg, created, res.late,
                                               allow_buffer=self.pending_predictions < self.pending_total_cap))
@@ -359,7 +359,10 @@ class Engine:
             if ctx is not None:
                 actions += self._take_rules(st, triggers.on_timers(st, wm, ctx), partition)
             if self.models is not None:
+                open_session = st.session if st.session is not None and not st.session.ended else None
                 actions += self._take(on_watermark(st, wm, self.models.score, self.mcfg, created))
+                if open_session is not None and open_session.ended:  # the watermark passed its end
+                    self._session_examples(st, open_session)
             # what did not fire (e.g. the cart changed) is re-armed from the state
             self.timers[partition].set(key, self._due(st, closed=wm == END_OF_TIME))
             self._save(st)  # it was due: a timer fired, a session ended or a label resolved
