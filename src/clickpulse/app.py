@@ -129,7 +129,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
                     idle_timeout_ms=settings.idle_timeout_ms, live=settings.time_mode == "live",
                     metrics=metrics, on_state=ProfileSink(writer), models=registry,
                     model_cfg=ModelConfig.from_settings(settings), pending_total_cap=settings.pending_total,
-                    rules=rules, assumed_consent=settings.assumed_consent, bots=BotConfig.from_settings(settings))
+                    rules=rules, assumed_consent=settings.assumed_consent, bots=BotConfig.from_settings(settings),
+                    model_min_class_examples=settings.model_min_class_examples)
     progress: dict[str, dict[int, int]] = {settings.topic_raw: {}, settings.topic_valid: {}}
     app.clickpulse = {"engine": engine, "metrics": metrics, "writer": writer, "settings": settings,  # type: ignore[attr-defined]
                       "progress": progress}

@@ -68,6 +68,11 @@ class Settings:
         ``CLICKPULSE_ENGAGEMENT_WEIGHTS``; points per engagement signal overriding the defaults of
         :data:`clickpulse.features.engagement.DEFAULT_WEIGHTS`, as ``name=points`` pairs
         separated by commas (``purchase=12,hover=0``; ``dwell`` is per minute). Default empty.
+    model_min_class_examples : int
+        ``CLICKPULSE_MODEL_MIN_CLASS_EXAMPLES``; a model's actions (``high_intent``,
+        ``churn_risk``) are published only once the model in use has learned at least this many
+        labeled examples of each class: a model that never saw a churner scores noise. Scores
+        are still computed and served. Default 10; 0 disables the check.
     rules_path : str
         ``CLICKPULSE_RULES_PATH``; the rules file (segments and triggers, YAML + CEL, see
         :mod:`clickpulse.rules.ruleset`). Empty (the default): the packaged default rules
@@ -185,6 +190,7 @@ class Settings:
     intent_pipeline: str = "logreg"
     churn_pipeline: str = "logreg"
     model_seed: int = 42
+    model_min_class_examples: int = 10
     intent_score_every: int = 5
     intent_threshold: float = 0.8
     churn_threshold: float = 0.7

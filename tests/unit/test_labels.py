@@ -191,3 +191,15 @@ def test_pending_buffer_is_bounded_in_total():
         eng.process(0, event("add_to_cart", user=u, product_id="p", at="2019-10-01T10:00:00Z"), 0)
     assert eng.pending_predictions == 2
     assert eng.metrics.predictions_dropped.labels("capacity")._value.get() == 2
+
+
+def test_model_actions_wait_until_the_model_has_seen_both_classes():
+    eng, reg = engine(intent_threshold=0.0)  # a fresh model: every score clears the threshold
+    eng.model_min_class_examples = 10
+    acts = eng.process(0, event("add_to_cart", product_id="p1", price=5.0), 0)[1]
+    assert [a for a in acts if a["type"] == "high_intent"] == []
+    assert eng.metrics.model_actions_suppressed.labels("high_intent")._value.get() == 1
+    m = reg.models["intent"]
+    m.examples, m.positives = 20, 10  # as after learning 10 of each class
+    acts = eng.process(0, event("add_to_cart", user="u2", product_id="p1", price=5.0), 0)[1]
+    assert [a["type"] for a in acts] == ["high_intent"]

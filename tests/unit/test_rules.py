@@ -361,3 +361,13 @@ def test_a_non_canonical_event_type_loads_with_a_warning():
     rs = parse_rules('version: "1"\ntriggers:\n  - name: x\n    on: add_to_crt\n    action: {type: a}\n')
     assert len(rs.warnings) == 1 and "'add_to_crt' is not a canonical event type" in rs.warnings[0]
     assert load_rules(EXAMPLE).warnings == ()
+
+
+def test_typos_that_load_are_warned_about():
+    rs = parse_rules('version: "1"\nsegments:\n  - name: s\n    when: \'count.add_to_crt["7d"] > 2\'\n'
+                     'triggers:\n  - name: x\n    on: add_to_cart\n    requires_consent: marketting\n'
+                     '    action: {type: a, payload: {n: \'count.purchse["7d"]\'}}\n')
+    assert len(rs.warnings) == 3
+    assert "segment 's': count.add_to_crt is not a canonical event type" in rs.warnings[0]
+    assert "trigger 'x': count.purchse" in rs.warnings[1]
+    assert "requires_consent 'marketting' is not a common purpose" in rs.warnings[2]

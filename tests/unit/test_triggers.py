@@ -1035,3 +1035,44 @@ def test_a_cart_burst_gets_no_marketing_action_even_from_an_event_trigger():
     later = flush(eng)
     assert [a["user_key"] for a in later if a["type"] == "cart_abandoned"] == ["human"]  # the bot: none
     assert [a["type"] for a in later if a["user_key"] == "fast"] == []
+
+
+HELD = rules("""
+    version: "h1"
+    triggers:
+      - name: incentive
+        on: add_to_cart
+        when: 'count.add_to_cart["7d"] > 2'
+        action: {type: incentive}
+        requires_consent: marketing
+    """)
+
+
+def test_a_held_decision_is_dropped_when_consent_is_withdrawn_meanwhile():
+    eng = memory_engine(rules=HELD, lateness_s=0, assume_consent=())
+    feed(eng, consent("10:00", True), add("u1", "10:00:10", "a"), add("u1", "10:00:11", "b"),
+         add("u1", "10:00:12", "c"))
+    assert decided(eng, "incentive", "held") == 1
+    feed(eng, consent("10:00:30", False))  # withdrawn within the 60 s hold
+    assert advance(eng, "10:05") == [] and flush(eng) == []
+    assert decided(eng, "incentive", "consent") == 1 and decided(eng, "incentive", "fired") == 0
+
+
+def test_a_held_decision_of_a_trigger_removed_by_a_reload_is_not_published():
+    eng = memory_engine(rules=HELD, lateness_s=0, assume_consent=("marketing",))
+    feed(eng, add("u1", "10:00:10", "a"), add("u1", "10:00:11", "b"), add("u1", "10:00:12", "c"))
+    assert decided(eng, "incentive", "held") == 1
+    eng.rules = parse_rules(HELD.replace('version: "h1"', 'version: "h2"').split("triggers:")[0] + "triggers: []\n")
+    assert advance(eng, "10:05") == [] and flush(eng) == []
+    assert decided(eng, "incentive", "removed") == 1 and "held" not in eng.load("u1").rules
+
+
+def test_a_held_decision_is_published_with_the_deciding_event_time_and_version():
+    eng = memory_engine(rules=HELD, lateness_s=0, assume_consent=("marketing",))
+    third = add("u1", "10:00:12", "c")
+    feed(eng, add("u1", "10:00:10", "a"), add("u1", "10:00:11", "b"), third)
+    assert advance(eng, "10:01:12") == []  # not strictly past the hold yet
+    acts = advance(eng, "10:01:13")
+    assert [(a["type"], a["event_time"], a["rules_version"]) for a in acts] == \
+        [("incentive", iso("10:00:12"), version_of(HELD, "h1"))]
+    assert acts[0]["action_id"] == action_id("u1", "incentive", third["event_id"])

@@ -84,6 +84,12 @@ class ModelRegistry:
         (:meth:`clickpulse.models.markov.MarkovChain.p_purchase`: only the last state matters)."""
         return self.aux["markov"].p_purchase(path)
 
+    def ready(self, task: str, min_per_class: int) -> bool:
+        """True when the ``task`` model in use has learned at least ``min_per_class`` examples of
+        each class (a model that never saw a churner cannot tell one)."""
+        m = self.models.get(task)
+        return m is not None and m.positives >= min_per_class and m.examples - m.positives >= min_per_class
+
     def install(self, envelope: dict[str, Any]) -> bool:
         """Swap in the model of a snapshot envelope (``schemas/snapshot.v1.json``) when it is newer.
 

@@ -72,6 +72,10 @@ class Metrics:
                                      "Profiles dropped from the write-behind buffer (over CLICKPULSE_REDIS_MAX_PENDING)",
                                      registry=r)
         self.redis_pending = Gauge("clickpulse_redis_pending_profiles", "Profiles waiting to be written", registry=r)
+        self.model_actions_suppressed = Counter(
+            "clickpulse_model_actions_suppressed_total",
+            "Model actions not published because the model had not yet learned "
+            "CLICKPULSE_MODEL_MIN_CLASS_EXAMPLES examples of each class", ["type"], registry=r)
         self.rule_decisions = Counter("clickpulse_rule_decisions_total",
                                       "Trigger decisions by trigger and outcome (fired, bot, consent, cooldown, "
                                       "once_per, segment_too_small, late)", ["trigger", "outcome"], registry=r)

@@ -67,6 +67,10 @@ ONCE_PER = ("episode", "session", "lifetime")
 DEFAULT_MIN_SIZE = 50
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 _CEL_ERROR_RE = re.compile(r"ERROR: <input>:(\d+):(\d+): (.*)")
+_COUNT_TYPE_RE = re.compile(r"\bcount\s*\.\s*([A-Za-z_]\w*)")
+#: Consent purposes a rules file usually names (others load with a warning: a typo blocks a trigger).
+COMMON_PURPOSES = ("marketing", "analytics", "personalization", "advertising", "functional", "email", "sms",
+                   "push")
 _WINDOW_KEY_RE = re.compile(r"\bcount\s*(?:\.\s*[A-Za-z_]\w*|\[\s*(?:\"[^\"]*\"|'[^']*')\s*\])\s*\[\s*[\"']([^\"']*)[\"']\s*\]")
 
 
@@ -652,10 +656,37 @@ def parse_rules(data: bytes | str, path: str | None = None) -> Ruleset:
                 warnings.append(f"trigger {trig.name!r}: {etype!r} is not a canonical event type "
                                 f"({', '.join(sorted(CANONICAL_TYPES))}); it only matches events sent with "
                                 f"exactly that type")
+    for kind, items in (("segment", segments), ("trigger", triggers)):
+        for item in items:
+            for etype in sorted({m.group(1) for src in _sources(item) for m in _COUNT_TYPE_RE.finditer(src)}):
+                if etype not in CANONICAL_TYPES:
+                    warnings.append(f"{kind} {item.name!r}: count.{etype} is not a canonical event type; it is "
+                                    f"a runtime error (the condition is false) until such events arrive")
+    for trig in triggers:
+        purpose = trig.requires_consent
+        if purpose is not None and purpose not in COMMON_PURPOSES:
+            warnings.append(f"trigger {trig.name!r}: requires_consent {purpose!r} is not a common purpose "
+                            f"({', '.join(COMMON_PURPOSES)}); it is granted only by consent events with "
+                            f"exactly this purpose (or CLICKPULSE_ASSUME_CONSENT)")
     for w in warnings:
         log.warning("rules %s: %s", path, w)
     return Ruleset(f"{file_version}+{digest[:8]}", file_version, digest, tuple(segments), tuple(triggers), path,
                    tuple(warnings))
+
+
+def _sources(item: Segment | Trigger) -> list[str]:
+    """Every CEL source of a rule (condition and payload values)."""
+    out = [item.when.source]
+    stack = [item.action.payload] if isinstance(item, Trigger) else []
+    while stack:
+        v = stack.pop()
+        if isinstance(v, Expr):
+            out.append(v.source)
+        elif isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return out
 
 
 def load_rules(path: str | Path) -> Ruleset:

@@ -45,8 +45,9 @@ Semantics (stated once, applied the same way live and in a replay)
   add. So a decision of a trigger with ``requires_consent`` that is not a timeout (an event or
   segment trigger) is *held* for the bot-detection window (the larger of the two rate windows,
   60 s of event time by default) and published when the watermark passes that (outcome
-  ``fired``), unless the user was flagged as a bot in the meantime (``bot``). Its action keeps
-  the deciding event's time, id and payload. Timeouts are not held (their own delay covers it).
+  ``fired``), unless in the meantime the user was flagged as a bot (``bot``), withdrew the
+  consent (``consent``) or a reload removed the trigger (``removed``). Its action keeps the
+  deciding event's time, id, payload and rules version. Timeouts are not held (their own delay covers it).
 * **Action ids** are UUIDv5 of ``user_key | trigger | occurrence`` where the occurrence is the
   event id (event triggers), the due time (timeouts) or ``enter|exit`` and the event id or time
   (segment triggers): re-processing the same input gives the same id whatever the rules
@@ -69,7 +70,7 @@ from .bots import observe as observe_bot
 from .namespace import namespace
 from .ruleset import EvalError, Ruleset, Trigger, cel_env, evaluate_condition, flatten, render_payload
 
-OUTCOMES = ("fired", "held", "bot", "consent", "cooldown", "once_per", "segment_too_small", "late")
+OUTCOMES = ("fired", "held", "bot", "consent", "cooldown", "once_per", "segment_too_small", "late", "removed")
 
 
 @dataclass(frozen=True)
@@ -383,14 +384,22 @@ def on_timers(st: UserState, watermark_ms: int, ctx: RuleContext) -> Outcome:
     held = st.rules.get("held", [])
     if held:
         keep = []
+        current = {trig.name: trig for trig in rs.triggers}
         for due, action in held:
+            name = action["trigger"]
+            trig = current.get(name)
             if not watermark_ms > due:
                 keep.append([due, action])
+            elif trig is None:  # removed by a reload while held: a stopped campaign sends nothing
+                out.decisions.append((name, "removed"))
             elif is_bot(st.rules.get("bot", {})):
-                out.decisions.append((action["trigger"], "bot"))
+                out.decisions.append((name, "bot"))
+            elif trig.requires_consent is not None and \
+                    not consent_granted(st, trig.requires_consent, ctx.assumed_consent):
+                out.decisions.append((name, "consent"))  # withdrawn while held
             else:
                 out.actions.append({**action, "created_at": ctx.created_at})
-                out.decisions.append((action["trigger"], "fired"))
+                out.decisions.append((name, "fired"))
         if keep:
             st.rules["held"] = keep
         else:

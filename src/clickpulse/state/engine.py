@@ -30,6 +30,8 @@ from .clock import END_OF_TIME, PartitionClock, TimerIndex
 from .user import Applied, StateConfig, UserState, apply, is_duplicate
 
 log = logging.getLogger(__name__)
+#: model action type -> the task whose model decides it
+MODEL_ACTION_TASKS = {"high_intent": "intent", "churn_risk": "churn"}
 
 
 @functools.lru_cache(maxsize=4)
@@ -67,6 +69,9 @@ class Engine:
         Consent purposes taken as granted for users who never sent a ``consent`` event.
     bots
         Bot-detection thresholds (:class:`clickpulse.rules.bots.BotConfig`).
+    model_min_class_examples
+        A model's actions (``high_intent``, ``churn_risk``) are published only once the model in
+        use has learned at least this many examples of each class (0: always).
     """
 
     def __init__(self, table: MutableMapping[bytes, bytes], cfg: StateConfig, *, allowed_lateness_ms: int,
@@ -74,7 +79,7 @@ class Engine:
                  on_state: Callable[[UserState], None] | None = None,
                  models: Any = None, model_cfg: Any = None, pending_total_cap: int = 1_000_000,
                  rules: Any = None, assumed_consent: frozenset[str] = frozenset(),
-                 bots: BotConfig | None = None) -> None:
+                 bots: BotConfig | None = None, model_min_class_examples: int = 0) -> None:
         self.table = table
         self.cfg = cfg
         self.lateness = allowed_lateness_ms
@@ -90,6 +95,7 @@ class Engine:
         self.pending_total_cap = pending_total_cap
         self.pending_predictions = 0
         self.examples: list[dict[str, Any]] = []
+        self.model_min_class_examples = model_min_class_examples
         # rules: segments' members per partition, population statistics for smoothing
         self.rules = rules
         self.assumed_consent = frozenset(assumed_consent)
@@ -103,6 +109,7 @@ class Engine:
         self._prior = (1.0, 1.0)
         self.segment_changes: list[dict[str, Any]] = []
         self.rule_errors = 0
+        self._logged_rule_errors: set[str] = set()
 
     # -- rules ----------------------------------------------------------------------------
     def ruleset(self) -> Ruleset | None:
@@ -182,6 +189,14 @@ class Engine:
     def _take_rules(self, st: UserState, out: triggers.Outcome, partition: int) -> list[dict[str, Any]]:
         """Account for a rules outcome (metrics, segment counts and changes); returns its actions."""
         members = self.segment_members.setdefault(partition, {})  # counted by the context's count_member
+        if out.bot_flagged:  # the bot leaves its segments now: its stints do not count in conversion
+            for ch in out.changes:
+                if ch.change == "exited":
+                    self.segment_entries[ch.segment] = max(0, self.segment_entries.get(ch.segment, 0) - 1)
+            for seg in st.rules.pop("cv", []):
+                self.segment_conversions[seg] = max(0, self.segment_conversions.get(seg, 0) - 1)
+            self.metrics.bots.inc()
+            log.info("user %s flagged as a bot: %s", st.key, out.bot_flagged)
         for ch in out.changes:
             if ch.change == "entered":
                 self.segment_entries[ch.segment] = self.segment_entries.get(ch.segment, 0) + 1
@@ -200,12 +215,12 @@ class Engine:
         for err in out.errors:
             self.rule_errors += 1
             self.metrics.rule_errors.labels(err.rule).inc()
-            log.debug("rule evaluation error for %s: %s", st.key, err)
+            if err.rule not in self._logged_rule_errors:  # the first of each rule, then only counted
+                self._logged_rule_errors.add(err.rule)
+                log.warning("rule %s failed at run time (counted as false; further failures only counted in "
+                            "clickpulse_rule_errors_total): %s", err.rule, err)
         if out.timer_skipped_late:
             self.metrics.timers_skipped_late.inc(out.timer_skipped_late)
-        if out.bot_flagged:
-            self.metrics.bots.inc()
-            log.info("user %s flagged as a bot: %s", st.key, out.bot_flagged)
         return out.actions
 
     def _segment_purchase(self, st: UserState) -> None:
@@ -269,7 +284,16 @@ class Engine:
         return next_due(st, self.mcfg, closed)
 
     def _take(self, outcome: Any) -> list[dict[str, Any]]:
-        """Account for a models outcome; returns its actions."""
+        """Account for a models outcome; returns its actions (those of a model not yet ready dropped)."""
+        if outcome.actions and self.model_min_class_examples > 0:
+            keep = []
+            for a in outcome.actions:
+                task = MODEL_ACTION_TASKS.get(a["type"])
+                if task is not None and not self.models.ready(task, self.model_min_class_examples):
+                    self.metrics.model_actions_suppressed.labels(a["type"]).inc()
+                else:
+                    keep.append(a)
+            outcome.actions = keep
         if not (outcome.examples or outcome.dropped or outcome.buffered):
             return outcome.actions
         for ex in outcome.examples:
