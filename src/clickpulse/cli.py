@@ -70,6 +70,30 @@ def cmd_report_paths(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rules_check(args: argparse.Namespace) -> int:
+    """Validate a rules file offline (exit 1 with the error, as the worker would reject it)."""
+    from .rules.ruleset import load_rules
+
+    path = args.file or Settings.from_env().rules_file
+    if path is None:
+        print("CLICKPULSE_RULES_PATH=none: no rules")
+        return 0
+    rs = load_rules(path)  # a RulesError is printed by main() with exit code 2
+    print(f"{path}: valid, version {rs.version}")
+    for seg in rs.segments:
+        print(f"  segment {seg.name:<24} min_size {seg.min_size:<4} when {seg.when.source}")
+    for t in rs.triggers:
+        on = t.on.event_type if t.on.kind == "event" else f"{t.on.kind} {t.on.segment}" if t.on.segment else \
+            f"timeout after {t.on.timeout.after}, no {'/'.join(t.on.timeout.no)} within {t.on.timeout.within_s:g} s"
+        extras = ", ".join(x for x in (f"cooldown {t.cooldown_s:g} s" if t.cooldown_s else "",
+                                       f"once per {t.once_per}" if t.once_per else "",
+                                       f"needs {t.requires_consent} consent" if t.requires_consent else "") if x)
+        print(f"  trigger {t.name:<24} on {on} -> {t.action.type}" + (f" ({extras})" if extras else ""))
+    for w in rs.warnings:
+        print(f"  warning: {w}")
+    return 0
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     records = messages(args.format, args.file)
@@ -229,6 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
     paths.add_argument("--top", type=int, default=10)
     paths.add_argument("--max-len", type=int, default=4)
     paths.set_defaults(func=cmd_report_paths)
+
+    ru = sub.add_parser("rules", help="rules file tools")
+    rusub = ru.add_subparsers(dest="rules_cmd", required=True)
+    chk = rusub.add_parser("check", help="validate a rules file and list its segments and triggers")
+    chk.add_argument("file", nargs="?", help="default: CLICKPULSE_RULES_PATH (or the packaged default rules)")
+    chk.set_defaults(func=cmd_rules_check)
 
     r = sub.add_parser("replay", help="publish a dataset to the raw topic, preserving event time")
     r.add_argument("--format", choices=FORMATS, required=True)

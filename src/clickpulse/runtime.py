@@ -41,7 +41,7 @@ def services(cmd: str) -> bool:
     """
     if not SERVICES_SH.exists():
         raise ServiceError(f"{SERVICES_SH} not found: run from a clickpulse source checkout")
-    res = subprocess.run(["bash", str(SERVICES_SH), cmd], check=False)
+    res = subprocess.run(["bash", str(SERVICES_SH), cmd], check=False, capture_output=cmd == "status")
     if cmd == "start" and res.returncode != 0:
         raise ServiceError("deploy/local/services.sh start failed; see .local/logs/")
     return res.returncode == 0

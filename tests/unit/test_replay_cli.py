@@ -46,3 +46,17 @@ def test_report_paths_cli(capsys):
     assert main(["report", "paths", "--top", "3"]) == 0
     out = capsys.readouterr().out
     assert "product_view > add_to_cart" in out and "conversion" in out
+
+
+def test_rules_check_lists_a_valid_file_and_rejects_a_bad_one(tmp_path, capsys):
+    assert main(["rules", "check"]) == 0  # the packaged default rules
+    out = capsys.readouterr().out
+    assert "valid, version 2026-11-29.1+" in out
+    assert "trigger cart_abandonment         on timeout after add_to_cart, no purchase within 1800 s -> " \
+           "cart_abandoned (once per episode, needs marketing consent)" in out
+    bad = tmp_path / "rules.yaml"
+    bad.write_text('version: "x"\ntriggers:\n  - name: a\n    on: add_to_cart\n    when: "cart.value > 5"\n'
+                   '    action: {type: t}\n')
+    assert main(["rules", "check", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "trigger 'a', field 'when' (file line 5), expression line 1, column 12" in err and "50.0" in err
