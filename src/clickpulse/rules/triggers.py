@@ -70,9 +70,6 @@ from .bots import observe as observe_bot
 from .namespace import namespace
 from .ruleset import EvalError, Ruleset, Trigger, cel_env, evaluate_condition, flatten, render_payload
 
-OUTCOMES = ("fired", "held", "bot", "consent", "cooldown", "once_per", "segment_too_small", "late", "removed")
-
-
 @dataclass(frozen=True)
 class SegmentChange:
     """A user entered or left a segment (``schemas/segment_change.v1.json``)."""
@@ -174,7 +171,7 @@ def _gate(st: UserState, trig: Trigger, at_ms: int, ctx: RuleContext) -> str | N
     return None
 
 
-def _reason(trig: Trigger, at_ms: int, detail: str) -> str:
+def _reason(trig: Trigger, detail: str) -> str:
     return f"trigger {trig.name}: {detail}" + (f" ({trig.description})" if trig.description else "")
 
 
@@ -201,7 +198,7 @@ def _fire(st: UserState, trig: Trigger, at_ms: int, occurrence: str, detail: str
         "anonymous_id": st.anonymous_id,
         "event_time": to_rfc3339(at_ms),
         "event_time_ms": at_ms,
-        "reason": _reason(trig, at_ms, detail),
+        "reason": _reason(trig, detail),
         "payload": payload if isinstance(payload, dict) else {"value": payload},
         "trigger": trig.name,
         "model_version": None,
@@ -227,7 +224,7 @@ def _ns(st: UserState, at_ms: int, ctx: RuleContext, segments: list[str], event:
     return cel_env().Activation(_flat(st, at_ms, ctx, segments, event))
 
 
-def _segments(st: UserState, at_ms: int, ctx: RuleContext, event: Mapping[str, Any] | None, event_id: str | None,
+def _segments(st: UserState, at_ms: int, ctx: RuleContext, event: Mapping[str, Any] | None,
               out: Outcome) -> tuple[Any, list[str], list[str]]:
     """Re-evaluate membership; returns (activation with the new membership, entered, exited)."""
     before = list(st.rules.get("seg", []))
@@ -344,7 +341,7 @@ def on_event(st: UserState, event: Mapping[str, Any], late: bool, watermark_ms: 
             del st.rules["t"][trig.name]
     if st.rules.get("t") == {}:
         del st.rules["t"]
-    act, entered, exited = _segments(st, t, ctx, event, event.get("event_id"), out)
+    act, entered, exited = _segments(st, t, ctx, event, out)
     if late:
         for trig in rs.triggers_on(etype):
             out.decisions.append((trig.name, "late"))
@@ -423,6 +420,6 @@ def on_timers(st: UserState, watermark_ms: int, ctx: RuleContext) -> Outcome:
             a = ts.get("a", due)
             _fire(st, trig, due, str(due),  # the delay the timer was armed with (rules may have changed)
                   f"no {no} within {(due - a) / 1000:g} s after {to.after} at {to_rfc3339(a)}", act, ctx, out)
-    act, entered, exited = _segments(st, last_at, ctx, None, None, out)
+    act, entered, exited = _segments(st, last_at, ctx, None, out)
     _segment_triggers(st, last_at, ctx, act, entered, exited, str(last_at), out)
     return out

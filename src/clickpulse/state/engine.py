@@ -25,7 +25,7 @@ from ..observability.metrics import Metrics, type_label
 from ..rules import triggers
 from ..rules.bots import BotConfig
 from ..rules.ruleset import Ruleset
-from ..rules.smoothing import PopulationPrior, posterior_mean
+from ..rules.smoothing import PopulationPrior, fit_prior, posterior_mean
 from .clock import END_OF_TIME, PartitionClock, TimerIndex
 from .user import Applied, StateConfig, UserState, apply, is_duplicate
 
@@ -147,7 +147,6 @@ class Engine:
 
     def segment_conversion(self) -> dict[str, dict[str, float]]:
         """Per segment: stints, conversions, raw and smoothed conversion rate (prior over segments)."""
-        from ..rules.smoothing import fit_prior
         names = sorted(set(self.segment_entries) | set(self.segment_conversions))
         s = [min(self.segment_conversions.get(n, 0), self.segment_entries.get(n, 0)) for n in names]
         n = [self.segment_entries.get(x, 0) for x in names]
