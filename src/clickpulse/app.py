@@ -1,23 +1,35 @@
-"""The Faust app: topics, the state table and the agents that wire the pipeline stages.
+"""The Faust app: topics, the state table and thin agents around the batch engine step.
 
-Nothing here decides anything: agents call :func:`clickpulse.events.contract.parse` and the
-:class:`clickpulse.state.engine.Engine`, and publish what they return.
+Nothing here decides anything: the agents read the stream in batches (``take_events``), call
+:func:`clickpulse.events.contract.parse` and :meth:`clickpulse.engine.Engine.step`, write the
+step's changed users to the table (one write per user per batch), and publish what it returned
+without awaiting message by message (:class:`Publisher`: at most
+``CLICKPULSE_MAX_IN_FLIGHT_BATCHES`` batches un-acknowledged, then the agent waits — so a commit
+never waits behind an unbounded producer backlog).
 
-* ``ingest``   raw -> parse/validate/normalize -> valid (keyed by user) | dead-letter topic
-* ``process``  valid -> user state (table ``users``) -> rules -> actions, segment changes;
-               fires timers after each event
-* timers       live mode: every second, fire timers of idle partitions (watermark follows wall
-               clock); every ``redis_flush_interval_s``: flush profiles to Redis; every
-               ``rules_poll_s``: reload the rules file when it changed
-* web          ``/metrics`` (Prometheus text format), ``/progress`` (last processed offsets),
-               ``/segments`` (segment sizes and smoothed conversion rates), ``/rules`` (active
-               rules version, last reload error)
+* ``ingest``  (two-hop mode, the default) raw → parse/validate/normalize → valid (keyed by user)
+              | dead-letter topic; signed control is forwarded to every valid partition, unsigned
+              control is dead-lettered as ``forged_control``
+* ``process`` valid (and, with ``CLICKPULSE_RAW_KEYED``, raw: one hop) → engine step → state
+              table, actions, segment changes, training examples, Redis profiles
+* timers      live mode: every second, fire timers of idle partitions (watermark follows wall
+              clock); every ``redis_flush_interval_s``: flush profiles to Redis; every
+              ``rules_poll_s``: reload the rules file when it changed; every 5 min: expire users
+* web         ``/metrics``, ``/progress``, ``/segments``, ``/rules``
+
+Delivery: at least once. An input offset is committed only after Faust flushed the producer
+(actions, segment changes, examples, changelog), so a crash re-processes the uncommitted tail;
+a re-processed action has the same ``action_id`` (deterministic), so consumers de-duplicate by it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import logging
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,20 +37,18 @@ import faust
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from . import store as _store  # registers the clickpulse-rocksdb:// table store
+from .engine import Emitted, Engine, build_engine
+from .engine.factory import build_models, build_rules
 from .errors import InvalidEvent
 from .events.contract import parse
+from .events.control import CONTROL_HEADER, CONTROL_SIG_HEADER, verify_control
 from .events.dlq import dlq_record
+from .models.trainer import metric_samples
 from .observability.metrics import Metrics, type_label
 from .serving.redis_sink import ProfileWriter
 from .settings import Settings
-from .models.labels import ModelConfig
-from .models.registry import ModelRegistry
-from .models.trainer import metric_samples
-from .rules.bots import BotConfig
-from .rules.ruleset import RulesFile
-from .state.engine import Engine
-from .state.user import StateConfig, UserState
-from .topics import CONTROL_HEADER
+from .state.user import UserState
 
 log = logging.getLogger(__name__)
 
@@ -58,25 +68,166 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-class ProfileSink:
-    """Adapter: engine state changes -> Redis write-behind (profile built at flush time)."""
+def faust_tuning(settings: Settings) -> dict[str, Any]:
+    """Faust/aiokafka settings of the worker (and of the benchmarks' bare Faust passthrough).
 
-    def __init__(self, writer: ProfileWriter) -> None:
-        self.writer = writer
+    * ``broker_max_poll_records`` 2000: records per fetch, so a batch step can fill up;
+    * ``stream_buffer_maxsize`` 8192: events buffered per partition ahead of the agent;
+    * ``producer_linger_ms`` 5 and ``producer_max_batch_size`` 256 KiB: the producer batches
+      outputs instead of sending a request per message;
+    * ``broker_commit_every`` 10000 / ``broker_commit_interval`` 1.0 s: commit by time under load;
+    * ``stream_wait_empty`` off: a rebalance does not wait for buffers to drain.
+    """
+    return {"broker_max_poll_records": 2000, "stream_buffer_maxsize": 8192, "producer_linger_ms": 5,
+            "producer_max_batch_size": 256 * 1024, "broker_commit_every": 10_000, "broker_commit_interval": 1.0,
+            "stream_wait_empty": False, "producer_acks": -1}
 
-    def __call__(self, st: UserState) -> None:
-        self.writer.mark(st.key, st)
+
+class Publisher:
+    """Sends a batch's records through Faust's producer without awaiting each acknowledgement.
+
+    Keeps the acknowledgement futures of the last ``max_in_flight`` batches; when a new batch
+    would exceed that, waits for the oldest (backpressure). A failed send is logged and counted
+    (``clickpulse_publish_errors_total``) — it never crashes the agent.
+    """
+
+    def __init__(self, app: faust.App, metrics: Metrics, max_in_flight: int) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.max_in_flight = max_in_flight
+        self.in_flight: collections.deque[list[Any]] = collections.deque()
+
+    async def send(self, records: Sequence[tuple[str, bytes | None, bytes, int | None, Any]]) -> None:
+        """``records``: ``(topic, key, value, partition or None, headers or None)``."""
+        if not records:
+            return
+        producer = self.app.producer
+        futs = [await producer.send(t, k, v, p, None, h) for t, k, v, p, h in records]
+        self.in_flight.append(futs)
+        while len(self.in_flight) > self.max_in_flight:
+            await self._settle(self.in_flight.popleft())
+
+    async def drain(self) -> None:
+        """Wait for every in-flight batch."""
+        while self.in_flight:
+            await self._settle(self.in_flight.popleft())
+
+    async def _settle(self, futs: list[Any]) -> None:
+        for res in await asyncio.gather(*futs, return_exceptions=True):
+            if isinstance(res, BaseException):
+                self.metrics.publish_errors.inc()
+                log.error("publish failed: %s: %s", type(res).__name__, res)
 
 
-def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
-    """Build the Faust app for ``settings`` (one app per namespace = consumer group)."""
-    metrics = metrics or Metrics()
+@dataclass
+class Worker:
+    """What the wiring functions share."""
+
+    app: faust.App
+    settings: Settings
+    metrics: Metrics
+    engine: Engine
+    writer: ProfileWriter
+    publisher: Publisher
+    topics: dict[str, Any]
+    progress: dict[str, dict[int, int]]
+
+    # -- output ------------------------------------------------------------------------------
+    def records(self, em: Emitted) -> list[tuple[str, bytes | None, bytes, int | None, Any]]:
+        s = self.settings
+        out: list[tuple[str, bytes | None, bytes, int | None, Any]] = []
+        dumps = orjson.dumps
+        for a in em.actions:
+            out.append((s.topic_actions, a["user_key"].encode(), dumps(a), None, None))
+        for ch in em.segment_changes:
+            out.append((s.topic_segments, ch["user_key"].encode(), dumps(ch), None, None))
+        for ex in em.examples:
+            out.append((s.topic_training, ex["user_key"].encode(), dumps(ex), None, None))
+        return out
+
+    async def emit(self, em: Emitted, extra: list[Any] | None = None) -> None:
+        """Commit a step (table writes, metrics), mark profiles, publish its records."""
+        self.engine.commit(em)
+        mark = self.writer.mark
+        for key, st in em.states.items():
+            mark(key, st)
+        await self.publisher.send(self.records(em) + (extra or []))
+
+    def dead_letter(self, err: InvalidEvent, msg: Any) -> tuple[str, bytes | None, bytes, int | None, Any]:
+        self.metrics.events_invalid.labels(err.reason).inc()
+        rec = dlq_record(err, key=msg.key, value=msg.value, topic=msg.topic, partition=msg.partition,
+                         offset=msg.offset, timestamp_ms=int(msg.timestamp * 1000) if msg.timestamp else None,
+                         max_payload_bytes=self.settings.dlq_max_payload_bytes)
+        log.info("dead-letter %s at %s[%d]@%d: %s", err.reason, msg.topic, msg.partition, msg.offset, err.detail)
+        return (self.settings.topic_dlq, msg.key, orjson.dumps(rec), None, None)
+
+    # -- raw input -----------------------------------------------------------------------------
+    def control(self, msg: Any, kind: bytes, out: list[Any]) -> None:
+        """A raw message with the control header: verified → forwarded to every valid partition;
+        otherwise dead-lettered as ``forged_control``."""
+        s = self.settings
+        if not verify_control(s.control_key, kind, msg.value, header(msg.headers, CONTROL_SIG_HEADER)):
+            self.metrics.control_forged.inc()
+            why = "no CLICKPULSE_CONTROL_KEY is configured" if not s.control_key else "missing or invalid signature"
+            out.append(self.dead_letter(InvalidEvent("forged_control", f"control header {kind[:64]!r}: {why}"), msg))
+            return
+        try:
+            body = orjson.loads(msg.value)
+        except orjson.JSONDecodeError:
+            out.append(self.dead_letter(InvalidEvent("not_json", "control message value is not JSON"), msg))
+            return
+        if kind != b"end_of_input" or not isinstance(body, dict) or body.get("control") != "end_of_input":
+            out.append(self.dead_letter(InvalidEvent("schema", f"unknown control message {kind[:64]!r}"), msg))
+            return
+        n_src = body.get("source_partitions")
+        if not isinstance(n_src, int) or n_src < 1:
+            n_src = s.partitions  # the raw topic is created with this many partitions
+        fwd = {"schema_version": 1, "control": "end_of_input", "source_partition": msg.partition,
+               "source_partitions": n_src}
+        if body.get("run_id"):
+            fwd["run_id"] = str(body["run_id"])
+        value = orjson.dumps(fwd)
+        for p in range(s.partitions):
+            out.append((s.topic_valid, None, value, p, [(CONTROL_HEADER, b"end_of_input")]))
+
+    def ingest_one(self, msg: Any, out: list[Any]) -> dict[str, Any] | None:
+        """Validate one raw message: returns the canonical event, or appends its dead-letter /
+        control records to ``out`` and returns ``None``."""
+        s = self.settings
+        self.metrics.raw_in.inc()
+        try:
+            kind = header(msg.headers, CONTROL_HEADER)
+            if kind is not None:
+                self.control(msg, kind, out)
+                return None
+            ts_ms = int(msg.timestamp * 1000) if msg.timestamp else None
+            now = _now_ms()
+            received = now if ts_ms is None else min(ts_ms, now)
+            try:
+                ev = parse(msg.value, msg.key, max_bytes=s.max_event_bytes, received_ms=received,
+                           max_future_skew_ms=s.max_future_skew_ms)
+            except InvalidEvent as err:
+                out.append(self.dead_letter(err, msg))
+                return None
+            if ev.get("context", {}).get("clock_corrected"):
+                self.metrics.clock_corrected.inc()
+            self.metrics.events_valid.labels(type_label(ev["type"])).inc()
+            return ev
+        except Exception as err:  # noqa: BLE001 - one bad message never stops the stream
+            log.exception("ingest failed at %s[%d]@%d", msg.topic, msg.partition, msg.offset)
+            out.append(self.dead_letter(InvalidEvent("internal", f"{type(err).__name__}: {err}"), msg))
+            return None
+        finally:
+            self.progress[s.topic_raw][msg.partition] = msg.offset
+
+
+def _app(settings: Settings) -> faust.App:
     data_dir = Path(settings.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    app = faust.App(
+    return faust.App(
         settings.app_id,
         broker=[f"kafka://{h}" for h in settings.kafka_bootstrap.split(",")],
-        store="memory://",
+        store=f"{_store.SCHEME}://" if settings.state_store == "rocksdb" else "memory://",
         autodiscover=False,
         topic_partitions=settings.partitions,
         topic_replication_factor=1,
@@ -86,150 +237,144 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
         web_host=settings.web_host,
         datadir=str(data_dir),
         consumer_auto_offset_reset="earliest",
-        producer_acks=-1,
-        stream_wait_empty=False,
-        broker_commit_every=1000,
-        broker_commit_interval=1.0,
         table_standby_replicas=0,
         broker_session_timeout=settings.kafka_session_timeout_s,
         broker_heartbeat_interval=min(3.0, settings.kafka_session_timeout_s / 3),
         logging_config=None,
+        **faust_tuning(settings),
     )
-    raw_topic = app.topic(settings.topic_raw, key_type=bytes, value_type=bytes, key_serializer="raw",
-                          value_serializer="raw", partitions=settings.partitions)
-    valid_topic = app.topic(settings.topic_valid, key_type=bytes, value_type=bytes, key_serializer="raw",
-                            value_serializer="raw", partitions=settings.partitions)
-    dlq_topic = app.topic(settings.topic_dlq, key_type=bytes, value_type=bytes, key_serializer="raw",
-                          value_serializer="raw", partitions=1)
-    actions_topic = app.topic(settings.topic_actions, key_type=bytes, value_type=bytes, key_serializer="raw",
-                              value_serializer="raw", partitions=settings.partitions)
+
+
+def _topics(app: faust.App, s: Settings) -> dict[str, Any]:
+    def raw_topic(name: str, partitions: int) -> Any:
+        return app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
+                         partitions=partitions)
+    return {"raw": raw_topic(s.topic_raw, s.partitions), "valid": raw_topic(s.topic_valid, s.partitions),
+            "dlq": raw_topic(s.topic_dlq, 1), "actions": raw_topic(s.topic_actions, s.partitions),
+            "segments": raw_topic(s.topic_segments, s.partitions), "training": raw_topic(s.topic_training, 1)}
+
+
+def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
+    """Build the Faust app for ``settings`` (one app per namespace = consumer group)."""
+    metrics = metrics or Metrics()
+    app = _app(settings)
+    topics = _topics(app, settings)
     # use_partitioner: the changelog partition comes from the key (same murmur2 partitioner as
-    # the valid topic, so the table stays co-partitioned) and the table can be written from the
-    # timer task, outside stream iteration.
-    # key_type/value_type bytes -> Faust uses the "raw" codec for the changelog (no JSON wrapping)
+    # the valid topic, so the table stays co-partitioned) and the table can be written after a
+    # batch and from the timer task, outside stream iteration; bytes key/value -> raw codec
     users = app.Table(settings.state_table, default=None, key_type=bytes, value_type=bytes,
                       partitions=settings.partitions, use_partitioner=True)
-
-    training_topic = app.topic(settings.topic_training, key_type=bytes, value_type=bytes, key_serializer="raw",
-                               value_serializer="raw", partitions=1)
-    writer = ProfileWriter(None, settings.namespace, int(settings.user_retention_s),
-                           settings.redis_max_pending, metrics)
-    registry = ModelRegistry({"intent": settings.intent_pipeline, "churn": settings.churn_pipeline},
-                             settings.model_seed) if settings.models_enabled else None
-    segments_topic = app.topic(settings.topic_segments, key_type=bytes, value_type=bytes, key_serializer="raw",
-                               value_serializer="raw", partitions=settings.partitions)
-    # an invalid rules file at start is a RulesError (nothing to fall back on); later reloads
-    # that fail keep the previous rules
-    rules = RulesFile(settings.rules_file) if settings.rules_file else None
+    rules = build_rules(settings)  # an invalid file at start is a RulesError (nothing to fall back on)
     if rules is not None:
         metrics.rules_info.labels(rules.current().version).set(1)
         log.info("rules %s: version %s (%d segments, %d triggers)", rules.path, rules.current().version,
                  len(rules.current().segments), len(rules.current().triggers))
-    engine = Engine(users, StateConfig.from_settings(settings), allowed_lateness_ms=settings.allowed_lateness_ms,
-                    idle_timeout_ms=settings.idle_timeout_ms, live=settings.time_mode == "live",
-                    metrics=metrics, on_state=ProfileSink(writer), models=registry,
-                    model_cfg=ModelConfig.from_settings(settings), pending_total_cap=settings.pending_total,
-                    rules=rules, assumed_consent=settings.assumed_consent, bots=BotConfig.from_settings(settings),
-                    model_min_class_examples=settings.model_min_class_examples)
-    progress: dict[str, dict[int, int]] = {settings.topic_raw: {}, settings.topic_valid: {}}
+    registry = build_models(settings)
+    engine = build_engine(settings, users, metrics=metrics, models=registry, rules=rules)
+    writer = ProfileWriter(None, settings.namespace, int(settings.user_retention_s), settings.redis_max_pending,
+                           metrics)
+    w = Worker(app, settings, metrics, engine, writer, Publisher(app, metrics, settings.max_in_flight_batches),
+               topics, {settings.topic_raw: {}, settings.topic_valid: {}})
     app.clickpulse = {"engine": engine, "metrics": metrics, "writer": writer, "settings": settings,  # type: ignore[attr-defined]
-                      "progress": progress}
+                      "progress": w.progress, "worker": w}
+    if not settings.raw_keyed:
+        _wire_ingest(w)
+    _wire_process(w)
+    _wire_timers(w, users)
+    if rules is not None:
+        _wire_rules(w, rules)
+    if registry is not None:
+        _wire_models(w, registry)
+    _wire_web(w, rules, registry)
+    return app
 
-    async def publish(actions: list[dict[str, Any]]) -> None:
-        for a in actions:
-            await actions_topic.send(key=a["user_key"].encode(), value=orjson.dumps(a))
-        for ex in engine.drain_examples():
-            await training_topic.send(key=ex["user_key"].encode(), value=orjson.dumps(ex))
-        for ch in engine.drain_segment_changes():
-            await segments_topic.send(key=ch["user_key"].encode(), value=orjson.dumps(ch))
 
-    @app.agent(raw_topic, name="ingest")
+def _wire_ingest(w: Worker) -> None:
+    s = w.settings
+
+    @w.app.agent(w.topics["raw"], name="ingest")
     async def ingest(stream: faust.StreamT) -> None:
-        async for event in stream.events():
-            msg = event.message
-            metrics.raw_in.inc()
-            try:
-                control = header(msg.headers, CONTROL_HEADER)
-                if control is not None:
-                    await _forward_control(msg, control)
-                    continue
-                ts_ms = int(msg.timestamp * 1000) if msg.timestamp else None
-                now = _now_ms()
-                received = now if ts_ms is None else min(ts_ms, now)
-                try:
-                    ev = parse(msg.value, msg.key, max_bytes=settings.max_event_bytes, received_ms=received,
-                               max_future_skew_ms=settings.max_future_skew_ms)
-                except InvalidEvent as err:
-                    await _dead_letter(err, msg)
-                    continue
-                if ev.get("context", {}).get("clock_corrected"):
-                    metrics.clock_corrected.inc()
-                metrics.events_valid.labels(type_label(ev["type"])).inc()
-                await valid_topic.send(key=ev["user_key"].encode(), value=orjson.dumps(ev))
-            except Exception as err:  # noqa: BLE001 - one bad message never stops the stream
-                log.exception("ingest failed at %s[%d]@%d", msg.topic, msg.partition, msg.offset)
-                await _dead_letter(InvalidEvent("internal", f"{type(err).__name__}: {err}"), msg)
-            finally:
-                progress[settings.topic_raw][msg.partition] = msg.offset
+        async for batch in stream.take_events(s.batch_max_events, within=s.batch_within_s):
+            out: list[Any] = []
+            for event in batch:
+                ev = w.ingest_one(event.message, out)
+                if ev is not None:
+                    out.append((s.topic_valid, ev["user_key"].encode(), orjson.dumps(ev), None, None))
+            await w.publisher.send(out)
 
-    async def _dead_letter(err: InvalidEvent, msg: Any) -> None:
-        metrics.events_invalid.labels(err.reason).inc()
-        rec = dlq_record(err, key=msg.key, value=msg.value, topic=msg.topic, partition=msg.partition,
-                         offset=msg.offset, timestamp_ms=int(msg.timestamp * 1000) if msg.timestamp else None,
-                         max_payload_bytes=settings.dlq_max_payload_bytes)
-        log.info("dead-letter %s at %s[%d]@%d: %s", err.reason, msg.topic, msg.partition, msg.offset, err.detail)
-        try:
-            await dlq_topic.send(key=msg.key, value=orjson.dumps(rec))
-        except Exception:  # noqa: BLE001
-            metrics.dlq_publish_errors.inc()
-            log.exception("could not publish dead-letter record for %s[%d]@%d", msg.topic, msg.partition, msg.offset)
 
-    async def _forward_control(msg: Any, control: bytes) -> None:
-        try:
-            body = orjson.loads(msg.value)
-        except orjson.JSONDecodeError:
-            await _dead_letter(InvalidEvent("not_json", "control message value is not JSON"), msg)
+def _wire_process(w: Worker) -> None:
+    s = w.settings
+    engine = w.engine
+    source = w.app.topic(s.topic_raw, s.topic_valid, key_type=bytes, value_type=bytes, key_serializer="raw",
+                         value_serializer="raw") if s.raw_keyed else w.topics["valid"]
+    from .store import key_partition
+
+    async def run_step(items: list[tuple[int, dict[str, Any]]], msgs: list[Any], out: list[Any]) -> None:
+        if not items:
             return
-        if control != b"end_of_input" or not isinstance(body, dict) or body.get("control") != "end_of_input":
-            await _dead_letter(InvalidEvent("schema", f"unknown control message {control[:64]!r}"), msg)
-            return
-        n_src = body.get("source_partitions")
-        if not isinstance(n_src, int) or n_src < 1:
-            n_src = settings.partitions  # the raw topic is created with this many partitions
-        fwd = {"schema_version": 1, "control": "end_of_input", "source_partition": msg.partition,
-               "source_partitions": n_src}
-        if body.get("run_id"):
-            fwd["run_id"] = str(body["run_id"])
-        for p in range(settings.partitions):
-            await valid_topic.send(value=orjson.dumps(fwd), partition=p, headers={CONTROL_HEADER: b"end_of_input"})
+        started = time.perf_counter()
+        em = engine.step(items, _now_ms())
+        for f in em.failed:  # rolled back alone; the rest of the batch stands
+            msg = msgs[f.index]
+            log.error("processing failed at %s[%d]@%d: %s", msg.topic, msg.partition, msg.offset, f.error)
+            out.append(w.dead_letter(InvalidEvent("internal", f.error), msg))
+        elapsed = time.perf_counter() - started
+        w.metrics.process_latency.observe(elapsed / len(items))
+        w.metrics.batch_size.observe(len(items))
+        await w.emit(em, out)
+        out.clear()
+        items.clear()
+        msgs.clear()
 
-    @app.agent(valid_topic, name="process")
+    @w.app.agent(source, name="process")
     async def process(stream: faust.StreamT) -> None:
-        async for event in stream.events():
-            msg = event.message
-            started = time.perf_counter()
-            try:
-                if header(msg.headers, CONTROL_HEADER) is not None:
-                    body = orjson.loads(msg.value)
-                    actions = engine.end_of_input(msg.partition, int(body["source_partition"]),
-                                                  int(body["source_partitions"]), _now_ms())
-                else:
-                    ev = orjson.loads(msg.value)
-                    _, actions = engine.process(msg.partition, ev, _now_ms())
-                await publish(actions)
-            except Exception as err:  # noqa: BLE001 - one message never stops the stream
-                log.exception("processing failed at %s[%d]@%d", msg.topic, msg.partition, msg.offset)
-                await _dead_letter(InvalidEvent("internal", f"{type(err).__name__}: {err}"), msg)
-            finally:
-                metrics.process_latency.observe(time.perf_counter() - started)
-                progress[settings.topic_valid][msg.partition] = msg.offset
+        async for batch in stream.take_events(s.batch_max_events, within=s.batch_within_s):
+            items: list[tuple[int, dict[str, Any]]] = []
+            msgs: list[Any] = []
+            out: list[Any] = []
+            for event in batch:
+                msg = event.message
+                if msg.topic == s.topic_raw:  # one hop: validate here, re-key only what must be
+                    ev = w.ingest_one(msg, out)
+                    if ev is None:
+                        continue
+                    key = ev["user_key"].encode()
+                    if msg.key != key or key_partition(key, s.partitions) != msg.partition:
+                        out.append((s.topic_valid, key, orjson.dumps(ev), None, None))
+                        continue
+                    items.append((msg.partition, ev))
+                    msgs.append(msg)
+                    continue
+                try:
+                    if header(msg.headers, CONTROL_HEADER) is not None:  # internal topic: trusted
+                        await run_step(items, msgs, out)
+                        body = orjson.loads(msg.value)
+                        await w.emit(engine.end_of_input_step(msg.partition, int(body["source_partition"]),
+                                                              int(body["source_partitions"]), _now_ms()))
+                    else:
+                        items.append((msg.partition, orjson.loads(msg.value)))
+                        msgs.append(msg)
+                except Exception as err:  # noqa: BLE001 - one message never stops the stream
+                    log.exception("processing failed at %s[%d]@%d", msg.topic, msg.partition, msg.offset)
+                    out.append(w.dead_letter(InvalidEvent("internal", f"{type(err).__name__}: {err}"), msg))
+                finally:
+                    w.progress[s.topic_valid][msg.partition] = msg.offset
+            await run_step(items, msgs, out)
+            await w.publisher.send(out)
+
+
+def _valid_partitions(w: Worker) -> list[int]:
+    return sorted(tp.partition for tp in w.app.assignor.assigned_actives() if tp.topic == w.settings.topic_valid)
+
+
+def _wire_timers(w: Worker, users: Any) -> None:
+    app, s, engine, metrics = w.app, w.settings, w.engine, w.metrics
 
     @app.timer(interval=1.0)
     async def fire_idle_timers() -> None:
         now = _now_ms()
-        for tp in app.assignor.assigned_actives():
-            if tp.topic == settings.topic_valid:
-                await publish(engine.tick(tp.partition, now))
+        await w.emit(engine.step([], now, tick=_valid_partitions(w)))
         metrics.timers_pending.set(engine.pending_timers())
         wm = engine.min_watermark(now)
         if wm is not None:
@@ -237,41 +382,25 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
 
     @app.timer(interval=300.0)
     async def expire_idle_users() -> None:
-        now = _now_ms()
-        for tp in app.assignor.assigned_actives():
-            if tp.topic == settings.topic_valid:
-                n = engine.expire_users(tp.partition, settings.user_retention_ms, now)
-                if n:
-                    log.info("partition %d: expired %d idle users", tp.partition, n)
+        for p in _valid_partitions(w):
+            em = engine.expire_step(p, s.user_retention_ms, _now_ms())
+            n = sum(1 for v in em.changed.values() if v is None)
+            await w.emit(em)
+            if n:
+                log.info("partition %d: expired %d idle users", p, n)
 
-    @app.timer(interval=settings.redis_flush_interval_s)
+    @app.timer(interval=s.redis_flush_interval_s)
     async def flush_profiles() -> None:
-        if writer.client is None and settings.redis_url:
+        writer = w.writer
+        if writer.client is None and s.redis_url:
             import redis.asyncio as aioredis
-            writer.client = aioredis.from_url(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+            writer.client = aioredis.from_url(s.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
         # build profiles lazily, once per user per flush (coalescing)
         ecfg = engine.cfg.engagement
         writer.pending = {k: (v.profile(engagement=ecfg, extra=engine.profile_extra(v)) if isinstance(v, UserState)
                               else v)
                           for k, v in writer.pending.items()}
         await writer.flush()
-
-    if rules is not None:
-        @app.timer(interval=settings.rules_poll_s)
-        async def reload_rules() -> None:
-            old = rules.current().version
-            failures = rules.failures
-            try:
-                changed = await app.loop.run_in_executor(None, rules.poll)  # compiling can take a while
-            except Exception:  # noqa: BLE001 - a reload problem never stops the worker
-                log.exception("rules reload failed; keeping version %s", old)
-                return
-            if changed:  # RulesFile logged it (INFO); a rejection was logged once (WARNING)
-                metrics.rules_reloads.labels("ok").inc()
-                metrics.rules_info.labels(old).set(0)
-                metrics.rules_info.labels(rules.current().version).set(1)
-            elif rules.failures != failures:
-                metrics.rules_reloads.labels("rejected").inc()
 
     @app.timer(interval=10.0)
     async def segment_gauges() -> None:
@@ -282,42 +411,68 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
         for seg in (rs.segments if rs is not None else ()):
             metrics.segment_members.labels(seg.name).set(engine.segment_size(seg.name))
 
-    if registry is not None:
-        @app.task
-        async def follow_models() -> None:
-            """Load every new model snapshot from the compacted models topic (hot swap)."""
-            from aiokafka import AIOKafkaConsumer, TopicPartition
-            consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False,
-                                        auto_offset_reset="earliest", max_partition_fetch_bytes=32 * 1024 * 1024,
-                                        fetch_max_bytes=64 * 1024 * 1024)
-            await consumer.start()
-            try:
-                tp = TopicPartition(settings.topic_models, 0)
-                consumer.assign([tp])
-                await consumer.seek_to_beginning(tp)
-                while True:
-                    for _tp, msgs in (await consumer.getmany(timeout_ms=1000)).items():
-                        for m in msgs:
-                            try:
-                                env = orjson.loads(m.value)
-                                if registry.install(env):
-                                    for task, name, scope, v in metric_samples(env):
-                                        metrics.model_metric.labels(task, name, scope).set(v)
-                                    metrics.model_examples.labels(env["task"]).set(env["examples"])
-                            except Exception:  # noqa: BLE001 - a bad snapshot keeps the current model
-                                log.exception("could not install model snapshot at offset %d", m.offset)
-            finally:
-                try:
-                    await consumer.stop()
-                except BaseException:  # noqa: BLE001 - shutting down
-                    pass
-
     @app.on_rebalance_complete.connect
     async def on_rebalance_complete(sender: Any = None, **kwargs: Any) -> None:
-        parts = [tp.partition for tp in app.assignor.assigned_actives() if tp.topic == settings.topic_valid]
+        parts = _valid_partitions(w)
         n = engine.restore(parts, list(users.items()), _now_ms())
-        log.info("clickpulse ready: partitions %s of %s recovered, %d pending timers",
-                 sorted(parts), settings.topic_valid, n)
+        log.info("clickpulse ready: partitions %s of %s recovered, %d pending timers", parts, s.topic_valid, n)
+
+
+def _wire_rules(w: Worker, rules: Any) -> None:
+    metrics = w.metrics
+
+    @w.app.timer(interval=w.settings.rules_poll_s)
+    async def reload_rules() -> None:
+        old = rules.current().version
+        failures = rules.failures
+        try:
+            changed = await w.app.loop.run_in_executor(None, rules.poll)  # compiling can take a while
+        except Exception:  # noqa: BLE001 - a reload problem never stops the worker
+            log.exception("rules reload failed; keeping version %s", old)
+            return
+        if changed:  # RulesFile logged it (INFO); a rejection was logged once (WARNING)
+            metrics.rules_reloads.labels("ok").inc()
+            metrics.rules_info.labels(old).set(0)
+            metrics.rules_info.labels(rules.current().version).set(1)
+        elif rules.failures != failures:
+            metrics.rules_reloads.labels("rejected").inc()
+
+
+def _wire_models(w: Worker, registry: Any) -> None:
+    s, metrics = w.settings, w.metrics
+
+    @w.app.task
+    async def follow_models() -> None:
+        """Load every new model snapshot from the compacted models topic (hot swap)."""
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+        consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, enable_auto_commit=False,
+                                    auto_offset_reset="earliest", max_partition_fetch_bytes=32 * 1024 * 1024,
+                                    fetch_max_bytes=64 * 1024 * 1024)
+        await consumer.start()
+        try:
+            tp = TopicPartition(s.topic_models, 0)
+            consumer.assign([tp])
+            await consumer.seek_to_beginning(tp)
+            while True:
+                for _tp, msgs in (await consumer.getmany(timeout_ms=1000)).items():
+                    for m in msgs:
+                        try:
+                            env = orjson.loads(m.value)
+                            if registry.install(env):
+                                for task, name, scope, v in metric_samples(env):
+                                    metrics.model_metric.labels(task, name, scope).set(v)
+                                metrics.model_examples.labels(env["task"]).set(env["examples"])
+                        except Exception:  # noqa: BLE001 - a bad snapshot keeps the current model
+                            log.exception("could not install model snapshot at offset %d", m.offset)
+        finally:
+            try:
+                await consumer.stop()
+            except BaseException:  # noqa: BLE001 - shutting down
+                pass
+
+
+def _wire_web(w: Worker, rules: Any, registry: Any) -> None:
+    app, engine, metrics = w.app, w.engine, w.metrics
 
     @app.page("/metrics")
     async def metrics_page(web: Any, request: Any) -> Any:
@@ -330,10 +485,10 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
         a, b = engine.user_prior()
         return web.json({"rules_version": None if rs is None else rs.version,
                          "user_conversion_prior": {"alpha": a, "beta": b, "mean": a / (a + b)},
-                         "segments": {s.name: {"min_size": s.min_size, "members": engine.segment_size(s.name),
-                                               "active": engine.segment_active(s.name),
-                                               **{k: v for k, v in conv.get(s.name, {}).items() if k != "members"}}
-                                      for s in (rs.segments if rs is not None else ())}})
+                         "segments": {g.name: {"min_size": g.min_size, "members": engine.segment_size(g.name),
+                                               "active": engine.segment_active(g.name),
+                                               **{k: v for k, v in conv.get(g.name, {}).items() if k != "members"}}
+                                      for g in (rs.segments if rs is not None else ())}})
 
     @app.page("/rules")
     async def rules_page(web: Any, request: Any) -> Any:
@@ -356,9 +511,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
 
     @app.page("/progress")
     async def progress_page(web: Any, request: Any) -> Any:
-        return web.json({"topics": {t: {str(p): o for p, o in parts.items()} for t, parts in progress.items()},
+        return web.json({"topics": {t: {str(p): o for p, o in parts.items()} for t, parts in w.progress.items()},
                          "models": registry.snapshot_versions if registry is not None else {},
                          "pending_timers": engine.pending_timers(),
-                         "redis_pending": len(writer.pending)})
-
-    return app
+                         "redis_pending": len(w.writer.pending)})

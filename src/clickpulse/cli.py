@@ -39,6 +39,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     asyncio.set_event_loop(loop)
     loop.run_until_complete(ensure_topics(settings))
     app = create_app(settings)
+    from .store import wipe_local_tables
+    wipe_local_tables(app)  # the changelog is the source of truth: recover from it
     from faust.worker import Worker
 
     worker = Worker(app, loglevel=args.loglevel, logfile=None, quiet=True, override_logging=True)
@@ -100,8 +102,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
     first = next(records, None)  # reads the header: a bad file fails before touching Kafka
     records = itertools.chain([first] if first is not None else [], records)
     asyncio.run(ensure_topics(settings))
+    if args.flush and not settings.control_key:
+        print("clickpulse replay --flush: set CLICKPULSE_CONTROL_KEY to the worker's control key (the end of "
+              "input is signed; an unsigned one is dead-lettered as forged_control)", file=sys.stderr)
+        return 2
     res = asyncio.run(publish(settings.kafka_bootstrap, settings.topic_raw, records,
-                              speed=args.speed, flush=args.flush))
+                              speed=args.speed, flush=args.flush, control_key=settings.control_key))
     print(f"published {res.published} records from {args.file} to {settings.topic_raw} in {res.seconds:.2f} s"
           f"{' + end_of_input on every partition' if res.flushed else ''}")
     return 0
@@ -128,6 +134,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for name in ("worker.log", "trainer.log"):
         (out_dir / name).unlink(missing_ok=True)
     settings = settings.replace(trainer_web_port=free_port())
+    if not settings.control_key:  # this run's worker and replay share a fresh key for --flush
+        import secrets
+        settings = settings.replace(control_key=secrets.token_hex(32))
     worker = WorkerProcess(settings, out_dir / "worker.log")
     trainer = WorkerProcess(settings, out_dir / "trainer.log", command="trainer")
     try:
@@ -142,7 +151,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
               f"{' with --flush' if args.flush else ''} ...", flush=True)
         t0 = time.monotonic()
         res = asyncio.run(publish(settings.kafka_bootstrap, settings.topic_raw, messages(args.format, args.file),
-                                  flush=args.flush))
+                                  flush=args.flush, control_key=settings.control_key))
         wait_caught_up(worker, settings)
         elapsed = time.monotonic() - t0
         m = worker.metrics()

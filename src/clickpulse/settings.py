@@ -157,8 +157,41 @@ class Settings:
         ``CLICKPULSE_ENGAGEMENT_HALF_LIFE_S``; seconds after which an event's engagement points
         count half (exponential recency decay). Default 604800 (7 days).
     data_dir : str
-        ``CLICKPULSE_DATA_DIR``; the worker's local folder (Faust data dir; the table itself is
-        in memory, recovered from its changelog topic). Default ``.local/worker-data``.
+        ``CLICKPULSE_DATA_DIR``; the worker's local folder (Faust data dir: the RocksDB state store
+        lives under it). Default ``.local/worker-data``.
+    state_store : str
+        ``CLICKPULSE_STATE_STORE``; where the worker keeps the user-state table: ``rocksdb``
+        (Faust's RocksDB store through ``rocksdict``, on disk under ``data_dir``: memory stays
+        bounded however many users there are) or ``memory`` (the whole table in process memory).
+        Either way the table's changelog topic is the source of truth a restarted worker
+        recovers from. Default ``rocksdb``.
+    state_cache_users : int
+        ``CLICKPULSE_STATE_CACHE_USERS``; decoded states of recently active users kept in memory
+        by the engine (least recently used evicted), so consecutive events of a user decode its
+        state once. Default 20000.
+    batch_max_events : int
+        ``CLICKPULSE_BATCH_MAX_EVENTS``; the most events one engine step takes (the agents read
+        the stream with Faust's ``take_events``). Default 1000.
+    batch_within_s : float
+        ``CLICKPULSE_BATCH_WITHIN_S``; seconds an agent waits to fill a batch before processing
+        what it has (the latency floor under light load). Default 0.02.
+    raw_keyed : bool
+        ``CLICKPULSE_RAW_KEYED``; producers key the raw topic by the identity key (``user_id``,
+        else ``"anon:" + anonymous_id``, murmur2 partitioner as Kafka's default): the worker then
+        validates and processes in one hop, and re-routes through the valid topic only the
+        events whose key is not their identity key. Default false (two hops: ingest re-keys every
+        event onto the valid topic).
+    control_key : str
+        ``CLICKPULSE_CONTROL_KEY``; the secret that signs control messages (``replay --flush``'s
+        end of input) on the raw topic (HMAC-SHA256, :mod:`clickpulse.events.control`). Empty
+        (the default): every control message on the raw topic is dead-lettered as
+        ``forged_control`` — no producer can close event time. ``clickpulse demo`` and the
+        integration tests generate one per run. Give the worker and the replaying tool the same
+        value; never give it to ordinary producers.
+    max_in_flight_batches : int
+        ``CLICKPULSE_MAX_IN_FLIGHT_BATCHES``; batches whose messages may still await the
+        broker's acknowledgement before the agent waits (backpressure: the producer backlog,
+        and so the commit delay, stays bounded). Default 4.
     """
 
     kafka_bootstrap: str = "127.0.0.1:9092"
@@ -206,6 +239,13 @@ class Settings:
     engagement_half_life_s: float = 604800.0
     engagement_weights: str = ""
     data_dir: str = ".local/worker-data"
+    state_store: str = "rocksdb"
+    state_cache_users: int = 20_000
+    batch_max_events: int = 1000
+    batch_within_s: float = 0.02
+    raw_keyed: bool = False
+    max_in_flight_batches: int = 4
+    control_key: str = field(default="", repr=False)
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -217,7 +257,8 @@ class Settings:
         positive = ("intent_score_every", "pending_per_user", "pending_total", "snapshot_every",
                     "validation_window", "churn_horizon_days", "partitions", "session_gap_s", "max_event_bytes", "rules_poll_s",
                     "bot_max_cart_adds", "bot_cart_window_s", "bot_max_events", "bot_events_window_s",
-                    "dedup_ids_per_user", "redis_flush_interval_s", "idle_timeout_s")
+                    "dedup_ids_per_user", "redis_flush_interval_s", "idle_timeout_s", "batch_max_events",
+                    "batch_within_s", "max_in_flight_batches")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_env(name)} must be > 0, got {getattr(self, name)!r}")
@@ -232,6 +273,10 @@ class Settings:
             EngagementConfig.from_settings(self)
         except ValueError as err:
             raise ConfigError(f"{_env('engagement_weights')}: {err}") from err
+        if self.state_store not in ("rocksdb", "memory"):
+            raise ConfigError(f"{_env('state_store')} must be 'rocksdb' or 'memory', got {self.state_store!r}")
+        if self.state_cache_users < 0:
+            raise ConfigError(f"{_env('state_cache_users')} must be >= 0, got {self.state_cache_users!r}")
         if not self.namespace or not all(c.isalnum() or c in "-_." for c in self.namespace):
             raise ConfigError(f"{_env('namespace')} must be non-empty [A-Za-z0-9._-], got {self.namespace!r}")
 

@@ -14,8 +14,7 @@ from .observability.metrics import Metrics
 from .rules.bots import BotConfig
 from .rules.ruleset import Ruleset, load_rules, parse_rules
 from .settings import Settings
-from .state.engine import Engine
-from .state.user import StateConfig
+from .engine import Engine, build_engine
 
 _seq = itertools.count()
 
@@ -73,7 +72,7 @@ def memory_engine(*, lateness_s: float = 60, idle_s: float = 5, live: bool = Fal
         rules = default_rules()
     elif isinstance(rules, str):
         rules = parse_rules(rules, "<test rules>")
-    return Engine({}, StateConfig(int(gap_s * 1000), dedup),
-                  allowed_lateness_ms=int(lateness_s * 1000), idle_timeout_ms=int(idle_s * 1000), live=live,
-                  metrics=Metrics(CollectorRegistry()), rules=rules, assumed_consent=frozenset(assume_consent),
-                  bots=bots)
+    settings = Settings(allowed_lateness_s=lateness_s, idle_timeout_s=idle_s, time_mode="live" if live else "replay",
+                        session_gap_s=gap_s, dedup_ids_per_user=dedup, assume_consent=",".join(assume_consent),
+                        models_enabled=False)
+    return build_engine(settings, {}, metrics=Metrics(CollectorRegistry()), rules=rules, bots=bots)

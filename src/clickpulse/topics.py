@@ -14,7 +14,9 @@ topic                                  key        value
 ``<ns>-worker-users-changelog``        user_key   user state (Faust table changelog, compacted)
 =====================================  =========  ============================================
 
-Control messages carry the header ``clickpulse-control`` and a ``schemas/control.v1.json`` value.
+Control messages carry the header ``clickpulse-control``, a ``schemas/control.v1.json`` value and,
+on the raw topic, the signature header ``clickpulse-control-sig`` (:mod:`clickpulse.events.control`);
+an unsigned one is dead-lettered as ``forged_control``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-CONTROL_HEADER = "clickpulse-control"
+from .events.control import CONTROL_HEADER, CONTROL_SIG_HEADER  # noqa: F401 - re-exported
 
 
 def topic_specs(s: Settings) -> dict[str, dict]:

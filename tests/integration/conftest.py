@@ -17,6 +17,7 @@ from aiokafka import AIOKafkaProducer
 from clickpulse.events.schemas import validation_errors
 from clickpulse.runtime import WorkerProcess, free_port, read_topic, services
 from clickpulse.settings import Settings
+from clickpulse.events.control import control_headers
 from clickpulse.topics import CONTROL_HEADER, ensure_topics
 
 pytestmark = pytest.mark.integration
@@ -37,6 +38,7 @@ def make_settings(local_services: Settings, tmp_path: Path) -> Callable[..., Set
         ns = f"it-{uuid.uuid4().hex[:10]}"
         over.setdefault("kafka_session_timeout_s", 8)  # a SIGKILLed worker's partitions move quickly
         over.setdefault("assume_consent", "marketing")  # the test data sends no consent events
+        over.setdefault("control_key", uuid.uuid4().hex)  # signs end_of_input (replay --flush)
         delay = over.pop("cart_abandon_after_s", None)
         if delay is not None:  # the default rules with a shorter cart-abandonment delay
             rules = Path(Settings().rules_file).read_text()
@@ -90,9 +92,9 @@ def produce(settings: Settings, records: list) -> None:
 
 def end_of_input(settings: Settings) -> None:
     """What ``replay --flush`` sends: end_of_input on every raw partition."""
-    recs = [(None, orjson.dumps({"schema_version": 1, "control": "end_of_input", "source_partition": p,
-                                 "source_partitions": settings.partitions}), [(CONTROL_HEADER, b"end_of_input")])
-            for p in range(settings.partitions)]
+    bodies = [orjson.dumps({"schema_version": 1, "control": "end_of_input", "source_partition": p,
+                            "source_partitions": settings.partitions}) for p in range(settings.partitions)]
+    recs = [(None, body, control_headers(settings.control_key, body)) for body in bodies]
     asyncio.run(_produce_partitioned(settings, recs))
 
 

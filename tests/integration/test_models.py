@@ -72,7 +72,8 @@ def test_replay_trains_and_a_killed_trainer_resumes_exactly(make_settings, worke
     tr = trainer_process(s, tmp_path, 1).start()
     tr.wait_ready()
     try:
-        asyncio.run(publish(s.kafka_bootstrap, s.topic_raw, messages("rees46", BUNDLED_SAMPLE), flush=True))
+        asyncio.run(publish(s.kafka_bootstrap, s.topic_raw, messages("rees46", BUNDLED_SAMPLE), flush=True,
+                            control_key=s.control_key))
         wait_caught_up(w, s)
         exs = training_examples(s)
         for ex in exs:

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.integration
 
 def replay(settings, flush=False):
     return asyncio.run(publish(settings.kafka_bootstrap, settings.topic_raw, messages("rees46", BUNDLED_SAMPLE),
-                               flush=flush))
+                               flush=flush, control_key=settings.control_key))
 
 
 RULE_TRIGGERS = {"cart_abandoned": "cart_abandonment", "assistance_offer": "browse_abandonment"}

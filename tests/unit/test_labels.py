@@ -8,7 +8,7 @@ from clickpulse.models.labels import ModelConfig
 from clickpulse.models.registry import ModelRegistry
 from clickpulse.observability.metrics import Metrics
 from clickpulse.state.clock import END_OF_TIME
-from clickpulse.state.engine import Engine
+from clickpulse.engine import Engine
 from clickpulse.state.user import StateConfig
 from clickpulse.testing import event, ms
 

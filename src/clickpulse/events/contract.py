@@ -74,7 +74,7 @@ SEGMENT_CALL_TYPES = {"page": "page_view", "screen": "page_view", "identify": "i
 MIN_CLOCK_OFFSET_MS = 2000
 
 DLQ_REASONS = ("not_utf8", "key_not_utf8", "not_json", "not_object", "too_large",
-               "missing_identity", "bad_timestamp", "schema", "internal")
+               "missing_identity", "bad_timestamp", "schema", "internal", "forged_control")
 
 #: Segment camelCase top-level fields -> canonical names.
 _SEGMENT_FIELDS = {"userId": "user_id", "anonymousId": "anonymous_id", "messageId": "event_id",

@@ -23,7 +23,7 @@ import orjson
 from aiokafka import AIOKafkaProducer
 
 from ..errors import DatasetError
-from ..topics import CONTROL_HEADER
+from ..events.control import control_headers
 from .datasets import event_time_of, read_jsonl, read_rees46
 
 log = logging.getLogger(__name__)
@@ -74,8 +74,17 @@ def messages(fmt: str, path: str | Path) -> Iterator[tuple[bytes | None, bytes, 
 
 
 async def publish(bootstrap: str, topic: str, records: Iterable[tuple[bytes | None, bytes, int | None]], *,
-                  speed: float = 0.0, flush: bool = False, run_id: str = "") -> ReplayResult:
-    """Publish ``records`` to ``topic``; see the module docstring. Returns counts and timing."""
+                  speed: float = 0.0, flush: bool = False, run_id: str = "", control_key: str = "") -> ReplayResult:
+    """Publish ``records`` to ``topic``; see the module docstring. Returns counts and timing.
+
+    Raises
+    ------
+    ValueError
+        ``flush`` without a ``control_key`` (``CLICKPULSE_CONTROL_KEY``): an unsigned end of
+        input would be dead-lettered as ``forged_control``.
+    """
+    if flush and not control_key:
+        raise ValueError("--flush needs CLICKPULSE_CONTROL_KEY (the worker's control key) to sign the end of input")
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5,
                                 max_batch_size=256 * 1024, max_request_size=4 * 1024 * 1024,
                                 enable_idempotence=True)
@@ -104,10 +113,10 @@ async def publish(bootstrap: str, topic: str, records: Iterable[tuple[bytes | No
         if flush:
             parts = sorted(await producer.partitions_for(topic))
             for p in parts:
-                body = {"schema_version": 1, "control": "end_of_input", "source_partition": p,
-                        "source_partitions": len(parts), "run_id": run_id or str(int(time.time()))}
-                await (await producer.send(topic, value=orjson.dumps(body), partition=p,
-                                           headers=[(CONTROL_HEADER, b"end_of_input")]))
+                body = orjson.dumps({"schema_version": 1, "control": "end_of_input", "source_partition": p,
+                                     "source_partitions": len(parts), "run_id": run_id or str(int(time.time()))})
+                await (await producer.send(topic, value=body, partition=p,
+                                           headers=control_headers(control_key, body)))
         await producer.flush()
     finally:
         await producer.stop()

@@ -97,3 +97,14 @@ class Metrics:
                                 registry=r)
         self.dlq_publish_errors = Counter("clickpulse_dlq_publish_errors_total",
                                           "Dead-letter records that could not be published", registry=r)
+        self.engine_errors = Counter("clickpulse_engine_errors_total",
+                                     "Events whose processing raised in the engine (rolled back alone, dead-lettered "
+                                     "as internal)", registry=r)
+        self.batch_size = Histogram("clickpulse_batch_events", "Events per engine step",
+                                    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000), registry=r)
+        self.control_forged = Counter("clickpulse_control_forged_total",
+                                      "Raw messages claiming to be control (clickpulse-control header): "
+                                      "dead-lettered as forged_control", registry=r)
+        self.publish_errors = Counter("clickpulse_publish_errors_total",
+                                      "Output records (actions, segment changes, examples, dead letters) the "
+                                      "broker did not acknowledge", registry=r)

@@ -240,7 +240,7 @@ class UserState:
         """The summary served from Redis (``schemas/profile.v1.json``); ``engagement`` is the
         config the score was accumulated with (its half-life decays it to ``at_ms``); ``extra``
         holds what the engine computes from its models and population (``tier``, ``p_purchase``,
-        ``conversion_user``: see :meth:`clickpulse.state.engine.Engine.profile_extra`)."""
+        ``conversion_user``: see :meth:`clickpulse.engine.Engine.profile_extra`)."""
         x = extra or {}
         at = at_ms if at_ms is not None else (self.life.last_ms or 0)
         ecfg = engagement or EngagementConfig()

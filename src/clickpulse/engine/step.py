@@ -1,0 +1,734 @@
+"""The batch engine step: event-time state → models → rules for a batch of events, as plain data.
+
+``Engine.step(batch, wall_ms) -> Emitted`` is the whole of clickpulse's per-event logic. It is
+broker-free: the table is any mapping ``bytes -> bytes`` (a ``dict`` in tests, the Faust table
+in the worker) that the step only **reads**; what changed comes back in
+:class:`~clickpulse.engine.emitted.Emitted` (one serialized state per changed user, actions,
+segment changes, examples, counters), and the caller writes it (:meth:`Engine.commit`). The
+wall clock is passed in.
+
+Unit of work (like a quix-streams state transaction, or bytewax's ``StatefulLogic``)
+-------------------------------------------------------------------------------------
+* Each user touched by the step is decoded once (or taken from a bounded cache of decoded hot
+  users), changed in memory for all of its events in the batch, and encoded once at the end.
+* The engine-wide aggregates (partition clocks, timer index, segment sizes, the population
+  prior, the count of buffered predictions) are snapshotted at the start of the step and put
+  back if the step raises: **a step that raises changes nothing.**
+* An event whose processing raises does not take its batch down: the batch is rolled back and
+  re-run one event at a time; the failing event is rolled back alone and reported in
+  :attr:`Emitted.failed` (the worker dead-letters it with reason ``internal``); every other
+  event's effect is as if the failing one had not been there.
+
+Order and determinism
+---------------------
+Events are applied in input order; after each event the partition's due timers fire (as with
+one event per step), so the actions, their ids and event times are the same whatever the batch
+size (``tests/unit/test_engine_batch.py``).
+
+Pending timers live inside each user's state (rule timeouts in ``UserState.rules``, model label
+deadlines in ``UserState.ml``), so they are in the table's changelog and survive restarts; the
+in-memory :class:`~clickpulse.state.clock.TimerIndex` and each partition's maximum event time are
+rebuilt from the table by :meth:`Engine.restore` after a rebalance or recovery.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+from collections.abc import Iterable, MutableMapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from ..features.engagement import value as engagement_value
+from ..models.labels import after_event, before_event, next_due, on_watermark
+from ..models.labels import Outcome as ModelOutcome
+from ..models.tiers import session_features
+from ..observability.metrics import Metrics, type_label
+from ..records import ActionRecord
+from ..rules import triggers
+from ..rules.bots import BotConfig
+from ..rules.ruleset import Ruleset
+from ..rules.smoothing import PopulationPrior, fit_prior, posterior_mean
+from ..state.clock import END_OF_TIME, PartitionClock, TimerIndex
+from ..state.user import Applied, StateConfig, UserState, apply, is_duplicate
+from .emitted import Emitted, Failed
+
+log = logging.getLogger(__name__)
+#: model action type -> the task whose model decides it
+MODEL_ACTION_TASKS = {"high_intent": "intent", "churn_risk": "churn"}
+
+
+@functools.lru_cache(maxsize=4)
+def wall_rfc3339(wall_ms: int) -> str:
+    """Wall-clock epoch ms -> RFC 3339 (cached: called with the same value for a whole batch)."""
+    return datetime.fromtimestamp(wall_ms / 1000, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class _Tx:
+    """The working set of one step: touched users and a snapshot of the aggregates."""
+
+    __slots__ = ("users", "dirty", "deleted", "snapshot")
+
+    def __init__(self, engine: Engine) -> None:
+        self.users: dict[str, UserState] = {}   # decoded/working states of users touched
+        self.dirty: set[str] = set()             # users whose state must be written
+        self.deleted: set[str] = set()
+        self.snapshot = engine._aggregates()
+
+
+class Engine:
+    """Event-time processing of one worker's partitions (see the module docstring).
+
+    Parameters
+    ----------
+    table
+        Mapping from ``user_key`` (UTF-8 bytes) to ``UserState.to_bytes()``; read by the step,
+        written by :meth:`commit`.
+    cfg
+        Session gap, de-duplication depth, engagement weights (ms).
+    allowed_lateness_ms, idle_timeout_ms, live
+        Watermark settings (see :class:`~clickpulse.state.clock.PartitionClock`).
+    metrics
+        Where :meth:`commit` applies the counters (a fresh registry when ``None``).
+    models, model_cfg
+        A :class:`clickpulse.models.registry.ModelRegistry` and
+        :class:`clickpulse.models.labels.ModelConfig` to score intent/churn and resolve labels;
+        ``None`` disables models.
+    pending_total_cap
+        Bound on buffered unlabeled predictions over all users of this worker.
+    rules
+        A :class:`clickpulse.rules.ruleset.Ruleset`, or an object with ``current() -> Ruleset``
+        (a :class:`clickpulse.rules.ruleset.RulesFile`, reloaded by the worker); ``None``: no
+        rules.
+    assumed_consent
+        Consent purposes taken as granted for users who never sent a ``consent`` event.
+    bots
+        Bot-detection thresholds (:class:`clickpulse.rules.bots.BotConfig`).
+    model_min_class_examples
+        A model's actions (``high_intent``, ``churn_risk``) are published only once the model in
+        use has learned at least this many examples of each class (0: always).
+    cache_users
+        Decoded states kept in memory for hot users (least recently used evicted), so a user
+        with several events in a row is decoded once; the table stays the source of truth.
+    """
+
+    def __init__(self, table: MutableMapping[bytes, bytes], cfg: StateConfig, *, allowed_lateness_ms: int,
+                 idle_timeout_ms: int, live: bool, metrics: Metrics | None = None,
+                 models: Any = None, model_cfg: Any = None, pending_total_cap: int = 1_000_000,
+                 rules: Any = None, assumed_consent: frozenset[str] = frozenset(),
+                 bots: BotConfig | None = None, model_min_class_examples: int = 0,
+                 cache_users: int = 50_000) -> None:
+        self.table = table
+        self.cfg = cfg
+        self.lateness = allowed_lateness_ms
+        self.idle = idle_timeout_ms
+        self.live = live
+        if metrics is None:
+            from prometheus_client import CollectorRegistry
+            metrics = Metrics(CollectorRegistry())
+        self.metrics = metrics
+        self.clocks: dict[int, PartitionClock] = {}
+        self.timers: dict[int, TimerIndex] = {}
+        self.models = models
+        self.mcfg = model_cfg
+        self.pending_total_cap = pending_total_cap
+        self.pending_predictions = 0
+        self.model_min_class_examples = model_min_class_examples
+        self.rules = rules
+        self.assumed_consent = frozenset(assumed_consent)
+        self.bots = bots or BotConfig()
+        self.segment_members: dict[int, dict[str, int]] = {}
+        self.segment_entries: dict[str, int] = {}      # membership stints started (since start/restore)
+        self.segment_conversions: dict[str, int] = {}  # stints with a purchase
+        self.population: dict[int, PopulationPrior] = {}  # users' (converted sessions, sessions)
+        self.population_total = PopulationPrior()
+        self._prior_key: tuple[float, ...] | None = None
+        self._prior = (1.0, 1.0)
+        self.rule_errors = 0
+        self._logged_rule_errors: set[str] = set()
+        self.cache_users = cache_users
+        self._cache: dict[str, UserState] = {}
+        # what the single-event conveniences (process/tick/end_of_input) committed, for drain_*()
+        self._examples_out: list[dict[str, Any]] = []
+        self._changes_out: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ the step
+    def step(self, batch: Sequence[tuple[int, dict[str, Any]]], wall_ms: int, *,
+             tick: Iterable[int] = ()) -> Emitted:
+        """Process a batch of canonical events, then fire the due timers of ``tick`` partitions.
+
+        Parameters
+        ----------
+        batch
+            ``[(partition, canonical event), ...]`` in arrival order (events of one partition in
+            offset order); each event as returned by :func:`clickpulse.events.contract.parse`.
+        wall_ms
+            Wall-clock time of the step (epoch ms): the actions' ``created_at`` and the live
+            clocks' idle advance.
+        tick
+            Partitions whose due timers should fire after the batch (live mode: idle advance).
+
+        Returns
+        -------
+        Emitted
+            Everything the step decided; nothing has been written yet (see :meth:`commit`).
+
+        Raises
+        ------
+        Exception
+            Only from outside an event's own processing (e.g. a timer of the ``tick`` phase);
+            then nothing changed.
+        """
+        tx = _Tx(self)
+        em = Emitted()
+        try:
+            for p, ev in batch:
+                em.applied.append(self._event(tx, p, ev, wall_ms, em))
+            for p in tick:
+                self._fire(tx, p, wall_ms, em)
+            self._finish(tx, em)
+            return em
+        except Exception as err:  # noqa: BLE001 - isolate below
+            self._rollback(tx)
+            if not batch:
+                raise
+            failure = f"{type(err).__name__}: {err}"
+            if len(batch) == 1:
+                log.exception("event %s of user %s failed; rolled back", batch[0][1].get("event_id"),
+                              batch[0][1].get("user_key"))
+        if len(batch) == 1:
+            em = Emitted(applied=[None])
+            em.failed.append(Failed(0, str(batch[0][1].get("user_key")), failure))
+            em.count("engine_errors")
+            if tick:
+                em.merge(self.step([], wall_ms, tick=tick))
+            return em
+        # one event of the batch raised: re-run them one by one, each its own unit of work
+        out = Emitted()
+        for i, item in enumerate(batch):
+            one = self.step([item], wall_ms)
+            for f in one.failed:
+                f.index = i
+            out.merge(one)
+        if tick:
+            out.merge(self.step([], wall_ms, tick=tick))
+        return out
+
+    def commit(self, em: Emitted) -> None:
+        """Write a step's state changes to the table and apply its counters to :attr:`metrics`.
+
+        The worker calls this right after :meth:`step` (the table is then the Faust table:
+        one changelog record per changed user)."""
+        for key, raw in em.changed.items():
+            k = key.encode()
+            if raw is None:
+                if k in self.table:
+                    del self.table[k]
+            else:
+                self.table[k] = raw
+        em.apply_metrics(self.metrics)
+
+    # ------------------------------------------------------------------ unit of work
+    def _aggregates(self) -> tuple[Any, ...]:
+        clocks = {p: (c.max_ts, c.last_event_wall, c.wm, set(c.eoi_sources), c.closed) for p, c in self.clocks.items()}
+        return (clocks, {p: dict(m) for p, m in self.segment_members.items()}, dict(self.segment_entries),
+                dict(self.segment_conversions), {p: copy.copy(pp) for p, pp in self.population.items()},
+                copy.copy(self.population_total), self.pending_predictions, self.rule_errors)
+
+    def _rollback(self, tx: _Tx) -> None:
+        clocks, members, entries, conversions, population, total, pending, errors = tx.snapshot
+        for p in list(self.clocks):
+            if p not in clocks:
+                del self.clocks[p]
+                self.timers.pop(p, None)
+        for p, (max_ts, last_wall, wm, eoi, closed) in clocks.items():
+            c = self.clocks[p]
+            c.max_ts, c.last_event_wall, c.wm, c.eoi_sources, c.closed = max_ts, last_wall, wm, eoi, closed
+        self.segment_members, self.segment_entries, self.segment_conversions = members, entries, conversions
+        self.population, self.population_total = population, total
+        self.pending_predictions, self.rule_errors = pending, errors
+        for key in tx.users:  # the committed state and its timer come back from the table
+            self._cache.pop(key, None)
+            st = self.load(key)
+            if st is not None and st.partition in self.timers:
+                self.timers[st.partition].set(key, self._due(st))
+            else:
+                for ti in self.timers.values():
+                    ti.set(key, None)
+
+    def _finish(self, tx: _Tx, em: Emitted) -> None:
+        for key in tx.dirty:
+            st = tx.users[key]
+            em.changed[key] = st.to_bytes()
+            em.states[key] = st
+        for key in tx.deleted:
+            em.changed[key] = None
+            em.states.pop(key, None)
+        cache = self._cache
+        for key, st in tx.users.items():
+            cache.pop(key, None)
+            if key not in tx.deleted:
+                cache[key] = st  # most recently used last
+        while len(cache) > self.cache_users:
+            del cache[next(iter(cache))]
+        if self.models is not None:
+            em.gauges["predictions_pending"] = self.pending_predictions
+
+    def _get(self, tx: _Tx, key: str) -> UserState | None:
+        st = tx.users.get(key)
+        if st is None:
+            st = self._cache.get(key)
+            if st is None:
+                raw = self.table.get(key.encode())
+                if raw is None:
+                    return None
+                st = UserState.from_bytes(raw)
+            tx.users[key] = st
+        return st
+
+    def load(self, user_key: str) -> UserState | None:
+        """The committed state of ``user_key`` (a fresh copy decoded from the table)."""
+        raw = self.table.get(user_key.encode())
+        return None if raw is None else UserState.from_bytes(raw)
+
+    # ------------------------------------------------------------------ rules
+    def ruleset(self) -> Ruleset | None:
+        r = self.rules
+        return r if r is None or isinstance(r, Ruleset) else r.current()
+
+    def segment_size(self, name: str) -> int:
+        """Members of segment ``name`` over this worker's partitions."""
+        return sum(m.get(name, 0) for m in self.segment_members.values())
+
+    def segment_active(self, name: str) -> bool:
+        rs = self.ruleset()
+        if rs is None:
+            return False
+        try:
+            seg = rs.segment(name)
+        except KeyError:
+            return False
+        return self.segment_size(name) >= seg.min_size
+
+    def user_prior(self) -> tuple[float, float]:
+        """Beta prior of users' session conversion, fitted over this worker's users (O(1))."""
+        key = (self.population_total.g, self.population_total.w, self.population_total.s)
+        if self._prior_key != key:
+            self._prior_key = key
+            self._prior = self.population_total.prior()
+        return self._prior
+
+    def conversion_user(self, st: UserState) -> float:
+        """The user's smoothed session conversion rate (posterior mean), 0-1."""
+        a, b = self.user_prior()
+        n = st.life.sessions
+        return posterior_mean(min(st.life.converted_sessions, n), n, a, b)
+
+    def segment_conversion(self) -> dict[str, dict[str, float]]:
+        """Per segment: stints, conversions, raw and smoothed conversion rate (prior over segments)."""
+        names = sorted(set(self.segment_entries) | set(self.segment_conversions))
+        s = [min(self.segment_conversions.get(n, 0), self.segment_entries.get(n, 0)) for n in names]
+        n = [self.segment_entries.get(x, 0) for x in names]
+        a, b = fit_prior(s, n)
+        return {name: {"members": self.segment_size(name), "stints": ni, "conversions": si,
+                       "rate": si / ni if ni else 0.0, "rate_smoothed": posterior_mean(si, ni, a, b)}
+                for name, si, ni in zip(names, s, n, strict=True)}
+
+    def _extra(self, st: UserState, at_ms: int) -> dict[str, Any]:
+        en = st.ml.get("en")
+        out: dict[str, Any] = {"engagement": engagement_value(en, at_ms, self.cfg.engagement) if en else 0.0,
+                               "conversion_user": self.conversion_user(st)}
+        if self.models is not None and st.session is not None:
+            if hasattr(self.models, "p_purchase"):
+                last = st.session.last_type
+                out["p_purchase"] = float(self.models.p_purchase([last] if last else []))
+            if hasattr(self.models, "tier"):
+                out["tier"] = str(self.models.tier(session_features(st.session, self.cfg.engagement)))
+        return out
+
+    def profile_extra(self, st: UserState) -> dict[str, Any]:
+        """Engine-computed profile fields (tier, p_purchase, smoothed conversion) for ``st``."""
+        return self._extra(st, st.life.last_ms or 0)
+
+    def _context(self, rs: Ruleset, created: str, partition: int) -> triggers.RuleContext:
+        members = self.segment_members.setdefault(partition, {})
+
+        def count_member(seg: str, delta: int) -> None:
+            members[seg] = max(0, members.get(seg, 0) + delta)
+        return triggers.RuleContext(rs, self.segment_active, self._extra, count_member, self.assumed_consent,
+                                    self.bots, created)
+
+    def _count_population(self, st: UserState, sign: int) -> None:
+        pp = self.population.setdefault(st.partition, PopulationPrior())
+        s, n = min(st.life.converted_sessions, st.life.sessions), st.life.sessions
+        for target in (pp, self.population_total):
+            (target.add if sign > 0 else target.remove)(s, n)
+
+    def _take_rules(self, st: UserState, out: triggers.Outcome, partition: int, em: Emitted) -> list[ActionRecord]:
+        """Account for a rules outcome (counters, segment counts and changes); returns its actions."""
+        members = self.segment_members.setdefault(partition, {})  # counted by the context's count_member
+        if out.bot_flagged:  # the bot leaves its segments now: its stints do not count in conversion
+            for ch in out.changes:
+                if ch.change == "exited":
+                    self.segment_entries[ch.segment] = max(0, self.segment_entries.get(ch.segment, 0) - 1)
+            for seg in st.rules.pop("cv", []):
+                self.segment_conversions[seg] = max(0, self.segment_conversions.get(seg, 0) - 1)
+            em.count("bots")
+            log.info("user %s flagged as a bot: %s", st.key, out.bot_flagged)
+        for ch in out.changes:
+            if ch.change == "entered":
+                self.segment_entries[ch.segment] = self.segment_entries.get(ch.segment, 0) + 1
+            else:
+                conv = st.rules.get("cv")
+                if conv and ch.segment in conv:
+                    conv.remove(ch.segment)
+                    if not conv:
+                        del st.rules["cv"]
+            rec = ch.to_record()
+            rec["segment_size"] = members.get(ch.segment, 0)
+            em.segment_changes.append(rec)  # type: ignore[arg-type]
+            em.count("segment_changes", ch.change)
+        for trig, outcome in out.decisions:
+            em.count("rule_decisions", trig, outcome)
+        for err in out.errors:
+            self.rule_errors += 1
+            em.count("rule_errors", err.rule)
+            if err.rule not in self._logged_rule_errors:  # the first of each rule, then only counted
+                self._logged_rule_errors.add(err.rule)
+                log.warning("rule %s failed at run time (counted as false; further failures only counted in "
+                            "clickpulse_rule_errors_total): %s", err.rule, err)
+        if out.timer_skipped_late:
+            em.count("timers_skipped_late", n=out.timer_skipped_late)
+        return out.actions  # type: ignore[return-value]
+
+    def _segment_purchase(self, st: UserState) -> None:
+        """A purchase converts the user's current membership stints (each counted once)."""
+        segs = st.rules.get("seg")
+        if not segs:
+            return
+        conv = st.rules.setdefault("cv", [])
+        for seg in segs:
+            if seg not in conv:
+                conv.append(seg)
+                self.segment_conversions[seg] = self.segment_conversions.get(seg, 0) + 1
+
+    def _session_examples(self, st: UserState, session: Any, em: Emitted) -> None:
+        """Examples of a session that just ended (its last event + the gap passed, or the user
+        came back) for the trainer's engagement tiers and Markov chain."""
+        if self.models is None:
+            return
+        base = {"schema_version": 1, "user_key": st.key, "event_time_ms": int(session.last_ms)}
+        em.examples.append({**base, "task": "tiers", "x": session_features(session, self.cfg.engagement)})  # type: ignore[typeddict-item]
+        # the opening path (first 16 state changes; a longer session is learned up to there)
+        em.examples.append({**base, "task": "markov", "path": list(session.path)})  # type: ignore[typeddict-item]
+
+    # ------------------------------------------------------------------ models
+    def _due(self, st: UserState, closed: bool = False) -> int | None:
+        rule_due = triggers.next_due(st)
+        model_due = None if self.models is None else next_due(st, self.mcfg, closed)
+        if rule_due is None:
+            return model_due
+        return rule_due if model_due is None else min(rule_due, model_due)
+
+    def _take(self, outcome: ModelOutcome, em: Emitted) -> list[ActionRecord]:
+        """Account for a models outcome; returns its actions (those of a model not yet ready dropped)."""
+        if outcome.actions and self.model_min_class_examples > 0:
+            keep = []
+            for a in outcome.actions:
+                task = MODEL_ACTION_TASKS.get(a["type"])
+                if task is not None and not self.models.ready(task, self.model_min_class_examples):
+                    em.count("model_actions_suppressed", a["type"])
+                else:
+                    keep.append(a)
+            outcome.actions = keep
+        if not (outcome.examples or outcome.dropped or outcome.buffered):
+            return outcome.actions  # type: ignore[return-value]
+        for ex in outcome.examples:
+            em.count("examples", ex["task"])
+        em.examples.extend(outcome.examples)  # type: ignore[arg-type]
+        for reason, n in outcome.dropped.items():
+            em.count("predictions_dropped", reason, n=n)
+        self.pending_predictions = max(0, self.pending_predictions + outcome.buffered)
+        return outcome.actions  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ per event, per timer
+    def clock(self, partition: int) -> PartitionClock:
+        c = self.clocks.get(partition)
+        if c is None:
+            c = self.clocks[partition] = PartitionClock(self.lateness, self.idle, self.live)
+            self.timers.setdefault(partition, TimerIndex())
+        return c
+
+    def _event(self, tx: _Tx, partition: int, event: dict[str, Any], wall_ms: int, em: Emitted) -> Applied:
+        """Apply one canonical event, then fire the partition's due timers."""
+        clock = self.clock(partition)
+        wm_before = clock.watermark(wall_ms)
+        key = event["user_key"]
+        st = self._get(tx, key)
+        if st is None:
+            st = tx.users[key] = UserState(key=key, partition=partition)
+            em.count("users_new")
+        if is_duplicate(st, event):
+            em.count("duplicates")
+            self._fire(tx, partition, wall_ms, em)
+            return Applied(duplicate=True)
+        tx.dirty.add(key)
+        tx.deleted.discard(key)
+        actions: list[ActionRecord] = []
+        created = wall_rfc3339(wall_ms)
+        st.partition = partition
+        t = int(event["timestamp_ms"])
+        rs = self.ruleset()
+        ctx = None
+        if rs is not None:
+            ctx = self._context(rs, created, partition)
+            # The watermark this event moves the partition to: the user's own timers it passes
+            # fire first, over the state before the event (so "after A, no B within T" does not
+            # depend on whether another user's event moved the watermark a moment earlier).
+            wm_after = t - self.lateness if wm_before is None else max(wm_before, t - self.lateness)
+            due = triggers.next_due(st)
+            if due is not None and due < wm_after:
+                actions += self._take_rules(st, triggers.on_timers(st, wm_after, ctx), partition, em)
+        if self.models is not None:
+            open_session = st.session if st.session is not None and not st.session.ended else None
+            actions += self._take(before_event(st, t, self.models.score, self.mcfg, created), em)
+            if open_session is not None and open_session.ended:  # the user's return ended it
+                self._session_examples(st, open_session, em)
+        self._count_population(st, -1)
+        res = apply(st, event, wm_before, self.cfg, wall_ms)
+        self._count_population(st, +1)
+        if self.models is not None:
+            actions += self._take(after_event(st, event, self.models.score, self.mcfg, created, res.late,
+                                              allow_buffer=self.pending_predictions < self.pending_total_cap), em)
+        if ctx is not None:
+            if event["type"] == "purchase":
+                self._segment_purchase(st)
+            actions += self._take_rules(st, triggers.on_event(st, event, res.late, wm_before, ctx), partition, em)
+        for a in actions:
+            em.count("actions", a["type"])
+        em.actions += actions
+        st.partition = partition
+        em.count("events_in", type_label(event["type"]))
+        if res.late:
+            em.count("late")
+        if res.session_started:
+            em.count("sessions")
+        clock.observe(t, wall_ms)
+        self.timers[partition].set(key, self._due(st))
+        self._fire(tx, partition, wall_ms, em)
+        return res
+
+    def _fire(self, tx: _Tx, partition: int, wall_ms: int, em: Emitted) -> None:
+        """Fire every timer of ``partition`` the watermark is past (live mode: idle advance)."""
+        clock = self.clock(partition)
+        wm = clock.watermark(wall_ms)
+        due_keys = self.timers[partition].pop_due(wm)
+        if not due_keys or wm is None:
+            return
+        created = wall_rfc3339(wall_ms)
+        out: list[ActionRecord] = []
+        rs = self.ruleset()
+        ctx = None if rs is None else self._context(rs, created, partition)
+        for key in due_keys:
+            st = self._get(tx, key)
+            if st is None:
+                continue
+            actions: list[ActionRecord] = []
+            if ctx is not None:
+                actions += self._take_rules(st, triggers.on_timers(st, wm, ctx), partition, em)
+            if self.models is not None:
+                open_session = st.session if st.session is not None and not st.session.ended else None
+                actions += self._take(on_watermark(st, wm, self.models.score, self.mcfg, created), em)
+                if open_session is not None and open_session.ended:  # the watermark passed its end
+                    self._session_examples(st, open_session, em)
+            # what did not fire (e.g. the cart changed) is re-armed from the state
+            self.timers[partition].set(key, self._due(st, closed=wm == END_OF_TIME))
+            tx.dirty.add(key)  # it was due: a timer fired, a session ended or a label resolved
+            for a in actions:
+                em.count("actions", a["type"])
+            out.extend(actions)
+        out.sort(key=lambda a: (a["event_time_ms"], a["user_key"]))
+        em.actions += out
+
+    # ------------------------------------------------------------------ control, recovery, retention
+    def end_of_input_step(self, partition: int, source_partition: int, source_partitions: int,
+                          wall_ms: int) -> Emitted:
+        """A bounded input ended on one source partition; when all have, close the partition's
+        event time (watermark = end of time) and fire every pending timer. Not persisted: after
+        a restart the partition's time is open again (a closed time is never permanent)."""
+        tx = _Tx(self)
+        em = Emitted()
+        try:
+            if self.clock(partition).end_of_input(source_partition, source_partitions):
+                log.info("partition %d: end of input from all %d source partitions; watermark closed",
+                         partition, source_partitions)
+                self._fire(tx, partition, wall_ms, em)
+            self._finish(tx, em)
+        except Exception:
+            self._rollback(tx)
+            raise
+        return em
+
+    def restore(self, partitions: Iterable[int], items: Iterable[tuple[bytes, bytes]], wall_ms: int) -> int:
+        """Rebuild clocks, timer indexes and aggregates of ``partitions`` from the recovered table.
+
+        Returns the number of pending timers restored.
+        """
+        keep = set(partitions)
+        self._cache.clear()
+        self.pending_predictions = 0
+        for p in list(self.clocks):
+            if p not in keep:
+                del self.clocks[p]
+                self.timers.pop(p, None)
+        for p in list(self.segment_members):
+            if p not in keep:
+                del self.segment_members[p]
+        for p in list(self.population):
+            if p not in keep:
+                del self.population[p]
+        for p in keep:  # rebuilt below from the recovered table
+            self.segment_members[p] = {}
+            self.population[p] = PopulationPrior()
+        self.population_total = PopulationPrior()
+        max_ts: dict[int, int] = {}
+        max_wall: dict[int, int | None] = {}
+        due: dict[int, list[tuple[str, int]]] = {p: [] for p in keep}
+        for key, raw in items:
+            try:
+                st = UserState.from_bytes(raw)
+            except Exception:  # noqa: BLE001 - one corrupt record must not stop recovery
+                log.exception("skipping undecodable state record for key %r", key)
+                continue
+            if st.partition not in keep:
+                continue
+            members = self.segment_members[st.partition]
+            for seg in st.rules.get("seg", []):
+                members[seg] = members.get(seg, 0) + 1
+            self._count_population(st, +1)
+            if st.life.last_ms is not None and st.life.last_ms >= max_ts.get(st.partition, st.life.last_ms):
+                max_ts[st.partition] = st.life.last_ms
+                max_wall[st.partition] = st.life.last_wall_ms
+            d = self._due(st)
+            if d is not None:
+                due[st.partition].append((st.key, d))
+            self.pending_predictions += len(st.ml.get("pi", []))
+        for p in keep:
+            clock = self.clock(p)
+            clock.restore(max_ts.get(p), wall_ms, max_wall.get(p))
+            self.timers[p].rebuild(due[p])
+        return sum(len(v) for v in due.values())
+
+    def expire_step(self, partition: int, retention_ms: int, wall_ms: int, limit: int = 10_000) -> Emitted:
+        """Delete users of ``partition`` whose newest event is more than ``retention_ms`` of event
+        time behind the partition's watermark and who have no pending **rule** timer.
+
+        A pending model label does not keep an idle user alive: the user's model timers are run
+        at the watermark first (a session end labels its intent predictions, a churn horizon
+        passed labels churn: the examples are emitted), then what is still unresolved (a churn
+        label whose horizon lies beyond the watermark, expired intent predictions) is dropped and
+        counted in ``clickpulse_predictions_dropped_total{reason="retention"}``. Scans the table
+        (O(users)); the worker runs it every few minutes, not per event.
+        """
+        em = Emitted()
+        wm = self.clock(partition).watermark(wall_ms)
+        if wm is None or wm == END_OF_TIME:
+            return em
+        horizon = wm - retention_ms
+        stale: list[str] = []
+        for key, raw in list(self.table.items()):
+            try:
+                st = UserState.from_bytes(raw)
+            except Exception:  # noqa: BLE001 - leave undecodable records to an operator
+                continue
+            if st.partition == partition and st.life.last_ms is not None and st.life.last_ms < horizon \
+                    and triggers.next_due(st) is None:
+                stale.append(st.key)
+                if len(stale) >= limit:
+                    break
+        if not stale:
+            return em
+        tx = _Tx(self)
+        try:
+            members = self.segment_members.setdefault(partition, {})
+            created = wall_rfc3339(wall_ms)
+            for key in stale:
+                st = self._get(tx, key)
+                if st is None:
+                    continue
+                if self.models is not None:
+                    self._take(on_watermark(st, wm, self.models.score, self.mcfg, created), em)
+                    dropped = len(st.ml.get("pi", [])) + (1 if st.ml.get("pc") is not None else 0)
+                    if dropped:
+                        em.count("predictions_dropped", "retention", n=dropped)
+                        self.pending_predictions = max(0, self.pending_predictions - len(st.ml.get("pi", [])))
+                em.actions.clear()  # an expiring user gets no action (its session ended long ago)
+                self._count_population(st, -1)
+                for seg in st.rules.get("seg", []):
+                    members[seg] = max(0, members.get(seg, 0) - 1)
+                self.timers.setdefault(partition, TimerIndex()).set(key, None)
+                tx.deleted.add(key)
+            em.count("users_expired", n=len(tx.deleted))
+            self._finish(tx, em)
+        except Exception:
+            self._rollback(tx)
+            raise
+        return em
+
+    def pending_timers(self) -> int:
+        return sum(len(t) for t in self.timers.values())
+
+    def min_watermark(self, wall_ms: int) -> int | None:
+        marks = [c.watermark(wall_ms) for c in self.clocks.values()]
+        marks = [m for m in marks if m is not None and m != END_OF_TIME]
+        return min(marks) if marks else None
+
+    # ------------------------------------------------------------------ single-event conveniences
+    def _commit_collect(self, em: Emitted) -> Emitted:
+        self.commit(em)
+        self._examples_out += em.examples
+        self._changes_out += em.segment_changes
+        return em
+
+    def process(self, partition: int, event: dict[str, Any], wall_ms: int) -> tuple[Applied, list[ActionRecord]]:
+        """One event as a step of one, committed at once (tests, tools): ``(Applied, actions)``.
+        Its examples and segment changes are kept for :meth:`drain_examples` /
+        :meth:`drain_segment_changes`.
+
+        Raises
+        ------
+        Exception
+            The event's processing raised (it changed nothing).
+        """
+        em = self._commit_collect(self.step([(partition, event)], wall_ms))
+        if em.failed:
+            raise RuntimeError(f"processing failed: {em.failed[0].error}")
+        return em.applied[0] or Applied(), em.actions
+
+    def tick(self, partition: int, wall_ms: int) -> list[ActionRecord]:
+        """Fire ``partition``'s due timers and commit (tests, tools); returns the actions."""
+        return self._commit_collect(self.step([], wall_ms, tick=[partition])).actions
+
+    def end_of_input(self, partition: int, source_partition: int, source_partitions: int,
+                     wall_ms: int) -> list[ActionRecord]:
+        """:meth:`end_of_input_step`, committed at once (tests, tools); returns the actions."""
+        return self._commit_collect(self.end_of_input_step(partition, source_partition, source_partitions,
+                                                           wall_ms)).actions
+
+    def expire_users(self, partition: int, retention_ms: int, wall_ms: int, limit: int = 10_000) -> int:
+        """:meth:`expire_step`, committed at once; returns how many users were deleted."""
+        em = self._commit_collect(self.expire_step(partition, retention_ms, wall_ms, limit))
+        return sum(1 for v in em.changed.values() if v is None)
+
+    def drain_examples(self) -> list[dict[str, Any]]:
+        """Examples committed by the single-event conveniences since the last call."""
+        out, self._examples_out = self._examples_out, []
+        return out
+
+    def drain_segment_changes(self) -> list[dict[str, Any]]:
+        """Segment changes committed by the single-event conveniences since the last call."""
+        out, self._changes_out = self._changes_out, []
+        return out
+
+

@@ -1,0 +1,112 @@
+"""One record type per output topic: what clickpulse publishes, as typed dicts.
+
+A leaf module (it imports nothing from clickpulse), so every stage can name the records it
+builds without importing the stage that publishes them. The records are plain ``dict`` at run
+time (``TypedDict``: no copy, no wrapper, orjson encodes them directly); their JSON Schemas in
+``schemas/`` are the contract and ``tests/unit/test_settings_schemas.py`` /
+``tests/integration`` check every published record against them.
+
+==========================  ==================================  ================================
+record                      topic                               schema
+==========================  ==================================  ================================
+:class:`ActionRecord`       ``<ns>.actions``                    ``schemas/action.v1.json``
+:class:`SegmentChangeRecord` ``<ns>.segments``                  ``schemas/segment_change.v1.json``
+:class:`ExampleRecord`      ``<ns>.training``                   ``schemas/example.v1.json``
+:class:`DeadLetterRecord`   ``<ns>.events.dlq``                 ``schemas/dlq.v1.json``
+:class:`ControlRecord`      ``<ns>.control``                    ``schemas/control.v1.json``
+==========================  ==================================  ================================
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypedDict
+
+
+class ActionRecord(TypedDict, total=False):
+    """An action for downstream services. ``action_id`` is deterministic (UUIDv5 of user, rule or
+    model, occurrence), so re-processing the same input gives the same id; ``event_time_ms`` is
+    the event time (epoch ms) that fired it; ``created_at`` (RFC 3339, wall clock) is the only
+    non-deterministic field."""
+
+    schema_version: int
+    action_id: str
+    type: str
+    user_key: str
+    user_id: str | None
+    anonymous_id: str | None
+    event_time: str
+    event_time_ms: int
+    reason: str
+    payload: dict[str, Any]
+    trigger: str
+    model_version: str | None
+    rules_version: str | None
+    created_at: str
+
+
+class SegmentChangeRecord(TypedDict, total=False):
+    """A user entered or left a segment; ``segment_size`` is the size after the change (members
+    counted by this worker)."""
+
+    schema_version: int
+    user_key: str
+    segment: str
+    change: str  # "entered" | "exited"
+    event_time: str
+    event_time_ms: int
+    rules_version: str
+    segment_size: int
+
+
+class ExampleRecord(TypedDict, total=False):
+    """A labeled training example (``task`` ``intent``/``churn``: features ``x``, label ``y``) or
+    a session example for the trainer's tiers (``x``) and Markov chain (``path``)."""
+
+    schema_version: int
+    example_id: str
+    task: str
+    user_key: str
+    x: dict[str, float]
+    y: bool
+    score: float
+    model_version: str
+    predicted_at_ms: int
+    label_at_ms: int
+    event_time_ms: int
+    path: list[str]
+
+
+class DeadLetterSource(TypedDict):
+    """Where a dead-lettered message was read: topic, partition, offset, Kafka timestamp (ms)."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int | None
+
+
+class DeadLetterRecord(TypedDict, total=False):
+    """An input that was not processed: the reason (one of ``DLQ_REASONS``), a detail, where it
+    came from, and the original key and value (base64, value cut at
+    ``CLICKPULSE_DLQ_MAX_PAYLOAD_BYTES``; ``value_sha256`` identifies the full value)."""
+
+    schema_version: int
+    reason: str
+    detail: str
+    source: DeadLetterSource
+    key_b64: str | None
+    value_b64: str | None
+    value_size: int
+    value_truncated: bool
+    value_sha256: str | None
+    failed_at: str
+
+
+class ControlRecord(TypedDict, total=False):
+    """End of a bounded input, from the trusted control topic (never from the raw topic)."""
+
+    schema_version: int
+    control: str  # "end_of_input"
+    source_partition: int
+    source_partitions: int
+    run_id: str
