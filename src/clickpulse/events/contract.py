@@ -100,7 +100,7 @@ DLQ_REASONS = ("not_utf8", "key_not_utf8", "not_json", "not_object", "too_large"
 #: what :mod:`clickpulse.state.user` adds up; ``total`` becomes ``revenue`` of a Segment
 #: ``Order Completed``; ``value`` is Segment's generic money value. When numeric, each must be
 #: finite with ``abs(x) <= max_money``.
-MONEY_FIELDS = ("price", "revenue", "total", "value")
+MONEY_FIELDS = ("price", "total", "value", "revenue")
 #: Default bound of a money field, in units of ``currency`` (``CLICKPULSE_MAX_MONEY``).
 DEFAULT_MAX_MONEY = 1e9
 #: Default bound of ``properties.quantity``, in units (``CLICKPULSE_MAX_QUANTITY``).
