@@ -205,7 +205,8 @@ class Worker:
             received = now if ts_ms is None else min(ts_ms, now)
             try:
                 ev = parse(msg.value, msg.key, max_bytes=s.max_event_bytes, received_ms=received,
-                           max_future_skew_ms=s.max_future_skew_ms)
+                           max_future_skew_ms=s.max_future_skew_ms, max_money=s.max_money,
+                           max_quantity=s.max_quantity)
             except InvalidEvent as err:
                 out.append(self.dead_letter(err, msg))
                 return None

@@ -96,6 +96,14 @@ class Settings:
     max_event_bytes : int
         ``CLICKPULSE_MAX_EVENT_BYTES``; bytes. Larger raw messages go to the dead-letter topic.
         Default 65536 (64 KiB).
+    max_money : float
+        ``CLICKPULSE_MAX_MONEY``; units of the event's ``currency``. An event whose numeric money
+        field (``properties.price``, ``revenue``, ``total``, ``value``) is not finite or has an
+        absolute value above this goes to the dead-letter topic (``out_of_range``). Default 1e9.
+    max_quantity : int
+        ``CLICKPULSE_MAX_QUANTITY``; units. An event whose ``properties.quantity`` is above this
+        goes to the dead-letter topic (``out_of_range``). Default 10,000 (the schema's own bound
+        is 100,000).
     dlq_max_payload_bytes : int
         ``CLICKPULSE_DLQ_MAX_PAYLOAD_BYTES``; bytes of the original value copied into a
         dead-letter record (the full value stays at its topic/partition/offset). Default 65536.
@@ -211,6 +219,8 @@ class Settings:
     bot_max_events: int = 300
     bot_events_window_s: float = 60.0
     max_event_bytes: int = 65536
+    max_money: float = 1e9
+    max_quantity: int = 10_000
     dlq_max_payload_bytes: int = 65536
     dedup_ids_per_user: int = 32
     user_retention_s: float = 30 * 86400.0
@@ -258,10 +268,12 @@ class Settings:
                     "validation_window", "churn_horizon_days", "partitions", "session_gap_s", "max_event_bytes", "rules_poll_s",
                     "bot_max_cart_adds", "bot_cart_window_s", "bot_max_events", "bot_events_window_s",
                     "dedup_ids_per_user", "redis_flush_interval_s", "idle_timeout_s", "batch_max_events",
-                    "batch_within_s", "max_in_flight_batches")
+                    "batch_within_s", "max_in_flight_batches", "max_money", "max_quantity")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_env(name)} must be > 0, got {getattr(self, name)!r}")
+        if not 0 < self.max_money < float("inf"):  # NaN or inf would disable the bound
+            raise ConfigError(f"{_env('max_money')} must be a finite number > 0, got {self.max_money!r}")
         if self.kafka_session_timeout_s < 6:
             raise ConfigError(f"{_env('kafka_session_timeout_s')} must be >= 6 (the broker's "
                               f"group.min.session.timeout.ms), got {self.kafka_session_timeout_s!r}")

@@ -6,7 +6,7 @@ import orjson
 import pytest
 
 from clickpulse.errors import InvalidEvent
-from clickpulse.events.contract import DLQ_REASONS, parse, to_rfc3339
+from clickpulse.events.contract import DLQ_REASONS, check_bounds, normalize, parse, to_rfc3339
 from clickpulse.events.dlq import dlq_record
 from clickpulse.events.schemas import validation_errors
 from clickpulse.ingest.datasets import BUNDLED_SAMPLE, read_rees46
@@ -171,3 +171,91 @@ def test_segment_delivered_timestamp_is_not_corrected_twice():
 def test_network_transit_is_not_clock_skew():
     ev = parse(orjson.dumps(good(timestamp=T0, sent_at=T0 + 10, received_at=T0 + 50)), None)
     assert ev["timestamp_ms"] == T0 and "clock_corrected" not in ev.get("context", {})
+
+
+# --- bounds against poisoned users (issue "Trust and privacy") -------------------------------------
+
+def purchase(**props):
+    return orjson.dumps(good(type="purchase", event_id=None, properties={"currency": "USD", **props}))
+
+
+def test_two_purchases_of_9e307_are_dead_lettered_not_summed_to_inf():
+    # the exact inputs that pushed lifetime revenue to inf and crashed the worker: both schema-valid
+    assert validation_errors("event", {**good(type="purchase"), "properties": {"revenue": 9e307}}) == []
+    for _ in range(2):
+        err = reason_of(purchase(revenue=9e307))
+        assert err.reason == "out_of_range"
+        assert err.detail == "properties.revenue: 9e+307 is outside [-1e+09, 1e+09] (CLICKPULSE_MAX_MONEY)"
+
+
+@pytest.mark.parametrize("props,field", [
+    ({"price": 1e9 + 1}, "price"), ({"revenue": -2e9}, "revenue"), ({"total": 5e9}, "total"),
+    ({"value": 1e10}, "value"), ({"price": 18446744073709551615}, "price"), ({"revenue": 1.7976931348623157e308}, "revenue"),
+])
+def test_money_beyond_the_bound_is_out_of_range_naming_field_and_limit(props, field):
+    err = reason_of(purchase(**props))
+    assert err.reason == "out_of_range"
+    assert err.detail.startswith(f"properties.{field}: ") and "1e+09" in err.detail and "CLICKPULSE_MAX_MONEY" in err.detail
+
+
+@pytest.mark.parametrize("props", [{"price": 1e9}, {"revenue": -1e9}, {"revenue": -12.5}, {"total": 30},
+                                   {"value": "n/a"}, {"value": 99.5}, {"quantity": 0}, {"quantity": 10_000}])
+def test_money_and_quantities_within_the_bounds_pass(props):
+    assert parse(purchase(**props), None)["properties"] == {"currency": "USD", **props}
+
+
+def test_segment_total_is_bounded_as_the_sender_named_it():
+    seg = {"type": "track", "event": "Order Completed", "userId": "u9", "timestamp": T0,
+           "properties": {"order_id": "o1", "total": 2e9, "currency": "USD"}}
+    err = reason_of(orjson.dumps(seg))
+    assert err.reason == "out_of_range" and err.detail.startswith("properties.total: 2000000000.0 is outside")
+
+
+def test_quantity_bound_and_schema_bound():
+    err = reason_of(orjson.dumps(good(properties={"quantity": 10_001})))
+    assert err.reason == "out_of_range"
+    assert err.detail == "properties.quantity: 10001 is above the limit of 10000 units (CLICKPULSE_MAX_QUANTITY)"
+    assert reason_of(orjson.dumps(good(properties={"quantity": 100_001}))).reason == "schema"  # the schema's own cap
+
+
+def test_bounds_are_parameters():
+    assert reason_of(purchase(price=150.0), max_money=100.0).reason == "out_of_range"
+    assert parse(purchase(price=5e9), None, max_money=1e10)["properties"]["price"] == 5e9
+    assert reason_of(orjson.dumps(good(properties={"quantity": 3})), max_quantity=2).reason == "out_of_range"
+
+
+def test_bounds_come_after_schema_and_bool_is_not_money():
+    assert reason_of(purchase(revenue=True)).reason == "schema"
+    assert parse(purchase(value=True), None)["properties"]["value"] is True  # not a number: not money
+
+
+def test_non_finite_numbers_are_rejected():
+    err = reason_of(b'{"type": "purchase", "user_id": "u1", "timestamp": 0, "properties": {"revenue": 1e400}}')
+    assert err.reason == "not_json" and "infinity" in err.detail  # orjson refuses numbers beyond a double
+    assert reason_of(b'{"type": "purchase", "user_id": "u1", "timestamp": 0, "properties": {"revenue": NaN}}').reason == "not_json"
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        with pytest.raises(InvalidEvent) as exc:  # normalize takes Python objects: checked everywhere
+            normalize({**good(), "properties": {"scroll_pct": 5, "extra": [1, {"x": bad}]}})
+        assert exc.value.reason == "out_of_range" and exc.value.detail == "properties.extra.1.x: not a finite number"
+        with pytest.raises(InvalidEvent) as exc:
+            check_bounds({**good(), "properties": {"revenue": bad}})
+        assert exc.value.reason == "out_of_range" and "not a finite number" in exc.value.detail
+
+
+def test_out_of_range_dead_letter_matches_the_dlq_schema():
+    err = reason_of(purchase(revenue=9e307))
+    rec = dlq_record(err, key=None, value=purchase(revenue=9e307), topic="raw", partition=0, offset=1,
+                     timestamp_ms=T0, max_payload_bytes=1000)
+    assert rec["reason"] == "out_of_range" and validation_errors("dlq", rec) == []
+
+
+def test_bound_settings_from_env():
+    from clickpulse.errors import ConfigError
+    from clickpulse.settings import Settings
+    s = Settings.from_env({})
+    assert (s.max_money, s.max_quantity) == (1e9, 10_000)
+    s = Settings.from_env({"CLICKPULSE_MAX_MONEY": "5e6", "CLICKPULSE_MAX_QUANTITY": "50"})
+    assert (s.max_money, s.max_quantity) == (5e6, 50)
+    for env in ({"CLICKPULSE_MAX_MONEY": "nan"}, {"CLICKPULSE_MAX_MONEY": "inf"}, {"CLICKPULSE_MAX_QUANTITY": "0"}):
+        with pytest.raises(ConfigError):
+            Settings.from_env(env)

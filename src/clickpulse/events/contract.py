@@ -11,8 +11,17 @@
    than ``max_future_skew_ms`` past the receive time (``sent_at``/``received_at`` correct the
    client clock when present, as in Segment's timestamp correction);
 4. derives a deterministic ``event_id`` from the content when there is none;
-5. validates the result against ``schemas/event.v1.json`` with :mod:`jsonschema`
-   (``schema``, the detail names the field path).
+5. validates the result against ``schemas/event.v1.json`` (``schema``, the detail names the
+   field path): with a validator compiled from the schema by :mod:`fastjsonschema`, and, only
+   when that one rejects the event, with :mod:`jsonschema` (``Draft202012Validator`` with format
+   checking), whose first error (by field path) is the detail and whose verdict is final;
+6. bounds money and quantities (``out_of_range``): the numeric money fields of ``properties``
+   (:data:`MONEY_FIELDS`) must be finite with ``abs(x) <= max_money`` and ``quantity`` at most
+   ``max_quantity``, so no event can push a user's lifetime revenue to ``inf``.
+
+JSON numbers beyond the double range (``1e400``) and ``NaN``/``Infinity`` are refused by the JSON
+decoder (``not_json``); :func:`normalize`, which takes already-decoded objects, rejects any
+non-finite float anywhere in the object (``out_of_range``).
 
 The output always has ``event_id``, ``type``, ``timestamp`` (RFC 3339 UTC, ms),
 ``timestamp_ms`` and ``user_key`` (``user_id`` or ``"anon:" + anonymous_id``).
@@ -27,21 +36,32 @@ Examples
 Traceback (most recent call last):
 ...
 clickpulse.errors.InvalidEvent: missing_identity: neither user_id nor anonymous_id is set
+>>> parse(b'{"type": "purchase", "userId": "u1", "timestamp": 1569888000000,'
+...       b' "properties": {"revenue": 9e307}}', None)
+Traceback (most recent call last):
+...
+clickpulse.errors.InvalidEvent: out_of_range: properties.revenue: 9e+307 is outside [-1e+09, 1e+09] (CLICKPULSE_MAX_MONEY)
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import math
 import re
-from datetime import UTC, datetime
+from collections.abc import Callable
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+import fastjsonschema
 import orjson
 from jsonschema import Draft202012Validator, FormatChecker
 from rfc3339_validator import validate_rfc3339
 
 from ..errors import InvalidEvent
 from .schemas import load_schema
+
+log = logging.getLogger(__name__)
 
 CANONICAL_TYPES = frozenset({
     "page_view", "product_view", "add_to_cart", "remove_from_cart", "checkout_start",
@@ -74,11 +94,25 @@ SEGMENT_CALL_TYPES = {"page": "page_view", "screen": "page_view", "identify": "i
 MIN_CLOCK_OFFSET_MS = 2000
 
 DLQ_REASONS = ("not_utf8", "key_not_utf8", "not_json", "not_object", "too_large",
-               "missing_identity", "bad_timestamp", "schema", "internal", "forged_control")
+               "missing_identity", "bad_timestamp", "schema", "internal", "out_of_range",
+               "forged_control")
+
+#: Money fields of ``properties`` (in ``currency``): ``price`` (unit price) and ``revenue`` are
+#: what :mod:`clickpulse.state.user` adds up; ``total`` becomes ``revenue`` of a Segment
+#: ``Order Completed``; ``value`` is Segment's generic money value. When numeric, each must be
+#: finite with ``abs(x) <= max_money``.
+MONEY_FIELDS = ("price", "total", "value", "revenue")
+#: Default bound of a money field, in units of ``currency`` (``CLICKPULSE_MAX_MONEY``).
+DEFAULT_MAX_MONEY = 1e9
+#: Default bound of ``properties.quantity``, in units (``CLICKPULSE_MAX_QUANTITY``).
+DEFAULT_MAX_QUANTITY = 10_000
 
 #: Segment camelCase top-level fields -> canonical names.
 _SEGMENT_FIELDS = {"userId": "user_id", "anonymousId": "anonymous_id", "messageId": "event_id",
                    "sentAt": "sent_at", "receivedAt": "received_at", "originalTimestamp": "original_timestamp"}
+#: Top-level keys and ``type`` values that mark a Segment message (anything to map).
+_SEGMENT_KEYS = frozenset(_SEGMENT_FIELDS) | {"event"}
+_SEGMENT_TYPES = frozenset(SEGMENT_CALL_TYPES) | {"track"}
 
 _MIN_TS_MS = 0
 _MAX_TS_MS = 253402300799999  # 9999-12-31T23:59:59.999Z
@@ -87,6 +121,7 @@ _RFC3339_NO_OFFSET = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+
 _is_rfc3339 = validate_rfc3339  # the same checker jsonschema uses for format: date-time
 
 _validator: Draft202012Validator | None = None
+_compiled: Callable[[Any], Any] | None = None
 
 
 def _event_validator() -> Draft202012Validator:
@@ -96,12 +131,162 @@ def _event_validator() -> Draft202012Validator:
     return _validator
 
 
+def _schema_patterns(node: Any) -> set[str]:
+    """Every ``pattern`` keyword value in a schema."""
+    out: set[str] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, dict):
+            if isinstance(n.get("pattern"), str):
+                out.add(n["pattern"])
+            stack.extend(n.values())
+        elif isinstance(n, list):
+            stack.extend(n)
+    return out
+
+
+def compiled_validator() -> Callable[[Any], Any]:
+    """The validator :mod:`fastjsonschema` compiles from ``schemas/event.v1.json`` (once).
+
+    Called with an event dict it returns it when valid and raises
+    :class:`fastjsonschema.JsonSchemaException` when not. It checks ``format: date-time`` with
+    jsonschema's own checker, and ``pattern`` with :func:`re.search` on the pattern as written,
+    as jsonschema does (fastjsonschema would read ``$`` as end of string, ``\\Z``, where Python's
+    ``$`` also matches before a final newline), so that it accepts exactly what
+    :func:`validate_slow` accepts (``tests/unit/test_contract_conformance.py``).
+    """
+    global _compiled
+    if _compiled is None:
+        schema = load_schema("event")
+        checker = FormatChecker(formats=("date-time",))
+
+        def date_time(value: str) -> bool:
+            return checker.conforms(value, "date-time")
+
+        fn = fastjsonschema.compile(schema, formats={"date-time": date_time}, use_default=False)
+        regexes = fn.__wrapped__.__globals__["REGEX_PATTERNS"]
+        for pattern in _schema_patterns(schema.get("properties", {})):
+            if pattern not in regexes:
+                raise RuntimeError(f"fastjsonschema did not compile the schema pattern {pattern!r}")
+            regexes[pattern] = re.compile(pattern)
+        _compiled = fn
+    return _compiled
+
+
+def schema_error(ev: dict[str, Any]) -> str | None:
+    """jsonschema's verdict on ``ev``: ``None`` when valid, else the first error (by field path) as
+    ``"<path>: <message>"`` (path ``(root)`` for the whole object; message cut at 200 characters)."""
+    errors = sorted(_event_validator().iter_errors(ev), key=lambda e: list(e.absolute_path))
+    if not errors:
+        return None
+    err = errors[0]
+    path = ".".join(str(p) for p in err.absolute_path) or "(root)"
+    return f"{path}: {err.message[:200]}"
+
+
+def validate_slow(ev: dict[str, Any]) -> None:
+    """Validate ``ev`` against ``schemas/event.v1.json`` with :mod:`jsonschema` only (the reference
+    path: about 80 µs per event, see ``benchmarks/parse_cost.py``).
+
+    Raises
+    ------
+    InvalidEvent
+        ``schema``, detail from :func:`schema_error`.
+    """
+    detail = schema_error(ev)
+    if detail is not None:
+        raise InvalidEvent("schema", detail)
+
+
+def validate(ev: dict[str, Any]) -> None:
+    """Validate ``ev`` against ``schemas/event.v1.json``: the compiled validator, then, only when it
+    rejects the event, :func:`validate_slow` for the error detail; jsonschema's verdict is final
+    (an event the compiled validator rejects and jsonschema accepts is accepted, and logged).
+
+    Raises
+    ------
+    InvalidEvent
+        ``schema``, detail from :func:`schema_error`.
+    """
+    try:
+        (_compiled or compiled_validator())(ev)
+    except fastjsonschema.JsonSchemaException:
+        detail = schema_error(ev)
+        if detail is None:
+            log.warning("compiled validator rejected an event jsonschema accepts (event_id %r); accepted",
+                        ev.get("event_id"))
+            return
+        raise InvalidEvent("schema", detail) from None
+
+
+def check_bounds(ev: dict[str, Any], max_money: float = DEFAULT_MAX_MONEY,
+                 max_quantity: int = DEFAULT_MAX_QUANTITY) -> None:
+    """Bound money and quantities of a schema-valid event.
+
+    Every numeric (not bool) ``properties`` field of :data:`MONEY_FIELDS` must be finite with
+    ``abs(x) <= max_money`` (units of ``currency``), and ``properties.quantity`` (an integer from 0
+    by the schema) at most ``max_quantity`` units.
+
+    Raises
+    ------
+    InvalidEvent
+        ``out_of_range``, the detail names the field and the limit.
+    """
+    props = ev.get("properties")
+    if not isinstance(props, dict):
+        return
+    for name in MONEY_FIELDS:
+        x = props.get(name)
+        if x is None or x.__class__ is bool or not isinstance(x, int | float):
+            continue
+        if x != x or abs(x) > max_money:  # NaN fails x == x; ±inf and too large fail the bound
+            limit = f"[{-max_money:g}, {max_money:g}] (CLICKPULSE_MAX_MONEY)"
+            if x != x or x in (math.inf, -math.inf):
+                raise InvalidEvent("out_of_range", f"properties.{name}: {x!r} is not a finite number; limit {limit}")
+            raise InvalidEvent("out_of_range", f"properties.{name}: {repr(x)[:64]} is outside {limit}")
+    q = props.get("quantity")
+    if q is not None and q.__class__ is not bool and isinstance(q, int | float) and q > max_quantity:
+        raise InvalidEvent("out_of_range", f"properties.quantity: {repr(q)[:64]} is above the limit of "
+                                           f"{max_quantity} units (CLICKPULSE_MAX_QUANTITY)")
+
+
+def _non_finite_path(obj: Any) -> str | None:
+    """Path (``a.b.0``) of the first non-finite float (NaN, ±inf) anywhere in ``obj``, else ``None``."""
+    stack: list[tuple[Any, str]] = [(obj, "")]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, float):
+            if not math.isfinite(node):
+                return path or "(root)"
+        elif isinstance(node, dict):
+            stack.extend((v, f"{path}.{k}" if path else str(k)) for k, v in node.items())
+        elif isinstance(node, list | tuple):
+            stack.extend((v, f"{path}.{i}" if path else str(i)) for i, v in enumerate(node))
+    return None
+
+
+_EPOCH_DATE = date(1970, 1, 1)
+_DAYS: dict[int, str] = {}  # days since 1970-01-01 -> "YYYY-MM-DD" (cleared when large)
+
+
 def to_rfc3339(ts_ms: int) -> str:
     """Epoch milliseconds -> ``YYYY-MM-DDTHH:MM:SS.mmmZ`` (UTC).
 
     >>> to_rfc3339(1569888000123)
     '2019-10-01T00:00:00.123Z'
     """
+    if ts_ms.__class__ is int and _MIN_TS_MS <= ts_ms <= _MAX_TS_MS:
+        days, rem = divmod(ts_ms, 86_400_000)
+        day = _DAYS.get(days)
+        if day is None:
+            if len(_DAYS) >= 4096:
+                _DAYS.clear()
+            day = _DAYS[days] = (_EPOCH_DATE + timedelta(days=days)).isoformat()
+        secs, ms = divmod(rem, 1000)
+        hours, secs = divmod(secs, 3600)
+        minutes, secs = divmod(secs, 60)
+        return f"{day}T{hours:02d}:{minutes:02d}:{secs:02d}.{ms:03d}Z"
     dt = datetime.fromtimestamp(ts_ms / 1000, tz=UTC)
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts_ms % 1000:03d}Z"
 
@@ -152,9 +337,12 @@ def derive_event_id(obj: dict[str, Any], prefix: str = "d") -> str:
 
 
 def _map_segment(obj: dict[str, Any]) -> dict[str, Any]:
-    """Rename Segment fields and names in place-safe way (returns a new dict when mapped)."""
-    if not any(k in obj for k in _SEGMENT_FIELDS) and "event" not in obj and obj.get("type") not in SEGMENT_CALL_TYPES and obj.get("type") != "track":
-        return obj
+    """Rename Segment fields and names; ``obj`` itself when there is nothing to map, else a new
+    dict (``obj`` is left unchanged)."""
+    if _SEGMENT_KEYS.isdisjoint(obj):
+        call = obj.get("type")
+        if not isinstance(call, str) or call not in _SEGMENT_TYPES:
+            return obj
     out = dict(obj)
     for seg, canon in _SEGMENT_FIELDS.items():
         if seg in out:
@@ -164,7 +352,7 @@ def _map_segment(obj: dict[str, Any]) -> dict[str, Any]:
         name = out.pop("event", None)
         if isinstance(name, str):
             out["type"] = SEGMENT_EVENT_NAMES.get(name, name)
-    elif call in SEGMENT_CALL_TYPES:
+    elif isinstance(call, str) and call in SEGMENT_CALL_TYPES:
         out["type"] = SEGMENT_CALL_TYPES[call]
     if call == "identify" and isinstance(out.get("traits"), dict):
         props = dict(out.get("properties") or {})
@@ -182,7 +370,9 @@ def _map_segment(obj: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse(value: bytes | None, key: bytes | None, *, max_bytes: int = 65536,
-          received_ms: int | None = None, max_future_skew_ms: int = 300_000) -> dict[str, Any]:
+          received_ms: int | None = None, max_future_skew_ms: int = 300_000,
+          max_money: float = DEFAULT_MAX_MONEY, max_quantity: int = DEFAULT_MAX_QUANTITY,
+          reference: bool = False) -> dict[str, Any]:
     """Turn one raw message into a canonical event.
 
     Parameters
@@ -196,6 +386,14 @@ def parse(value: bytes | None, key: bytes | None, *, max_bytes: int = 65536,
         ``None`` disables the clamp.
     max_future_skew_ms
         How far past ``received_ms`` an event time may be before it is clamped.
+    max_money
+        Bound of ``abs(x)`` for the money fields of ``properties`` (:data:`MONEY_FIELDS`), in
+        units of ``currency`` (``CLICKPULSE_MAX_MONEY``).
+    max_quantity
+        Bound of ``properties.quantity``, in units (``CLICKPULSE_MAX_QUANTITY``).
+    reference
+        Validate with :func:`validate_slow` (jsonschema only) instead of :func:`validate`: the
+        same result, several times slower; for tests and benchmarks.
 
     Returns
     -------
@@ -206,7 +404,7 @@ def parse(value: bytes | None, key: bytes | None, *, max_bytes: int = 65536,
     Raises
     ------
     InvalidEvent
-        With ``reason`` in :data:`DLQ_REASONS`.
+        With ``reason`` in :data:`DLQ_REASONS` (never any other exception for bytes input).
     """
     if value is None:
         raise InvalidEvent("not_json", "empty message (null value)")
@@ -218,21 +416,38 @@ def parse(value: bytes | None, key: bytes | None, *, max_bytes: int = 65536,
         except UnicodeDecodeError as err:
             raise InvalidEvent("key_not_utf8", f"key is not UTF-8 at byte {err.start}") from err
     try:
-        value.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise InvalidEvent("not_utf8", f"value is not UTF-8 at byte {err.start}") from err
-    try:
-        obj = orjson.loads(value)
+        obj = orjson.loads(value)  # refuses invalid UTF-8 too: told apart below
     except orjson.JSONDecodeError as err:
+        try:
+            value.decode("utf-8")
+        except UnicodeDecodeError as uerr:
+            raise InvalidEvent("not_utf8", f"value is not UTF-8 at byte {uerr.start}") from uerr
         raise InvalidEvent("not_json", f"value is not JSON: {err}") from err
     if not isinstance(obj, dict):
         raise InvalidEvent("not_object", f"value is JSON {type(obj).__name__}, expected an object")
-    return normalize(obj, received_ms=received_ms, max_future_skew_ms=max_future_skew_ms)
+    return _normalize(obj, received_ms, max_future_skew_ms, max_money, max_quantity, reference)
 
 
 def normalize(obj: dict[str, Any], *, received_ms: int | None = None,
-              max_future_skew_ms: int = 300_000) -> dict[str, Any]:
-    """Map, complete and validate one decoded event object (see :func:`parse`)."""
+              max_future_skew_ms: int = 300_000, max_money: float = DEFAULT_MAX_MONEY,
+              max_quantity: int = DEFAULT_MAX_QUANTITY, reference: bool = False) -> dict[str, Any]:
+    """Map, complete and validate one decoded event object (see :func:`parse`; ``obj`` may be
+    changed in place). A non-finite float anywhere in ``obj`` is ``out_of_range`` (decoded JSON
+    never has one).
+
+    Raises
+    ------
+    InvalidEvent
+        With ``reason`` in :data:`DLQ_REASONS`.
+    """
+    bad = _non_finite_path(obj)
+    if bad is not None:
+        raise InvalidEvent("out_of_range", f"{bad}: not a finite number")
+    return _normalize(obj, received_ms, max_future_skew_ms, max_money, max_quantity, reference)
+
+
+def _normalize(obj: dict[str, Any], received_ms: int | None, max_future_skew_ms: int,
+               max_money: float, max_quantity: int, reference: bool) -> dict[str, Any]:
     ev = _map_segment(obj)
     ev.pop("user_key", None)
     for idf in ("user_id", "anonymous_id"):
@@ -271,12 +486,16 @@ def normalize(obj: dict[str, Any], *, received_ms: int | None = None,
     ev["timestamp"] = to_rfc3339(ts_ms)
     ev["timestamp_ms"] = ts_ms
     if not ev.get("event_id"):
-        ev["event_id"] = derive_event_id({k: v for k, v in obj.items() if k not in ("received_at", "receivedAt")})
+        try:
+            ev["event_id"] = derive_event_id({k: v for k, v in obj.items() if k not in ("received_at", "receivedAt")})
+        except TypeError as err:  # orjson: nested deeper than 254 levels (or not JSON data)
+            raise InvalidEvent("schema", f"(root): cannot derive an event_id from the content ({err}); "
+                                         "send an event_id") from err
     ev["schema_version"] = 1
-    errors = sorted(_event_validator().iter_errors(ev), key=lambda e: list(e.absolute_path))
-    if errors:
-        err = errors[0]
-        path = ".".join(str(p) for p in err.absolute_path) or "(root)"
-        raise InvalidEvent("schema", f"{path}: {err.message[:200]}")
+    if reference:
+        validate_slow(ev)
+    else:
+        validate(ev)
+    check_bounds(ev, max_money, max_quantity)
     ev["user_key"] = ev["user_id"] if "user_id" in ev else "anon:" + ev["anonymous_id"]
     return ev
