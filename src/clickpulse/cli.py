@@ -128,6 +128,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for name in ("worker.log", "trainer.log"):
         (out_dir / name).unlink(missing_ok=True)
     settings = settings.replace(trainer_web_port=free_port())
+    from .models.registry import snapshot_key
+    # the snapshot signing key: CLICKPULSE_SNAPSHOT_KEY, else the key file in the data dir that the
+    # worker and the trainer started below share (created now if missing, so they cannot race)
+    key = snapshot_key(settings)
     worker = WorkerProcess(settings, out_dir / "worker.log")
     trainer = WorkerProcess(settings, out_dir / "trainer.log", command="trainer")
     try:
@@ -154,7 +158,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         n_examples = sum(asyncio.run(end_offsets(settings.kafka_bootstrap, settings.topic_training)).values())
         deadline = time.monotonic() + 60
         while True:
-            snapshots = asyncio.run(latest_snapshots(settings.kafka_bootstrap, settings.topic_models))
+            snapshots = asyncio.run(latest_snapshots(settings.kafka_bootstrap, settings.topic_models, key=key))
             covered = sum(env["examples"] for env in snapshots.values())
             if covered >= n_examples or time.monotonic() > deadline or not trainer.alive():
                 break
