@@ -270,7 +270,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
         metrics.rules_info.labels(rules.current().version).set(1)
         log.info("rules %s: version %s (%d segments, %d triggers)", rules.path, rules.current().version,
                  len(rules.current().segments), len(rules.current().triggers))
-    registry = build_models(settings)
+    registry = build_models(settings, metrics)
     engine = build_engine(settings, users, metrics=metrics, models=registry, rules=rules)
     writer = ProfileWriter(None, settings.namespace, int(settings.user_retention_s), settings.redis_max_pending,
                            metrics)

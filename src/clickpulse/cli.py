@@ -137,6 +137,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not settings.control_key:  # this run's worker and replay share a fresh key for --flush
         import secrets
         settings = settings.replace(control_key=secrets.token_hex(32))
+    from .models.registry import snapshot_key
+    # the snapshot signing key: CLICKPULSE_SNAPSHOT_KEY, else the key file in the data dir that the
+    # worker and the trainer started below share (created now if missing, so they cannot race)
+    key = snapshot_key(settings)
     worker = WorkerProcess(settings, out_dir / "worker.log")
     trainer = WorkerProcess(settings, out_dir / "trainer.log", command="trainer")
     try:
@@ -163,7 +167,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         n_examples = sum(asyncio.run(end_offsets(settings.kafka_bootstrap, settings.topic_training)).values())
         deadline = time.monotonic() + 60
         while True:
-            snapshots = asyncio.run(latest_snapshots(settings.kafka_bootstrap, settings.topic_models))
+            snapshots = asyncio.run(latest_snapshots(settings.kafka_bootstrap, settings.topic_models, key=key))
             covered = sum(env["examples"] for env in snapshots.values())
             if covered >= n_examples or time.monotonic() > deadline or not trainer.alive():
                 break

@@ -159,6 +159,22 @@ class Settings:
         ``CLICKPULSE_SNAPSHOT_INTERVAL_S``; seconds. Default 5.
     validation_window : int
         ``CLICKPULSE_VALIDATION_WINDOW``; examples in the rolling progressive-validation window. Default 1000.
+    snapshot_key : str
+        ``CLICKPULSE_SNAPSHOT_KEY``; the secret that authenticates model snapshots. The trainer
+        signs every snapshot with HMAC-SHA256 under this key, and a worker (or a resuming
+        trainer) unpickles a snapshot only after its signature checks out; anything else is
+        rejected (``clickpulse_model_snapshots_rejected_total{reason}``) and the current model
+        keeps serving (:mod:`clickpulse.models.registry`). Either hex (an even number of at least
+        32 hex digits, decoded to bytes) or any other text (its UTF-8 bytes); at least 16
+        characters, e.g. ``openssl rand -hex 32``. Set the same value on the trainer and on
+        every worker. Default empty: no key is derived or shared over Kafka; instead the key is
+        read from ``<data_dir>/snapshot.key``, which whichever process needs it first creates
+        (64 random hex digits, mode 0600; a key file readable by group or others is refused).
+        So a worker and a trainer started from the same folder (``clickpulse demo``, the local
+        scripts, the integration tests) agree without configuration, while processes that do not
+        share ``data_dir`` (containers, hosts) each get their own key and reject each other's
+        snapshots until this is set: the default fails closed, never open. Never logged or
+        shown in ``repr``.
     trainer_web_port : int
         ``CLICKPULSE_TRAINER_WEB_PORT``; the trainer's ``/metrics`` port. Default 6067.
     engagement_half_life_s : float
@@ -245,6 +261,7 @@ class Settings:
     snapshot_every: int = 500
     snapshot_interval_s: float = 5.0
     validation_window: int = 1000
+    snapshot_key: str = field(default="", repr=False)
     trainer_web_port: int = 6067
     engagement_half_life_s: float = 604800.0
     engagement_weights: str = ""
@@ -289,6 +306,9 @@ class Settings:
             raise ConfigError(f"{_env('state_store')} must be 'rocksdb' or 'memory', got {self.state_store!r}")
         if self.state_cache_users < 0:
             raise ConfigError(f"{_env('state_cache_users')} must be >= 0, got {self.state_cache_users!r}")
+        if self.snapshot_key and len(self.snapshot_key.strip()) < 16:
+            raise ConfigError(f"{_env('snapshot_key')} must be at least 16 characters (e.g. `openssl rand -hex 32`), "
+                              f"got {len(self.snapshot_key.strip())}")
         if not self.namespace or not all(c.isalnum() or c in "-_." for c in self.namespace):
             raise ConfigError(f"{_env('namespace')} must be non-empty [A-Za-z0-9._-], got {self.namespace!r}")
 

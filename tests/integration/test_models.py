@@ -4,8 +4,11 @@ SIGKILLed trainer resuming without losing or double-learning, a second worker ho
 from __future__ import annotations
 
 import asyncio
+import base64
+import pickle
 import random
 import time
+from pathlib import Path
 
 import orjson
 import pytest
@@ -15,7 +18,7 @@ from clickpulse.ingest.datasets import BUNDLED_SAMPLE
 from clickpulse.ingest.replay import messages, publish
 from clickpulse.models.trainer import latest_snapshots
 from clickpulse.runtime import WorkerProcess, free_port, read_topic, wait_caught_up
-from tests.integration.conftest import assert_topics_match_schemas
+from tests.integration.conftest import assert_topics_match_schemas, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -47,6 +50,25 @@ async def _produce_examples(s, exs):
         for ex in exs:
             await p.send(s.topic_training, key=ex["user_key"].encode(), value=orjson.dumps(ex))
         await p.flush()
+    finally:
+        await p.stop()
+
+
+class _Evil:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return Path.write_text, (Path(self.path), "code ran")
+
+
+async def _produce_to(s, topic, records):
+    from aiokafka import AIOKafkaProducer
+    p = AIOKafkaProducer(bootstrap_servers=s.kafka_bootstrap, acks="all", max_request_size=16 * 1024 * 1024)
+    await p.start()
+    try:
+        for key, value in records:
+            await p.send_and_wait(topic, key=key, value=value)
     finally:
         await p.stop()
 
@@ -98,11 +120,22 @@ def test_replay_trains_and_a_killed_trainer_resumes_exactly(make_settings, worke
         assert final["intent"]["metrics"]["n"] == counts["intent"] + 600     # validated once each
         tr2.stop()
 
+        # a forged snapshot (newest version, a pickle that would write a file, not signed with the
+        # key) is on the topic too: it must be rejected, not unpickled
+        marker = tmp_path / "pwned"
+        forged = {**final["intent"], "version": final["intent"]["version"] + 1000,
+                  "model_b64": base64.b64encode(pickle.dumps(_Evil(str(marker)))).decode()}
+        asyncio.run(_produce_to(s, s.topic_models, [(b"intent", orjson.dumps(forged))]))
+
         # a second worker loads the newest snapshots at start (hot swap from the compacted topic)
         w2 = workers(s.replace(web_port=free_port()))
         deadline = time.monotonic() + 30
         while w2.progress()["models"].get("intent") != final["intent"]["version"] and time.monotonic() < deadline:
             time.sleep(0.5)
+        assert w2.progress()["models"] == {t: e["version"] for t, e in final.items()}
+        wait_for(lambda: b"rejected a model snapshot" in w2.log_path.read_bytes(), 30,
+                 "the forged snapshot's rejection")
+        assert b"bad_signature" in w2.log_path.read_bytes() and not marker.exists()
         assert w2.progress()["models"] == {t: e["version"] for t, e in final.items()}
         m = w2.metrics()
         assert m["clickpulse_model_examples{task=intent}"] == counts["intent"] + 600

@@ -358,8 +358,9 @@ def test_one_case_per_dead_letter_reason(reason, value, key):
 
 
 def test_every_parse_reason_has_a_case():
-    # ``internal`` is the worker's own (an unexpected exception around parse), never parse's
-    assert {r for r, _v, _k in REASON_CASES} == set(DLQ_REASONS) - {"internal"}
+    # ``internal`` (an unexpected exception around parse) and ``forged_control`` (an unsigned
+    # control header, tests/unit/test_control.py) are the worker's own, never parse's
+    assert {r for r, _v, _k in REASON_CASES} == set(DLQ_REASONS) - {"internal", "forged_control"}
 
 
 # --- verdicts of the two validators -------------------------------------------------------------

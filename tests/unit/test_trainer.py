@@ -7,6 +7,8 @@ import random
 from clickpulse.events.schemas import validation_errors
 from clickpulse.models.trainer import Trainer
 
+KEY = bytes(range(32))   # the snapshot signing key of these tests
+
 
 def examples(n, seed=1):
     rng = random.Random(seed)
@@ -19,7 +21,7 @@ def examples(n, seed=1):
 
 
 def test_predict_before_learn_and_snapshot_schema():
-    t = Trainer({"intent": "logreg", "churn": "logreg"}, {"intent": 0.5, "churn": 0.5})
+    t = Trainer({"intent": "logreg", "churn": "logreg"}, {"intent": 0.5, "churn": 0.5}, key=KEY)
     exs = examples(300)
     for off, ex in enumerate(exs):
         assert t.learn(ex, off)
@@ -34,18 +36,18 @@ def test_predict_before_learn_and_snapshot_schema():
 
 def test_restart_resumes_without_double_learning():
     exs = examples(400)
-    straight = Trainer({"intent": "logreg", "churn": "logreg"}, {})
+    straight = Trainer({"intent": "logreg", "churn": "logreg"}, {}, key=KEY)
     for off, ex in enumerate(exs):
         straight.learn(ex, off)
 
-    first = Trainer({"intent": "logreg", "churn": "logreg"}, {})
+    first = Trainer({"intent": "logreg", "churn": "logreg"}, {}, key=KEY)
     for off, ex in enumerate(exs[:250]):
         first.learn(ex, off)
     snaps = first.snapshots()
     for off, ex in enumerate(exs[250:300], start=250):   # learned but never snapshotted: lost in a crash
         first.learn(ex, off)
 
-    second = Trainer({"intent": "logreg", "churn": "logreg"}, {})
+    second = Trainer({"intent": "logreg", "churn": "logreg"}, {}, key=KEY)
     for s in snaps:
         second.resume(s)
     start = second.start_offset()
@@ -68,8 +70,8 @@ def test_standby_trainer_reloads_snapshots_when_it_takes_over():
     from clickpulse.models.trainer import _Seek
 
     exs = examples(200)
-    owner = Trainer({"intent": "logreg", "churn": "logreg"}, {})
-    standby = Trainer({"intent": "logreg", "churn": "logreg"}, {})   # started when nothing was published
+    owner = Trainer({"intent": "logreg", "churn": "logreg"}, {}, key=KEY)
+    standby = Trainer({"intent": "logreg", "churn": "logreg"}, {}, key=KEY)   # started when nothing was published
     for off, ex in enumerate(exs):
         owner.learn(ex, off)
     published = {s["task"]: s for s in owner.snapshots() + owner.snapshots()}   # v2 is the newest
@@ -96,7 +98,7 @@ def test_standby_trainer_reloads_snapshots_when_it_takes_over():
 def test_metric_samples_skip_ranking_metrics_with_one_class():
     from clickpulse.models.trainer import metric_samples
 
-    t = Trainer({"intent": "logreg", "churn": "logreg"}, {})
+    t = Trainer({"intent": "logreg", "churn": "logreg"}, {}, key=KEY)
     for off in range(5):
         t.learn({"task": "churn", "x": {"a": 1.0}, "y": False}, off)
     churn = next(s for s in t.snapshots() if s["task"] == "churn")

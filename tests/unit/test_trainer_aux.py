@@ -15,6 +15,7 @@ from clickpulse.models.tiers import TIERS, EngagementTiers, session_features
 from clickpulse.models.trainer import Trainer, markov_states, metric_samples
 
 PIPES = {"intent": "logreg", "churn": "logreg"}
+KEY = bytes(range(32))   # the snapshot signing key of these tests
 LEVELS = {"low": (1, {"page_view": 2}),
           "medium": (12, {"page_view": 6, "product_view": 5, "search": 1}),
           "high": (45, {"page_view": 15, "product_view": 12, "search": 3, "add_to_cart": 3, "checkout_start": 1})}
@@ -69,7 +70,7 @@ PATHS = [[], ["page_view"], ["page_view", "product_view"], ["add_to_cart"], ["ch
 
 
 def train(exs, trainer=None, start=0, **kw) -> Trainer:
-    t = trainer or Trainer(PIPES, {}, **kw)
+    t = trainer or Trainer(PIPES, {}, key=KEY, **kw)
     for off, ex in enumerate(exs[start:], start=start):
         t.learn(ex, off)
     return t
@@ -117,7 +118,7 @@ def test_trainer_learns_aux_tasks_and_registry_serves_them():
     # intent/churn are untouched by the session examples
     assert snaps["intent"]["examples"] == sum(ex["task"] == "intent" for ex in exs)
 
-    reg = ModelRegistry(PIPES)
+    reg = ModelRegistry(PIPES, key=KEY)
     assert reg.tier(PROBES[0]) == EngagementTiers().tier(PROBES[0]) == "medium"      # before any snapshot
     assert [reg.p_purchase(p) for p in PATHS] == [MarkovChain().p_purchase(p) for p in PATHS]
     for s in snaps.values():
@@ -142,7 +143,7 @@ def test_markov_example_shapes():
         with pytest.raises(ValueError):
             markov_states(bad)
 
-    t = Trainer(PIPES, {})
+    t = Trainer(PIPES, {}, key=KEY)
     assert t.learn({"task": "markov", "path": ["page_view", "add_to_cart"], "converted": True}, 0)
     assert t.aux["markov"].transitions == 3 and t.converted == 1            # <start>>pv>atc>purchase
     with pytest.raises(ValueError):                                        # nothing half-learned
@@ -163,7 +164,7 @@ def test_resume_from_snapshot_skips_learned_offsets():
     snaps = first.snapshots()
     train(exs, first, start=500)                       # learned after the snapshot, then lost in a crash
 
-    second = Trainer(PIPES, {})
+    second = Trainer(PIPES, {}, key=KEY)
     for s in snaps:
         second.resume(s)
     assert second.versions == {"intent": 1, "churn": 1, "tiers": 1, "markov": 1}
@@ -194,7 +195,7 @@ def test_older_or_same_version_is_not_installed():
     v1 = by_task(t.snapshots())
     train(exs, t, start=200)
     v2 = by_task(t.snapshots())
-    reg = ModelRegistry(PIPES)
+    reg = ModelRegistry(PIPES, key=KEY)
     for task in AUX_TASKS:
         assert reg.install(v2[task])
         assert not reg.install(v1[task])              # older
@@ -203,7 +204,7 @@ def test_older_or_same_version_is_not_installed():
     assert reg.aux["markov"].counts == t.aux["markov"].counts
     assert reg.aux["tiers"].examples == t.aux["tiers"].examples
     # and the trainer ignores an older snapshot when resuming
-    t2 = Trainer(PIPES, {})
+    t2 = Trainer(PIPES, {}, key=KEY)
     t2.resume(v2["markov"])
     t2.resume(v1["markov"])
     assert t2.versions["markov"] == 2 and t2.offsets["markov"] == v2["markov"]["training_offset"]
@@ -216,14 +217,14 @@ def test_tiers_stable_under_a_fixed_seed():
     assert [a.aux["tiers"].tier(x) for x in PROBES] == [b.aux["tiers"].tier(x) for x in PROBES]
     sa, sb = by_task(a.snapshots()), by_task(b.snapshots())
     assert sa["tiers"]["metrics"] == sb["tiers"]["metrics"] and sa["tiers"]["model_b64"] == sb["tiers"]["model_b64"]
-    ra, rb = ModelRegistry(PIPES, seed=1), ModelRegistry(PIPES, seed=2)   # the worker's seed does not matter
+    ra, rb = ModelRegistry(PIPES, seed=1, key=KEY), ModelRegistry(PIPES, seed=2, key=KEY)   # the worker's seed does not matter
     ra.install(sa["tiers"])
     rb.install(sb["tiers"])
     assert [ra.tier(x) for x in PROBES] == [rb.tier(x) for x in PROBES]
 
 
 def test_unused_aux_tasks_do_not_hold_back_the_start_offset():
-    t = Trainer(PIPES, {})
+    t = Trainer(PIPES, {}, key=KEY)
     for off in range(10):
         t.learn({"task": "intent" if off % 2 else "churn", "x": {"a": 1.0}, "y": False}, off)
     assert set(t.offsets) == set(TASKS) and t.start_offset() == 9
@@ -231,7 +232,7 @@ def test_unused_aux_tasks_do_not_hold_back_the_start_offset():
     t.learn({"task": "markov", "path": ["page_view"]}, 10)
     t.learn({"task": "tiers", "x": {"engagement": 1.0}}, 11)
     assert [s["task"] for s in t.snapshots()] == ["tiers", "markov", "intent", "churn"]   # session models first
-    t2 = Trainer(PIPES, {})
+    t2 = Trainer(PIPES, {}, key=KEY)
     for s in t.snapshots():
         t2.resume(s)
     assert t2.start_offset() == 9 and t2.versions == {"intent": 3, "churn": 3, "tiers": 2, "markov": 2}

@@ -22,13 +22,15 @@ from .step import Engine
 FROM_SETTINGS: Any = "from-settings"
 
 
-def build_models(settings: Settings) -> Any:
+def build_models(settings: Settings, metrics: Metrics | None = None) -> Any:
     """The :class:`clickpulse.models.registry.ModelRegistry` of ``settings`` (``None`` when
-    ``CLICKPULSE_MODELS_ENABLED`` is false)."""
+    ``CLICKPULSE_MODELS_ENABLED`` is false); snapshots are verified with the signing key of
+    :func:`clickpulse.models.registry.snapshot_key` (rejections counted in ``metrics``)."""
     if not settings.models_enabled:
         return None
-    from ..models.registry import ModelRegistry
-    return ModelRegistry({"intent": settings.intent_pipeline, "churn": settings.churn_pipeline}, settings.model_seed)
+    from ..models.registry import ModelRegistry, snapshot_key
+    return ModelRegistry({"intent": settings.intent_pipeline, "churn": settings.churn_pipeline}, settings.model_seed,
+                         key=lambda: snapshot_key(settings), metrics=metrics)
 
 
 def build_rules(settings: Settings) -> RulesFile | None:

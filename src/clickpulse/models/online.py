@@ -5,8 +5,10 @@ forest with no trees yet also answers ``0.5``), is always a float in ``[0, 1]`` 
 likely positive), and missing or new features are tolerated (River models treat an absent key
 as 0 / unseen).
 
-Snapshots are pickles (``to_bytes``/``from_bytes``). Unpickling runs code: load snapshots only
-from clickpulse's own snapshot topic, never from untrusted input.
+Snapshots are pickles (``to_bytes``/``from_bytes``). Unpickling runs code, so bytes from outside
+the process are unpickled only after their HMAC signature was verified
+(:func:`clickpulse.models.registry.verify_snapshot`), and then with :func:`safe_loads`, which
+refuses every global outside a short allow-list: a second line of defence, not a sandbox.
 
 Pipelines (``CLICKPULSE_*_PIPELINE``):
 
@@ -28,14 +30,84 @@ Examples
 
 from __future__ import annotations
 
+import inspect
+import io
 import math
 import pickle
+import types
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from river import compose, forest, linear_model, optim, preprocessing, tree
 
 from ..errors import ConfigError
+
+
+T = TypeVar("T")
+
+#: Globals a model snapshot may name besides classes of :data:`SNAPSHOT_PACKAGES`: what the River
+#: pipelines, :class:`~clickpulse.models.tiers.EngagementTiers`,
+#: :class:`~clickpulse.models.markov.MarkovChain` and
+#: :class:`~clickpulse.models.validation.ProgressiveValidation` pickle to (River 0.26), plus plain
+#: containers. ``builtins.getattr`` is served by a version that only returns bound methods.
+SNAPSHOT_GLOBALS = frozenset({
+    *(("builtins", n) for n in ("bool", "int", "float", "complex", "str", "bytes", "bytearray", "list", "tuple",
+                                "dict", "set", "frozenset", "slice", "range")),
+    *(("collections", n) for n in ("OrderedDict", "defaultdict", "Counter", "deque")),
+    ("functools", "partial"), ("random", "Random"),
+})
+#: Packages whose own classes (``cls.__module__`` inside the package) a snapshot may name: the
+#: River subpackages the pipelines and session models are built from, never all of River
+#: (``river.stream.Cache``, for one, unpickles files).
+SNAPSHOT_PACKAGES = ("clickpulse.models", "river._river_rust", "river.base", "river.cluster", "river.compose",
+                     "river.drift", "river.forest", "river.linear_model", "river.metrics", "river.optim",
+                     "river.preprocessing", "river.proba", "river.stats", "river.tree", "river.utils")
+
+
+def _bound_method(obj: Any, name: str) -> Any:
+    """``getattr`` for pickles, limited to public bound methods of an instance (``Random.gauss``
+    held by a River ``functools.partial``): no classes, modules, functions or dunders."""
+    if not isinstance(name, str) or name.startswith("_") or isinstance(obj, type | types.ModuleType):
+        raise pickle.UnpicklingError(f"snapshot getattr({type(obj).__name__}, {name!r}) is not allowed")
+    attr = getattr(obj, name)
+    if not (inspect.ismethod(attr) or inspect.isbuiltin(attr)) or getattr(attr, "__self__", None) is not obj:
+        raise pickle.UnpicklingError(f"snapshot getattr({type(obj).__name__}, {name!r}) is not a bound method")
+    return attr
+
+
+class _SnapshotUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("builtins", "getattr"):
+            return _bound_method
+        if (module, name) in SNAPSHOT_GLOBALS:
+            return super().find_class(module, name)
+        in_package = any(module == p or module.startswith(p + ".") for p in SNAPSHOT_PACKAGES)
+        if in_package and name.isidentifier() and not name.startswith("__"):
+            obj = super().find_class(module, name)
+            owner = getattr(obj, "__module__", "") or ""
+            if isinstance(obj, type) and any(owner == p or owner.startswith(p + ".") for p in SNAPSHOT_PACKAGES):
+                return obj
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a model snapshot")
+
+
+def safe_loads(data: bytes, expected: type[T]) -> T:
+    """Unpickle ``data`` allowing only :data:`SNAPSHOT_GLOBALS` and the classes of
+    :data:`SNAPSHOT_PACKAGES`; the result must be an ``expected`` instance.
+
+    This narrows what a pickle can do, but calls into allowed classes remain: authenticate the
+    bytes first (:func:`clickpulse.models.registry.verify_snapshot`), never rely on this alone.
+
+    Raises
+    ------
+    pickle.UnpicklingError
+        The pickle names a global outside the allow-list (nothing it names was called).
+    TypeError
+        The pickle holds something else than an ``expected``.
+    """
+    obj = _SnapshotUnpickler(io.BytesIO(data)).load()
+    if not isinstance(obj, expected):
+        raise TypeError(f"snapshot holds {type(obj).__name__}, not {expected.__name__}")
+    return obj
 
 
 def _logreg(seed: int) -> Any:
@@ -131,13 +203,17 @@ class OnlineModel:
         self.positives += int(bool(y))
 
     def to_bytes(self) -> bytes:
-        """Pickle of the whole wrapper (trusted storage only)."""
+        """Pickle of the whole wrapper (sign it before it leaves the process)."""
         return pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL)
 
     @staticmethod
     def from_bytes(data: bytes) -> OnlineModel:
-        """Inverse of :meth:`to_bytes`. Only for snapshots from clickpulse's own topic."""
-        obj = pickle.loads(data)  # noqa: S301 - documented: trusted snapshot topic only
-        if not isinstance(obj, OnlineModel):
-            raise TypeError(f"snapshot holds {type(obj).__name__}, not OnlineModel")
-        return obj
+        """Inverse of :meth:`to_bytes`, through :func:`safe_loads`. Only for bytes whose snapshot
+        signature was verified (:meth:`clickpulse.models.registry.ModelRegistry.install`).
+
+        Raises
+        ------
+        pickle.UnpicklingError, TypeError
+            See :func:`safe_loads`.
+        """
+        return safe_loads(data, OnlineModel)

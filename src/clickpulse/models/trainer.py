@@ -7,8 +7,13 @@ then learn), updates the metrics, then learns. Every ``snapshot_every`` examples
 ``snapshot_interval_s`` seconds it publishes, per task, a snapshot (model pickle + metrics +
 example count + the training offset it covers) to the compacted ``<ns>.models`` topic.
 
-Restart without loss or double learning: at start the trainer reads the newest snapshot per
-task and resumes each model from it; on partition assignment it seeks to the smallest
+Every snapshot is signed (HMAC-SHA256 under ``CLICKPULSE_SNAPSHOT_KEY``, see
+:mod:`clickpulse.models.registry`); the trainer verifies its own snapshots as the workers do
+before resuming from them, so a forged snapshot on the topic can neither run code here nor reset
+the trainer's offsets.
+
+Restart without loss or double learning: at start the trainer reads the newest validly signed
+snapshot per task and resumes each model from it; on partition assignment it seeks to the smallest
 ``training_offset + 1`` of those snapshots and skips, per task, any example at or below that
 task's own snapshot offset. Group offsets are not used for this (they could be ahead of the
 last snapshot after a crash).
@@ -36,8 +41,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import pickle
 import signal
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -48,8 +55,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 
 from ..settings import Settings
 from .markov import END, PURCHASE, START, MarkovChain
-from .online import OnlineModel
-from .registry import AUX_TASKS, TASKS, aux_envelope, aux_from_bytes, envelope
+from .online import OnlineModel, safe_loads
+from .registry import (AUX_TASKS, TASKS, Rejections, SnapshotRejected, aux_envelope, aux_from_bytes, b64_field,
+                       envelope, sign_snapshot, snapshot_key, verify_snapshot)
 from .tiers import TIERS, EngagementTiers
 from .validation import ProgressiveValidation
 
@@ -101,13 +109,23 @@ class Trainer:
         :class:`~clickpulse.models.tiers.EngagementTiers` ``warmup`` and ``halflife``.
     markov_alpha, markov_max_states
         :class:`~clickpulse.models.markov.MarkovChain` ``alpha`` and ``max_states``.
+    key
+        The snapshot signing key (:func:`clickpulse.models.registry.snapshot_key`): snapshots are
+        signed with it, and only snapshots it verifies are resumed from.
+    on_reject
+        Called with the reason of each rejected snapshot (a Prometheus counter).
 
     A model resumed from a snapshot keeps the parameters it was created with.
     """
 
     def __init__(self, pipelines: dict[str, str], thresholds: dict[str, float], seed: int = 42,
-                 window: int = 1000, *, tiers_warmup: int = 30, tiers_halflife: float = 0.05,
-                 markov_alpha: float = 1.0, markov_max_states: int = 64) -> None:
+                 window: int = 1000, *, key: bytes, tiers_warmup: int = 30, tiers_halflife: float = 0.05,
+                 markov_alpha: float = 1.0, markov_max_states: int = 64,
+                 on_reject: Callable[[str], None] | None = None) -> None:
+        if not isinstance(key, bytes) or not key:
+            raise TypeError("Trainer needs the snapshot signing key (bytes)")
+        self.key = key
+        self.rejections = Rejections("trainer", on_reject)
         self.pipelines = dict(pipelines)
         self.models = {t: OnlineModel(t, pipelines.get(t, "logreg"), seed) for t in TASKS}
         self.validation = {t: ProgressiveValidation(thresholds.get(t, 0.5), window) for t in TASKS}
@@ -124,39 +142,58 @@ class Trainer:
         self.since_snapshot = 0
         self.skipped = 0
 
-    def resume(self, env: dict[str, Any]) -> None:
-        """Continue from a snapshot envelope (model, metrics object, offsets, version)."""
+    def resume(self, env: Any) -> bool:
+        """Continue from a snapshot envelope (model, metrics object, offsets, version) when it is
+        validly signed under :attr:`key`, of a known task and newer than what this trainer has.
+        True when resumed; a rejected snapshot is counted and logged (:attr:`rejections`), one not
+        newer is skipped silently, and nothing changes in either case."""
+        try:
+            verify_snapshot(env, self.key)
+            task = env["task"]
+            if task not in AUX_TASKS and task not in self.models:
+                raise SnapshotRejected("unknown_task", f"task {task!r} is not trained here")
+            if env["version"] <= self.versions.get(task, 0):
+                return False
+            try:
+                if task in AUX_TASKS:
+                    self._resume_aux(env)
+                else:
+                    self._resume_model(env)
+            except SnapshotRejected:
+                raise
+            except Exception as err:  # noqa: BLE001 - a snapshot that cannot be loaded is not resumed
+                raise SnapshotRejected("invalid_model", f"{type(err).__name__}: {err}") from None
+        except SnapshotRejected as err:
+            self.rejections(err, env)
+            return False
+        return True
+
+    def _resume_model(self, env: dict[str, Any]) -> None:
         task = env["task"]
-        if task in AUX_TASKS:
-            self._resume_aux(env)
-            return
-        if task not in self.models or env["version"] <= self.versions[task]:
-            return
-        state = OnlineModel.from_bytes(base64.b64decode(env["model_b64"]))
+        state = OnlineModel.from_bytes(b64_field(env, "model_b64"))
+        val = env.get("validation_b64")
+        validation = safe_loads(zlib.decompress(b64_field(env, "validation_b64")), ProgressiveValidation) \
+            if val else None
         self.models[task] = state
         if state.pipeline_name != self.pipelines.get(task, state.pipeline_name):
             log.warning("%s: configured pipeline %r differs from the snapshot's %r; continuing with the "
                         "snapshot's (use a new CLICKPULSE_NAMESPACE to start a different pipeline from scratch)",
                         task, self.pipelines.get(task), state.pipeline_name)
-        val = env.get("validation_b64")
-        if val:
-            import pickle
-            import zlib
-            self.validation[task] = pickle.loads(zlib.decompress(base64.b64decode(val)))  # noqa: S301 - own topic
+        if validation is not None:
+            self.validation[task] = validation
         self.offsets[task] = env["training_offset"]
         self.versions[task] = env["version"]
 
     def _resume_aux(self, env: dict[str, Any]) -> None:
         task = env["task"]
-        if env["version"] <= self.versions.get(task, 0):
-            return
-        self.aux[task] = aux_from_bytes(task, base64.b64decode(env["model_b64"]))
-        self.aux_examples[task] = int(env["examples"])
-        if task == "tiers":
+        model = aux_from_bytes(task, b64_field(env, "model_b64"))
+        if task == "tiers":       # everything is read before anything changes
             sessions = env.get("metrics", {}).get("sessions", {})
             self.tier_sessions = {t: int(sessions.get(t, 0)) for t in TIERS}
         else:
             self.converted = int(env.get("positives", 0))
+        self.aux[task] = model
+        self.aux_examples[task] = int(env["examples"])
         self.offsets[task] = env["training_offset"]
         self.versions[task] = env["version"]
 
@@ -238,9 +275,7 @@ class Trainer:
     def snapshots(self) -> list[dict[str, Any]]:
         """One new snapshot envelope per task (bumps versions, resets the counter): first the
         auxiliary tasks that have learned an example or resumed from a snapshot, then every
-        supervised task."""
-        import pickle
-        import zlib
+        supervised task. Every envelope is signed (:func:`~clickpulse.models.registry.sign_snapshot`)."""
         out = []
         for task in AUX_TASKS:
             if task not in self.offsets:
@@ -255,12 +290,19 @@ class Trainer:
                            self.offsets[task])
             env["validation_b64"] = base64.b64encode(zlib.compress(pickle.dumps(self.validation[task]))).decode()
             out.append(env)
+        for env in out:
+            sign_snapshot(env, self.key)
         self.since_snapshot = 0
         return out
 
 
-async def latest_snapshots(bootstrap: str, topic: str, timeout_s: float = 10.0) -> dict[str, dict[str, Any]]:
-    """The newest snapshot envelope per task on the (compacted) models topic."""
+async def latest_snapshots(bootstrap: str, topic: str, timeout_s: float = 10.0,
+                           key: bytes | None = None) -> dict[str, dict[str, Any]]:
+    """The newest snapshot envelope per task on the (compacted) models topic.
+
+    With ``key``, only snapshots whose signature it verifies count (a forged snapshot with a huge
+    version cannot hide the real newest one); without, messages that are not snapshot-shaped are
+    skipped (for display only: never unpickle what this returns without verifying it)."""
     from ..runtime import end_offsets
     ends = await end_offsets(bootstrap, topic)
     out: dict[str, dict[str, Any]] = {}
@@ -278,9 +320,8 @@ async def latest_snapshots(bootstrap: str, topic: str, timeout_s: float = 10.0) 
         while len(done) < len(tps) and time.monotonic() < deadline:
             for tp, msgs in (await c.getmany(timeout_ms=500)).items():
                 for m in msgs:
-                    env = orjson.loads(m.value)
-                    if env["version"] > out.get(env["task"], {}).get("version", 0):
-                        out[env["task"]] = env
+                    if _newer_snapshot(m.value, out, key) is None:
+                        log.debug("skipped a model snapshot at offset %d that is not newer or not valid", m.offset)
                     if m.offset >= ends[tp.partition] - 1:
                         done.add(tp)
     finally:
@@ -289,6 +330,22 @@ async def latest_snapshots(bootstrap: str, topic: str, timeout_s: float = 10.0) 
         except asyncio.CancelledError:
             pass
     return out
+
+
+def _newer_snapshot(value: bytes | None, out: dict[str, dict[str, Any]], key: bytes | None) -> dict[str, Any] | None:
+    """Put the snapshot in ``value`` into ``out`` when it is newer than ``out``'s for its task (and
+    verified under ``key``, when given); returns it, or None when it was skipped."""
+    try:
+        env = orjson.loads(value or b"")
+        task, version = env["task"], env["version"]
+        if not isinstance(task, str) or not isinstance(version, int) or version <= out.get(task, {}).get("version", 0):
+            return None
+        if key is not None:
+            verify_snapshot(env, key)
+    except (orjson.JSONDecodeError, KeyError, TypeError, SnapshotRejected):
+        return None
+    out[task] = env
+    return env
 
 
 class _Seek(ConsumerRebalanceListener):
@@ -355,6 +412,9 @@ class TrainerMetrics:
         self.skipped = Counter("clickpulse_trainer_examples_skipped_total",
                                "Examples skipped as already learned (replayed after a restart)", registry=registry)
         self.snapshots = Counter("clickpulse_trainer_snapshots_total", "Snapshots published", registry=registry)
+        self.rejected = Counter("clickpulse_model_snapshots_rejected_total",
+                                "Snapshots not resumed from, by reason (see clickpulse.models.registry.REJECT_REASONS)",
+                                ["reason"], registry=registry)
         self.metric = Gauge("clickpulse_model_metric", "Progressive-validation metric (intent, churn; scope "
                             "all/window) or model statistic (tiers, markov; scope model)",
                             ["task", "metric", "scope"], registry=registry)
@@ -369,13 +429,15 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):
             pass
+    key = snapshot_key(settings)   # before anything starts: a bad key configuration stops here
     registry = CollectorRegistry()
     metrics = TrainerMetrics(registry)
     start_http_server(settings.trainer_web_port, addr=settings.web_host, registry=registry)
     trainer = Trainer({"intent": settings.intent_pipeline, "churn": settings.churn_pipeline},
                       {"intent": settings.intent_threshold, "churn": settings.churn_threshold},
-                      settings.model_seed, settings.validation_window)
-    for env in (await latest_snapshots(settings.kafka_bootstrap, settings.topic_models)).values():
+                      settings.model_seed, settings.validation_window, key=key,
+                      on_reject=lambda reason: metrics.rejected.labels(reason).inc())
+    for env in (await latest_snapshots(settings.kafka_bootstrap, settings.topic_models, key=key)).values():
         trainer.resume(env)
     log.info("trainer starting: versions %s, offsets %s", trainer.versions, trainer.offsets)
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all",
@@ -392,7 +454,7 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
     await consumer.start()
     consumer.subscribe([settings.topic_training], listener=_Seek(
         consumer, trainer, settings.topic_training,
-        lambda: latest_snapshots(settings.kafka_bootstrap, settings.topic_models)))
+        lambda: latest_snapshots(settings.kafka_bootstrap, settings.topic_models, key=key)))
     last_snapshot = time.monotonic()
 
     async def publish() -> None:

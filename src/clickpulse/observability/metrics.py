@@ -58,6 +58,10 @@ class Metrics:
                                   "Progressive-validation metric of the newest model snapshot "
                                   "(roc_auc, pr_auc, log_loss, f1, precision, recall, accuracy)",
                                   ["task", "metric", "scope"], registry=r)
+        self.snapshots_rejected = Counter(
+            "clickpulse_model_snapshots_rejected_total",
+            "Model snapshots not installed, by reason (unsigned, key_mismatch, bad_signature, malformed, "
+            "unknown_task, stale, invalid_model, no_key); the current model keeps serving", ["reason"], registry=r)
         self.model_examples = Gauge("clickpulse_model_examples", "Examples learned by the model in use", ["task"],
                                     registry=r)
         self.timers_pending = Gauge("clickpulse_timers_pending", "Pending event-time timers on this worker", registry=r)

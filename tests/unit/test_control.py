@@ -1,0 +1,79 @@
+"""Control messages on the raw topic: only a valid signature under CLICKPULSE_CONTROL_KEY makes one;
+everything else claiming to be control is dead-lettered as forged_control (no Kafka: the worker's
+ingest step is called with a message object)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import orjson
+import pytest
+from prometheus_client import CollectorRegistry
+
+from clickpulse.app import Worker
+from clickpulse.events.control import CONTROL_HEADER, CONTROL_SIG_HEADER, control_headers
+from clickpulse.observability.metrics import Metrics
+from clickpulse.settings import Settings
+
+BODY = orjson.dumps({"schema_version": 1, "control": "end_of_input", "source_partition": 0, "source_partitions": 2})
+
+
+@dataclass
+class Msg:
+    value: bytes
+    headers: list = field(default_factory=list)
+    key: bytes | None = None
+    topic: str = "clickpulse.events.raw"
+    partition: int = 1
+    offset: int = 7
+    timestamp: float = 1_700_000_000.0
+
+
+def _worker(key: str = "k" * 32) -> Worker:
+    s = Settings(control_key=key, partitions=2)
+    return Worker(None, s, Metrics(CollectorRegistry()), None, None, None, {},  # type: ignore[arg-type]
+                  {s.topic_raw: {}, s.topic_valid: {}})
+
+
+def _ingest(w: Worker, msg: Msg) -> list:
+    out: list = []
+    assert w.ingest_one(msg, out) is None
+    return out
+
+
+def _reasons(out: list) -> list[str]:
+    return [orjson.loads(v)["reason"] for t, _k, v, _p, _h in out if t.endswith(".dlq")]
+
+
+@pytest.mark.parametrize("headers", [
+    [(CONTROL_HEADER, b"end_of_input")],                                         # the header alone
+    [(CONTROL_HEADER, b"end_of_input"), (CONTROL_SIG_HEADER, b"00" * 32)],       # a made-up signature
+    [(CONTROL_HEADER, b"end_of_input"), (CONTROL_SIG_HEADER, b"\xff\xfe")],      # not even ASCII
+    control_headers("another key entirely", BODY),                               # signed with the wrong key
+], ids=["no-signature", "bad-signature", "binary-signature", "wrong-key"])
+def test_unsigned_or_badly_signed_control_is_forged(headers):
+    w = _worker()
+    out = _ingest(w, Msg(BODY, headers))
+    assert _reasons(out) == ["forged_control"]
+    assert w.metrics.control_forged._value.get() == 1
+
+
+def test_a_signature_does_not_cover_another_body():
+    w = _worker()
+    other = orjson.dumps({**orjson.loads(BODY), "source_partitions": 1})
+    assert _reasons(_ingest(w, Msg(other, control_headers(w.settings.control_key, BODY)))) == ["forged_control"]
+
+
+def test_without_a_key_no_control_is_accepted():
+    w = _worker(key="")
+    out = _ingest(w, Msg(BODY, [(CONTROL_HEADER, b"end_of_input"), (CONTROL_SIG_HEADER, b"00")]))
+    assert _reasons(out) == ["forged_control"]
+    assert "CLICKPULSE_CONTROL_KEY" in orjson.loads(out[0][2])["detail"]
+
+
+def test_signed_control_is_forwarded_to_every_valid_partition():
+    w = _worker()
+    out = _ingest(w, Msg(BODY, control_headers(w.settings.control_key, BODY)))
+    assert [(t, p) for t, _k, _v, p, _h in out] == [(w.settings.topic_valid, 0), (w.settings.topic_valid, 1)]
+    fwd = orjson.loads(out[0][2])
+    assert fwd["source_partition"] == 1 and fwd["source_partitions"] == 2   # the raw partition it came on
