@@ -212,6 +212,11 @@ class Settings:
         ``forged_control`` — no producer can close event time. ``clickpulse demo`` and the
         integration tests generate one per run. Give the worker and the replaying tool the same
         value; never give it to ordinary producers.
+    model_actions_consent : str
+        ``CLICKPULSE_MODEL_ACTIONS_CONSENT``; the consent purpose a model action (``high_intent``,
+        ``churn_risk``) requires, as a rule's ``requires_consent`` does: the user's latest
+        ``consent`` event decides, else ``CLICKPULSE_ASSUME_CONSENT``. Empty: no consent needed.
+        Bots never get a model action either way. Default ``marketing``.
     max_in_flight_batches : int
         ``CLICKPULSE_MAX_IN_FLIGHT_BATCHES``; batches whose messages may still await the
         broker's acknowledgement before the agent waits (backpressure: the producer backlog,
@@ -272,6 +277,7 @@ class Settings:
     batch_within_s: float = 0.02
     raw_keyed: bool = False
     max_in_flight_batches: int = 4
+    model_actions_consent: str = "marketing"
     control_key: str = field(default="", repr=False)
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 

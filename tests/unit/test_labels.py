@@ -10,6 +10,7 @@ from clickpulse.observability.metrics import Metrics
 from clickpulse.state.clock import END_OF_TIME
 from clickpulse.engine import Engine
 from clickpulse.state.user import StateConfig
+from clickpulse.events.contract import normalize
 from clickpulse.testing import event, ms
 
 DAY = 86_400_000
@@ -31,7 +32,8 @@ def engine(cap: int = 1000, **cfg):
     mcfg = ModelConfig(**{"score_every": 5, "churn_horizon_ms": 14 * DAY, **cfg})
     reg = ModelRegistry({"intent": "logreg", "churn": "logreg"})
     eng = Engine({}, StateConfig(), allowed_lateness_ms=0, idle_timeout_ms=5000, live=False,
-                 metrics=Metrics(CollectorRegistry()), models=reg, model_cfg=mcfg, pending_total_cap=cap)
+                 metrics=Metrics(CollectorRegistry()), models=reg, model_cfg=mcfg, pending_total_cap=cap,
+                 assumed_consent=frozenset({"marketing"}))  # the test data sends no consent events
     return eng, reg
 
 
@@ -203,3 +205,27 @@ def test_model_actions_wait_until_the_model_has_seen_both_classes():
     m.examples, m.positives = 20, 10  # as after learning 10 of each class
     acts = eng.process(0, event("add_to_cart", user="u2", product_id="p1", price=5.0), 0)[1]
     assert [a["type"] for a in acts] == ["high_intent"]
+
+
+def test_model_actions_pass_the_consent_and_bot_gates():
+    """high_intent / churn_risk never reach a user who opted out or a bot (they skipped both gates)."""
+    eng, _ = engine(intent_threshold=0.0)
+    eng.process(0, event("consent", user="optout", consent={"marketing": False}, at="2019-10-01T09:59:00Z"), 0)
+    acts = eng.process(0, event("add_to_cart", user="optout", product_id="p", price=5.0,
+                                at="2019-10-01T10:00:00Z"), 0)[1]
+    assert eng.metrics.rule_decisions.labels("model:high_intent", "consent")._value.get() == 1
+    # a crawler's very first event: its bot detection runs before the model action is gated
+    from clickpulse.testing import memory_engine
+    beng = memory_engine(live=False)                              # default rules: bot detection
+    beng.models, beng.mcfg = ModelRegistry({}), ModelConfig(intent_threshold=0.0)
+    crawler = normalize({"type": "add_to_cart", "user_id": "bot1", "timestamp": ms("2019-10-01T10:00:00Z"),
+                         "event_id": "b1", "properties": {"product_id": "p", "price": 5.0},
+                         "context": {"user_agent": "Mozilla/5.0 (compatible; Googlebot/2.1)"}})
+    acts += beng.process(0, crawler, 0)[1]
+    assert beng.metrics.rule_decisions.labels("model:high_intent", "bot")._value.get() == 1
+    assert [a for a in acts if a["type"] == "high_intent"] == []
+    eng2, _ = engine(intent_threshold=0.0)
+    eng2.model_consent = ""                       # no purpose required: the same user gets it
+    acts2 = eng2.process(0, event("add_to_cart", user="optout", product_id="p", price=5.0), 0)[1]
+    assert [a["type"] for a in acts2] == ["high_intent"]
+    assert eng2.metrics.rule_decisions.labels("model:high_intent", "fired")._value.get() == 1

@@ -76,4 +76,4 @@ def build_engine(settings: Settings, table: MutableMapping[bytes, bytes] | None 
                   rules=rules, assumed_consent=settings.assumed_consent,
                   bots=bots or BotConfig.from_settings(settings),
                   model_min_class_examples=settings.model_min_class_examples,
-                  cache_users=settings.state_cache_users)
+                  cache_users=settings.state_cache_users, model_actions_consent=settings.model_actions_consent)

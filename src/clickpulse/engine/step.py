@@ -47,7 +47,7 @@ from ..models.tiers import session_features
 from ..observability.metrics import Metrics, type_label
 from ..records import ActionRecord
 from ..rules import triggers
-from ..rules.bots import BotConfig
+from ..rules.bots import BotConfig, is_bot
 from ..rules.ruleset import Ruleset
 from ..rules.smoothing import PopulationPrior, fit_prior, posterior_mean
 from ..state.clock import END_OF_TIME, PartitionClock, TimerIndex
@@ -108,6 +108,9 @@ class Engine:
     model_min_class_examples
         A model's actions (``high_intent``, ``churn_risk``) are published only once the model in
         use has learned at least this many examples of each class (0: always).
+    model_actions_consent
+        The consent purpose a model action (``high_intent``, ``churn_risk``) requires, like a
+        rule's ``requires_consent`` (empty: none); bots never get one either.
     cache_users
         Decoded states kept in memory for hot users (least recently used evicted), so a user
         with several events in a row is decoded once; the table stays the source of truth.
@@ -118,7 +121,7 @@ class Engine:
                  models: Any = None, model_cfg: Any = None, pending_total_cap: int = 1_000_000,
                  rules: Any = None, assumed_consent: frozenset[str] = frozenset(),
                  bots: BotConfig | None = None, model_min_class_examples: int = 0,
-                 cache_users: int = 50_000) -> None:
+                 cache_users: int = 50_000, model_actions_consent: str = "marketing") -> None:
         self.table = table
         self.cfg = cfg
         self.lateness = allowed_lateness_ms
@@ -135,6 +138,7 @@ class Engine:
         self.pending_total_cap = pending_total_cap
         self.pending_predictions = 0
         self.model_min_class_examples = model_min_class_examples
+        self.model_consent = model_actions_consent
         self.rules = rules
         self.assumed_consent = frozenset(assumed_consent)
         self.bots = bots or BotConfig()
@@ -431,17 +435,35 @@ class Engine:
             return model_due
         return rule_due if model_due is None else min(rule_due, model_due)
 
-    def _take(self, outcome: ModelOutcome, em: Emitted) -> list[ActionRecord]:
-        """Account for a models outcome; returns its actions (those of a model not yet ready dropped)."""
-        if outcome.actions and self.model_min_class_examples > 0:
-            keep = []
-            for a in outcome.actions:
-                task = MODEL_ACTION_TASKS.get(a["type"])
-                if task is not None and not self.models.ready(task, self.model_min_class_examples):
-                    em.count("model_actions_suppressed", a["type"])
-                else:
-                    keep.append(a)
-            outcome.actions = keep
+    def _gate_models(self, st: UserState, actions: list[ActionRecord], em: Emitted) -> list[ActionRecord]:
+        """The model actions (``high_intent``, ``churn_risk``) that pass the same gates as a
+        rule's, in the same order: not a bot (``bot``), the consent purpose
+        ``model_actions_consent`` granted (``consent``), then the model in use is ready
+        (``not_ready``: it has learned ``model_min_class_examples`` of each class). Each decision
+        is counted in ``clickpulse_rule_decisions_total{trigger="model:<type>", outcome}``."""
+        keep = []
+        for a in actions:
+            verdict = "fired"
+            task = MODEL_ACTION_TASKS.get(a["type"])
+            if is_bot(st.rules.get("bot", {})):
+                verdict = "bot"
+            elif self.model_consent and not triggers.consent_granted(st, self.model_consent, self.assumed_consent):
+                verdict = "consent"
+            elif self.model_min_class_examples > 0 and task is not None \
+                    and not self.models.ready(task, self.model_min_class_examples):
+                verdict = "not_ready"
+                em.count("model_actions_suppressed", a["type"])
+            em.count("rule_decisions", f"model:{a['type']}", verdict)
+            if verdict == "fired":
+                keep.append(a)
+        return keep
+
+    def _take(self, st: UserState, outcome: ModelOutcome, em: Emitted, gate: bool = True) -> list[ActionRecord]:
+        """Account for a models outcome (examples, dropped and buffered predictions); returns its
+        actions, through :meth:`_gate_models` unless ``gate`` is false (the caller gates them
+        later, e.g. after the event's bot detection ran)."""
+        if gate and outcome.actions:
+            outcome.actions = self._gate_models(st, outcome.actions, em)  # type: ignore[arg-type]
         if not (outcome.examples or outcome.dropped or outcome.buffered):
             return outcome.actions  # type: ignore[return-value]
         for ex in outcome.examples:
@@ -492,19 +514,25 @@ class Engine:
                 actions += self._take_rules(st, triggers.on_timers(st, wm_after, ctx), partition, em)
         if self.models is not None:
             open_session = st.session if st.session is not None and not st.session.ended else None
-            actions += self._take(before_event(st, t, self.models.score, self.mcfg, created), em)
+            actions += self._take(st, before_event(st, t, self.models.score, self.mcfg, created), em)
             if open_session is not None and open_session.ended:  # the user's return ended it
                 self._session_examples(st, open_session, em)
         self._count_population(st, -1)
         res = apply(st, event, wm_before, self.cfg, wall_ms)
         self._count_population(st, +1)
-        if self.models is not None:
-            actions += self._take(after_event(st, event, self.models.score, self.mcfg, created, res.late,
-                                              allow_buffer=self.pending_predictions < self.pending_total_cap), em)
+        model_actions: list[ActionRecord] = []
+        if self.models is not None:  # gated below, once this event's bot detection has run
+            model_actions = self._take(st, after_event(st, event, self.models.score, self.mcfg, created, res.late,
+                                                       allow_buffer=self.pending_predictions < self.pending_total_cap),
+                                       em, gate=False)
+        rule_actions: list[ActionRecord] = []
         if ctx is not None:
             if event["type"] == "purchase":
                 self._segment_purchase(st)
-            actions += self._take_rules(st, triggers.on_event(st, event, res.late, wm_before, ctx), partition, em)
+            rule_actions = self._take_rules(st, triggers.on_event(st, event, res.late, wm_before, ctx), partition, em)
+        if model_actions:
+            actions += self._gate_models(st, model_actions, em)
+        actions += rule_actions
         for a in actions:
             em.count("actions", a["type"])
         em.actions += actions
@@ -539,7 +567,7 @@ class Engine:
                 actions += self._take_rules(st, triggers.on_timers(st, wm, ctx), partition, em)
             if self.models is not None:
                 open_session = st.session if st.session is not None and not st.session.ended else None
-                actions += self._take(on_watermark(st, wm, self.models.score, self.mcfg, created), em)
+                actions += self._take(st, on_watermark(st, wm, self.models.score, self.mcfg, created), em)
                 if open_session is not None and open_session.ended:  # the watermark passed its end
                     self._session_examples(st, open_session, em)
             # what did not fire (e.g. the cart changed) is re-armed from the state
@@ -658,7 +686,7 @@ class Engine:
                 if st is None:
                     continue
                 if self.models is not None:
-                    self._take(on_watermark(st, wm, self.models.score, self.mcfg, created), em)
+                    self._take(st, on_watermark(st, wm, self.models.score, self.mcfg, created), em)
                     dropped = len(st.ml.get("pi", [])) + (1 if st.ml.get("pc") is not None else 0)
                     if dropped:
                         em.count("predictions_dropped", "retention", n=dropped)
