@@ -143,6 +143,8 @@ class Worker:
             out.append((s.topic_segments, ch["user_key"].encode(), dumps(ch), None, None))
         for ex in em.examples:
             out.append((s.topic_training, ex["user_key"].encode(), dumps(ex), None, None))
+        for key, q in em.quarantined.items():
+            out.append((s.topic_quarantine, key.encode(), dumps(q), None, None))
         return out
 
     async def emit(self, em: Emitted, extra: list[Any] | None = None) -> None:
@@ -396,11 +398,20 @@ def _wire_timers(w: Worker, users: Any) -> None:
         if writer.client is None and s.redis_url:
             import redis.asyncio as aioredis
             writer.client = aioredis.from_url(s.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
-        # build profiles lazily, once per user per flush (coalescing)
+        # build profiles lazily, once per user per flush (coalescing); one user's profile that
+        # cannot be built is skipped and counted, never a crash of the worker
         ecfg = engine.cfg.engagement
-        writer.pending = {k: (v.profile(engagement=ecfg, extra=engine.profile_extra(v)) if isinstance(v, UserState)
-                              else v)
-                          for k, v in writer.pending.items()}
+        built: dict[str, Any] = {}
+        for k, v in writer.pending.items():
+            if not isinstance(v, UserState):
+                built[k] = v
+                continue
+            try:
+                built[k] = v.profile(engagement=ecfg, extra=engine.profile_extra(v))
+            except Exception as err:  # noqa: BLE001
+                metrics.profile_errors.inc()
+                log.warning("profile of %s could not be built (%s: %s); skipped", k, type(err).__name__, err)
+        writer.pending = built
         await writer.flush()
 
     @app.timer(interval=10.0)

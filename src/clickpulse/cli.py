@@ -113,6 +113,42 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quarantine(args: argparse.Namespace) -> int:
+    """List the quarantined users (latest record per user) or show one, with its decoded state."""
+    import base64
+
+    from .runtime import read_topic
+    from .state.user import UserState
+    settings = Settings.from_env()
+    latest: dict[str, dict] = {}
+    for key, value, _meta in asyncio.run(read_topic(settings.kafka_bootstrap, settings.topic_quarantine,
+                                                    timeout_s=args.timeout)):
+        if key is not None:
+            if value is None:
+                latest.pop(key.decode(), None)
+            else:
+                latest[key.decode()] = orjson.loads(value)
+    if args.quarantine_cmd == "list":
+        for k, rec in sorted(latest.items()):
+            print(f"{k}\t{rec['quarantined_at']}\t{rec['stage']}\t{rec['error'][:120]}")
+        print(f"{len(latest)} quarantined user(s) on {settings.topic_quarantine}", file=sys.stderr)
+        return 0
+    rec = latest.get(args.user_key)
+    if rec is None:
+        print(f"{args.user_key}: not quarantined", file=sys.stderr)
+        return 1
+    out = dict(rec)
+    if rec.get("state_b64"):
+        raw = base64.b64decode(rec["state_b64"])
+        try:
+            st = UserState.from_bytes(raw)
+            out["state"] = orjson.loads(orjson.dumps(st.profile(), option=orjson.OPT_NON_STR_KEYS))
+        except Exception as err:  # noqa: BLE001 - show what can be shown
+            out["state_error"] = f"{type(err).__name__}: {err}"
+    print(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .runtime import WorkerProcess, free_port, read_topic, services, wait_caught_up
 
@@ -281,6 +317,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--flush", action="store_true",
                    help="end with end_of_input on every partition: close the file's event time so pending timers fire")
     r.set_defaults(func=cmd_replay)
+
+    q = sub.add_parser("quarantine", help="users whose stored state could not be processed (moved aside by the "
+                                          "worker; they continue from a fresh state)")
+    qsub = q.add_subparsers(dest="quarantine_cmd", required=True)
+    ql = qsub.add_parser("list", help="one line per quarantined user: key, when, stage, error")
+    ql.add_argument("--timeout", type=float, default=10.0)
+    ql.set_defaults(func=cmd_quarantine)
+    qs = qsub.add_parser("show", help="one quarantined user's record and its decoded state (as a profile)")
+    qs.add_argument("user_key")
+    qs.add_argument("--timeout", type=float, default=10.0)
+    qs.set_defaults(func=cmd_quarantine)
 
     d = sub.add_parser("demo", help="start local services and a worker, replay the bundled REES46 sample, "
                                     "write actions to OUT_DIR/actions.jsonl and print a summary")

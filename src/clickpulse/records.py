@@ -13,7 +13,8 @@ record                      topic                               schema
 :class:`SegmentChangeRecord` ``<ns>.segments``                  ``schemas/segment_change.v1.json``
 :class:`ExampleRecord`      ``<ns>.training``                   ``schemas/example.v1.json``
 :class:`DeadLetterRecord`   ``<ns>.events.dlq``                 ``schemas/dlq.v1.json``
-:class:`ControlRecord`      ``<ns>.control``                    ``schemas/control.v1.json``
+:class:`QuarantineRecord`   ``<ns>.quarantine``                 ``schemas/quarantine.v1.json``
+:class:`ControlRecord`      ``<ns>.events.raw`` (signed header) ``schemas/control.v1.json``
 ==========================  ==================================  ================================
 """
 
@@ -100,6 +101,19 @@ class DeadLetterRecord(TypedDict, total=False):
     value_truncated: bool
     value_sha256: str | None
     failed_at: str
+
+
+class QuarantineRecord(TypedDict):
+    """A user's stored state that could not be processed, moved aside (the user continues from a
+    fresh state): ``stage`` ``event`` or ``timer``, the error, the old state (base64 of its
+    table value, ``None`` when there was none)."""
+
+    schema_version: int
+    user_key: str
+    stage: str
+    error: str
+    quarantined_at: str
+    state_b64: str | None
 
 
 class ControlRecord(TypedDict, total=False):

@@ -388,6 +388,10 @@ class Settings:
         return f"{self.namespace}.models"
 
     @property
+    def topic_quarantine(self) -> str:
+        return f"{self.namespace}.quarantine"
+
+    @property
     def state_table(self) -> str:
         return "users"
 

@@ -11,6 +11,7 @@ topic                                  key        value
 ``<ns>.segments``                      user_key   ``schemas/segment_change.v1.json``
 ``<ns>.training`` (1 partition)        user_key   ``schemas/example.v1.json``
 ``<ns>.models`` (compacted)            task       ``schemas/snapshot.v1.json``
+``<ns>.quarantine`` (compacted)        user_key   ``schemas/quarantine.v1.json``
 ``<ns>-worker-users-changelog``        user_key   user state (Faust table changelog, compacted)
 =====================================  =========  ============================================
 
@@ -45,6 +46,9 @@ def topic_specs(s: Settings) -> dict[str, dict]:
         s.topic_segments: {"partitions": s.partitions, "config": {"retention.ms": retention_7d}},
         # one partition: a single trainer learns every example in order
         s.topic_training: {"partitions": 1, "config": {"retention.ms": retention_7d}},
+        # stored user states that could not be processed (latest per user; 30 days)
+        s.topic_quarantine: {"partitions": 1, "config": {"cleanup.policy": "compact,delete",
+                                                         "retention.ms": str(30 * 86400 * 1000)}},
         s.topic_models: {"partitions": 1, "config": {"cleanup.policy": "compact", "max.message.bytes": str(16 * 1024 * 1024)}},
     }
 

@@ -131,3 +131,49 @@ def test_emitted_merge_and_metrics():
     m = Metrics(CollectorRegistry())
     a.apply_metrics(m)
     assert m.actions.labels("incentive")._value.get() == 3 and a.changed == {"u": None}
+
+
+def test_a_poisoned_stored_state_is_quarantined_not_every_later_event():
+    """The issue's poisoned user: a stored state the engine cannot process (here lifetime revenue
+    stored as null, as an overflow left it) dead-lettered every later event of the user."""
+    eng = _engine(models=False)
+    eng.process(0, event("purchase", user="rich", revenue=500.0, at="2019-10-01T10:00:00Z"), 0)
+    raw = orjson.loads(eng.table[b"rich"])
+    raw["l"][5] = None                                 # revenue: null
+    eng.table[b"rich"] = orjson.dumps(raw)
+    eng._cache.clear()
+    old = eng.table[b"rich"]
+    em = eng.step([(0, event("purchase", user="rich", revenue=5.0, at="2019-10-01T11:00:00Z"))], 0)
+    assert em.failed == [] and "rich" in em.quarantined
+    q = em.quarantined["rich"]
+    import base64
+    assert base64.b64decode(q["state_b64"]) == old and q["stage"] == "event" and "TypeError" in q["error"]
+    eng.commit(em)
+    assert eng.load("rich").life.revenue == 5.0 and eng.load("rich").life.orders == 1   # a fresh state
+    assert eng.metrics.users_quarantined._value.get() == 1
+    _, acts = eng.process(0, event("page_view", user="rich", at="2019-10-01T11:01:00Z"), 0)  # and it goes on
+    assert eng.load("rich").life.events == 2
+
+
+def test_undecodable_stored_state_is_quarantined():
+    eng = _engine(models=False)
+    eng.table[b"u9"] = b"\x00not a state"
+    em = eng.step([(0, event("page_view", user="u9"))], 0)
+    assert em.failed == [] and em.quarantined["u9"]["state_b64"] is not None
+
+
+def test_a_timer_over_a_broken_state_quarantines_that_user_only(monkeypatch):
+    eng = _engine(models=False)
+    for u in ("a", "b"):
+        eng.process(0, event("add_to_cart", user=u, product_id="p", price=5.0, at="2019-10-01T10:00:00Z"), 0)
+    import clickpulse.rules.triggers as trig
+    real = trig.on_timers
+
+    def broken(st, wm, ctx):
+        if st.key == "a":
+            raise KeyError("corrupt timer state")
+        return real(st, wm, ctx)
+    monkeypatch.setattr(trig, "on_timers", broken)
+    em = eng.step([(0, event("page_view", user="c", at="2019-10-01T11:00:00Z"))], 0)
+    assert list(em.quarantined) == ["a"] and em.quarantined["a"]["stage"] == "timer"
+    assert [(x["type"], x["user_key"]) for x in em.actions if x["type"] == "cart_abandoned"] == [("cart_abandoned", "b")]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..records import ActionRecord, ExampleRecord, SegmentChangeRecord
+from ..records import ActionRecord, ExampleRecord, QuarantineRecord, SegmentChangeRecord
 from ..state.user import Applied, UserState
 
 #: a counter's identity: (attribute name on :class:`clickpulse.observability.metrics.Metrics`, label values)
@@ -50,6 +50,9 @@ class Emitted:
         One :class:`clickpulse.state.user.Applied` per input event (``None`` for a failed one).
     failed
         Events that raised inside the engine; each was retried alone and changed nothing.
+    quarantined
+        ``user_key -> record`` of stored states that could not be processed (moved aside for
+        ``<ns>.quarantine``; the user continues from a fresh state).
     counters
         ``(metric attribute, label values) -> increment``.
     gauges
@@ -63,6 +66,7 @@ class Emitted:
     states: dict[str, UserState] = field(default_factory=dict)
     applied: list[Applied | None] = field(default_factory=list)
     failed: list[Failed] = field(default_factory=list)
+    quarantined: dict[str, QuarantineRecord] = field(default_factory=dict)
     counters: dict[CounterKey, float] = field(default_factory=dict)
     gauges: dict[str, float] = field(default_factory=dict)
 
@@ -83,6 +87,7 @@ class Emitted:
         self.states.update(other.states)
         self.applied += other.applied
         self.failed += other.failed
+        self.quarantined.update(other.quarantined)
         for k, n in other.counters.items():
             self.counters[k] = self.counters.get(k, 0) + n
         self.gauges.update(other.gauges)

@@ -202,9 +202,11 @@ class Engine:
                 log.exception("event %s of user %s failed; rolled back", batch[0][1].get("event_id"),
                               batch[0][1].get("user_key"))
         if len(batch) == 1:
-            em = Emitted(applied=[None])
-            em.failed.append(Failed(0, str(batch[0][1].get("user_key")), failure))
-            em.count("engine_errors")
+            em = self._retry_fresh(batch[0], wall_ms, failure)
+            if em is None:  # the event fails on a fresh state too: the event is at fault
+                em = Emitted(applied=[None])
+                em.failed.append(Failed(0, str(batch[0][1].get("user_key")), failure))
+                em.count("engine_errors")
             if tick:
                 em.merge(self.step([], wall_ms, tick=tick))
             return em
@@ -218,6 +220,55 @@ class Engine:
         if tick:
             out.merge(self.step([], wall_ms, tick=tick))
         return out
+
+    def _retry_fresh(self, item: tuple[int, dict[str, Any]], wall_ms: int, failure: str) -> Emitted | None:
+        """An event failed over its user's stored state: try it on a fresh state. If that works,
+        the stored state is what is broken: it is quarantined (kept in
+        :attr:`Emitted.quarantined` for the quarantine topic, counted, logged) and the user goes
+        on from the fresh state — one poisoned state never dead-letters all the user's future
+        events. Returns ``None`` when the event fails on a fresh state too (or there was no
+        stored state): then the event itself is at fault."""
+        p, ev = item
+        key = ev.get("user_key")
+        if not isinstance(key, str):
+            return None
+        old = self.table.get(key.encode())
+        if old is None:
+            return None
+        tx = _Tx(self)
+        em = Emitted()
+        try:
+            tx.users[key] = UserState(key=key, partition=p)
+            em.applied.append(self._event(tx, p, ev, wall_ms, em))
+            self._quarantine(tx, key, old, failure, "event", wall_ms, em)
+            tx.users[key] = tx.users.get(key) or UserState(key=key, partition=p)
+            tx.dirty.add(key)
+            self._finish(tx, em)
+        except Exception:  # noqa: BLE001 - the event is at fault, not the state
+            self._rollback(tx)
+            return None
+        return em
+
+    def _quarantine(self, tx: _Tx, key: str, old: bytes | None, error: str, stage: str, wall_ms: int,
+                    em: Emitted) -> None:
+        """Move a user's stored state aside (see :meth:`_retry_fresh`); its contributions to the
+        aggregates are taken back when it can still be decoded."""
+        log.error("user %s quarantined (%s failed over its stored state: %s); it continues from a fresh state, "
+                  "the old one is on the quarantine topic", key, stage, error)
+        try:
+            prev = None if old is None else UserState.from_bytes(old)
+        except Exception:  # noqa: BLE001 - undecodable: nothing to take back
+            prev = None
+        if prev is not None:
+            self._count_population(prev, -1)
+            members = self.segment_members.setdefault(prev.partition, {})
+            for seg in prev.rules.get("seg", []):
+                members[seg] = max(0, members.get(seg, 0) - 1)
+        import base64
+        em.quarantined[key] = {"schema_version": 1, "user_key": key, "stage": stage, "error": error[:1000],
+                               "quarantined_at": wall_rfc3339(wall_ms),
+                               "state_b64": None if old is None else base64.b64encode(old).decode()}
+        em.count("users_quarantined")
 
     def commit(self, em: Emitted) -> None:
         """Write a step's state changes to the table and apply its counters to :attr:`metrics`.
@@ -559,19 +610,29 @@ class Engine:
         rs = self.ruleset()
         ctx = None if rs is None else self._context(rs, created, partition)
         for key in due_keys:
-            st = self._get(tx, key)
-            if st is None:
+            mark = (len(em.actions), len(em.examples), len(em.segment_changes), len(out))
+            try:
+                st = self._get(tx, key)
+                if st is None:
+                    continue
+                actions: list[ActionRecord] = []
+                if ctx is not None:
+                    actions += self._take_rules(st, triggers.on_timers(st, wm, ctx), partition, em)
+                if self.models is not None:
+                    open_session = st.session if st.session is not None and not st.session.ended else None
+                    actions += self._take(st, on_watermark(st, wm, self.models.score, self.mcfg, created), em)
+                    if open_session is not None and open_session.ended:  # the watermark passed its end
+                        self._session_examples(st, open_session, em)
+                # what did not fire (e.g. the cart changed) is re-armed from the state
+                self.timers[partition].set(key, self._due(st, closed=wm == END_OF_TIME))
+            except Exception as err:  # noqa: BLE001 - one user's broken state never stops the timers
+                del em.actions[mark[0]:], em.examples[mark[1]:], em.segment_changes[mark[2]:], out[mark[3]:]
+                self._quarantine(tx, key, self.table.get(key.encode()), f"{type(err).__name__}: {err}", "timer",
+                                 wall_ms, em)
+                tx.users[key] = UserState(key=key, partition=partition)
+                tx.dirty.add(key)
+                self.timers[partition].set(key, None)
                 continue
-            actions: list[ActionRecord] = []
-            if ctx is not None:
-                actions += self._take_rules(st, triggers.on_timers(st, wm, ctx), partition, em)
-            if self.models is not None:
-                open_session = st.session if st.session is not None and not st.session.ended else None
-                actions += self._take(st, on_watermark(st, wm, self.models.score, self.mcfg, created), em)
-                if open_session is not None and open_session.ended:  # the watermark passed its end
-                    self._session_examples(st, open_session, em)
-            # what did not fire (e.g. the cart changed) is re-armed from the state
-            self.timers[partition].set(key, self._due(st, closed=wm == END_OF_TIME))
             tx.dirty.add(key)  # it was due: a timer fired, a session ended or a label resolved
             for a in actions:
                 em.count("actions", a["type"])

@@ -112,3 +112,8 @@ class Metrics:
         self.publish_errors = Counter("clickpulse_publish_errors_total",
                                       "Output records (actions, segment changes, examples, dead letters) the "
                                       "broker did not acknowledge", registry=r)
+        self.users_quarantined = Counter("clickpulse_users_quarantined_total",
+                                         "Users whose stored state could not be processed: moved to the quarantine "
+                                         "topic, continuing from a fresh state", registry=r)
+        self.profile_errors = Counter("clickpulse_profile_errors_total",
+                                      "Redis profiles that could not be built (skipped)", registry=r)
