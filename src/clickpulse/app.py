@@ -29,6 +29,7 @@ import collections
 import logging
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,6 +164,34 @@ class Worker:
         log.info("dead-letter %s at %s[%d]@%d: %s", err.reason, msg.topic, msg.partition, msg.offset, err.detail)
         return (self.settings.topic_dlq, msg.key, orjson.dumps(rec), None, None)
 
+    # -- privacy ---------------------------------------------------------------------------------
+    async def privacy(self, msg: Any) -> None:
+        """Carry out a privacy request (``schemas/privacy_request.v1.json``) and publish its audit
+        record; a malformed request is dead-lettered."""
+        import hashlib
+        s = self.settings
+        try:
+            req = orjson.loads(msg.value)
+            if not isinstance(req, dict) or req.get("request") != "erase" or not isinstance(req.get("user_key"), str) \
+                    or not req["user_key"]:
+                raise ValueError("not an erase request with a user_key")
+        except (orjson.JSONDecodeError, ValueError) as err:
+            await self.publisher.send([self.dead_letter(InvalidEvent("schema", f"privacy request: {err}"), msg)])
+            return
+        key = req["user_key"]
+        em = self.engine.erase_step(key, _now_ms())
+        done = em.erased[0]
+        self.writer.forget(key)
+        audit = {"schema_version": 1, "request": "erase", "request_id": str(req.get("request_id", ""))[:128],
+                 "user_key_sha256": hashlib.sha256(key.encode()).hexdigest(),
+                 "completed_at": datetime.now(tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                 "removed": {"state": done["state"], "timers": done["timers"], "predictions": done["predictions"],
+                             "segments": len(done["segments"]), "redis_profile": True, "quarantine": True}}
+        log.info("erased user (sha256 %s…): %s", audit["user_key_sha256"][:12], audit["removed"])
+        await self.emit(em, [(s.topic_quarantine, key.encode(), None, None, None),  # tombstone
+                             (s.topic_privacy_audit, audit["request_id"].encode(), orjson.dumps(audit), None, None)])
+        self.progress.setdefault(s.topic_privacy, {})[msg.partition] = msg.offset
+
     # -- raw input -----------------------------------------------------------------------------
     def control(self, msg: Any, kind: bytes, out: list[Any]) -> None:
         """A raw message with the control header: verified → forwarded to every valid partition;
@@ -265,8 +294,12 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
     # use_partitioner: the changelog partition comes from the key (same murmur2 partitioner as
     # the valid topic, so the table stays co-partitioned) and the table can be written after a
     # batch and from the timer task, outside stream iteration; bytes key/value -> raw codec
+    # compaction within a day (segments roll hourly), so an erased user's superseded state leaves
+    # the changelog within max.compaction.lag.ms; tombstones themselves are kept a day
     users = app.Table(settings.state_table, default=None, key_type=bytes, value_type=bytes,
-                      partitions=settings.partitions, use_partitioner=True)
+                      partitions=settings.partitions, use_partitioner=True,
+                      extra_topic_configs={"segment.ms": "3600000", "max.compaction.lag.ms": "86400000",
+                                           "delete.retention.ms": "86400000", "min.cleanable.dirty.ratio": "0.1"})
     rules = build_rules(settings)  # an invalid file at start is a RulesError (nothing to fall back on)
     if rules is not None:
         metrics.rules_info.labels(rules.current().version).set(1)
@@ -309,8 +342,10 @@ def _wire_ingest(w: Worker) -> None:
 def _wire_process(w: Worker) -> None:
     s = w.settings
     engine = w.engine
-    source = w.app.topic(s.topic_raw, s.topic_valid, key_type=bytes, value_type=bytes, key_serializer="raw",
-                         value_serializer="raw") if s.raw_keyed else w.topics["valid"]
+    # the privacy topic is co-partitioned with the state: an erasure is processed in order with
+    # the user's events, by the worker that owns the user
+    names = (s.topic_raw, s.topic_valid, s.topic_privacy) if s.raw_keyed else (s.topic_valid, s.topic_privacy)
+    source = w.app.topic(*names, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     from .store import key_partition
 
     async def run_step(items: list[tuple[int, dict[str, Any]]], msgs: list[Any], out: list[Any]) -> None:
@@ -349,6 +384,10 @@ def _wire_process(w: Worker) -> None:
                     items.append((msg.partition, ev))
                     msgs.append(msg)
                     continue
+                if msg.topic == s.topic_privacy:  # internal topic: trusted
+                    await run_step(items, msgs, out)
+                    await w.privacy(msg)
+                    continue
                 try:
                     if header(msg.headers, CONTROL_HEADER) is not None:  # internal topic: trusted
                         await run_step(items, msgs, out)
@@ -386,11 +425,10 @@ def _wire_timers(w: Worker, users: Any) -> None:
     @app.timer(interval=300.0)
     async def expire_idle_users() -> None:
         for p in _valid_partitions(w):
-            em = engine.expire_step(p, s.user_retention_ms, _now_ms())
-            n = sum(1 for v in em.changed.values() if v is None)
+            em = engine.expire_step(p, s.user_retention_ms, _now_ms(), dormant_retention_ms=s.dormant_retention_ms)
             await w.emit(em)
-            if n:
-                log.info("partition %d: expired %d idle users", p, n)
+            if em.changed:
+                log.info("partition %d: %d idle users expired to their durable record or deleted", p, len(em.changed))
 
     @app.timer(interval=s.redis_flush_interval_s)
     async def flush_profiles() -> None:

@@ -149,6 +149,18 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_privacy(args: argparse.Namespace) -> int:
+    """Erase or export one user's data (see :mod:`clickpulse.privacy`)."""
+    from .privacy import export_user, request_erase
+    settings = Settings.from_env()
+    if args.privacy_cmd == "erase":
+        out = request_erase(settings, args.user_key, wait=not args.no_wait, timeout_s=args.timeout)
+    else:
+        out = export_user(settings, args.user_key)
+    print(orjson.dumps(out, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode())
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .runtime import WorkerProcess, free_port, read_topic, services, wait_caught_up
 
@@ -328,6 +340,18 @@ def build_parser() -> argparse.ArgumentParser:
     qs.add_argument("user_key")
     qs.add_argument("--timeout", type=float, default=10.0)
     qs.set_defaults(func=cmd_quarantine)
+
+    pv = sub.add_parser("privacy", help="erase or export one user's data")
+    pvsub = pv.add_subparsers(dest="privacy_cmd", required=True)
+    pe = pvsub.add_parser("erase", help="erase a user everywhere clickpulse keeps state (state table, timers, "
+                                        "predictions, segment sizes, Redis, quarantine); prints the audit record")
+    pe.add_argument("user_key")
+    pe.add_argument("--no-wait", action="store_true", help="publish the request, do not wait for the audit record")
+    pe.add_argument("--timeout", type=float, default=120.0)
+    pe.set_defaults(func=cmd_privacy)
+    px = pvsub.add_parser("export", help="everything stored about a user, as JSON (state, profile, quarantine)")
+    px.add_argument("user_key")
+    px.set_defaults(func=cmd_privacy)
 
     d = sub.add_parser("demo", help="start local services and a worker, replay the bundled REES46 sample, "
                                     "write actions to OUT_DIR/actions.jsonl and print a summary")

@@ -112,9 +112,16 @@ class Settings:
         de-duplication. Default 32.
     user_retention_s : float
         ``CLICKPULSE_USER_RETENTION_S``; seconds. A user with no event for this long (event time,
-        against the partition watermark) and no pending timer is removed from the state table
-        (checked every 5 min), and it is the TTL (wall clock) of the user's Redis profile.
+        against the partition watermark) and no pending rule timer loses its behavioral state
+        (windows, session, cart, traits, model and rule bookkeeping; checked every 5 min) and
+        keeps only a small durable record: identifiers, consent decisions and lifetime totals
+        (see ``dormant_retention_s``). Also the TTL (wall clock) of the user's Redis profile.
         Default 2,592,000 (30 days; longer than the 14-day churn horizon).
+    dormant_retention_s : float
+        ``CLICKPULSE_DORMANT_RETENTION_S``; seconds of event time a user's durable record
+        (consent, lifetime orders and revenue) is kept after its last event; after that the user
+        is deleted from the table (a changelog tombstone). Erasure (``clickpulse privacy erase``)
+        deletes it at once. Default 63,072,000 (730 days).
     redis_flush_interval_s : float
         ``CLICKPULSE_REDIS_FLUSH_INTERVAL_S``; seconds between write-behind flushes. Default 0.5.
     redis_max_pending : int
@@ -245,6 +252,7 @@ class Settings:
     dlq_max_payload_bytes: int = 65536
     dedup_ids_per_user: int = 32
     user_retention_s: float = 30 * 86400.0
+    dormant_retention_s: float = 730 * 86400.0
     redis_flush_interval_s: float = 0.5
     redis_max_pending: int = 100_000
     web_port: int = 6066
@@ -424,6 +432,23 @@ class Settings:
     @property
     def assumed_consent(self) -> frozenset[str]:
         return frozenset(p.strip() for p in self.assume_consent.split(",") if p.strip())
+
+    @property
+    def dormant_retention_ms(self) -> int:
+        return int(self.dormant_retention_s * 1000)
+
+    @property
+    def changelog_topic(self) -> str:
+        """The state table's changelog (Faust names it ``<app id>-<table>-changelog``)."""
+        return f"{self.app_id}-{self.state_table}-changelog"
+
+    @property
+    def topic_privacy(self) -> str:
+        return f"{self.namespace}.privacy"
+
+    @property
+    def topic_privacy_audit(self) -> str:
+        return f"{self.namespace}.privacy.audit"
 
     @property
     def user_retention_ms(self) -> int:

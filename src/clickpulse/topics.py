@@ -12,6 +12,8 @@ topic                                  key        value
 ``<ns>.training`` (1 partition)        user_key   ``schemas/example.v1.json``
 ``<ns>.models`` (compacted)            task       ``schemas/snapshot.v1.json``
 ``<ns>.quarantine`` (compacted)        user_key   ``schemas/quarantine.v1.json``
+``<ns>.privacy``                       user_key   ``schemas/privacy_request.v1.json``
+``<ns>.privacy.audit``                 request id ``schemas/privacy_audit.v1.json``
 ``<ns>-worker-users-changelog``        user_key   user state (Faust table changelog, compacted)
 =====================================  =========  ============================================
 
@@ -49,6 +51,10 @@ def topic_specs(s: Settings) -> dict[str, dict]:
         # stored user states that could not be processed (latest per user; 30 days)
         s.topic_quarantine: {"partitions": 1, "config": {"cleanup.policy": "compact,delete",
                                                          "retention.ms": str(30 * 86400 * 1000)}},
+        # erasure requests, keyed by user_key: co-partitioned with the user's state
+        s.topic_privacy: {"partitions": s.partitions, "config": {"retention.ms": retention_7d}},
+        # what each erasure removed (user key hashed); kept a year
+        s.topic_privacy_audit: {"partitions": 1, "config": {"retention.ms": str(365 * 86400 * 1000)}},
         s.topic_models: {"partitions": 1, "config": {"cleanup.policy": "compact", "max.message.bytes": str(16 * 1024 * 1024)}},
     }
 

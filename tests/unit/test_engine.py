@@ -162,24 +162,33 @@ def test_restart_keeps_counting_idle_time_through_the_downtime():
 
 
 def test_idle_users_expire_after_retention_even_with_a_pending_model_label():
-    """A pending model label (churn: 14-day horizon) never keeps an idle user alive past the
-    retention: the label is dropped and counted; a pending rule timer does keep the user."""
+    """A pending model label (churn: 14-day horizon) never keeps an idle user's behavioral state
+    past the retention: the label is dropped and counted. Consent and lifetime totals stay (a
+    durable record) until the dormant retention, then the user is deleted."""
     from clickpulse.models.labels import ModelConfig
     from clickpulse.models.registry import ModelRegistry
 
     eng = memory_engine(live=False, lateness_s=0)
     eng.models, eng.mcfg = ModelRegistry({}), ModelConfig()     # churn horizon 14 days
-    eng.process(0, event("page_view", user="idle", at="2019-10-01T10:00:00Z"), 0)
-    eng.process(0, event("add_to_cart", user="carted", product_id="p", at="2019-10-04T09:00:00Z"), 0)
+    eng.process(0, event("consent", user="idle", consent={"marketing": False}, at="2019-10-01T09:00:00Z"), 0)
+    eng.process(0, event("purchase", user="idle", revenue=500.0, at="2019-10-01T10:00:00Z"), 0)
     eng.process(0, event("page_view", user="recent", at="2019-10-04T10:00:00Z"), 0)   # watermark moves on
     assert eng.load("idle").ml.get("pc") is not None                 # the churn label is pending
     # 'idle' is 3 days behind, its churn label is still pending: expired anyway, the label dropped
-    assert eng.expire_users(0, retention_ms=86_400_000, wall_ms=0) == 1
-    assert eng.load("idle") is None and eng.load("recent") is not None
+    assert eng.expire_users(0, retention_ms=86_400_000, wall_ms=0, dormant_retention_ms=10 * 86_400_000) == 1
+    idle = eng.load("idle")
+    assert idle.session is None and idle.ml == {} and idle.rules == {} and idle.windows.counts(0) == {}
+    assert idle.consent["marketing"][0] is False and idle.life.revenue == 500.0 and idle.life.orders == 1
     assert eng.metrics.users_expired._value.get() == 1
     assert eng.metrics.predictions_dropped.labels("retention")._value.get() == 1
-    # 'carted' is inside the retention; once it is not, its pending cart timer... has fired by then
-    eng.process(0, event("page_view", user="recent", at="2019-10-20T10:00:00Z"), 0)
-    assert eng.expire_users(0, retention_ms=86_400_000, wall_ms=0) == 1
-    assert eng.load("carted") is None
+    # the opted-out customer returns: still opted out, still a customer
+    eng.process(0, event("page_view", user="idle", at="2019-10-05T10:00:00Z"), 0)
+    back = eng.load("idle")
+    assert back.consent["marketing"][0] is False and back.life.orders == 1 and back.life.events == 3
+    # past the dormant retention the durable record goes too
+    eng.process(0, event("page_view", user="recent", at="2019-10-07T10:00:00Z"), 0)
+    eng.expire_users(0, retention_ms=86_400_000, wall_ms=0, dormant_retention_ms=10 * 86_400_000)
+    eng.process(0, event("page_view", user="recent", at="2019-10-30T10:00:00Z"), 0)
+    eng.expire_users(0, retention_ms=86_400_000, wall_ms=0, dormant_retention_ms=10 * 86_400_000)
+    assert eng.load("idle") is None and eng.metrics.users_deleted._value.get() == 1
     assert eng.expire_users(1, retention_ms=1, wall_ms=0) == 0                          # other partition

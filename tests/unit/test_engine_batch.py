@@ -177,3 +177,16 @@ def test_a_timer_over_a_broken_state_quarantines_that_user_only(monkeypatch):
     em = eng.step([(0, event("page_view", user="c", at="2019-10-01T11:00:00Z"))], 0)
     assert list(em.quarantined) == ["a"] and em.quarantined["a"]["stage"] == "timer"
     assert [(x["type"], x["user_key"]) for x in em.actions if x["type"] == "cart_abandoned"] == [("cart_abandoned", "b")]
+
+
+def test_erase_removes_state_timers_and_segment_counts():
+    eng = _engine(models=False)
+    for i in range(3):  # three adds in 7 days, no purchase: hesitant_buyers
+        eng.process(0, event("add_to_cart", user="x", product_id=f"p{i}", price=5.0,
+                             at=f"2019-10-01T10:0{i}:00Z"), 0)
+    assert eng.segment_members[0].get("hesitant_buyers") == 1 and eng.pending_timers() == 1
+    done = eng.erase("x", 0)
+    assert done["state"] and done["timers"] == 1 and done["segments"] == ["hesitant_buyers"]
+    assert eng.load("x") is None and eng.pending_timers() == 0
+    assert eng.segment_members[0].get("hesitant_buyers") == 0
+    assert eng.erase("nobody", 0)["state"] is False

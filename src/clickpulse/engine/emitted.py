@@ -53,6 +53,9 @@ class Emitted:
     quarantined
         ``user_key -> record`` of stored states that could not be processed (moved aside for
         ``<ns>.quarantine``; the user continues from a fresh state).
+    erased
+        What each erasure of the step removed (``user_key``, ``state``, ``timers``,
+        ``predictions``, ``segments``), for the audit record.
     counters
         ``(metric attribute, label values) -> increment``.
     gauges
@@ -67,6 +70,7 @@ class Emitted:
     applied: list[Applied | None] = field(default_factory=list)
     failed: list[Failed] = field(default_factory=list)
     quarantined: dict[str, QuarantineRecord] = field(default_factory=dict)
+    erased: list[dict[str, Any]] = field(default_factory=list)
     counters: dict[CounterKey, float] = field(default_factory=dict)
     gauges: dict[str, float] = field(default_factory=dict)
 
@@ -88,6 +92,7 @@ class Emitted:
         self.applied += other.applied
         self.failed += other.failed
         self.quarantined.update(other.quarantined)
+        self.erased += other.erased
         for k, n in other.counters.items():
             self.counters[k] = self.counters.get(k, 0) + n
         self.gauges.update(other.gauges)

@@ -59,6 +59,17 @@ log = logging.getLogger(__name__)
 MODEL_ACTION_TASKS = {"high_intent": "intent", "churn_risk": "churn"}
 
 
+def is_dormant(st: UserState) -> bool:
+    """A user whose behavioral state expired (see :meth:`Engine.expire_step`): no session at all."""
+    return st.session is None and st.prev_session is None
+
+
+def dormant(st: UserState) -> UserState:
+    """The durable record of ``st``: identifiers, consent decisions and lifetime totals only."""
+    return UserState(key=st.key, partition=st.partition, user_id=st.user_id, anonymous_id=st.anonymous_id,
+                     life=st.life, consent=st.consent)
+
+
 @functools.lru_cache(maxsize=4)
 def wall_rfc3339(wall_ms: int) -> str:
     """Wall-clock epoch ms -> RFC 3339 (cached: called with the same value for a whole batch)."""
@@ -709,34 +720,47 @@ class Engine:
             self.timers[p].rebuild(due[p])
         return sum(len(v) for v in due.values())
 
-    def expire_step(self, partition: int, retention_ms: int, wall_ms: int, limit: int = 10_000) -> Emitted:
-        """Delete users of ``partition`` whose newest event is more than ``retention_ms`` of event
-        time behind the partition's watermark and who have no pending **rule** timer.
+    def expire_step(self, partition: int, retention_ms: int, wall_ms: int, limit: int = 10_000,
+                    dormant_retention_ms: int | None = None) -> Emitted:
+        """Retention of ``partition``'s users, two-tiered (event time, against the watermark).
 
-        A pending model label does not keep an idle user alive: the user's model timers are run
-        at the watermark first (a session end labels its intent predictions, a churn horizon
-        passed labels churn: the examples are emitted), then what is still unresolved (a churn
-        label whose horizon lies beyond the watermark, expired intent predictions) is dropped and
-        counted in ``clickpulse_predictions_dropped_total{reason="retention"}``. Scans the table
-        (O(users)); the worker runs it every few minutes, not per event.
+        * A user whose newest event is more than ``retention_ms`` behind the watermark and who
+          has no pending **rule** timer loses its behavioral state and becomes *dormant*: only
+          its identifiers, consent decisions and lifetime totals stay (a small durable record, so
+          an opted-out user who returns is still opted out and a customer keeps its history).
+          A pending model label does not keep the state alive: the user's model timers are run
+          at the watermark first (a session end labels its intent predictions, a churn horizon
+          passed labels churn: the examples are emitted), and what is still unresolved is
+          dropped and counted in ``clickpulse_predictions_dropped_total{reason="retention"}``.
+          The user leaves its segments. Counted in ``clickpulse_users_expired_total``.
+        * A dormant user whose newest event is more than ``dormant_retention_ms`` behind is
+          deleted (``clickpulse_users_deleted_total``); ``None``: never.
+
+        Scans the table (O(users)); the worker runs it every few minutes, not per event.
         """
         em = Emitted()
         wm = self.clock(partition).watermark(wall_ms)
         if wm is None or wm == END_OF_TIME:
             return em
         horizon = wm - retention_ms
+        gone = None if dormant_retention_ms is None else wm - dormant_retention_ms
         stale: list[str] = []
+        forget: list[str] = []
         for key, raw in list(self.table.items()):
             try:
                 st = UserState.from_bytes(raw)
-            except Exception:  # noqa: BLE001 - leave undecodable records to an operator
+            except Exception:  # noqa: BLE001 - left to quarantine at the user's next event
                 continue
-            if st.partition == partition and st.life.last_ms is not None and st.life.last_ms < horizon \
-                    and triggers.next_due(st) is None:
+            if st.partition != partition or st.life.last_ms is None:
+                continue
+            if is_dormant(st):
+                if gone is not None and st.life.last_ms < gone:
+                    forget.append(st.key)
+            elif st.life.last_ms < horizon and triggers.next_due(st) is None:
                 stale.append(st.key)
-                if len(stale) >= limit:
-                    break
-        if not stale:
+            if len(stale) + len(forget) >= limit:
+                break
+        if not stale and not forget:
             return em
         tx = _Tx(self)
         try:
@@ -748,17 +772,59 @@ class Engine:
                     continue
                 if self.models is not None:
                     self._take(st, on_watermark(st, wm, self.models.score, self.mcfg, created), em)
-                    dropped = len(st.ml.get("pi", [])) + (1 if st.ml.get("pc") is not None else 0)
+                    pending = len(st.ml.get("pi", []))
+                    dropped = pending + (1 if st.ml.get("pc") is not None else 0)
                     if dropped:
                         em.count("predictions_dropped", "retention", n=dropped)
-                        self.pending_predictions = max(0, self.pending_predictions - len(st.ml.get("pi", [])))
+                        self.pending_predictions = max(0, self.pending_predictions - pending)
                 em.actions.clear()  # an expiring user gets no action (its session ended long ago)
-                self._count_population(st, -1)
                 for seg in st.rules.get("seg", []):
                     members[seg] = max(0, members.get(seg, 0) - 1)
+                tx.users[key] = dormant(st)
+                tx.dirty.add(key)
+                self.timers.setdefault(partition, TimerIndex()).set(key, None)
+            for key in forget:
+                st = self._get(tx, key)
+                if st is None:
+                    continue
+                self._count_population(st, -1)
                 self.timers.setdefault(partition, TimerIndex()).set(key, None)
                 tx.deleted.add(key)
-            em.count("users_expired", n=len(tx.deleted))
+            em.count("users_expired", n=len(stale))
+            em.count("users_deleted", n=len(tx.deleted))
+            self._finish(tx, em)
+        except Exception:
+            self._rollback(tx)
+            raise
+        return em
+
+    def erase_step(self, user_key: str, wall_ms: int) -> Emitted:
+        """Erase a user (a privacy request): its state (a changelog tombstone when committed), its
+        timers, its pending predictions and its contribution to segment sizes and the population
+        prior. :attr:`Emitted.erased` describes what was removed (for the audit record); the
+        worker also deletes the Redis profile and tombstones the user's quarantine record."""
+        em = Emitted()
+        tx = _Tx(self)
+        summary: dict[str, Any] = {"user_key": user_key, "state": False, "timers": 0, "predictions": 0,
+                                   "segments": []}
+        try:
+            st = self._get(tx, user_key)
+            if st is not None:
+                summary["state"] = True
+                summary["predictions"] = len(st.ml.get("pi", [])) + (1 if st.ml.get("pc") is not None else 0)
+                self.pending_predictions = max(0, self.pending_predictions - len(st.ml.get("pi", [])))
+                summary["segments"] = list(st.rules.get("seg", []))
+                members = self.segment_members.setdefault(st.partition, {})
+                for seg in summary["segments"]:
+                    members[seg] = max(0, members.get(seg, 0) - 1)
+                self._count_population(st, -1)
+                for ti in self.timers.values():
+                    if user_key in ti._due:
+                        summary["timers"] += 1
+                    ti.set(user_key, None)
+                tx.deleted.add(user_key)
+            em.erased.append(summary)
+            em.count("users_erased")
             self._finish(tx, em)
         except Exception:
             self._rollback(tx)
@@ -805,10 +871,16 @@ class Engine:
         return self._commit_collect(self.end_of_input_step(partition, source_partition, source_partitions,
                                                            wall_ms)).actions
 
-    def expire_users(self, partition: int, retention_ms: int, wall_ms: int, limit: int = 10_000) -> int:
-        """:meth:`expire_step`, committed at once; returns how many users were deleted."""
-        em = self._commit_collect(self.expire_step(partition, retention_ms, wall_ms, limit))
-        return sum(1 for v in em.changed.values() if v is None)
+    def expire_users(self, partition: int, retention_ms: int, wall_ms: int, limit: int = 10_000,
+                     dormant_retention_ms: int | None = None) -> int:
+        """:meth:`expire_step`, committed at once; returns how many users changed (expired to
+        dormant, or deleted)."""
+        return len(self._commit_collect(self.expire_step(partition, retention_ms, wall_ms, limit,
+                                                         dormant_retention_ms)).changed)
+
+    def erase(self, user_key: str, wall_ms: int) -> dict[str, Any]:
+        """:meth:`erase_step`, committed at once; returns what was removed."""
+        return self._commit_collect(self.erase_step(user_key, wall_ms)).erased[0]
 
     def drain_examples(self) -> list[dict[str, Any]]:
         """Examples committed by the single-event conveniences since the last call."""

@@ -117,3 +117,6 @@ class Metrics:
                                          "topic, continuing from a fresh state", registry=r)
         self.profile_errors = Counter("clickpulse_profile_errors_total",
                                       "Redis profiles that could not be built (skipped)", registry=r)
+        self.users_deleted = Counter("clickpulse_users_deleted_total",
+                                     "Dormant users deleted after CLICKPULSE_DORMANT_RETENTION_S", registry=r)
+        self.users_erased = Counter("clickpulse_users_erased_total", "Erasure requests carried out", registry=r)

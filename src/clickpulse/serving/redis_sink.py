@@ -48,7 +48,14 @@ class ProfileWriter:
         self.max_pending = max_pending
         self.metrics = metrics
         self.pending: dict[str, dict[str, Any]] = {}
+        self.forgotten: set[str] = set()  # erased users whose profile key must be deleted
         self._failing = False
+
+    def forget(self, user_key: str) -> None:
+        """An erased user: drop its pending profile and delete its key at the next flush (retried
+        until Redis answers)."""
+        self.pending.pop(user_key, None)
+        self.forgotten.add(user_key)
 
     def mark(self, user_key: str, profile: dict[str, Any]) -> None:
         """Queue the newest profile of a user (O(1), no I/O)."""
@@ -61,8 +68,19 @@ class ProfileWriter:
         self.metrics.redis_pending.set(len(self.pending))
 
     async def flush(self) -> int:
-        """Write every pending profile in one pipeline; returns how many were written."""
-        if self.client is None or not self.pending:
+        """Delete erased users' profiles, then write every pending profile in one pipeline;
+        returns how many profiles were written."""
+        if self.client is None:
+            return 0
+        if self.forgotten:
+            gone, self.forgotten = self.forgotten, set()
+            try:
+                await self.client.delete(*(profile_key(self.namespace, k) for k in gone))
+            except Exception as err:  # noqa: BLE001 - retried at the next flush
+                self.forgotten |= gone
+                self.metrics.redis_errors.inc()
+                log.warning("redis delete of %d erased profiles failed (%s); retrying", len(gone), err)
+        if not self.pending:
             return 0
         batch, self.pending = self.pending, {}
         try:
