@@ -117,3 +117,6 @@ class Metrics:
                                          "topic, continuing from a fresh state", registry=r)
         self.profile_errors = Counter("clickpulse_profile_errors_total",
                                       "Redis profiles that could not be built (skipped)", registry=r)
+        self.pii_fields = Counter("clickpulse_pii_fields_total",
+                                  "Event fields the PII policy changed at ingest, by action (dropped: a key "
+                                  "not allowed; hashed: a value replaced by its keyed hash)", ["action"], registry=r)
