@@ -54,7 +54,7 @@ from clickpulse.ingest.replay import publish  # noqa: E402
 from clickpulse.observability.metrics import Metrics  # noqa: E402
 from clickpulse.runtime import WorkerProcess, free_port, read_topic, services, wait_caught_up  # noqa: E402
 from clickpulse.settings import Settings  # noqa: E402
-from clickpulse.state.engine import Engine  # noqa: E402
+from clickpulse.engine import Engine  # noqa: E402
 from clickpulse.state.user import StateConfig, UserState  # noqa: E402
 from clickpulse.topics import ensure_topics  # noqa: E402
 

@@ -45,6 +45,7 @@ from .errors import InvalidEvent
 from .events.contract import parse
 from .events.control import CONTROL_HEADER, CONTROL_SIG_HEADER, verify_control
 from .events.dlq import dlq_record
+from .events.pii import PiiPolicy
 from .models.trainer import metric_samples
 from .observability.metrics import Metrics, type_label
 from .serving.redis_sink import ProfileWriter
@@ -132,6 +133,7 @@ class Worker:
     publisher: Publisher
     topics: dict[str, Any]
     progress: dict[str, dict[int, int]]
+    pii: PiiPolicy | None = None
 
     # -- output ------------------------------------------------------------------------------
     def records(self, em: Emitted) -> list[tuple[str, bytes | None, bytes, int | None, Any]]:
@@ -157,12 +159,19 @@ class Worker:
         await self.publisher.send(self.records(em) + (extra or []))
 
     def dead_letter(self, err: InvalidEvent, msg: Any) -> tuple[str, bytes | None, bytes, int | None, Any]:
+        """The dead-letter record of ``msg``, redacted by the PII policy (without
+        ``dlq.keep_payload`` neither the original key nor value nor quoted values are kept)."""
         self.metrics.events_invalid.labels(err.reason).inc()
         rec = dlq_record(err, key=msg.key, value=msg.value, topic=msg.topic, partition=msg.partition,
                          offset=msg.offset, timestamp_ms=int(msg.timestamp * 1000) if msg.timestamp else None,
                          max_payload_bytes=self.settings.dlq_max_payload_bytes)
-        log.info("dead-letter %s at %s[%d]@%d: %s", err.reason, msg.topic, msg.partition, msg.offset, err.detail)
-        return (self.settings.topic_dlq, msg.key, orjson.dumps(rec), None, None)
+        key = msg.key
+        if self.pii is not None:
+            rec = self.pii.redact_dead_letter(rec)
+            if not self.pii.keep_dlq_payload:
+                key = None
+        log.info("dead-letter %s at %s[%d]@%d: %s", err.reason, msg.topic, msg.partition, msg.offset, rec["detail"])
+        return (self.settings.topic_dlq, key, orjson.dumps(rec), None, None)
 
     # -- privacy ---------------------------------------------------------------------------------
     async def privacy(self, msg: Any) -> None:
@@ -243,6 +252,11 @@ class Worker:
                 return None
             if ev.get("context", {}).get("clock_corrected"):
                 self.metrics.clock_corrected.inc()
+            if self.pii is not None:
+                ev, counts = self.pii.apply(ev)
+                for action, n in counts.items():
+                    if n:
+                        self.metrics.pii_fields.labels(action).inc(n)
             self.metrics.events_valid.labels(type_label(ev["type"])).inc()
             return ev
         except Exception as err:  # noqa: BLE001 - one bad message never stops the stream
@@ -310,7 +324,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
     writer = ProfileWriter(None, settings.namespace, int(settings.user_retention_s), settings.redis_max_pending,
                            metrics)
     w = Worker(app, settings, metrics, engine, writer, Publisher(app, metrics, settings.max_in_flight_batches),
-               topics, {settings.topic_raw: {}, settings.topic_valid: {}})
+               topics, {settings.topic_raw: {}, settings.topic_valid: {}}, PiiPolicy.from_settings(settings))
     app.clickpulse = {"engine": engine, "metrics": metrics, "writer": writer, "settings": settings,  # type: ignore[attr-defined]
                       "progress": w.progress, "worker": w}
     if not settings.raw_keyed:

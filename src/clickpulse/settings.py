@@ -228,6 +228,23 @@ class Settings:
         ``CLICKPULSE_MAX_IN_FLIGHT_BATCHES``; batches whose messages may still await the
         broker's acknowledgement before the agent waits (backpressure: the producer backlog,
         and so the commit delay, stays bounded). Default 4.
+    pii_policy_path : str
+        ``CLICKPULSE_PII_POLICY_PATH``; the PII policy file (YAML, :mod:`clickpulse.events.pii`)
+        applied to every event at ingest, before any topic: allowlists of ``properties``,
+        ``context`` and identify ``traits`` keys (anything else is dropped), fields kept as a
+        keyed hash, and whether dead-letter records keep the original bytes. Empty (the
+        default): the packaged default policy (``src/clickpulse/events/default_pii_policy.yaml``,
+        explained in ``deploy/pii-policy.example.yaml``), which keeps what clickpulse needs and
+        drops e-mail, phone, names, IP, URLs and search text, hashes nothing and keeps no
+        dead-letter payload. An invalid file stops the worker at start (``ConfigError``).
+    pii_hash_key : str
+        ``CLICKPULSE_PII_HASH_KEY``; the secret of the PII policy's HMAC-SHA256 hashing (hashed
+        fields become ``"h1:"`` + 32 hex digits, the same for the same value in every event).
+        Either hex (an even number of at least 32 hex digits, decoded to bytes) or any other
+        text (its UTF-8 bytes); at least 16 bytes, e.g. ``openssl rand -hex 32``. Default empty:
+        a policy that hashes anything is then rejected at start (nothing is hashed without a
+        key). Changing it changes every hash, so hashed identifiers no longer join with those
+        made under the old key. Never logged or shown in ``repr``.
     """
 
     kafka_bootstrap: str = "127.0.0.1:9092"
@@ -287,6 +304,8 @@ class Settings:
     max_in_flight_batches: int = 4
     model_actions_consent: str = "marketing"
     control_key: str = field(default="", repr=False)
+    pii_policy_path: str = ""
+    pii_hash_key: str = field(default="", repr=False)
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -120,3 +120,6 @@ class Metrics:
         self.users_deleted = Counter("clickpulse_users_deleted_total",
                                      "Dormant users deleted after CLICKPULSE_DORMANT_RETENTION_S", registry=r)
         self.users_erased = Counter("clickpulse_users_erased_total", "Erasure requests carried out", registry=r)
+        self.pii_fields = Counter("clickpulse_pii_fields_total",
+                                  "Event fields the PII policy changed at ingest, by action (dropped: a key "
+                                  "not allowed; hashed: a value replaced by its keyed hash)", ["action"], registry=r)
