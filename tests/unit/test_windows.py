@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -91,11 +93,12 @@ def test_out_of_order_buckets_stay_in_order_and_wire_round_trips():
     for ts in (BASE + 10 * 60_000, BASE + 3 * 60_000, BASE + 7 * 60_000, BASE - 86_400_000):
         w.add("v", ts)
     assert all(list(per[i]) == sorted(per[i]) for per in w.types.values() for i in range(3))
-    codes = {"v": 0}
-    back = Windows.from_wire(w.to_wire(codes), {0: "v"})
+    back = Windows.from_wire(copy.deepcopy(w.to_wire()))
     assert back == w and back.counts(BASE + 11 * 60_000) == w.counts(BASE + 11 * 60_000)
     assert Windows.from_obj(w.to_obj()) == w
-    assert Windows.from_wire(Windows().to_wire(codes), {}) == Windows()
+    assert Windows.from_wire(Windows().to_wire()) == Windows()
+    w.add("product_view", BASE)   # a type of the vocabulary is stored under its code
+    assert w.to_wire()[1].keys() == {"v", 1} and w.rings["d"] == {"v": {18169: 1, 18170: 3}, "product_view": {18170: 1}}
 
 
 @settings(max_examples=100, deadline=None)

@@ -32,7 +32,7 @@ Rules (stated once, applied identically whatever the arrival order):
   ids changes nothing. Ids are kept as 8-byte hashes (the first 8 bytes of BLAKE2b-72 of the
   UTF-8 id, see :class:`RecentIds`): two different ids collide with probability 2**-64, so with
   32 ids kept a new event is wrongly taken for a duplicate with probability about 32 / 2**64
-  (1.7e-18) — about once in 10**11 years at a million events per second.
+  (1.7e-18): at a million events per second, one such event every ~20 000 years.
 
 Serialized state (``UserState.to_bytes``, the table's changelog value)
 --------------------------------------------------------------------------
@@ -45,14 +45,15 @@ whose first element is the format version ``2``; trailing ``nil`` elements are l
 ``base`` is ``life.last_ms`` (epoch ms, or nil): every other time in the record is stored as
 ``time - base`` (small integers, 1-5 bytes instead of 9). Strings in known positions (event
 types, page types, engagement signals, score names, the default rules' trigger and segment
-names, trigger-state keys) are replaced by their index in :data:`VOCABULARY` (1 byte); any
-other string is stored as is (an int in such a position is always a code).
+names, trigger-state keys) are replaced by their index in :data:`VOCABULARY` (1 byte; the
+tuple lives in :mod:`clickpulse.state.windows`); any other string is stored as is (an int in
+such a position is always a code).
 
 * ``life``: ``[first - base, events, sessions, orders, revenue, last_wall - base, converted]``
   (``revenue`` 0 when 0.0).
 * ``recent``: one ``bin``: the 8-byte id hashes, oldest first.
 * ``windows``: ``[base_minute, {type: [{minute: n}, {hour: n}, {day: n}]}]``, bucket indexes
-  relative to ``base_minute`` (see :mod:`clickpulse.state.windows`).
+  relative to ``base_minute`` (the in-memory layout of :class:`~clickpulse.state.windows.Windows`).
 * ``session``, ``prev_session``: ``[start - base, last - start, events, {type: n}, products,
   max_scroll_pct, dwell_ms, ended, sid - start, {page_type: ms}, last_page, path, last_type]``.
 * ``user_id``: ``true`` when equal to ``key``, else the string.
@@ -70,7 +71,8 @@ other string is stored as is (an int in such a position is always a code).
   currency, updated - base, closed - base]``.
 * ``categories``, ``traits``, ``consent``: the in-memory dicts as they are.
 
-Everything is exact: ``from_bytes(to_bytes(st)) == st`` (floats are stored as float64).
+Nothing is rounded: ``from_bytes(to_bytes(st)) == st`` and encoding that again gives the same
+bytes (floats are stored as float64; ``-0.0`` may come back as ``0.0``).
 :data:`VOCABULARY` is part of version 2: it may only change together with a new version number.
 
 **Version 1** (orjson, written before): a JSON object, recognized by its first byte ``{``;
@@ -94,7 +96,7 @@ from ..events.contract import to_rfc3339
 from ..features.engagement import EngagementConfig, top_contributors
 from ..features.engagement import update as engagement_update
 from ..features.engagement import value as engagement_value
-from .windows import Windows
+from .windows import CODE, NAME, VOCABULARY, Windows  # noqa: F401 - VOCABULARY: part of this format
 
 ACTION_NAMESPACE = uuid.UUID("6f0b1b0e-8a53-4c3e-9d3f-3c1c6a1c9e01")
 
@@ -203,6 +205,7 @@ class Cart:
         return round(sum(i.quantity * (i.price or 0.0) for i in self.items.values()), 2)
 
     def is_empty_record(self) -> bool:
+        """Nothing to store: no item, no currency, no update or purchase time."""
         return not self.items and self.updated_ms is None and self.closed_ms is None and self.currency is None
 
     def to_obj(self) -> dict[str, Any] | None:
@@ -224,6 +227,8 @@ class Cart:
 
 @dataclass(slots=True)
 class Lifetime:
+    """Totals over the user's whole history; times in epoch ms (event time unless noted)."""
+
     first_ms: int | None = None
     last_ms: int | None = None
     events: int = 0
@@ -248,15 +253,16 @@ def id_hash(event_id: str) -> bytes:
     return hashlib.blake2b(event_id.encode(), digest_size=9).digest()[:ID_HASH_BYTES]
 
 
-_last_id: list[Any] = [None, b""]  # the last event id hashed and its hash (is_duplicate, then apply)
+_last_id: tuple[Any, bytes] = (None, b"")  # the last event id hashed and its hash (is_duplicate, then apply)
 
 
 def _id_hash_cached(event_id: str) -> bytes:
+    global _last_id
     last = _last_id
     if event_id is last[0]:
         return last[1]
     h = hashlib.blake2b(event_id.encode(), digest_size=9).digest()[:ID_HASH_BYTES]
-    last[0], last[1] = event_id, h
+    _last_id = (event_id, h)
     return h
 
 
@@ -304,27 +310,8 @@ class RecentIds:
         return f"RecentIds({[h.hex() for h in self]!r})"
 
 
-#: Strings coded as small ints in the binary format (see the module docstring). Part of format
-#: version 2: extending it needs a new version number.
-VOCABULARY: tuple[str, ...] = (
-    # event types: canonical, then other common ones
-    "page_view", "product_view", "add_to_cart", "remove_from_cart", "checkout_start", "purchase",
-    "search", "scroll_depth", "dwell", "identify", "consent", "click", "product_click", "form_submit",
-    "hover", "cart_view", "checkout_step", "payment_info", "refund", "order_cancelled",
-    # page types
-    "page", "product", "cart", "checkout", "confirmation", "home", "category",
-    # engagement signals other than event types
-    "scroll_25", "scroll_50", "scroll_75", "scroll_100",
-    # model scores
-    "churn", "churn_version", "intent", "intent_version",
-    # the default rules' triggers and segments
-    "cart_abandonment", "browse_abandonment", "repeat_cart_incentive", "checkout_help", "category_interest",
-    "hesitant_buyers", "high_intent_shoppers", "highly_engaged", "lapsed_customers",
-    # trigger and bot state keys
-    "e", "a", "b", "due", "lf", "ls", "fe", "n", "m", "c", "flag", "at",
-)
-_CODE: dict[str, int] = {s: i for i, s in enumerate(VOCABULARY)}
-_NAME: dict[int, str] = dict(enumerate(VOCABULARY))  # _NAME.get(x, x): the string of a code, a string as is
+_CODE = CODE  # string -> code (VOCABULARY, defined with the windows that use it most)
+_NAME = NAME  # _NAME.get(x, x): the string of a code, a string as is
 _new = object.__new__  # decoding sets every slot itself (no __init__ / __post_init__ run)
 FORMAT_VERSION = 2
 _FIELDS = 17  # elements of a version 2 record
@@ -405,17 +392,33 @@ def _cart_unwire(w: list[Any] | None, b: int) -> Cart:
     return Cart(items, w[1], u + b if type(u) is int else u, x + b if type(x) is int else x)
 
 
+_X_CACHE: dict[tuple[Any, ...], list[int] | None] = {}  # feature values -> _x_wire (the same vectors recur)
+_X_CACHE_MAX = 4096
+
+
 def _x_wire(x: Any) -> list[int] | None:
-    """Feature values (4 decimals) as integers x 10 000, or None when that is not exact."""
+    """Feature values (4 decimals) as integers x 10 000, or None when that is not exact. The
+    result may be shared: do not change it."""
     if type(x) is not list:
         return None
     try:
+        key = tuple(x)
+        ks = _X_CACHE.get(key, _X_CACHE)
+    except TypeError:  # an unhashable value: not a number
+        return None
+    if ks is not _X_CACHE:
+        return ks  # type: ignore[return-value]
+    try:
         ks = [int(v * 10000.0 + 0.5) for v in x]
     except (TypeError, ValueError, OverflowError):
-        return None
-    if ks and (max(ks) >= 1 << 62 or min(ks) < 0):
-        return None
-    return ks if [k / 10000 for k in ks] == x else None
+        ks = None
+    else:
+        if ks and (max(ks) >= 1 << 62 or min(ks) < 0) or [k / 10000 for k in ks] != x:
+            ks = None
+    if len(_X_CACHE) >= _X_CACHE_MAX:
+        _X_CACHE.clear()
+    _X_CACHE[key] = ks
+    return ks
 
 
 def _en_wire(en: Any, b: int) -> list[Any] | None:
@@ -446,11 +449,10 @@ def _en_unwire(w: list[Any], b: int) -> dict[str, Any]:
 
 
 def _version(vs: list[str], v: str) -> int:
-    try:
+    if v in vs:
         return vs.index(v)
-    except ValueError:
-        vs.append(v)
-        return len(vs) - 1
+    vs.append(v)
+    return len(vs) - 1
 
 
 def _pred_wire(p: Any, vs: list[str], b: int, pending: bool) -> list[Any] | None:
@@ -472,46 +474,70 @@ def _pred_unwire(w: list[Any], vs: list[str], b: int, pending: bool) -> list[Any
 _ML_KEYS = ("en", "pi", "pc", "sc", "hi", "cr")
 
 
+def _sc_wire(sc: Any, vs: list[str]) -> dict[Any, Any] | None:
+    if type(sc) is not dict:
+        return None
+    out = {}
+    for k, x in sc.items():
+        if type(k) is not str:
+            return None
+        if k.endswith("_version"):
+            if type(x) is not str:
+                return None
+            x = _version(vs, x)
+        out[_CODE.get(k, k)] = x
+    return out
+
+
 def _ml_wire(ml: dict[str, Any], b: int) -> list[Any] | None:
     if not ml:
         return None
-    if len(ml) == 1 and "en" in ml:  # the state step alone: engagement only
-        en = _en_wire(ml["en"], b)
-        if en is not None:
-            return [en]
+    en = ml.get("en")
+    if len(ml) == 1 and en is not None:  # the state step alone: engagement only
+        w = _en_wire(en, b)
+        if w is not None:
+            return [w]
     out: list[Any] = [None] * 8
     vs: list[str] = []  # model versions, in the order met below (a fixed order: same bytes again)
-    rest = {k: v for k, v in ml.items() if k not in _ML_KEYS}
-    for k in _ML_KEYS:
-        if k not in ml:
-            continue
-        v = ml[k]
-        w: Any = None
-        if k == "en":
-            w = _en_wire(v, b)
-            slot = 0
-        elif k == "pi":
-            slot = 2
-            if type(v) is list:
-                w = [_pred_wire(p, vs, b, True) for p in v]
-                if None in w:
-                    w = None
-        elif k == "pc":
-            slot = 3
-            w = _pred_wire(v, vs, b, False)
-        elif k == "sc":
-            slot = 4
-            if type(v) is dict and all(type(s) is str and (type(x) is str or not s.endswith("_version"))
-                                       for s, x in v.items()):
-                w = {_CODE.get(s, s): _version(vs, x) if s.endswith("_version") else x for s, x in v.items()}
-        else:  # hi, cr
-            slot = 5 if k == "hi" else 6
-            if type(v) is int:
-                w = v - b
-        if w is None:
+    rest = {}
+    for k, v in ml.items():
+        if k not in _ML_KEYS:
             rest[k] = v
-        else:
-            out[slot] = w
+    if en is not None or "en" in ml:
+        out[0] = w = _en_wire(en, b)
+        if w is None:
+            rest["en"] = en
+    if "pi" in ml:
+        v = ml["pi"]
+        w = None
+        if type(v) is list:
+            w = []
+            for p in v:
+                x = _pred_wire(p, vs, b, True)
+                if x is None:
+                    w = None
+                    break
+                w.append(x)
+        if w is None:
+            rest["pi"] = v
+        out[2] = w
+    if "pc" in ml:
+        v = ml["pc"]
+        out[3] = w = _pred_wire(v, vs, b, False)
+        if w is None:
+            rest["pc"] = v
+    if "sc" in ml:
+        v = ml["sc"]
+        out[4] = w = _sc_wire(v, vs)
+        if w is None:
+            rest["sc"] = v
+    for slot, k in ((5, "hi"), (6, "cr")):
+        if k in ml:
+            v = ml[k]
+            if type(v) is int:
+                out[slot] = v - b
+            else:
+                rest[k] = v
     if vs:
         out[1] = vs
     if rest:
@@ -552,46 +578,69 @@ def _ml_unwire(w: list[Any] | None, b: int) -> dict[str, Any]:
 
 
 def _names_wire(v: Any) -> list[Any] | None:
-    if type(v) is not list or not all(type(s) is str for s in v):
+    if type(v) is not list:
         return None
-    return [_CODE.get(s, s) for s in v]
+    out = []
+    for s in v:
+        if type(s) is not str:
+            return None
+        out.append(_CODE.get(s, s))
+    return out
+
+
+def _triggers_wire(v: Any, b: int) -> dict[Any, Any] | None:
+    if type(v) is not dict:
+        return None
+    c = _CODE
+    ts_keys = _TS_KEYS
+    out = {}
+    for name, ts in v.items():
+        if type(name) is not str or type(ts) is not dict:
+            return None
+        d = {}
+        for x, y in ts.items():
+            if type(x) is not str:
+                return None
+            d[c.get(x, x)] = y - b if type(y) is int and x in ts_keys else y
+        out[c.get(name, name)] = d
+    return out
+
+
+def _bot_wire(v: Any, b: int) -> dict[Any, Any] | None:
+    if type(v) is not dict:
+        return None
+    c = _CODE
+    out = {}
+    for x, y in v.items():
+        if type(x) is not str:
+            return None
+        if (x == "e" or x == "c") and type(y) is list and y and type(y[0]) is int:
+            y = [y[0] - b, *y[1:]]
+        elif x == "at" and type(y) is int:
+            y = y - b
+        out[c.get(x, x)] = y
+    return out
+
+
+_RULES_KEYS = ("t", "bot", "seg", "cv")
 
 
 def _rules_wire(ru: dict[str, Any], b: int) -> list[Any] | None:
     if not ru:
         return None
     out: list[Any] = [None] * 5
-    rest: dict[str, Any] = {}
-    c = _CODE
+    rest = {}
     for k, v in ru.items():
-        w: Any = None
-        if k == "t":
-            slot = 0
-            if type(v) is dict:
-                w = {}
-                for name, ts in v.items():
-                    if type(name) is not str or type(ts) is not dict or not all(type(x) is str for x in ts):
-                        w = None
-                        break
-                    w[c.get(name, name)] = {c.get(x, x): y - b if type(y) is int and x in _TS_KEYS else y
-                                            for x, y in ts.items()}
-        elif k == "bot":
-            slot = 1
-            if type(v) is dict and all(type(x) is str for x in v):
-                w = {}
-                for x, y in v.items():
-                    if (x == "e" or x == "c") and type(y) is list and y and type(y[0]) is int:
-                        y = [y[0] - b, *y[1:]]
-                    elif x == "at" and type(y) is int:
-                        y = y - b
-                    w[c.get(x, x)] = y
-        elif k == "seg" or k == "cv":
-            slot = 2 if k == "seg" else 3
-            w = _names_wire(v)
-        if w is None:
+        if k not in _RULES_KEYS:
             rest[k] = v
-        else:
-            out[slot] = w
+    for slot, k in enumerate(_RULES_KEYS):
+        if k in ru:
+            v = ru[k]
+            w = _triggers_wire(v, b) if slot == 0 else _bot_wire(v, b) if slot == 1 else _names_wire(v)
+            if w is None:
+                rest[k] = v
+            else:
+                out[slot] = w
     if rest:
         out[4] = rest
     while out[-1] is None:
@@ -680,7 +729,7 @@ class UserState:
         rec = [FORMAT_VERSION, self.key, self.partition, base,
                [first - b if type(first) is int else first, life.events, life.sessions, life.orders,
                 life.revenue or 0, wall - b if type(wall) is int else wall, life.converted_sessions],
-               self.recent_ids.blob or None, self.windows.to_wire(_CODE),
+               self.recent_ids.blob or None, self.windows.to_wire(),
                None if s is None else _session_wire(s, b),
                True if uid is not None and uid == self.key else uid]
         ml, cats, ru, cart, ps = self.ml, self.categories, self.rules, self.cart, self.prev_session
@@ -717,7 +766,7 @@ class UserState:
         st.partition = partition
         st.user_id = key if uid is True else uid
         st.anonymous_id = aid
-        st.windows = Windows.from_wire(ww, _NAME)
+        st.windows = Windows.from_wire(ww)
         st.session = None if sw is None else _session_unwire(sw, b)
         st.prev_session = None if psw is None else _session_unwire(psw, b)
         if cw is None:
@@ -939,11 +988,6 @@ def _apply_session(st: UserState, t: int, etype: str, gap: int, props: dict[str,
         st.prev_session = s = Session(t, t)
         _extend(s, t, etype, props, gap)
     return True
-
-
-def _props(event: dict[str, Any]) -> dict[str, Any]:
-    p = event.get("properties")
-    return p if isinstance(p, dict) else {}
 
 
 _CART_TYPES = frozenset({"add_to_cart", "remove_from_cart", "purchase"})

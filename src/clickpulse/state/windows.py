@@ -11,12 +11,14 @@ Buckets older than their ring's length before the newest bucket of the user are 
 record holds at most 60 + 24 + 7 buckets per event type; queries at or after the newest event
 are exact under the rule above.
 
-Layout in memory: ``types[etype] = [minutes, hours, days]``, three dicts ``{bucket: count}`` in
-ascending bucket order, with bucket indexes *relative* to an origin minute ``base`` (epoch ms //
-60 000): minute ``k`` is absolute minute ``base + k``, hour ``k`` is ``base // 60 + k``, day ``k``
-is ``base // 1440 + k``. Relative indexes stay small, which keeps the serialized state small
-(:mod:`clickpulse.state.user`). :attr:`Windows.rings` gives the same counts with absolute
-indexes.
+Layout in memory (it is also the serialized form, see :mod:`clickpulse.state.user`):
+``types[code] = [minutes, hours, days]``, three dicts ``{bucket: count}`` in ascending bucket
+order. ``code`` is the type's index in :data:`VOCABULARY` (the type itself when not listed).
+Bucket indexes are *relative* to an origin minute ``base`` (epoch ms // 60 000): minute ``k`` is
+absolute minute ``base + k``, hour ``k`` is ``base // 60 + k``, day ``k`` is ``base // 1440 +
+k``; the origin moves forward when indexes grow past 2**15 (about 23 days). Small indexes and
+codes keep the serialized state small. :attr:`Windows.rings` gives the counts by type name with
+absolute indexes.
 
 Examples
 --------
@@ -48,6 +50,29 @@ SPANS: dict[str, tuple[str, int, int]] = {
 }
 #: ring name -> (bucket width in ms, buckets kept)
 RINGS: dict[str, tuple[int, int]] = {"m": (MINUTE_MS, 60), "h": (HOUR_MS, 24), "d": (DAY_MS, 7)}
+
+#: Strings stored as small int codes (their index) in the binary state format: event types here,
+#: and in :mod:`clickpulse.state.user` page types, signals, score and rule names too. Part of
+#: format version 2: extending it needs a new format version.
+VOCABULARY: tuple[str, ...] = (
+    # event types: canonical, then other common ones
+    "page_view", "product_view", "add_to_cart", "remove_from_cart", "checkout_start", "purchase",
+    "search", "scroll_depth", "dwell", "identify", "consent", "click", "product_click", "form_submit",
+    "hover", "cart_view", "checkout_step", "payment_info", "refund", "order_cancelled",
+    # page types
+    "page", "product", "cart", "checkout", "confirmation", "home", "category",
+    # engagement signals other than event types
+    "scroll_25", "scroll_50", "scroll_75", "scroll_100",
+    # model scores
+    "churn", "churn_version", "intent", "intent_version",
+    # the default rules' triggers and segments
+    "cart_abandonment", "browse_abandonment", "repeat_cart_incentive", "checkout_help", "category_interest",
+    "hesitant_buyers", "high_intent_shoppers", "highly_engaged", "lapsed_customers",
+    # trigger and bot state keys
+    "e", "a", "b", "due", "lf", "ls", "fe", "n", "m", "c", "flag", "at",
+)
+CODE: dict[str, int] = {s: i for i, s in enumerate(VOCABULARY)}
+NAME: dict[int, str] = dict(enumerate(VOCABULARY))  # NAME.get(x, x): the string of a code, a string as is
 
 _RING_NAMES = ("m", "h", "d")
 _MINUTES_PER = (1, 60, 1440)  # minutes per bucket of each ring
@@ -96,7 +121,7 @@ class Windows:
     def __init__(self, rings: dict[str, dict[str, dict[int, int]]] | None = None) -> None:
         self.base: int | None = None  # origin minute (epoch ms // 60_000); None before the first count
         self._hb = self._db = 0       # origin hour and day: base // 60, base // 1440
-        self.types: dict[str, list[dict[int, int]]] = {}
+        self.types: dict[int | str, list[dict[int, int]]] = {}  # CODE.get(type, type) -> rings
         if rings:
             self._load_absolute(rings)
 
@@ -116,7 +141,7 @@ class Windows:
         for pos, ring in enumerate(_RING_NAMES):
             for t, buckets in (rings.get(ring) or {}).items():
                 if buckets:
-                    per = self.types.setdefault(t, [{}, {}, {}])
+                    per = self.types.setdefault(CODE.get(t, t), [{}, {}, {}])
                     per[pos] = {b - origin[pos]: c for b, c in sorted(buckets.items())}
 
     @property
@@ -128,7 +153,8 @@ class Windows:
         if self.base is None:
             return out
         origin = (self.base, self._hb, self._db)
-        for t, per in self.types.items():
+        for code, per in self.types.items():
+            t = NAME.get(code, code)
             for pos, ring in enumerate(_RING_NAMES):
                 if per[pos]:
                     o = origin[pos]
@@ -142,9 +168,10 @@ class Windows:
             self._set_base(ts_ms // MINUTE_MS)
             base = self.base
         m = ts_ms // MINUTE_MS - base
-        per = self.types.get(etype)
+        code = CODE.get(etype, etype)
+        per = self.types.get(code)
         if per is None:
-            self.types[etype] = [{m: n}, {ts_ms // HOUR_MS - self._hb: n}, {ts_ms // DAY_MS - self._db: n}]
+            self.types[code] = [{m: n}, {ts_ms // HOUR_MS - self._hb: n}, {ts_ms // DAY_MS - self._db: n}]
         else:
             _bump(per[0], m, n, 60)
             _bump(per[1], ts_ms // HOUR_MS - self._hb, n, 24)
@@ -170,7 +197,7 @@ class Windows:
             Unknown span.
         """
         pos, width, n = _SPAN_POS[span]
-        per = self.types.get(etype)
+        per = self.types.get(CODE.get(etype, etype))
         if per is None:
             return 0
         buckets = per[pos]
@@ -182,7 +209,7 @@ class Windows:
 
     def counts(self, at_ms: int) -> dict[str, dict[str, int]]:
         """Every type's counts for every span as of ``at_ms``: ``{type: {span: n}}``."""
-        return {t: {s: self.count(t, s, at_ms) for s in SPANS} for t in sorted(self.types)}
+        return {t: {s: self.count(t, s, at_ms) for s in SPANS} for t in sorted(NAME.get(c, c) for c in self.types)}
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Windows):
@@ -195,19 +222,16 @@ class Windows:
         return f"Windows({self.rings!r})"
 
     # -- serialization ---------------------------------------------------------------------------
-    def to_wire(self, codes: dict[str, int]) -> list[Any] | None:
-        """Compact form: ``[base, {type: [minutes, hours, days]}]`` (relative indexes, see the
-        module docstring), a type replaced by ``codes[type]`` when listed; ``None`` when empty."""
+    def to_wire(self) -> list[Any] | None:
+        """Compact form: ``[base, types]`` (the layout in memory, see the module docstring; not a
+        copy), ``None`` when empty."""
         if self.base is None:
             return None
-        types = {}
-        for t, per in self.types.items():
-            types[codes.get(t, t)] = per
-        return [self.base, types]
+        return [self.base, self.types]
 
     @classmethod
-    def from_wire(cls, obj: list[Any] | None, names: dict[int, str]) -> Windows:
-        """Inverse of :meth:`to_wire` (``names[code]`` is the type of an int code)."""
+    def from_wire(cls, obj: list[Any] | None) -> Windows:
+        """Inverse of :meth:`to_wire` (takes ``obj`` over: not copied)."""
         w = _new(cls)
         if not obj:
             w.base = None
@@ -217,10 +241,7 @@ class Windows:
         w.base = base = obj[0]
         w._hb = base // 60
         w._db = base // 1440
-        types = {}
-        for t, per in obj[1].items():
-            types[names.get(t, t)] = per
-        w.types = types
+        w.types = obj[1]
         return w
 
     # version 1 (JSON) form: {"m": {"type": [idx, n, idx, n, ...]}, ...}, absolute indexes
