@@ -241,9 +241,19 @@ def update(score_state: dict[str, Any], event: dict[str, Any], cfg: EngagementCo
         An event newer than the state's time ``t`` moves ``t`` to the event's time. An older
         (out-of-order) event adds its points decayed to ``t`` and leaves ``t`` unchanged.
     """
-    sigs = signals(event, cfg)
-    if not sigs:
-        return score_state
+    etype = event.get("type")
+    props = event.get("properties")
+    if etype != "scroll_depth" and (type(props) is not dict or "dwell_ms" not in props):
+        # the common case, one signal from the event type (what signals() gives then)
+        sig = EVENT_SIGNALS.get(etype) if isinstance(etype, str) else None
+        p = 0.0 if sig is None else cfg.weights.get(sig, 0.0)
+        if not p > 0:
+            return score_state
+        sigs: Any = ((sig, p),)
+    else:
+        sigs = signals(event, cfg)
+        if not sigs:
+            return score_state
     te = int(event["timestamp_ms"])
     if not score_state:
         t, total, contrib, g = te, 0.0, {}, 1.0  # g = 2^(-0 / half_life)
