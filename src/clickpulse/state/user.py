@@ -733,13 +733,15 @@ class UserState:
                None if s is None else _session_wire(s, b),
                True if uid is not None and uid == self.key else uid]
         ml, cats, ru, cart, ps = self.ml, self.categories, self.rules, self.cart, self.prev_session
-        if ml or cats or ru or ps is not None or not cart.is_empty_record() or self.traits or self.consent \
-                or self.anonymous_id is not None:
-            rec += [_ml_wire(ml, b) if ml else None, cats or None, _rules_wire(ru, b) if ru else None,
-                    _cart_wire(cart, b), None if ps is None else _session_wire(ps, b),
-                    self.traits or None, self.consent or None, self.anonymous_id]
-            while rec[-1] is None:
-                rec.pop()
+        traits, consent, aid = self.traits, self.consent, self.anonymous_id
+        # the elements after user_id, up to the last one that is not empty (omitted: nil)
+        n = 8 if aid is not None else 7 if consent else 6 if traits else 5 if ps is not None \
+            else 4 if not cart.is_empty_record() else 3 if ru else 2 if cats else 1 if ml else 0
+        if n:
+            tail = [_ml_wire(ml, b) if ml else None, cats or None, _rules_wire(ru, b) if ru else None,
+                    _cart_wire(cart, b) if n >= 4 else None, None if ps is None else _session_wire(ps, b),
+                    traits or None, consent or None, aid]
+            rec += tail[:n] if n < 8 else tail
         return _ENC.encode(rec)
 
     @classmethod
