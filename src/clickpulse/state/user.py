@@ -52,8 +52,8 @@ such a position is always a code).
 * ``life``: ``[first - base, events, sessions, orders, revenue, last_wall - base, converted]``
   (``revenue`` 0 when 0.0).
 * ``recent``: one ``bin``: the 8-byte id hashes, oldest first.
-* ``windows``: ``[base_minute, {type: [{minute: n}, {hour: n}, {day: n}]}]``, bucket indexes
-  relative to ``base_minute`` (the in-memory layout of :class:`~clickpulse.state.windows.Windows`).
+* ``windows``: ``{type: [{minute: n}, {hour: n}, {day: n}]}`` (the in-memory layout of
+  :class:`~clickpulse.state.windows.Windows`; absolute bucket indexes).
 * ``session``, ``prev_session``: ``[start - base, last - start, events, {type: n}, products,
   max_scroll_pct, dwell_ms, ended, sid - start, {page_type: ms}, last_page, path, last_type]``.
 * ``user_id``: ``true`` when equal to ``key``, else the string.

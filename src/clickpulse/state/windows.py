@@ -12,13 +12,10 @@ record holds at most 60 + 24 + 7 buckets per event type; queries at or after the
 are exact under the rule above.
 
 Layout in memory (it is also the serialized form, see :mod:`clickpulse.state.user`):
-``types[code] = [minutes, hours, days]``, three dicts ``{bucket: count}`` in ascending bucket
-order. ``code`` is the type's index in :data:`VOCABULARY` (the type itself when not listed).
-Bucket indexes are *relative* to an origin minute ``base`` (epoch ms // 60 000): minute ``k`` is
-absolute minute ``base + k``, hour ``k`` is ``base // 60 + k``, day ``k`` is ``base // 1440 +
-k``; the origin moves forward when indexes grow past 2**15 (about 23 days). Small indexes and
-codes keep the serialized state small. :attr:`Windows.rings` gives the counts by type name with
-absolute indexes.
+``types[code] = [minutes, hours, days]``, three dicts ``{bucket: count}`` with absolute bucket
+indexes (epoch ms // 60 000, // 3 600 000, // 86 400 000), in ascending order. ``code`` is the
+type's index in :data:`VOCABULARY` (the type itself when not listed), so the serialized record
+names a known type in one byte. :attr:`Windows.rings` gives the same dicts by ring and type name.
 
 Examples
 --------
@@ -75,11 +72,8 @@ CODE: dict[str, int] = {s: i for i, s in enumerate(VOCABULARY)}
 NAME: dict[int, str] = dict(enumerate(VOCABULARY))  # NAME.get(x, x): the string of a code, a string as is
 
 _RING_NAMES = ("m", "h", "d")
-_MINUTES_PER = (1, 60, 1440)  # minutes per bucket of each ring
 #: span -> (ring position, bucket width in ms, buckets summed)
 _SPAN_POS = {s: (_RING_NAMES.index(r), w, n) for s, (r, w, n) in SPANS.items()}
-#: relative minute index past which :meth:`Windows.add` moves the origin (keeps indexes < 2**15)
-_REBASE_AFTER = 0x7FFF
 _new = object.__new__
 
 
@@ -113,80 +107,48 @@ class Windows:
     Parameters
     ----------
     rings
-        Optional initial counts with absolute bucket indexes, in the shape of :attr:`rings`.
+        Optional initial counts, in the shape of :attr:`rings`.
     """
 
-    __slots__ = ("base", "_hb", "_db", "types")
+    __slots__ = ("types",)
 
     def __init__(self, rings: dict[str, dict[str, dict[int, int]]] | None = None) -> None:
-        self.base: int | None = None  # origin minute (epoch ms // 60_000); None before the first count
-        self._hb = self._db = 0       # origin hour and day: base // 60, base // 1440
-        self.types: dict[int | str, list[dict[int, int]]] = {}  # CODE.get(type, type) -> rings
-        if rings:
-            self._load_absolute(rings)
-
-    def _set_base(self, base: int) -> None:
-        self.base, self._hb, self._db = base, base // 60, base // 1440
-
-    def _load_absolute(self, rings: dict[str, dict[str, dict[int, int]]]) -> None:
-        minutes = [b for per_type in (rings.get("m") or {}).values() for b in per_type]
-        if minutes:
-            base = max(minutes)
-        else:
-            hours = [b * 60 for per_type in (rings.get("h") or {}).values() for b in per_type]
-            days = [b * 1440 for per_type in (rings.get("d") or {}).values() for b in per_type]
-            base = max(hours + days, default=0)
-        self._set_base(base)
-        origin = (self.base, self._hb, self._db)
+        self.types: dict[int | str, list[dict[int, int]]] = {}  # CODE.get(type, type) -> [m, h, d]
         for pos, ring in enumerate(_RING_NAMES):
-            for t, buckets in (rings.get(ring) or {}).items():
+            for t, buckets in ((rings or {}).get(ring) or {}).items():
                 if buckets:
                     per = self.types.setdefault(CODE.get(t, t), [{}, {}, {}])
-                    per[pos] = {b - origin[pos]: c for b, c in sorted(buckets.items())}
+                    per[pos] = dict(sorted(buckets.items()))
 
     @property
     def rings(self) -> dict[str, dict[str, dict[int, int]]]:
-        """A snapshot of the counts with absolute bucket indexes: ``{ring: {type: {bucket: n}}}``
-        for rings ``m`` (epoch ms // 60 000), ``h`` (// 3 600 000), ``d`` (// 86 400 000);
-        only types with buckets in that ring. Changing it does not change the counters."""
-        out: dict[str, dict[str, dict[int, int]]] = {"m": {}, "h": {}, "d": {}}
-        if self.base is None:
-            return out
-        origin = (self.base, self._hb, self._db)
+        """The counts by ring and type name: ``{ring: {type: {bucket: n}}}`` for rings ``m``
+        (bucket = epoch ms // 60 000), ``h`` (// 3 600 000) and ``d`` (// 86 400 000), types with
+        buckets in that ring. The outer dicts are built for each call; the bucket dicts are the
+        counters themselves (read them, do not change them)."""
+        m: dict[str, dict[int, int]] = {}
+        h: dict[str, dict[int, int]] = {}
+        d: dict[str, dict[int, int]] = {}
         for code, per in self.types.items():
             t = NAME.get(code, code)
-            for pos, ring in enumerate(_RING_NAMES):
-                if per[pos]:
-                    o = origin[pos]
-                    out[ring][t] = {b + o: c for b, c in per[pos].items()}
-        return out
+            if per[0]:
+                m[t] = per[0]
+            if per[1]:
+                h[t] = per[1]
+            if per[2]:
+                d[t] = per[2]
+        return {"m": m, "h": h, "d": d}
 
     def add(self, etype: str, ts_ms: int, n: int = 1) -> None:
         """Count ``n`` events of ``etype`` at event time ``ts_ms`` (epoch ms)."""
-        base = self.base
-        if base is None:
-            self._set_base(ts_ms // MINUTE_MS)
-            base = self.base
-        m = ts_ms // MINUTE_MS - base
         code = CODE.get(etype, etype)
         per = self.types.get(code)
         if per is None:
-            self.types[code] = [{m: n}, {ts_ms // HOUR_MS - self._hb: n}, {ts_ms // DAY_MS - self._db: n}]
+            self.types[code] = [{ts_ms // MINUTE_MS: n}, {ts_ms // HOUR_MS: n}, {ts_ms // DAY_MS: n}]
         else:
-            _bump(per[0], m, n, 60)
-            _bump(per[1], ts_ms // HOUR_MS - self._hb, n, 24)
-            _bump(per[2], ts_ms // DAY_MS - self._db, n, 7)
-        if m > _REBASE_AFTER:
-            self._rebase(base + m)
-
-    def _rebase(self, base: int) -> None:
-        """Move the origin to minute ``base`` (indexes shift, counts unchanged)."""
-        shift = (base - self.base, base // 60 - self._hb, base // 1440 - self._db)
-        for per in self.types.values():
-            for pos in range(3):
-                d = shift[pos]
-                per[pos] = {b - d: c for b, c in per[pos].items()}
-        self._set_base(base)
+            _bump(per[0], ts_ms // MINUTE_MS, n, 60)
+            _bump(per[1], ts_ms // HOUR_MS, n, 24)
+            _bump(per[2], ts_ms // DAY_MS, n, 7)
 
     def count(self, etype: str, span: str, at_ms: int) -> int:
         """Events of ``etype`` in the last ``span`` (``5m``, ``1h``, ``24h``, ``7d``) as of ``at_ms``.
@@ -203,7 +165,7 @@ class Windows:
         buckets = per[pos]
         if not buckets:
             return 0
-        hi = at_ms // width - (self.base, self._hb, self._db)[pos]
+        hi = at_ms // width
         lo = hi - n
         return sum(c for b, c in buckets.items() if lo < b <= hi)
 
@@ -222,29 +184,19 @@ class Windows:
         return f"Windows({self.rings!r})"
 
     # -- serialization ---------------------------------------------------------------------------
-    def to_wire(self) -> list[Any] | None:
-        """Compact form: ``[base, types]`` (the layout in memory, see the module docstring; not a
-        copy), ``None`` when empty."""
-        if self.base is None:
-            return None
-        return [self.base, self.types]
+    def to_wire(self) -> dict[int | str, list[dict[int, int]]] | None:
+        """Compact form: ``types`` (the layout in memory, see the module docstring; not a copy),
+        ``None`` when empty."""
+        return self.types or None
 
     @classmethod
-    def from_wire(cls, obj: list[Any] | None) -> Windows:
+    def from_wire(cls, obj: dict[int | str, list[dict[int, int]]] | None) -> Windows:
         """Inverse of :meth:`to_wire` (takes ``obj`` over: not copied)."""
         w = _new(cls)
-        if not obj:
-            w.base = None
-            w._hb = w._db = 0
-            w.types = {}
-            return w
-        w.base = base = obj[0]
-        w._hb = base // 60
-        w._db = base // 1440
-        w.types = obj[1]
+        w.types = obj or {}
         return w
 
-    # version 1 (JSON) form: {"m": {"type": [idx, n, idx, n, ...]}, ...}, absolute indexes
+    # version 1 (JSON) form: {"m": {"type": [idx, n, idx, n, ...]}, ...}
     def to_obj(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for ring, per_type in self.rings.items():
