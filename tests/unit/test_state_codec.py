@@ -113,6 +113,8 @@ def test_unknown_version_and_garbage_raise_value_error():
     with pytest.raises(ValueError):
         UserState.from_bytes(b"\xc1")
     with pytest.raises(ValueError):
+        UserState.from_bytes(msgspec.msgpack.encode([FORMAT_VERSION, "u", 0, None, None]))
+    with pytest.raises(ValueError):
         UserState.from_bytes(b"{not json")
 
 

@@ -751,7 +751,7 @@ class UserState:
         Raises
         ------
         ValueError
-            Not a state record of version 1 or 2 (``msgspec.DecodeError`` and
+            Not a state record of version 1 or 2, or a corrupt one (``msgspec.DecodeError`` and
             ``orjson.JSONDecodeError`` are ``ValueError`` too).
         """
         if data[:1] == b"{":
@@ -761,38 +761,41 @@ class UserState:
             raise ValueError(f"not a clickpulse user state record (version {o[0] if type(o) is list and o else '?'})")
         if len(o) < _FIELDS:
             o += _PAD[len(o):]
-        _v, key, partition, base, lw, rid, ww, sw, uid, mlw, cats, ruw, cw, psw, traits, consent, aid = o
-        b = base if type(base) is int else 0
-        st = _new(cls)
-        st.key = key
-        st.partition = partition
-        st.user_id = key if uid is True else uid
-        st.anonymous_id = aid
-        st.windows = Windows.from_wire(ww)
-        st.session = None if sw is None else _session_unwire(sw, b)
-        st.prev_session = None if psw is None else _session_unwire(psw, b)
-        if cw is None:
-            cart = st.cart = _new(Cart)
-            cart.items = {}
-            cart.currency = cart.updated_ms = cart.closed_ms = None
-        else:
-            st.cart = _cart_unwire(cw, b)
-        life = st.life = _new(Lifetime)
-        x = lw[0]
-        life.first_ms = x + b if type(x) is int else x
-        life.last_ms = base
-        life.events, life.sessions, life.orders = lw[1], lw[2], lw[3]
-        life.revenue = float(lw[4])
-        x = lw[5]
-        life.last_wall_ms = x + b if type(x) is int else x
-        life.converted_sessions = lw[6]
-        st.traits = traits or {}
-        ids = st.recent_ids = _new(RecentIds)
-        ids.blob = rid or b""
-        st.ml = _ml_unwire(mlw, b) if mlw else {}
-        st.consent = consent or {}
-        st.categories = cats or {}
-        st.rules = _rules_unwire(ruw, b) if ruw else {}
+        try:
+            _v, key, partition, base, lw, rid, ww, sw, uid, mlw, cats, ruw, cw, psw, traits, consent, aid = o
+            b = base if type(base) is int else 0
+            st = _new(cls)
+            st.key = key
+            st.partition = partition
+            st.user_id = key if uid is True else uid
+            st.anonymous_id = aid
+            st.windows = Windows.from_wire(ww)
+            st.session = None if sw is None else _session_unwire(sw, b)
+            st.prev_session = None if psw is None else _session_unwire(psw, b)
+            if cw is None:
+                cart = st.cart = _new(Cart)
+                cart.items = {}
+                cart.currency = cart.updated_ms = cart.closed_ms = None
+            else:
+                st.cart = _cart_unwire(cw, b)
+            life = st.life = _new(Lifetime)
+            x = lw[0]
+            life.first_ms = x + b if type(x) is int else x
+            life.last_ms = base
+            life.events, life.sessions, life.orders = lw[1], lw[2], lw[3]
+            life.revenue = float(lw[4])
+            x = lw[5]
+            life.last_wall_ms = x + b if type(x) is int else x
+            life.converted_sessions = lw[6]
+            st.traits = traits or {}
+            ids = st.recent_ids = _new(RecentIds)
+            ids.blob = rid or b""
+            st.ml = _ml_unwire(mlw, b) if mlw else {}
+            st.consent = consent or {}
+            st.categories = cats or {}
+            st.rules = _rules_unwire(ruw, b) if ruw else {}
+        except (TypeError, IndexError, KeyError, AttributeError) as e:  # a corrupt record
+            raise ValueError(f"not a version 2 user state record: {e!r}") from e
         return st
 
     def to_bytes_json(self) -> bytes:
