@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -84,3 +86,29 @@ def test_counts_equal_brute_force_for_any_order_within_lateness(delivered, query
         for etype in ("v", "c", "p"):
             for span in SPANS:
                 assert w.count(etype, span, at) == brute(delivered, etype, span, at), (etype, span, at)
+
+
+def test_out_of_order_buckets_stay_in_order_and_wire_round_trips():
+    w = Windows()
+    for ts in (BASE + 10 * 60_000, BASE + 3 * 60_000, BASE + 7 * 60_000, BASE - 86_400_000):
+        w.add("v", ts)
+    assert all(list(b) == sorted(b) for ring in w.rings.values() for b in ring.values())
+    back = Windows.from_wire(copy.deepcopy(w.to_wire()))
+    assert back == w and back.counts(BASE + 11 * 60_000) == w.counts(BASE + 11 * 60_000)
+    assert Windows.from_obj(w.to_obj()) == w
+    assert Windows.from_wire(Windows().to_wire()) == Windows()
+    w.add("product_view", BASE)   # a type of the vocabulary is stored under its code
+    assert w.to_wire().keys() == {"v", 1} and w.rings["d"] == {"v": {18169: 1, 18170: 3}, "product_view": {18170: 1}}
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 90 * 86_400_000), min_size=1, max_size=80), st.integers(0, 86_400_000))
+def test_counts_over_months_equal_brute_force(times, after):
+    times = sorted(times)
+    w = Windows()
+    for ts in times:
+        w.add("v", BASE + ts)
+    assert len(w.rings["m"]["v"]) <= 60 and len(w.rings["h"]["v"]) <= 24 and len(w.rings["d"]["v"]) <= 7
+    at = BASE + times[-1] + after
+    for span in SPANS:
+        assert w.count("v", span, at) == brute([("v", BASE + ts) for ts in times], "v", span, at), span

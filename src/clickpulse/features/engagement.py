@@ -85,6 +85,8 @@ EVENT_SIGNALS: dict[str, str] = {
     "hover": "hover",
 }
 
+_NO_PROPS: dict[str, Any] = {}
+
 #: Scroll-depth milestones, in percent.
 SCROLL_MILESTONES: tuple[int, ...] = (25, 50, 75, 100)
 
@@ -188,21 +190,31 @@ def signals(event: dict[str, Any], cfg: EngagementConfig) -> list[tuple[str, flo
     out: list[tuple[str, float]] = []
     etype = event.get("type")
     props = event.get("properties")
-    props = props if isinstance(props, dict) else {}
+    if not isinstance(props, dict):
+        props = _NO_PROPS
+    weights = cfg.weights
     sig = EVENT_SIGNALS.get(etype) if isinstance(etype, str) else None
     if sig is not None:
-        out.append((sig, cfg.weights.get(sig, 0.0)))
+        p = weights.get(sig, 0.0)
+        if p > 0:
+            out.append((sig, p))
     if etype == "scroll_depth":
         pct = _number(props.get("scroll_pct"))
         reached = [m for m in SCROLL_MILESTONES if pct is not None and pct >= m]
         if reached:
             sig = f"scroll_{reached[-1]}"
-            out.append((sig, cfg.weights.get(sig, 0.0)))
-    dwell_ms = _number(props.get("dwell_ms"))
-    if dwell_ms is not None and dwell_ms > 0:
-        minutes = min(dwell_ms, cfg.max_dwell_s * 1000) / 60_000
-        out.append(("dwell", cfg.weights.get("dwell", 0.0) * minutes))
-    return [(s, p) for s, p in out if p > 0]
+            p = weights.get(sig, 0.0)
+            if p > 0:
+                out.append((sig, p))
+    dwell = props.get("dwell_ms")
+    if dwell is not None:
+        dwell_ms = _number(dwell)
+        if dwell_ms is not None and dwell_ms > 0:
+            minutes = min(dwell_ms, cfg.max_dwell_s * 1000) / 60_000
+            p = weights.get("dwell", 0.0) * minutes
+            if p > 0:
+                out.append(("dwell", p))
+    return out
 
 
 def _decay(dt_ms: float, cfg: EngagementConfig) -> float:
@@ -229,25 +241,39 @@ def update(score_state: dict[str, Any], event: dict[str, Any], cfg: EngagementCo
         An event newer than the state's time ``t`` moves ``t`` to the event's time. An older
         (out-of-order) event adds its points decayed to ``t`` and leaves ``t`` unchanged.
     """
-    sigs = signals(event, cfg)
-    if not sigs:
-        return score_state
+    etype = event.get("type")
+    props = event.get("properties")
+    if etype != "scroll_depth" and (type(props) is not dict or "dwell_ms" not in props):
+        # the common case, one signal from the event type (what signals() gives then)
+        sig = EVENT_SIGNALS.get(etype) if isinstance(etype, str) else None
+        p = 0.0 if sig is None else cfg.weights.get(sig, 0.0)
+        if not p > 0:
+            return score_state
+        sigs: Any = ((sig, p),)
+    else:
+        sigs = signals(event, cfg)
+        if not sigs:
+            return score_state
     te = int(event["timestamp_ms"])
     if not score_state:
-        t, total, contrib = te, 0.0, {}
+        t, total, contrib, g = te, 0.0, {}, 1.0  # g = 2^(-0 / half_life)
     else:
         t = int(score_state["t"])
-        total, contrib = float(score_state["v"]), dict(score_state["c"])
-    if te > t:  # newer: bring what is stored forward to the event's time
-        f = _decay(te - t, cfg)
-        total *= f
-        contrib = {s: v * f for s, v in contrib.items()}
-        t, g = te, 1.0
-    else:  # same time or older: its points, already decayed to t
-        g = _decay(t - te, cfg)
+        total = float(score_state["v"])
+        contrib = {}
+        if te > t:  # newer: bring what is stored forward to the event's time
+            f = _decay(te - t, cfg)
+            total *= f
+            for s, v in score_state["c"].items():
+                contrib[s] = v * f
+            t, g = te, 1.0
+        else:  # same time or older: its points, already decayed to t
+            contrib.update(score_state["c"])
+            g = _decay(t - te, cfg)
     for s, p in sigs:
-        total += p * g
-        contrib[s] = contrib.get(s, 0.0) + p * g
+        pg = p * g
+        total += pg
+        contrib[s] = contrib.get(s, 0.0) + pg
     return {"t": t, "v": total, "c": contrib}
 
 
