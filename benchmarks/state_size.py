@@ -38,7 +38,7 @@ from clickpulse.models.labels import ModelConfig
 from clickpulse.models.registry import ModelRegistry
 from clickpulse.observability.metrics import Metrics
 from clickpulse.state import user
-from clickpulse.state.engine import Engine
+from clickpulse.engine import Engine
 from clickpulse.state.user import StateConfig, UserState
 from clickpulse.testing import default_rules
 
