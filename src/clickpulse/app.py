@@ -17,9 +17,11 @@ never waits behind an unbounded producer backlog).
               ``rules_poll_s``: reload the rules file when it changed; every 5 min: expire users
 * web         ``/metrics``, ``/progress``, ``/segments``, ``/rules``
 
-Delivery: at least once. An input offset is committed only after Faust flushed the producer
-(actions, segment changes, examples, changelog), so a crash re-processes the uncommitted tail;
-a re-processed action has the same ``action_id`` (deterministic), so consumers de-duplicate by it.
+Delivery: at least once. A batch's actions are acknowledged by the broker before its users'
+changelog records are sent, and an input offset is committed only after Faust flushed the
+producer, so a crash re-processes the uncommitted tail: an action may be published again (the
+same ``action_id``, deterministic; consumers de-duplicate by it, e.g. ``clickpulse deliver``),
+never lost.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import store as _store  # registers the clickpulse-rocksdb:// table store
+from .store import key_partition
 from .engine import Emitted, Engine, build_engine
 from .engine.factory import build_models, build_rules
 from .errors import InvalidEvent
@@ -151,12 +154,32 @@ class Worker:
         return out
 
     async def emit(self, em: Emitted, extra: list[Any] | None = None) -> None:
-        """Commit a step (table writes, metrics), mark profiles, publish its records."""
+        """Commit a step (local store writes, metrics), mark profiles and publish: first the
+        step's records (actions, segment changes, examples, quarantine, ``extra``), **waiting for
+        the broker's acknowledgement**, then the changelog records of the changed users (one per
+        user; ``None``: a tombstone), which Faust flushes before it commits the input offsets.
+
+        This order is the at-least-once guarantee: the changelog never holds a state whose
+        actions are not on the broker, so a crash at any point either re-processes the events
+        (their actions are published again, with the same ids) or finds them applied *and*
+        their actions published — an action is never lost to a state that was saved first."""
         self.engine.commit(em)
         mark = self.writer.mark
         for key, st in em.states.items():
             mark(key, st)
-        await self.publisher.send(self.records(em) + (extra or []))
+        out = self.records(em) + (extra or [])
+        if not em.changed:
+            await self.publisher.send(out)
+            return
+        topic, n = self.settings.changelog_topic, self.settings.partitions
+        changelog = []
+        for key, raw in em.changed.items():
+            k = key.encode()
+            changelog.append((topic, k, raw, key_partition(k, n), None))
+        if out:
+            await self.publisher.send(out)
+            await self.publisher.drain()
+        await self.publisher.send(changelog)
 
     def dead_letter(self, err: InvalidEvent, msg: Any) -> tuple[str, bytes | None, bytes, int | None, Any]:
         """The dead-letter record of ``msg``, redacted by the PII policy (without
@@ -320,7 +343,11 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
         log.info("rules %s: version %s (%d segments, %d triggers)", rules.path, rules.current().version,
                  len(rules.current().segments), len(rules.current().triggers))
     registry = build_models(settings, metrics)
-    engine = build_engine(settings, users, metrics=metrics, models=registry, rules=rules)
+    # The engine reads and writes the table's store directly and the worker publishes the
+    # changelog records itself, batched with the step's other output (Faust's Table.__setitem__
+    # would send each one through its ProducerBuffer, one await per message, and throttle the
+    # stream while more than 100 wait). Recovery is Faust's own: it reads the same changelog.
+    engine = build_engine(settings, users.data, metrics=metrics, models=registry, rules=rules)
     writer = ProfileWriter(None, settings.namespace, int(settings.user_retention_s), settings.redis_max_pending,
                            metrics)
     w = Worker(app, settings, metrics, engine, writer, Publisher(app, metrics, settings.max_in_flight_batches),
@@ -360,7 +387,6 @@ def _wire_process(w: Worker) -> None:
     # the user's events, by the worker that owns the user
     names = (s.topic_raw, s.topic_valid, s.topic_privacy) if s.raw_keyed else (s.topic_valid, s.topic_privacy)
     source = w.app.topic(*names, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
-    from .store import key_partition
 
     async def run_step(items: list[tuple[int, dict[str, Any]]], msgs: list[Any], out: list[Any]) -> None:
         if not items:
@@ -478,7 +504,7 @@ def _wire_timers(w: Worker, users: Any) -> None:
     @app.on_rebalance_complete.connect
     async def on_rebalance_complete(sender: Any = None, **kwargs: Any) -> None:
         parts = _valid_partitions(w)
-        n = engine.restore(parts, list(users.items()), _now_ms())
+        n = engine.restore(parts, list(users.data.items()), _now_ms())
         log.info("clickpulse ready: partitions %s of %s recovered, %d pending timers", parts, s.topic_valid, n)
 
 
