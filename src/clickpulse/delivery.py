@@ -379,7 +379,7 @@ class WebhookSink:
         import aiohttp
         if isinstance(exc, _HttpStatus):
             return exc.retryable
-        return isinstance(exc, (aiohttp.ClientError, asyncio.TimeoutError))
+        return isinstance(exc, (aiohttp.ClientError, TimeoutError))
 
     async def _post_once(self, it: Item) -> None:
         async with self._session.post(self.url, data=it.record.value, allow_redirects=False,
@@ -392,6 +392,7 @@ class WebhookSink:
             raise _HttpStatus(resp.status, body, _retry_after(resp.headers.get("Retry-After")))
 
     async def _post(self, it: Item) -> Failure | None:
+        import aiohttp
         from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 
         def before_sleep(state: Any) -> None:
@@ -412,9 +413,7 @@ class WebhookSink:
         except _HttpStatus as err:
             reason = "http_5xx" if err.status >= 500 else "http_4xx" if err.status >= 400 else "http_3xx"
             return Failure(it, reason, err.status, str(err), attempt_no)
-        except Exception as err:  # noqa: BLE001 - aiohttp.ClientError, timeouts, invalid answers
-            if isinstance(err, asyncio.CancelledError):
-                raise
+        except (aiohttp.ClientError, TimeoutError) as err:  # no (valid) answer after the retries
             return Failure(it, "connection", None, f"{type(err).__name__}: {err}", attempt_no)
 
 
