@@ -159,6 +159,11 @@ def cmd_privacy(args: argparse.Namespace) -> int:
         out = export_user(settings, args.user_key)
     print(orjson.dumps(out, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode())
     return 0
+def cmd_deliver(args: argparse.Namespace) -> int:
+    """Deliver the actions topic to a sink once per action_id (see clickpulse.delivery)."""
+    from .delivery import run_cli
+
+    return run_cli(args.sink, out=args.out, url=args.url, metrics_port=args.metrics_port, start_from=args.start_from)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -352,6 +357,15 @@ def build_parser() -> argparse.ArgumentParser:
     px = pvsub.add_parser("export", help="everything stored about a user, as JSON (state, profile, quarantine)")
     px.add_argument("user_key")
     px.set_defaults(func=cmd_privacy)
+    dl = sub.add_parser("deliver", help="deliver <ns>.actions to a sink once per action_id (Redis de-duplication; "
+                                        "undeliverable actions to <ns>.actions.dlq) until SIGTERM/SIGINT")
+    dl.add_argument("--sink", choices=("jsonl", "webhook"), required=True)
+    dl.add_argument("--out", help="jsonl: the file to append to (one action per line, fsynced per batch)")
+    dl.add_argument("--url", help="webhook: the URL each action is POSTed to (JSON)")
+    dl.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
+    dl.add_argument("--from", dest="start_from", choices=("earliest", "latest"), default="earliest",
+                    help="where to start when the group <ns>-delivery has no committed offset (default earliest)")
+    dl.set_defaults(func=cmd_deliver)
 
     d = sub.add_parser("demo", help="start local services and a worker, replay the bundled REES46 sample, "
                                     "write actions to OUT_DIR/actions.jsonl and print a summary")

@@ -245,6 +245,27 @@ class Settings:
         a policy that hashes anything is then rejected at start (nothing is hashed without a
         key). Changing it changes every hash, so hashed identifiers no longer join with those
         made under the old key. Never logged or shown in ``repr``.
+    delivery_dedup_ttl_s : float
+        ``CLICKPULSE_DELIVERY_DEDUP_TTL_S``; seconds ``clickpulse deliver`` remembers a delivered
+        ``action_id`` in Redis (``<namespace>:delivered:<action_id>``). Keep it at least the
+        retention of the actions topic (7 days), so an action re-read from anywhere on the topic
+        is still recognised (the adapter warns at start when it is shorter). Default 604800
+        (7 days) (:mod:`clickpulse.delivery`).
+    delivery_batch_max : int
+        ``CLICKPULSE_DELIVERY_BATCH_MAX``; the most actions ``clickpulse deliver`` takes per poll:
+        one fsync (jsonl), one Redis round trip per step and one offset commit per batch.
+        Default 500.
+    delivery_webhook_attempts : int
+        ``CLICKPULSE_DELIVERY_WEBHOOK_ATTEMPTS``; tries of one webhook POST (the first included)
+        on a connection error, a timeout, 408, 425, 429 or 5xx; then the action goes to
+        ``<namespace>.actions.dlq``. Other non-2xx answers are not retried. Default 5.
+    delivery_webhook_timeout_s : float
+        ``CLICKPULSE_DELIVERY_WEBHOOK_TIMEOUT_S``; seconds for one webhook POST (connect, send,
+        answer). Default 10.
+    delivery_webhook_backoff_s, delivery_webhook_backoff_max_s : float
+        ``CLICKPULSE_DELIVERY_WEBHOOK_BACKOFF_S`` (0.5) / ``CLICKPULSE_DELIVERY_WEBHOOK_BACKOFF_MAX_S``
+        (30); seconds: the wait before the first retry, doubling (with jitter) up to the maximum;
+        a ``Retry-After`` answer is honoured up to the maximum.
     """
 
     kafka_bootstrap: str = "127.0.0.1:9092"
@@ -306,6 +327,12 @@ class Settings:
     control_key: str = field(default="", repr=False)
     pii_policy_path: str = ""
     pii_hash_key: str = field(default="", repr=False)
+    delivery_dedup_ttl_s: float = 7 * 86400.0
+    delivery_batch_max: int = 500
+    delivery_webhook_attempts: int = 5
+    delivery_webhook_timeout_s: float = 10.0
+    delivery_webhook_backoff_s: float = 0.5
+    delivery_webhook_backoff_max_s: float = 30.0
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -322,6 +349,13 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_env(name)} must be > 0, got {getattr(self, name)!r}")
+        for name in ("delivery_dedup_ttl_s", "delivery_batch_max", "delivery_webhook_attempts",
+                     "delivery_webhook_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{_env(name)} must be > 0, got {getattr(self, name)!r}")
+        for name in ("delivery_webhook_backoff_s", "delivery_webhook_backoff_max_s"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"{_env(name)} must be >= 0, got {getattr(self, name)!r}")
         if not 0 < self.max_money < float("inf"):  # NaN or inf would disable the bound
             raise ConfigError(f"{_env('max_money')} must be a finite number > 0, got {self.max_money!r}")
         if self.kafka_session_timeout_s < 6:
