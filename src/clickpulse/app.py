@@ -42,7 +42,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import store as _store  # registers the clickpulse-rocksdb:// table store
 from .store import key_partition
-from .engine import Emitted, Engine, build_engine
+from .engine import Emitted, Engine, build_engine, clock_key
 from .engine.factory import build_models, build_rules
 from .errors import InvalidEvent
 from .events.contract import parse
@@ -153,7 +153,8 @@ class Worker:
             out.append((s.topic_quarantine, key.encode(), dumps(q), None, None))
         return out
 
-    async def emit(self, em: Emitted, extra: list[Any] | None = None) -> None:
+    async def emit(self, em: Emitted, extra: list[Any] | None = None,
+                   clocks: dict[int, bytes] | None = None) -> None:
         """Commit a step (local store writes, metrics), mark profiles and publish: first the
         step's records (actions, segment changes, examples, quarantine, ``extra``), **waiting for
         the broker's acknowledgement**, then the changelog records of the changed users (one per
@@ -168,7 +169,7 @@ class Worker:
         for key, st in em.states.items():
             mark(key, st)
         out = self.records(em) + (extra or [])
-        if not em.changed:
+        if not em.changed and not clocks:
             await self.publisher.send(out)
             return
         topic, n = self.settings.changelog_topic, self.settings.partitions
@@ -176,10 +177,22 @@ class Worker:
         for key, raw in em.changed.items():
             k = key.encode()
             changelog.append((topic, k, raw, key_partition(k, n), None))
+        for p, blob in (clocks or {}).items():  # the partitions' clock logs (Engine.checkpoint)
+            k = self.clock_key(p)
+            self.engine.table[k] = blob
+            changelog.append((topic, k, blob, p, None))
         if out:
             await self.publisher.send(out)
             await self.publisher.drain()
         await self.publisher.send(changelog)
+
+    def clock_key(self, partition: int) -> bytes:
+        """The table key of ``partition``'s clock log (cached)."""
+        cache = self.__dict__.setdefault("_clock_keys", {})
+        if partition not in cache:
+            n = self.settings.partitions
+            cache[partition] = clock_key(partition, lambda k: key_partition(k, n))
+        return cache[partition]
 
     def dead_letter(self, err: InvalidEvent, msg: Any) -> tuple[str, bytes | None, bytes, int | None, Any]:
         """The dead-letter record of ``msg``, redacted by the PII policy (without
@@ -400,7 +413,11 @@ def _wire_process(w: Worker) -> None:
         elapsed = time.perf_counter() - started
         w.metrics.process_latency.observe(elapsed / len(items))
         w.metrics.batch_size.observe(len(items))
-        await w.emit(em, out)
+        last: dict[int, dict[str, int]] = {}
+        for msg in msgs:  # the input position each partition's clock has now seen
+            last.setdefault(msg.partition, {})[msg.topic] = msg.offset
+        clocks = {p: engine.checkpoint(p, offs) for p, offs in last.items()}
+        await w.emit(em, out, clocks)
         out.clear()
         items.clear()
         msgs.clear()
@@ -504,7 +521,8 @@ def _wire_timers(w: Worker, users: Any) -> None:
     @app.on_rebalance_complete.connect
     async def on_rebalance_complete(sender: Any = None, **kwargs: Any) -> None:
         parts = _valid_partitions(w)
-        n = engine.restore(parts, list(users.data.items()), _now_ms())
+        committed = {(tp.topic, tp.partition): off for tp, off in app.consumer._committed_offset.items()}
+        n = engine.restore(parts, list(users.data.items()), _now_ms(), committed)
         log.info("clickpulse ready: partitions %s of %s recovered, %d pending timers", parts, s.topic_valid, n)
 
 

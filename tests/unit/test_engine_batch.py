@@ -190,3 +190,35 @@ def test_erase_removes_state_timers_and_segment_counts():
     assert eng.load("x") is None and eng.pending_timers() == 0
     assert eng.segment_members[0].get("hesitant_buyers") == 0
     assert eng.erase("nobody", 0)["state"] is False
+
+
+def test_restore_takes_the_clock_from_the_committed_input_position():
+    """After a crash the saved states can be ahead of the committed offsets; the watermark must
+    restart where the re-read begins, or timers fire before events that cancel them."""
+    from clickpulse.engine import CLOCK_KEY_PREFIX, clock_key
+    eng = _engine(models=False)
+    t0 = 1_569_924_000_000                                  # 2019-10-01T10:00:00Z
+    eng.step([(0, event("add_to_cart", user="a", product_id="p", at=t0))], 0)
+    eng.commit(eng.step([(0, event("page_view", user="b", at=t0 + 1_700_000))], 0))
+    log1 = eng.checkpoint(0, {"valid": 1})                  # offsets 0-1 seen: clock at t0 + 1700 s
+    eng.commit(eng.step([(0, event("page_view", user="c", at=t0 + 1_900_000))], 0))
+    log2 = eng.checkpoint(0, {"valid": 2})                  # offset 2 seen too
+    key = clock_key(0, lambda k: 0)
+    assert key.startswith(CLOCK_KEY_PREFIX)
+    table = dict(eng.table)
+    table[key] = log2
+    # 'a' is saved with its cart timer pending; 'c' (offset 2) is saved too but not committed
+    fresh = _engine(models=False)
+    fresh.table = table
+    fresh.restore([0], table.items(), 0, committed={("valid", 0): 2})
+    assert fresh.clocks[0].watermark(0) == t0 + 1_700_000 - 60_000   # not t0 + 1900 s - 60 s
+    assert fresh.step([], 0, tick=[0]).actions == []        # a's timer (due t0 + 1800 s) waits
+    # nothing committed at all: the clock waits for the re-read events
+    fresh2 = _engine(models=False)
+    fresh2.restore([0], table.items(), 0, committed={("valid", 0): None})
+    assert fresh2.clocks[0].watermark(0) is None
+    # no committed offsets known: the newest event time in the states (the previous behaviour)
+    fresh3 = _engine(models=False)
+    fresh3.restore([0], table.items(), 0)
+    assert fresh3.clocks[0].watermark(0) == t0 + 1_900_000 - 60_000
+    assert orjson.loads(log1)["log"][0]["t"] == t0 + 1_700_000

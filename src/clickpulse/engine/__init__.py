@@ -2,6 +2,6 @@
 
 from .emitted import Emitted, Failed
 from .factory import build_engine
-from .step import Engine
+from .step import CLOCK_KEY_PREFIX, Engine, clock_key
 
-__all__ = ["Emitted", "Engine", "Failed", "build_engine"]
+__all__ = ["CLOCK_KEY_PREFIX", "Emitted", "Engine", "Failed", "build_engine", "clock_key"]

@@ -33,12 +33,15 @@ rebuilt from the table by :meth:`Engine.restore` after a rebalance or recovery.
 
 from __future__ import annotations
 
+import collections
 import copy
 import functools
 import logging
-from collections.abc import Iterable, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
+
+import orjson
 
 from ..features.engagement import value as engagement_value
 from ..models.labels import after_event, before_event, next_due, on_watermark
@@ -57,6 +60,36 @@ from .emitted import Emitted, Failed
 log = logging.getLogger(__name__)
 #: model action type -> the task whose model decides it
 MODEL_ACTION_TASKS = {"high_intent": "intent", "churn_risk": "churn"}
+
+
+#: table keys of the partitions' clock logs start with this byte string: never valid UTF-8, so
+#: never a user key (user keys are encoded strings)
+CLOCK_KEY_PREFIX = b"\xffclock:"
+#: batches a partition's clock log remembers
+CLOCK_LOG_LEN = 64
+
+
+def clock_key(partition: int, place: Callable[[bytes], int]) -> bytes:
+    """The table key of ``partition``'s clock log: ``CLOCK_KEY_PREFIX + b"<partition>:<n>"`` with
+    the smallest ``n`` that ``place`` (the table's key partitioner) puts on ``partition``, so the
+    log lives in the partition's own changelog partition and moves with it."""
+    n = 0
+    while True:
+        key = CLOCK_KEY_PREFIX + f"{partition}:{n}".encode()
+        if place(key) == partition:
+            return key
+        n += 1
+
+
+def _committed_checkpoint(entries: list[dict[str, Any]], partition: int,
+                          committed: Mapping[tuple[str, int], int | None]) -> dict[str, Any] | None:
+    """The newest clock-log entry whose offsets are all below the committed offsets."""
+    for entry in reversed(entries):
+        offs = entry.get("o") or {}
+        if offs and all((c := committed.get((topic, partition))) is not None and off < c
+                        for topic, off in offs.items()):
+            return entry
+    return None
 
 
 def is_dormant(st: UserState) -> bool:
@@ -162,6 +195,7 @@ class Engine:
         self._prior = (1.0, 1.0)
         self.rule_errors = 0
         self._logged_rule_errors: set[str] = set()
+        self.clock_log: dict[int, collections.deque[dict[str, Any]]] = {}
         self.cache_users = cache_users
         self._cache: dict[str, UserState] = {}
         # what the single-event conveniences (process/tick/end_of_input) committed, for drain_*()
@@ -555,6 +589,8 @@ class Engine:
             em.count("users_new")
         if is_duplicate(st, event):
             em.count("duplicates")
+            # a re-read event (after a crash) moves the clock as the first reading did
+            clock.observe(int(event["timestamp_ms"]), wall_ms)
             self._fire(tx, partition, wall_ms, em)
             return Applied(duplicate=True)
         tx.dirty.add(key)
@@ -670,8 +706,18 @@ class Engine:
             raise
         return em
 
-    def restore(self, partitions: Iterable[int], items: Iterable[tuple[bytes, bytes]], wall_ms: int) -> int:
+    def restore(self, partitions: Iterable[int], items: Iterable[tuple[bytes, bytes]], wall_ms: int,
+                committed: Mapping[tuple[str, int], int | None] | None = None) -> int:
         """Rebuild clocks, timer indexes and aggregates of ``partitions`` from the recovered table.
+
+        ``committed``: the consumer group's committed offsets ``{(topic, partition): offset}``.
+        With them, a partition's clock restarts from its clock log (:meth:`checkpoint`, stored in
+        the table under :func:`clock_key`) at the newest checkpoint whose events are all
+        committed — the watermark as it was at the input position the worker resumes from, so
+        re-processing the uncommitted tail moves it exactly as the first time (no timer fires
+        early because the saved states ran ahead of the committed offsets). Without a usable
+        checkpoint the watermark waits for the re-read events (never early); without
+        ``committed`` (or a clock log) it is the newest event time in the partition's states.
 
         Returns the number of pending timers restored.
         """
@@ -695,7 +741,15 @@ class Engine:
         max_ts: dict[int, int] = {}
         max_wall: dict[int, int | None] = {}
         due: dict[int, list[tuple[str, int]]] = {p: [] for p in keep}
+        logs: dict[int, list[dict[str, Any]]] = {}
         for key, raw in items:
+            if key.startswith(CLOCK_KEY_PREFIX):
+                try:
+                    log_p = orjson.loads(raw)
+                    logs[int(log_p["p"])] = list(log_p["log"])
+                except Exception:  # noqa: BLE001 - a broken clock log: restore from the states
+                    log.warning("ignoring an undecodable clock log under %r", key)
+                continue
             try:
                 st = UserState.from_bytes(raw)
             except Exception:  # noqa: BLE001 - one corrupt record must not stop recovery
@@ -716,9 +770,27 @@ class Engine:
             self.pending_predictions += len(st.ml.get("pi", []))
         for p in keep:
             clock = self.clock(p)
-            clock.restore(max_ts.get(p), wall_ms, max_wall.get(p))
+            self.clock_log[p] = collections.deque(logs.get(p, ()), maxlen=CLOCK_LOG_LEN)
+            entry = None
+            if committed is not None and p in logs:
+                entry = _committed_checkpoint(logs[p], p, committed)
+                if entry is None:  # nothing known to be committed: the re-read events set the clock
+                    clock.restore(None, wall_ms, None)
+                else:
+                    clock.restore(entry["t"], wall_ms, entry.get("w"))
+            else:
+                clock.restore(max_ts.get(p), wall_ms, max_wall.get(p))
             self.timers[p].rebuild(due[p])
         return sum(len(v) for v in due.values())
+
+    def checkpoint(self, partition: int, offsets: Mapping[str, int]) -> bytes:
+        """Record the partition's clock as of the input ``offsets`` (``{topic: offset of the last
+        event of the batch}``) in its clock log (the last :data:`CLOCK_LOG_LEN` batches); returns
+        the log serialized, for the table under :func:`clock_key` (see :meth:`restore`)."""
+        c = self.clock(partition)
+        q = self.clock_log.setdefault(partition, collections.deque(maxlen=CLOCK_LOG_LEN))
+        q.append({"o": dict(offsets), "t": c.max_ts, "w": c.last_event_wall})
+        return orjson.dumps({"p": partition, "log": list(q)})
 
     def expire_step(self, partition: int, retention_ms: int, wall_ms: int, limit: int = 10_000,
                     dormant_retention_ms: int | None = None) -> Emitted:
@@ -747,6 +819,8 @@ class Engine:
         stale: list[str] = []
         forget: list[str] = []
         for key, raw in list(self.table.items()):
+            if key.startswith(CLOCK_KEY_PREFIX):
+                continue
             try:
                 st = UserState.from_bytes(raw)
             except Exception:  # noqa: BLE001 - left to quarantine at the user's next event
