@@ -48,7 +48,7 @@ from typing import Any, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchkit as K  # noqa: E402  (puts this checkout's src/ on sys.path)
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition  # noqa: E402
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # noqa: E402
 from aiokafka.partitioner import DefaultPartitioner  # noqa: E402
 from benchkit import say  # noqa: E402
 from faust_passthrough import TAKE_MAX, TAKE_WITHIN_S, WORKER_CURRENT, faust_env, faust_tuning  # noqa: E402

@@ -99,14 +99,16 @@ async def soak(worker: WorkerProcess, s: Settings, run: str, rate: float, second
 def growth(samples: list[dict[str, Any]]) -> dict[str, Any]:
     pts = [(x["users"], x["rss_bytes"] / 1024) for x in samples if x["rss_bytes"]]
     # the first sample is taken before any user: keep it, it anchors the intercept
+    last = samples[-1] if samples else {"published": 0, "processed": 0}
+    backlog = {"published": last["published"], "processed": last["processed"]}
     if len({u for u, _ in pts}) < 2:
-        return {"kb_per_user": None, "points": len(pts)}
+        return {"kb_per_user": None, "points": len(pts), **backlog}
     xs, ys = zip(*pts, strict=True)
     fit = statistics.linear_regression(xs, ys)
     r = statistics.correlation(xs, ys) if len(set(ys)) > 1 else 0.0
     return {"kb_per_user": round(fit.slope, 3), "intercept_mib": round(fit.intercept / 1024, 1),
             "r2": round(r * r, 3), "points": len(pts), "users": xs[-1],
-            "rss_growth_mib": round((ys[-1] - ys[0]) / 1024, 1)}
+            "rss_growth_mib": round((ys[-1] - ys[0]) / 1024, 1), **backlog}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"growth: {g['kb_per_user']:.2f} KB per new user (least squares over {g['points']} samples, "
               f"r² {g['r2']:.3f}); RSS +{g['rss_growth_mib']:.1f} MiB for {g['users']:,} users, "
               f"intercept {g['intercept_mib']:.1f} MiB")
+        if g["processed"] < 0.95 * g["published"]:
+            print(f"note: the worker processed {g['processed']:,} of {g['published']:,} published events: "
+                  f"{args.rate:g} events/s is more than it sustains here (lower --rate for a steady state)")
     return 0
 
 
