@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 ARGS ?=
 
-.PHONY: setup demo test test-unit services-start services-stop bench clean-local
+.PHONY: setup demo test test-unit services-start services-stop bench soak clean-local
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -c 'import sys; assert sys.version_info >= (3, 11), "clickpulse needs Python >= 3.11, this is " + sys.version'
@@ -32,9 +32,16 @@ services-start:
 services-stop:
 	deploy/local/services.sh stop
 
+# one table: aiokafka / Faust / Quix Streams / clickpulse, 3 interleaved reps, latency, RSS
+# (ARGS="--events 20000 --reps 1 --json" ...; the scripts start the local services if no broker answers)
 bench: setup
-	deploy/local/services.sh start
+	$(VENV)/bin/python -c 'import quixstreams, psutil' 2>/dev/null || $(VENV)/bin/pip install -q -e ".[bench]"
 	$(VENV)/bin/python benchmarks/pipeline.py $(ARGS)
+
+# the worker's RSS under a steady stream of new users (ARGS="--rate 200 --minutes 10"); not a CI test
+soak: setup
+	$(VENV)/bin/python -c 'import psutil' 2>/dev/null || $(VENV)/bin/pip install -q -e ".[bench]"
+	$(VENV)/bin/python benchmarks/soak.py $(ARGS)
 
 # stop services and delete broker data, jars cache and worker data
 clean-local: services-stop
