@@ -59,14 +59,13 @@ from clickpulse.ingest.replay import publish  # noqa: E402
 from clickpulse.observability.metrics import Metrics  # noqa: E402
 from clickpulse.runtime import WorkerProcess, free_port, read_topic, wait_caught_up  # noqa: E402
 from clickpulse.settings import Settings  # noqa: E402
-from clickpulse.engine import Engine  # noqa: E402
 from clickpulse.state.user import StateConfig, UserState  # noqa: E402
 from clickpulse.topics import ensure_topics  # noqa: E402
 
 PY = sys.executable
 HERE = Path(__file__).resolve().parent
-SYSTEMS = ("aiokafka", "faust", "faust-permsg", "quix-alo", "quix-eos", "clickpulse", "clickpulse-tuned")
-DEFAULT_SYSTEMS = ("aiokafka", "faust", "faust-permsg", "quix-alo", "quix-eos", "clickpulse")
+SYSTEMS = ("aiokafka", "faust", "faust-permsg", "quix-alo", "quix-eos", "clickpulse", "clickpulse-1hop")
+DEFAULT_SYSTEMS = ("aiokafka", "faust", "faust-permsg", "quix-alo", "quix-eos", "clickpulse", "clickpulse-1hop")
 LABELS = {
     "aiokafka": "1  aiokafka passthrough (1 hop, raw bytes)",
     "faust": "2  Faust passthrough, batched + faust_tuning()",
@@ -74,7 +73,7 @@ LABELS = {
     "quix-alo": "3  Quix Streams state step, at-least-once",
     "quix-eos": "3b Quix Streams state step, exactly-once",
     "clickpulse": "4  clickpulse worker (2 hops, full) *",
-    "clickpulse-tuned": "4b clickpulse worker + faust_tuning() env *",
+    "clickpulse-1hop": "4b clickpulse worker, 1 hop (RAW_KEYED) *",
 }
 BASELINES = ("aiokafka", "faust", "quix-alo")
 
@@ -211,7 +210,7 @@ def histogram_quantiles(m: dict[str, float], name: str, qs: tuple[float, ...]) -
 
 
 async def wait_processed(worker: WorkerProcess, s: Settings, n: int, timeout_s: float,
-                         poll_s: float = 0.1) -> tuple[float, float]:
+                         poll_s: float = 0.1, one_hop: bool = False) -> tuple[float, float]:
     """Poll until the worker has read all ``n`` raw messages, published every valid one and
     processed every valid message. Returns ``time.perf_counter()`` of the first poll that saw the
     raw topic fully read and of the first poll that saw everything done."""
@@ -235,7 +234,12 @@ async def wait_processed(worker: WorkerProcess, s: Settings, n: int, timeout_s: 
                     t_raw = t_raw or time.perf_counter()
                     m = worker.metrics()
                     valid = _total(m, "clickpulse_events_valid_total")
-                    if valid + _total(m, "clickpulse_events_invalid_total") >= n:
+                    if one_hop:  # validated and processed in the same agent: count the step's outcomes
+                        done = _total(m, "clickpulse_events_processed_total") + \
+                            _total(m, "clickpulse_events_duplicate_total") + _total(m, "clickpulse_events_invalid_total")
+                        if done >= n:
+                            return t_raw, time.perf_counter()
+                    elif valid + _total(m, "clickpulse_events_invalid_total") >= n:
                         valid_ends = await K.end_offsets(s.kafka_bootstrap, s.topic_valid, s.partitions, consumer=c)
                         if sum(valid_ends.values()) >= valid and seen_all(s.topic_valid, valid_ends, worker.progress()):
                             return t_raw, time.perf_counter()
@@ -247,29 +251,27 @@ async def wait_processed(worker: WorkerProcess, s: Settings, n: int, timeout_s: 
         await c.stop()
 
 
-def start_worker(ctx: Ctx, name: str, tuned: bool = False) -> tuple[WorkerProcess, Settings]:
+def start_worker(ctx: Ctx, name: str, one_hop: bool = False) -> tuple[WorkerProcess, Settings]:
     s = ctx.s.replace(namespace=f"bench-{ctx.run}-{name}", time_mode="replay", web_port=free_port(),
-                      data_dir=str(ctx.tmp / name / "worker-data"))
+                      data_dir=str(ctx.tmp / name / "worker-data"), raw_keyed=one_hop)
     # actions stamped by the broker when appended: the end point of the produce -> action latency
     asyncio.run(K.create_topics(s.kafka_bootstrap, [s.topic_actions], s.partitions, K.LOG_APPEND))
     asyncio.run(ensure_topics(s))
     env = {"PYTHONPATH": K.subprocess_env()["PYTHONPATH"]}
-    if tuned:
-        env.update(faust_env(faust_tuning()))
     worker = WorkerProcess(s, ctx.tmp / name / "worker.log", extra_env=env)
     say(f"  {name}: starting worker (log {worker.log_path})")
     worker.start().wait_ready()
     return worker, s
 
 
-def clickpulse_rep(ctx: Ctx, rep: int, tuned: bool = False) -> dict[str, Any]:
-    name = f"cp{'t' if tuned else ''}{rep}"
-    worker, s = start_worker(ctx, name, tuned)
+def clickpulse_rep(ctx: Ctx, rep: int, one_hop: bool = False) -> dict[str, Any]:
+    name = f"cp{'1' if one_hop else ''}{rep}"
+    worker, s = start_worker(ctx, name, one_hop)
     try:
         t0 = time.perf_counter()
         pub = asyncio.run(publish(s.kafka_bootstrap, s.topic_raw, ctx.inp.records))
         t_pub = time.perf_counter()
-        t_raw, t_done = asyncio.run(wait_processed(worker, s, ctx.n, ctx.timeout))
+        t_raw, t_done = asyncio.run(wait_processed(worker, s, ctx.n, ctx.timeout, one_hop=one_hop))
         rss = K.rss_bytes(worker.proc.pid)  # before the settle: the state the run built
         wait_caught_up(worker, s)  # the runtime's own check (+ settle), not timed
         m = worker.metrics()
@@ -283,7 +285,7 @@ def clickpulse_rep(ctx: Ctx, rep: int, tuned: bool = False) -> dict[str, Any]:
                "raw_messages_total", "events_valid_total", "events_invalid_total", "events_processed_total",
                "events_duplicate_total", "events_late_total", "users_new_total", "actions_total")},
            "process_latency": histogram_quantiles(m, "clickpulse_event_process_seconds", (0.5, 0.95, 0.99))}
-    if not tuned:
+    if not one_hop:
         ctx.last_clickpulse = {"settings": s, "result": res}
     return res
 
@@ -412,18 +414,9 @@ def changelog_states(s: Settings) -> tuple[str, dict[bytes, bytes]]:
 def offline_states(s: Settings, records: list[K.Record]) -> tuple[dict[bytes, bytes], list[float], list[float]]:
     """Apply the same events with the worker's engine, in per-partition order, no Kafka; also
     returns the wall time of each ``Engine.process`` and of each ``contract.parse`` call (s)."""
-    from clickpulse.models.labels import ModelConfig
-    from clickpulse.models.registry import ModelRegistry
-    from clickpulse.rules.bots import BotConfig
-    from clickpulse.rules.ruleset import load_rules
+    from clickpulse.engine import build_engine
     table: dict[bytes, bytes] = {}
-    registry = ModelRegistry({"intent": s.intent_pipeline, "churn": s.churn_pipeline}, s.model_seed) \
-        if s.models_enabled else None
-    engine = Engine(table, StateConfig.from_settings(s), allowed_lateness_ms=s.allowed_lateness_ms,
-                    idle_timeout_ms=s.idle_timeout_ms, live=s.time_mode == "live", metrics=Metrics(),
-                    models=registry, model_cfg=ModelConfig.from_settings(s), pending_total_cap=s.pending_total,
-                    rules=load_rules(s.rules_file) if s.rules_file else None,
-                    assumed_consent=s.assumed_consent, bots=BotConfig.from_settings(s))
+    engine = build_engine(s, table, metrics=Metrics())  # the worker's factory: same rules, models, settings
     parts = list(range(s.partitions))
     partition_of = DefaultPartitioner()
     now = int(time.time() * 1000)
@@ -479,7 +472,7 @@ def run_reps(ctx: Ctx, systems: list[str]) -> dict[str, list[dict[str, Any]]]:
         "quix-alo": lambda r: quix_rep(ctx, r, "at-least-once"),
         "quix-eos": lambda r: quix_rep(ctx, r, "exactly-once"),
         "clickpulse": lambda r: clickpulse_rep(ctx, r),
-        "clickpulse-tuned": lambda r: clickpulse_rep(ctx, r, tuned=True),
+        "clickpulse-1hop": lambda r: clickpulse_rep(ctx, r, one_hop=True),
     }
     reps: dict[str, list[dict[str, Any]]] = {k: [] for k in systems}
     for rep in range(1, ctx.args.reps + 1):
@@ -528,9 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--events", type=int, default=50_000, help="events per measurement (default 50000)")
     ap.add_argument("--reps", type=int, default=3, help="repetitions of each system, interleaved (default 3)")
     ap.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
-                    help=f"comma-separated subset of {','.join(SYSTEMS)} (default: all but clickpulse-tuned)")
-    ap.add_argument("--worker-tuned", action="store_true",
-                    help="add clickpulse-tuned: the worker with faust_tuning() given as Faust env vars")
+                    help=f"comma-separated subset of {','.join(SYSTEMS)} (default: all)")
     ap.add_argument("--latency-load", type=float, default=0.7,
                     help="latency test rate as a fraction of clickpulse's median events/s (default 0.7)")
     ap.add_argument("--latency-seconds", type=float, default=60.0,
@@ -545,8 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.events <= 0 or args.reps <= 0:
         ap.error("--events and --reps must be > 0")
     systems = [x.strip() for x in args.systems.split(",") if x.strip()]
-    if args.worker_tuned and "clickpulse-tuned" not in systems:
-        systems.append("clickpulse-tuned")
+
     if bad := [x for x in systems if x not in SYSTEMS]:
         ap.error(f"unknown systems {bad}; choose from {SYSTEMS}")
     import importlib.util
@@ -659,7 +649,7 @@ def render(r: dict[str, Any]) -> str:
                   "rates 1-3: N / (first input message consumed -> last output appended), input pre-published;",
                   "* clickpulse: N / (publish start -> every raw and valid message processed), published while running.",
                   ""]
-        for k in ("clickpulse", "clickpulse-tuned"):
+        for k in ("clickpulse", "clickpulse-1hop"):
             if systems.get(k, {}).get("rss_mib_median"):
                 row = systems[k]
                 lines.append(f"worker RSS at the end ({k}): median {row['rss_mib_median']:.0f} MiB "

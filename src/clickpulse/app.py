@@ -73,19 +73,42 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def faust_tuning(settings: Settings) -> dict[str, Any]:
-    """Faust/aiokafka settings of the worker (and of the benchmarks' bare Faust passthrough).
+def faust_tuning() -> dict[str, Any]:
+    """Tuned ``faust.App`` settings for a high-rate consume -> produce agent (faust-streaming 0.15).
 
-    * ``broker_max_poll_records`` 2000: records per fetch, so a batch step can fill up;
-    * ``stream_buffer_maxsize`` 8192: events buffered per partition ahead of the agent;
-    * ``producer_linger_ms`` 5 and ``producer_max_batch_size`` 256 KiB: the producer batches
-      outputs instead of sending a request per message;
-    * ``broker_commit_every`` 10000 / ``broker_commit_interval`` 1.0 s: commit by time under load;
-    * ``stream_wait_empty`` off: a rebalance does not wait for buffers to drain.
+    The worker's and the benchmarks' bare Faust passthrough's. Chosen by the sweep in ``benchmarks/README.md`` ("Faust tuning"): each value against the
+    defaults, interleaved, on this 2-core host.
+
+    * ``broker_max_poll_records`` (default None: unbounded): records per ``getmany`` of the
+      aiokafka consumer. Bounding it keeps one poll's work short (fairer between partitions,
+      shorter pauses of timers and the web server); the sweep saw no throughput cost at 1000+.
+    * ``stream_buffer_maxsize`` (default 4096): messages a stream may prefetch before the
+      conductor stops fetching for it (back pressure). Larger lets fetches overlap processing.
+    * ``producer_linger`` (seconds; ``producer_linger_ms`` is the deprecated alias; default 0):
+      how long the producer waits to fill a batch. A few ms turn many tiny produce requests into
+      few larger ones; it adds at most that much to the produce -> output latency.
+    * ``producer_max_batch_size`` (bytes per partition batch, default 16384): with ~400-byte
+      events the default holds ~40 messages; a larger batch means fewer requests.
+    * ``broker_commit_every`` (default 10000) / ``broker_commit_interval`` (s, default 2.8):
+      commit offsets after this many acked messages / this often. Commits are cheap but not
+      free; they bound the re-processing after a crash (at-least-once).
+    * ``stream_wait_empty=False`` (default True): do not wait for in-flight events before a
+      rebalance or shutdown (the worker's processing is idempotent per event id).
+    * ``producer_acks=-1`` (``all``, Faust's default): the leader waits for the in-sync replicas;
+      the durability clickpulse wants for actions and the table changelog.
+    * ``consumer_max_fetch_size`` (bytes per partition per fetch, default 1 MiB).
     """
-    return {"broker_max_poll_records": 2000, "stream_buffer_maxsize": 8192, "producer_linger_ms": 5,
-            "producer_max_batch_size": 256 * 1024, "broker_commit_every": 10_000, "broker_commit_interval": 1.0,
-            "stream_wait_empty": False, "producer_acks": -1}
+    return {
+        "broker_max_poll_records": 2000,
+        "stream_buffer_maxsize": 16384,
+        "producer_linger": 0.005,
+        "producer_max_batch_size": 256 * 1024,
+        "broker_commit_every": 10_000,
+        "broker_commit_interval": 1.0,
+        "stream_wait_empty": False,
+        "producer_acks": -1,
+        "consumer_max_fetch_size": 4 * 1024 * 1024,
+    }
 
 
 class Publisher:
@@ -323,7 +346,7 @@ def _app(settings: Settings) -> faust.App:
         broker_session_timeout=settings.kafka_session_timeout_s,
         broker_heartbeat_interval=min(3.0, settings.kafka_session_timeout_s / 3),
         logging_config=None,
-        **faust_tuning(settings),
+        **faust_tuning(),
     )
 
 
