@@ -234,13 +234,7 @@ def test_sigkill_mid_replay_duplicates_identical_none_lost_adapter_delivers_once
         if got != oracle[typ]:
             gaps.append(f"{typ}: {len(set(oracle[typ]) - set(got))} of the oracle's missing, "
                         f"{len(set(got) - set(oracle[typ]))} not the oracle's")
-    if gaps:
-        # KNOWN GAP (docs/delivery.md, "Known gap"): the worker's state changelog can reach the
-        # broker ahead of the actions of the same step and of the committed input offsets; after
-        # a SIGKILL the re-read events are then dropped as duplicates (their actions are lost) and
-        # the watermark rebuilt from that state fires other users' timers early. Turn this into a
-        # failure (delete the xfail) once the worker publishes a step's actions before its state.
-        pytest.xfail("worker recovery gap after SIGKILL: " + " | ".join(gaps))
+    assert not gaps, "after a SIGKILL: " + " | ".join(gaps)
 
 
 def test_webhook_delivers_duplicates_once_and_dead_letters_refusals(make_settings):
