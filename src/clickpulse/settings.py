@@ -199,7 +199,7 @@ class Settings:
     state_cache_users : int
         ``CLICKPULSE_STATE_CACHE_USERS``; decoded states of recently active users kept in memory
         by the engine (least recently used evicted), so consecutive events of a user decode its
-        state once. Default 20000.
+        state once. Default 5000.
     batch_max_events : int
         ``CLICKPULSE_BATCH_MAX_EVENTS``; the most events one engine step takes (the agents read
         the stream with Faust's ``take_events``). Default 1000.
@@ -318,7 +318,7 @@ class Settings:
     engagement_weights: str = ""
     data_dir: str = ".local/worker-data"
     state_store: str = "rocksdb"
-    state_cache_users: int = 20_000
+    state_cache_users: int = 5_000
     batch_max_events: int = 1000
     batch_within_s: float = 0.02
     raw_keyed: bool = False
