@@ -55,11 +55,36 @@ Semantics (stated once, applied the same way live and in a replay)
 * **Reloads.** Per-trigger state is keyed by trigger name: a trigger kept across a reload keeps
   its timers, cooldown and once_per history (no double firing); a removed trigger's state is
   dropped at the user's next evaluation; a new one starts fresh.
+* **What is computed, and when it is reused.** Each compiled expression knows the namespace
+  names it reads (:attr:`clickpulse.rules.ruleset.Expr.deps`, from the type-checked AST; ``count``
+  down to its constant types and spans). An evaluation (one event, or one timer's due time) builds
+  only the names its conditions read (:func:`clickpulse.rules.namespace.flat_namespace`), asks
+  the engine's :attr:`RuleContext.extra` only for the model/population values those read (and
+  not at all when none does), builds a payload's names only when its trigger fires, and makes
+  one CEL activation per evaluation (a second only when a trigger reads ``segments`` and the
+  membership changed, or a firing payload reads names the conditions did not).
+* **Incremental evaluation.** The result of each segment and trigger condition is remembered
+  per user together with its *inputs*: the values of the names it reads at that evaluation.
+  At the user's next evaluation the inputs are rebuilt and compared exactly (type, value, order
+  of entries; a double's sign of zero) with the remembered ones; when they are all equal the
+  condition cannot give another result (CEL evaluation is a pure function of them), so the
+  result, and its runtime error if it had one, is reused; otherwise the condition is evaluated.
+  Inputs that move with time alone (``session.idle_s``, ``cart.idle_s``, ``lifetime.days_since_*``,
+  window counts rolling out, ``category_views`` day buckets, the engagement decay) and the
+  engine's values (models, population) are rebuilt at every evaluation like the others, so a
+  boundary crossed or a model update shows up as a changed input. A condition reading
+  ``event`` is always evaluated (every event differs). The cache is in memory, per ruleset (a
+  reload starts empty), for at most :data:`MEMO_USERS` users (the least recently evaluated are
+  dropped), and never in ``UserState``: after a restart, a rebalance or an eviction it is just
+  empty and everything is evaluated, so decisions are the same as with :data:`INCREMENTAL`
+  off (``RuleContext.incremental=False`` for one context).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import math
+import operator
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,8 +92,21 @@ from ..events.contract import to_rfc3339
 from ..state.user import UserState, action_id
 from .bots import BotConfig, is_bot
 from .bots import observe as observe_bot
-from .namespace import namespace
-from .ruleset import EvalError, Ruleset, Trigger, cel_env, evaluate_condition, flatten, render_payload
+from .namespace import EXTRA_KEYS, NONE, VARIABLES, Deps, fill_namespace, namespace
+from .ruleset import EvalError, Expr, Ruleset, Trigger, _json, _template_exprs, cel_env, flatten, render_payload
+
+#: Reuse a condition's result when its inputs equal those of an earlier evaluation (see
+#: "Incremental evaluation" in the module docstring). ``False``: evaluate every condition every time.
+INCREMENTAL = True
+#: Build only the names the expressions read (``False``: the full :func:`namespace` at every
+#: evaluation, the reference behaviour; for tests).
+LAZY_NAMESPACE = True
+#: Distinct inputs remembered per group of expressions (the segments' conditions, the conditions
+#: of one event type's triggers, one trigger's condition, one payload), per ruleset.
+MEMO_ENTRIES = 4096
+#: Every key the engine's ``extra`` can be asked for (:data:`clickpulse.rules.namespace.EXTRA_KEYS`).
+EXTRA_NAMES: frozenset[str] = frozenset(EXTRA_KEYS.values())
+
 
 @dataclass(frozen=True)
 class SegmentChange:
@@ -97,25 +135,36 @@ class RuleContext:
     segment_active
         ``name -> bool``: the segment has at least ``min_size`` members (the engine's counts).
     extra
-        Extra namespace values computed by the engine (``scores.engagement``, ``scores.p_purchase``,
-        ``tier``, ``conversion.user``): passed to :func:`clickpulse.rules.namespace.namespace`.
+        ``extra(state, at_ms, names) -> Mapping``: the namespace values the engine computes from
+        its models and population, as of event time ``at_ms`` (epoch ms). ``names`` is a non-empty
+        ``frozenset`` of the keys wanted, a subset of :data:`EXTRA_NAMES`: ``"engagement"``
+        (``scores.engagement``, float >= 0), ``"p_purchase"`` (``scores.p_purchase``, 0-1),
+        ``"tier"`` (``tier``, str), ``"conversion_user"`` (``conversion.user``, 0-1). The
+        mapping holds at least those of ``names`` the engine can compute (a missing one gets
+        its neutral default: 0.0, 0.5, ``"medium"``, 0.5); each value must not depend on which
+        other names were asked for. It is called only when an expression being evaluated reads
+        one of them (never with an empty set), possibly more than once per evaluation with
+        different names. ``None``: every one is its default.
     assumed_consent
         Consent purposes taken as granted for a user who never sent a ``consent`` event.
     bots
         Bot-detection thresholds.
     created_at
         Wall-clock publication time of the actions (RFC 3339), their only non-deterministic field.
+    incremental
+        Reuse unchanged conditions' results (module docstring); ``None``: :data:`INCREMENTAL`.
     """
 
     ruleset: Ruleset
     segment_active: Callable[[str], bool] = lambda _name: True
-    extra: Callable[[UserState, int], Mapping[str, Any]] | None = None
+    extra: Callable[[UserState, int, frozenset[str]], Mapping[str, Any]] | None = None
     #: ``(segment, +1 | -1)`` as soon as a user enters / leaves it, so that the size the gate
     #: sees includes the user who just entered
     count_member: Callable[[str, int], None] | None = None
     assumed_consent: frozenset[str] = frozenset()
     bots: BotConfig = field(default_factory=BotConfig)
     created_at: str = ""
+    incremental: bool | None = None
 
     @property
     def hold_ms(self) -> int:
@@ -133,6 +182,343 @@ class Outcome:
     errors: list[EvalError] = field(default_factory=list)
     timer_skipped_late: int = 0
     bot_flagged: str | None = None  # the reason, when this event made the user a bot
+
+
+# --------------------------------------------------------------------------- one evaluation
+
+
+def _strict(v: Any) -> Any:
+    """A hashable image of a ``dyn`` value that tells apart what CEL tells apart (1, 1.0 and
+    true; 0.0 and -0.0; the order of a list or a map)."""
+    t = type(v)
+    if t is dict:
+        return dict, tuple((k, _strict(x)) for k, x in v.items())
+    if t is list:
+        return list, tuple(_strict(x) for x in v)
+    if t is float:
+        return float, v, math.copysign(1.0, v)
+    return t, v
+
+
+def _double(v: float) -> Any:
+    return v if v else (v, math.copysign(1.0, v))
+
+
+def _items(v: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    return tuple(v.items())
+
+
+#: CEL type -> hashable image of a value of that type, exact for CEL (None: the value itself; the
+#: namespace gives these types exactly: int, str, bool); other types: :func:`_strict`
+_IMAGES: dict[str, Callable[[Any], Any] | None] = {
+    "int": None, "string": None, "bool": None, "double": _double, "list<string>": tuple,
+    "map<string, int>": _items, "map<string, bool>": _items,
+}
+
+
+def _count_image(types: frozenset[str] | None, spans: frozenset[str] | None) -> Callable[[Any], Any]:
+    tkeys = None if types is None else tuple(sorted(types))
+    skeys = None if spans is None else tuple(sorted(spans))
+
+    def image(counts: dict[str, dict[str, int]]) -> Any:
+        out = []
+        for t in (counts if tkeys is None else tkeys):
+            d = counts.get(t)
+            if d is None:
+                out.append((t, None))
+            else:
+                out.append((t, tuple(d.items()) if skeys is None else tuple([d.get(s) for s in skeys])))
+        return tuple(out)
+    return image
+
+
+def _walk(v: Any, path: tuple[str, ...]) -> Any:
+    """Image of what the key path ``path`` reaches in the plain map ``v``."""
+    for i, k in enumerate(path):
+        if type(v) is not dict:
+            return "leaf", i, _strict(v)
+        if k not in v:
+            return "absent", i
+        v = v[k]
+    return _strict(v)
+
+
+def _event_image(paths: frozenset[tuple[str, ...]]) -> Callable[[Any], Any]:
+    ordered = tuple(sorted(paths))
+    return lambda v: tuple([_walk(v, path) for path in ordered])
+
+
+def _inputs_fn(deps: Deps) -> Callable[[dict[str, Any]], Any]:
+    """``flat -> hashable image of the values deps reads`` (equal images: the same values for
+    CEL; ``event`` only along ``deps.event_paths``, which must not be None)."""
+    plain = tuple(sorted(n for n in deps.names if n not in ("count", "event") and VARIABLES[n] in _IMAGES
+                         and _IMAGES[VARIABLES[n]] is None))
+    special: list[tuple[str, Callable[[Any], Any]]] = []
+    for n in sorted(deps.names - set(plain)):
+        if n == "count":
+            special.append((n, _count_image(deps.count_types, deps.count_spans)))
+        elif n == "event":
+            assert deps.event_paths is not None
+            special.append((n, _event_image(deps.event_paths)))
+        else:
+            special.append((n, _IMAGES.get(VARIABLES[n]) or _strict))
+    get = operator.itemgetter(*plain) if plain else (lambda _flat: ())
+    if not special:
+        return get
+    sp = tuple(special)
+    return lambda flat: (get(flat), tuple([fn(flat[n]) for n, fn in sp]))
+
+
+def _union_deps(exprs: Any) -> Deps:
+    out = NONE
+    for e in exprs:
+        out = out | e.deps
+    return out
+
+
+_UNREAD: Any = object()  # a name not read / not built
+
+
+def _whole_event(e: Expr) -> bool:
+    return "event" in e.deps.names and e.deps.event_paths is None
+
+
+class _Group:
+    """Expressions evaluated together at one point, and their results remembered by their
+    inputs: the segments' conditions, the conditions of one event type's triggers, one
+    trigger's condition, one payload's values. One that reads all of ``event`` (not only through
+    constant keys) is never remembered: every event differs."""
+
+    __slots__ = ("all_names", "cache", "count", "event", "exprs", "inputs", "live", "live_names", "memo",
+                 "memo_names", "plain")
+
+    def __init__(self, exprs: Sequence[Expr]) -> None:
+        self.exprs = tuple(exprs)
+        deps = _union_deps(self.exprs)
+        self.all_names = deps.names
+        self.plain = tuple(sorted(n for n in deps.names if n not in ("count", "event")))
+        self.count = (deps.count_types, deps.count_spans) if "count" in deps.names else None
+        self.event = deps.event_paths if "event" in deps.names else _UNREAD  # None: all of it
+        self.memo = tuple(i for i, e in enumerate(self.exprs) if not _whole_event(e))
+        self.live = tuple(i for i, e in enumerate(self.exprs) if _whole_event(e))
+        mdeps = _union_deps(self.exprs[i] for i in self.memo)
+        self.memo_names = mdeps.names
+        self.live_names = _union_deps(self.exprs[i] for i in self.live).names
+        self.inputs = _inputs_fn(mdeps)
+        self.cache: dict[Any, Any] = {}
+
+    def remember(self, key: Any, value: Any) -> None:
+        cache = self.cache
+        while len(cache) >= MEMO_ENTRIES:
+            try:
+                del cache[next(iter(cache))]  # the oldest
+            except (KeyError, RuntimeError, StopIteration):  # changed by another thread: try again
+                continue
+        cache[key] = value
+
+
+def _runtime(rs: Ruleset) -> dict[str, Any]:
+    """The evaluator's per-ruleset data (groups and their remembered results)."""
+    rt = rs.runtime
+    if not rt:
+        rt.update(
+            by_name={t.name: t for t in rs.triggers},
+            timeouts=tuple((trig, trig.on.timeout) for trig in rs.triggers if trig.on.timeout is not None),
+            segments=_Group([seg.when for seg in rs.segments]),
+            events={etype: _Group([t.when for t in trigs]) for etype, trigs in rs.event_triggers.items()},
+            when={t.name: _Group([t.when]) for t in rs.triggers},
+            payload={t.name: _Group(_template_exprs(t.action.payload)) for t in rs.triggers},
+        )
+    return rt
+
+
+def _within(need: frozenset[Any] | None, have: frozenset[Any] | None) -> bool:
+    return have is None or (need is not None and need <= have)
+
+
+def _or(a: frozenset[Any] | None, b: frozenset[Any] | None) -> frozenset[Any] | None:
+    return None if a is None or b is None else a | b
+
+
+class _Point:
+    """One evaluation of a user: the state as of ``at`` (after ``event``, or at a timer's due
+    time with ``event`` None), the names built so far (flat) and a CEL activation over them."""
+
+    __slots__ = ("act", "act_count", "act_event", "act_names", "at", "count_cov", "ctx", "event", "event_cov",
+                 "flat", "incremental", "seg", "st")
+
+    def __init__(self, st: UserState, at: int, ctx: RuleContext, event: Mapping[str, Any] | None) -> None:
+        self.st = st
+        self.at = at
+        self.ctx = ctx
+        self.event = event
+        self.incremental = INCREMENTAL if ctx.incremental is None else ctx.incremental
+        self.seg: list[str] = st.rules.get("seg", [])  # membership the ``segments`` name shows
+        self.flat: dict[str, Any] = {}
+        self.count_cov: tuple[Any, Any] | None = None  # types and spans flat["count"] has
+        self.event_cov: Any = _UNREAD  # paths flat["event"] has (None: all)
+        self.act: Any = None
+        self.act_names: frozenset[str] = frozenset()
+        self.act_count: Any = None  # the flat["count"] and flat["event"] objects the activation holds
+        self.act_event: Any = None
+
+    def _visible(self) -> list[str]:
+        active = self.ctx.segment_active
+        return [s for s in self.seg if active(s)]
+
+    def need(self, g: _Group) -> None:
+        """Build the names ``g`` reads that are not built yet."""
+        flat = self.flat
+        missing = [n for n in g.plain if n not in flat]
+        count = g.count
+        if count is not None:
+            cov = self.count_cov
+            if cov is None:
+                missing.append("count")
+            elif not (_within(count[0], cov[0]) and _within(count[1], cov[1])):
+                count = (_or(cov[0], count[0]), _or(cov[1], count[1]))  # rebuilt with both
+                missing.append("count")
+        paths = g.event
+        if paths is not _UNREAD:
+            cov = self.event_cov
+            if cov is _UNREAD:
+                missing.append("event")
+            elif not _within(paths, cov):
+                paths = _or(cov, paths)
+                missing.append("event")
+        if not missing:
+            return
+        ctx = self.ctx
+        if not LAZY_NAMESPACE:  # the reference: everything, once
+            extra = ctx.extra(self.st, self.at, EXTRA_NAMES) if ctx.extra is not None else None
+            self.flat = flatten(namespace(self.st, self.at, segments=self._visible(), event=self.event, extra=extra))
+            self.count_cov = (None, None)
+            self.event_cov = None
+            return
+        keys = frozenset([EXTRA_KEYS[n] for n in missing if n in EXTRA_KEYS])
+        extra = ctx.extra(self.st, self.at, keys) if keys and ctx.extra is not None else None
+        fill_namespace(flat, self.st, self.at, missing, None if count is None else count[0],
+                       None if count is None else count[1], paths, None,
+                       self._visible() if "segments" in missing else (), self.event, extra)
+        if "count" in missing:
+            self.count_cov = count
+        if "event" in missing:
+            self.event_cov = paths
+
+    def activation(self, names: frozenset[str]) -> Any:
+        """A CEL activation holding at least ``names`` (built: call :meth:`need` first)."""
+        flat = self.flat
+        if self.act is not None:
+            if names <= self.act_names and ("count" not in names or flat["count"] is self.act_count) \
+                    and ("event" not in names or flat["event"] is self.act_event):
+                return self.act
+            names = names | self.act_names
+        if not LAZY_NAMESPACE:
+            names = frozenset(flat)
+        self.act = cel_env().Activation({n: flat[n] for n in names})
+        self.act_names = names
+        self.act_count = flat.get("count")
+        self.act_event = flat.get("event")
+        return self.act
+
+    def set_segments(self, seg: list[str]) -> None:
+        """The membership changed (the engine's counts were updated already)."""
+        self.seg = seg
+        if "segments" in self.flat:
+            if LAZY_NAMESPACE:
+                del self.flat["segments"]
+            else:
+                self.flat["segments"] = self._visible()
+        if "segments" in self.act_names:
+            self.act = None
+            self.act_names = frozenset()
+
+
+def _eval_bool(expr: Expr, act: Any) -> tuple[bool, str | None]:
+    """(value, runtime error) of a condition: exactly what
+    :func:`~clickpulse.rules.ruleset.evaluate_condition` answers and reports."""
+    try:
+        value = expr.program.eval(act)
+        plain = value.plain_value()
+        if type(plain) is bool:  # a bool value (an error's plain value is its message)
+            return plain, None
+        if value.type().name() == "ERROR":
+            return False, str(value.value())
+        result = _json(plain)
+    except Exception as err:  # noqa: BLE001 - a rule must never take the stream down
+        return False, f"{type(err).__name__}: {err}"
+    if isinstance(result, bool):
+        return result, None
+    return False, f"the condition gave {result!r}, not a bool"
+
+
+def _results(p: _Point, g: _Group) -> Sequence[tuple[bool, str | None]]:
+    """(value, runtime error) of each condition of ``g`` at ``p``, re-used when remembered."""
+    p.need(g)
+    exprs = g.exprs
+    if not p.incremental:
+        act = p.activation(g.all_names)
+        return [_eval_bool(e, act) for e in exprs]
+    hit = None
+    if g.memo:
+        key = g.inputs(p.flat)
+        hit = g.cache.get(key)
+        if hit is None:
+            act = p.activation(g.memo_names)
+            hit = tuple([_eval_bool(exprs[i], act) for i in g.memo])
+            g.remember(key, hit)
+        if not g.live:
+            return hit
+    out: list[Any] = [None] * len(exprs)
+    if hit is not None:
+        for j, i in enumerate(g.memo):
+            out[i] = hit[j]
+    act = p.activation(g.live_names)
+    for i in g.live:
+        out[i] = _eval_bool(exprs[i], act)
+    return out
+
+
+def _condition(p: _Point, trig: Trigger, out: Outcome) -> bool:
+    met, reason = _results(p, _runtime(p.ctx.ruleset)["when"][trig.name])[0]
+    if reason is not None:
+        out.errors.append(EvalError(trig.when.rule, trig.when.field, reason))
+    return met
+
+
+def _copy(v: Any) -> Any:
+    t = type(v)
+    if t is dict:
+        return {k: _copy(x) for k, x in v.items()}
+    if t is list:
+        return [_copy(x) for x in v]
+    return v
+
+
+def _payload(p: _Point, trig: Trigger, errors: list[EvalError]) -> Any:
+    """The trigger's payload at ``p`` (:func:`~clickpulse.rules.ruleset.render_payload`),
+    re-used (a copy) when its inputs equal remembered ones."""
+    template = trig.action.payload
+    g = _runtime(p.ctx.ruleset)["payload"][trig.name]
+    if not g.exprs:
+        return render_payload(template, None, errors)
+    p.need(g)
+    key = None
+    if p.incremental and not g.live:
+        key = g.inputs(p.flat)
+        hit = g.cache.get(key)
+        if hit is not None:
+            errors.extend(hit[1])
+            return _copy(hit[0])
+    mine: list[EvalError] = []
+    payload = render_payload(template, p.activation(g.all_names), mine)
+    errors.extend(mine)
+    if key is not None:
+        g.remember(key, (_copy(payload), tuple(mine)))
+    return payload
+
+
+# --------------------------------------------------------------------------- decisions
 
 
 def _tstate(st: UserState, name: str) -> dict[str, Any]:
@@ -175,9 +561,9 @@ def _reason(trig: Trigger, detail: str) -> str:
     return f"trigger {trig.name}: {detail}" + (f" ({trig.description})" if trig.description else "")
 
 
-def _fire(st: UserState, trig: Trigger, at_ms: int, occurrence: str, detail: str, act: Any, ctx: RuleContext,
+def _fire(st: UserState, trig: Trigger, at_ms: int, occurrence: str, detail: str, p: _Point, ctx: RuleContext,
           out: Outcome) -> None:
-    """Gate, then build the action and record the firing."""
+    """Gate, then build the action (its payload over ``p``) and record the firing."""
     blocked = _gate(st, trig, at_ms, ctx)
     if blocked is not None:
         out.decisions.append((trig.name, blocked))
@@ -188,7 +574,7 @@ def _fire(st: UserState, trig: Trigger, at_ms: int, occurrence: str, detail: str
     ts["n"] = int(ts.get("n", 0)) + 1
     if ts.get("e") is not None:
         ts["fe"] = ts["e"]
-    payload = render_payload(trig.action.payload, act, out.errors)
+    payload = _payload(p, trig, out.errors)
     action = {
         "schema_version": 1,
         "action_id": action_id(st.key, trig.name, occurrence),
@@ -213,24 +599,19 @@ def _fire(st: UserState, trig: Trigger, at_ms: int, occurrence: str, detail: str
     out.decisions.append((trig.name, "fired"))
 
 
-def _flat(st: UserState, at_ms: int, ctx: RuleContext, segments: list[str],
-          event: Mapping[str, Any] | None) -> dict[str, Any]:
-    extra = ctx.extra(st, at_ms) if ctx.extra is not None else None
-    visible = [s for s in segments if ctx.segment_active(s)]
-    return flatten(namespace(st, at_ms, segments=visible, event=event, extra=extra))
-
-
-def _ns(st: UserState, at_ms: int, ctx: RuleContext, segments: list[str], event: Mapping[str, Any] | None) -> Any:
-    return cel_env().Activation(_flat(st, at_ms, ctx, segments, event))
-
-
-def _segments(st: UserState, at_ms: int, ctx: RuleContext, event: Mapping[str, Any] | None,
-              out: Outcome) -> tuple[Any, list[str], list[str]]:
-    """Re-evaluate membership; returns (activation with the new membership, entered, exited)."""
-    before = list(st.rules.get("seg", []))
-    flat = _flat(st, at_ms, ctx, before, event)
-    act = cel_env().Activation(flat)
-    now = [] if is_bot(st.rules.get("bot", {})) else ctx.ruleset.matching_segments(act, out.errors)
+def _segments(p: _Point, out: Outcome) -> tuple[list[str], list[str]]:
+    """Re-evaluate membership at ``p`` (which then holds the new one); returns (entered, exited)."""
+    st, ctx = p.st, p.ctx
+    rs = ctx.ruleset
+    before = p.seg
+    now: list[str] = []
+    if not is_bot(st.rules.get("bot", {})) and rs.segments:
+        results = _results(p, _runtime(rs)["segments"])
+        for seg, (ok, reason) in zip(rs.segments, results, strict=True):
+            if reason is not None:
+                out.errors.append(EvalError(seg.when.rule, seg.when.field, reason))
+            if ok:
+                now.append(seg.name)
     entered = [s for s in now if s not in before]
     exited = [s for s in before if s not in now]
     if entered or exited:
@@ -239,22 +620,21 @@ def _segments(st: UserState, at_ms: int, ctx: RuleContext, event: Mapping[str, A
         else:
             st.rules.pop("seg", None)
         for s in entered:
-            out.changes.append(SegmentChange(st.key, s, "entered", at_ms, ctx.ruleset.version))
+            out.changes.append(SegmentChange(st.key, s, "entered", p.at, rs.version))
             if ctx.count_member is not None:
                 ctx.count_member(s, +1)
         for s in exited:
-            out.changes.append(SegmentChange(st.key, s, "exited", at_ms, ctx.ruleset.version))
+            out.changes.append(SegmentChange(st.key, s, "exited", p.at, rs.version))
             if ctx.count_member is not None:
                 ctx.count_member(s, -1)
-        flat["segments"] = [s for s in now if ctx.segment_active(s)]  # only membership changed
-        act = cel_env().Activation(flat)
-    return act, entered, exited
+        p.set_segments(now)  # only membership changed
+    return entered, exited
 
 
-def _segment_triggers(st: UserState, at_ms: int, ctx: RuleContext, act: Any, entered: list[str],
-                      exited: list[str], occurrence: str, out: Outcome) -> None:
+def _segment_triggers(p: _Point, entered: list[str], exited: list[str], occurrence: str, out: Outcome) -> None:
     if not (entered or exited):
         return
+    st, ctx = p.st, p.ctx
     for trig in ctx.ruleset.triggers:
         kind = trig.on.kind
         if kind not in ("segment_enter", "segment_exit"):
@@ -265,15 +645,15 @@ def _segment_triggers(st: UserState, at_ms: int, ctx: RuleContext, act: Any, ent
         if not ctx.segment_active(seg):  # the size counts the user who just entered / not the one who left
             out.decisions.append((trig.name, "segment_too_small"))
             continue
-        if evaluate_condition(trig.when, act, out.errors):
+        if _condition(p, trig, out):
             verb = "entered" if kind == "segment_enter" else "left"
-            _fire(st, trig, at_ms, f"{kind}|{occurrence}", f"{verb} segment {seg}", act, ctx, out)
+            _fire(st, trig, p.at, f"{kind}|{occurrence}", f"{verb} segment {seg}", p, ctx, out)
 
 
 def _prune(st: UserState, rs: Ruleset) -> None:
     t = st.rules.get("t")
     if t:
-        names = {trig.name for trig in rs.triggers}
+        names = rs.trigger_names
         for name in [n for n in t if n not in names]:
             del t[name]
         if not t:
@@ -308,15 +688,19 @@ def on_event(st: UserState, event: Mapping[str, Any], late: bool, watermark_ms: 
     rs = ctx.ruleset
     t = int(event["timestamp_ms"])
     etype = event["type"]
+    rules = st.rules
     _prune(st, rs)
-    bot = st.rules.setdefault("bot", {})
-    out.bot_flagged = observe_bot(bot, dict(event), ctx.bots)
+    bot = rules.setdefault("bot", {})
+    out.bot_flagged = observe_bot(bot, event, ctx.bots)  # type: ignore[arg-type]  (it only reads the event)
     if not bot:
-        del st.rules["bot"]
+        del rules["bot"]
     # timeouts: arm on A, cancel on B (also for late events: they are facts about the episode)
-    for trig in rs.triggers:
-        to = trig.on.timeout
-        if to is None:
+    rt = _runtime(rs)
+    for trig, to in rt["timeouts"]:
+        if etype not in to.no and etype != to.after:  # nothing to do, but drop an emptied state
+            tmap = rules.get("t")
+            if tmap is not None and trig.name in tmap and not tmap[trig.name]:
+                del tmap[trig.name]
             continue
         ts = _tstate(st, trig.name)
         if etype in to.no:
@@ -338,30 +722,35 @@ def on_event(st: UserState, event: Mapping[str, Any], late: bool, watermark_ms: 
             else:
                 ts["due"] = due
         if not ts:
-            del st.rules["t"][trig.name]
-    if st.rules.get("t") == {}:
-        del st.rules["t"]
-    act, entered, exited = _segments(st, t, ctx, event, out)
+            del rules["t"][trig.name]
+    if rules.get("t") == {}:
+        del rules["t"]
+    p = _Point(st, t, ctx, event)
+    entered, exited = _segments(p, out)
+    trigs = rs.event_triggers.get(etype, ())
     if late:
-        for trig in rs.triggers_on(etype):
+        for trig in trigs:
             out.decisions.append((trig.name, "late"))
         return out
-    for trig in rs.triggers_on(etype):
-        met = evaluate_condition(trig.when, act, out.errors)
-        ts = _tstate(st, trig.name)
-        was = bool(ts.get("m"))
-        if met:
-            ts["m"] = 1
-        else:
-            ts.pop("m", None)
-        if met and not was:
-            _fire(st, trig, t, str(event["event_id"]), f"{etype} at {to_rfc3339(t)} and {trig.when.source}", act,
-                  ctx, out)
-        if not ts:
-            st.rules["t"].pop(trig.name, None)
-    _segment_triggers(st, t, ctx, act, entered, exited, str(event["event_id"]), out)
-    if st.rules.get("t") == {}:
-        del st.rules["t"]
+    if trigs:
+        results = _results(p, rt["events"][etype])
+        for trig, (met, reason) in zip(trigs, results, strict=True):
+            if reason is not None:
+                out.errors.append(EvalError(trig.when.rule, trig.when.field, reason))
+            ts = _tstate(st, trig.name)
+            was = bool(ts.get("m"))
+            if met:
+                ts["m"] = 1
+            else:
+                ts.pop("m", None)
+            if met and not was:
+                _fire(st, trig, t, str(event["event_id"]), f"{etype} at {to_rfc3339(t)} and {trig.when.source}", p,
+                      ctx, out)
+            if not ts:
+                rules["t"].pop(trig.name, None)
+    _segment_triggers(p, entered, exited, str(event["event_id"]), out)
+    if rules.get("t") == {}:
+        del rules["t"]
     return out
 
 
@@ -381,7 +770,7 @@ def on_timers(st: UserState, watermark_ms: int, ctx: RuleContext) -> Outcome:
     held = st.rules.get("held", [])
     if held:
         keep = []
-        current = {trig.name: trig for trig in rs.triggers}
+        current = _runtime(rs)["by_name"]
         for due, action in held:
             name = action["trigger"]
             trig = current.get(name)
@@ -405,8 +794,9 @@ def on_timers(st: UserState, watermark_ms: int, ctx: RuleContext) -> Outcome:
                      if "due" in ts and watermark_ms > ts["due"])
     if not due_now:
         return out
-    by_name = {trig.name: trig for trig in rs.triggers}
+    by_name = _runtime(rs)["by_name"]
     last_at = due_now[-1][0]
+    p: _Point | None = None
     for due, name in due_now:
         trig = by_name[name]
         ts = _tstate(st, name)
@@ -414,12 +804,15 @@ def on_timers(st: UserState, watermark_ms: int, ctx: RuleContext) -> Outcome:
         to = trig.on.timeout
         if to is None:  # no longer a timeout after a reload: its pending timer is dropped
             continue
-        act = _ns(st, due, ctx, list(st.rules.get("seg", [])), None)
-        if evaluate_condition(trig.when, act, out.errors):
+        if p is None or p.at != due:  # timers due at the same time share one evaluation
+            p = _Point(st, due, ctx, None)
+        if _condition(p, trig, out):
             no = " or ".join(to.no)
             a = ts.get("a", due)
             _fire(st, trig, due, str(due),  # the delay the timer was armed with (rules may have changed)
-                  f"no {no} within {(due - a) / 1000:g} s after {to.after} at {to_rfc3339(a)}", act, ctx, out)
-    act, entered, exited = _segments(st, last_at, ctx, None, out)
-    _segment_triggers(st, last_at, ctx, act, entered, exited, str(last_at), out)
+                  f"no {no} within {(due - a) / 1000:g} s after {to.after} at {to_rfc3339(a)}", p, ctx, out)
+    if p is None or p.at != last_at:
+        p = _Point(st, last_at, ctx, None)
+    entered, exited = _segments(p, out)
+    _segment_triggers(p, entered, exited, str(last_at), out)
     return out
