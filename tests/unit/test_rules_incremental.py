@@ -476,3 +476,51 @@ def test_time_alone_moves_a_window_condition(span):
     assert [c.change for c in triggers.on_timers(st, due + 1, ctx).changes] == ["exited"]
     st.rules["t"]["x"]["due"] = due - 2 * SPANS[span][1]  # back inside the window (time may go back)
     assert [c.change for c in triggers.on_timers(st, due, ctx).changes] == ["entered"]
+
+
+def test_the_images_computed_from_the_state_equal_those_of_the_built_values():
+    """The memo keys are computed without building the names: they must be exactly the images
+    of what flat_namespace builds (count windows, event paths, including odd events)."""
+    rng = random.Random(11)
+    odd = [event("product_view", "o", "2019-10-01T10:00:00Z", category=c, nested={"a": {"b": 1}}, n=1.5)
+           for c in ("x", "", "-0")]
+    odd.append({**odd[0], "properties": {1: "int key", "category": "y"}})
+    odd.append({**odd[0], "properties": "not a map", "context": None})
+    path_sets = [frozenset({("properties", "category")}), frozenset({("properties",), ("type",)}),
+                 frozenset({("properties", "nested", "a", "b"), ("properties", "nested", "z"), ("context", "x")}),
+                 frozenset({("timestamp_ms",), ("type", "x"), ("nope", "y"), ("properties", "n", "deeper")})]
+    count_sets = [(frozenset({"add_to_cart", "purchase"}), frozenset({"7d"})), (frozenset({"custom_thing"}), None),
+                  (frozenset({"product_view", "nope"}), frozenset({"5m", "1h", "x"}))]
+    for u in range(20):
+        st = UserState(f"i{u}")
+        for ev in _synthetic_events(st.key, rng, ms("2019-10-01T00:00:00Z"), 30) + odd:
+            apply(st, ev, None, CFG)
+            at = ev["timestamp_ms"] + rng.choice([0, 61_000, 86_400_000])
+            for paths in path_sets:
+                assert triggers._event_key(paths)(st, at, None, None, (), ev, {}) == \
+                    triggers._event_image(paths)(event_value(ev, at, paths)), (paths, ev)
+            for types, spans in count_sets:
+                built = flat_namespace(st, at, Deps.of({"count"}, types, spans))["count"]
+                assert triggers._count_key(types, spans)(st, at) == triggers._count_image(types, spans)(built)
+
+
+def test_a_map_read_at_the_key_an_event_gives_is_remembered_by_that_entry_only(monkeypatch):
+    rs = parse_rules('version: "1"\ntriggers:\n  - name: t\n    on: product_view\n    when: '
+                     '\'has(event.properties.category) && category_views[event.properties.category] >= 2\'\n'
+                     '    action: {type: a}\n')
+    deps = rs.trigger("t").when.deps
+    assert deps.partial_maps == {"category_views"}
+    assert deps.map_reads == {("category_views", "e", ("properties", "category"))}
+    evaluated = []
+    monkeypatch.setattr(triggers, "_eval_bool", lambda e, act: evaluated.append(1) or EVAL_BOOL(e, act))
+    ctx = triggers.RuleContext(rs)
+    fired = []
+    for u in range(6):  # the other categories viewed do not matter
+        st = UserState(f"m{u}")
+        for i, cat in enumerate([f"other{u}", "shoes", "shoes"]):
+            ev = event("product_view", st.key, ms("2019-10-01T10:00:00Z") + i * 1000, category=cat)
+            apply(st, ev, None, CFG)
+            fired += triggers.on_event(st, ev, False, None, ctx).actions
+    # one evaluation per user for its own first category, then (shoes, 1) and (shoes, 2) once for all
+    # (with the whole map as the input it would be 6 + 12)
+    assert len(fired) == 6 and len(evaluated) == 6 + 2

@@ -360,6 +360,14 @@ class Deps:
         (``event.properties.category`` is ``("properties", "category")``; what is read beyond
         the end of a path may be anything), or ``None`` for all of it. Empty when ``event`` is
         not read.
+    map_reads
+        ``(name, "k", key)`` and ``(name, "e", event path)`` for the maps (``category_views``,
+        ``traits``, ``consent``, ``session.counts``...) of ``partial_maps``: such a map is only
+        read at those keys (a constant key; the key an event path gives), its entry's presence
+        and value, never as a whole. (Its value is still the whole map: this only says what
+        the result can depend on.)
+    partial_maps
+        The maps read only as ``map_reads`` says.
 
     ``a | b`` is the union (what either reads).
     """
@@ -368,12 +376,16 @@ class Deps:
     count_types: frozenset[str] | None = frozenset()
     count_spans: frozenset[str] | None = frozenset()
     event_paths: frozenset[tuple[str, ...]] | None = frozenset()
+    map_reads: frozenset[tuple[str, str, Any]] = frozenset()
+    partial_maps: frozenset[str] = frozenset()
 
     @classmethod
     def of(cls, names: Iterable[str], count_types: Iterable[str] | None = None,
-           count_spans: Iterable[str] | None = None, event_paths: Iterable[tuple[str, ...]] | None = None) -> Deps:
+           count_spans: Iterable[str] | None = None, event_paths: Iterable[tuple[str, ...]] | None = None,
+           map_reads: Mapping[str, Iterable[tuple[str, Any]]] | None = None) -> Deps:
         """Deps of ``names`` (``count``: the given types and spans, ``event``: the given paths;
-        ``None`` = all).
+        ``None`` = all; ``map_reads``: map name -> its ``("k", key)`` / ``("e", path)`` reads,
+        for the maps read only so).
 
         Raises
         ------
@@ -385,18 +397,25 @@ class Deps:
         if unknown:
             raise ValueError(f"not namespace names: {', '.join(sorted(unknown))}")
         counted = "count" in names
+        reads = {n: r for n, r in (map_reads or {}).items() if n in names}
         return cls(names,
                    frozenset() if not counted else None if count_types is None else frozenset(count_types),
                    frozenset() if not counted else None if count_spans is None else frozenset(count_spans),
                    frozenset() if "event" not in names else None if event_paths is None
-                   else frozenset(tuple(p) for p in event_paths))
+                   else frozenset(tuple(p) for p in event_paths),
+                   frozenset((n, kind, key) for n, r in reads.items() for kind, key in r),
+                   frozenset(reads))
 
     def __or__(self, other: Deps) -> Deps:
+        whole = (self.names - self.partial_maps) | (other.names - other.partial_maps)
+        partial = (self.partial_maps | other.partial_maps) - whole
         return Deps(self.names | other.names, _union(self.count_types, other.count_types),
-                    _union(self.count_spans, other.count_spans), _union(self.event_paths, other.event_paths))
+                    _union(self.count_spans, other.count_spans), _union(self.event_paths, other.event_paths),
+                    frozenset(r for r in self.map_reads | other.map_reads if r[0] in partial), partial)
 
     def covers(self, other: Deps) -> bool:
-        """True when everything ``other`` reads is read here too."""
+        """True when everything ``other`` reads is built here too (map reads aside: a map is
+        always built whole)."""
         return other.names <= self.names and all(
             mine is None or (theirs is not None and theirs <= mine)
             for mine, theirs in ((self.count_types, other.count_types), (self.count_spans, other.count_spans),

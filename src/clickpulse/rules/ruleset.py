@@ -278,7 +278,7 @@ def _fields(b: bytes) -> list[tuple[int, Any]]:
 class _Node:
     """One node of a checked CEL AST (only what dependency analysis needs)."""
 
-    __slots__ = ("id", "kind", "name", "const", "has_target", "children")
+    __slots__ = ("id", "kind", "name", "const", "has_target", "test_only", "children")
 
     def __init__(self) -> None:
         self.id = 0
@@ -286,6 +286,7 @@ class _Node:
         self.name = ""           # ident name, select field, call function
         self.const: Any = None   # a string constant's value
         self.has_target = False  # a call with a receiver (children[0])
+        self.test_only = False  # a select that is has(...)
         self.children: list[_Node] = []  # select: [operand]; call: [target] + args
 
 
@@ -307,6 +308,8 @@ def _node(b: bytes, bound: set[str]) -> _Node:
                     node.children.append(_node(x, bound))
                 elif g == 2:
                     node.name = x.decode()
+                elif g == 3:
+                    node.test_only = bool(x)
         elif f == 6:
             node.kind = "call"
             target = None
@@ -351,20 +354,67 @@ def _constant_key(parent: _Node, child: _Node) -> str | None:
     return None
 
 
+#: map names whose reads at single keys are tracked (:attr:`Deps.map_reads`)
+_KEYED = frozenset(n for n, sig in VARIABLES.items() if sig.startswith("map<string, ") and n not in ("count", "event"))
+
+
+def _event_chain(node: _Node, refs: dict[int, str]) -> tuple[str, ...] | None:
+    """The key path of ``node`` when it is ``event`` followed by constant keys (``event.a["b"]``)."""
+    keys: list[str] = []
+    cur = node
+    while True:
+        if cur.kind == "select" and not cur.test_only:
+            keys.append(cur.name)
+            cur = cur.children[0]
+        elif cur.kind == "call" and cur.name == "_[_]" and not cur.has_target and len(cur.children) == 2 \
+                and cur.children[1].kind == "const" and isinstance(cur.children[1].const, str):
+            keys.append(cur.children[1].const)
+            cur = cur.children[0]
+        elif cur.kind == "ident" and refs.get(cur.id) == "event":
+            return tuple(reversed(keys))
+        else:
+            return None
+
+
+def _map_read(node: _Node, parent: _Node | None, refs: dict[int, str]) -> tuple[str, Any] | None:
+    """How the map ``node`` is read by ``parent``: ``("k", key)`` at a constant key, ``("e", path)``
+    at the key an event path gives, None otherwise (the whole map)."""
+    if parent is None:
+        return None
+    key_node = None
+    if parent.kind == "select" and parent.children[0] is node:
+        return "k", parent.name
+    if parent.kind == "call" and not parent.has_target and len(parent.children) == 2:
+        if parent.name == "_[_]" and parent.children[0] is node:
+            key_node = parent.children[1]
+        elif parent.name == "@in" and parent.children[1] is node:
+            key_node = parent.children[0]
+    if key_node is None:
+        return None
+    if key_node.kind == "const" and isinstance(key_node.const, str):
+        return "k", key_node.const
+    path = _event_chain(key_node, refs)
+    return None if path is None else ("e", path)
+
+
 def expression_deps(program: Any) -> Deps:
     """The namespace names a compiled expression reads (:class:`Deps`), from its checked AST.
 
     For ``count``, the event types and spans when every use is a constant key
     (``count.add_to_cart["7d"]``, ``count["purchase"]["24h"]``), else all of them; for ``event``,
     the paths of constant keys it is read through (``event.properties.category``: the path
-    ``("properties", "category")``), else all of it. Conservative: :data:`ALL` when the AST
-    cannot be read.
+    ``("properties", "category")``), else all of it; for the other maps (``category_views``,
+    ``traits``...), the single keys they are read at when that is their only use
+    (``traits.age_band``, ``"x" in consent``, ``category_views[event.properties.category]``).
+    Conservative: :data:`ALL` when the AST cannot be read.
 
     >>> d = expression_deps(cel_env().compile('count.add_to_cart["7d"] > 2 && cart.value > 1.0 && "tier" != ""'))
     >>> sorted(d.names), sorted(d.count_types), sorted(d.count_spans)
     (['cart.value', 'count'], ['add_to_cart'], ['7d'])
     >>> sorted(expression_deps(cel_env().compile('has(event.properties.category)')).event_paths)
     [('properties', 'category')]
+    >>> sorted(expression_deps(cel_env().compile('category_views[event.properties.category] > 1')).map_reads)
+    [('category_views', 'e', ('properties', 'category'))]
     """
     try:
         outer = dict(_fields(program.serialize()))
@@ -389,6 +439,7 @@ def expression_deps(program: Any) -> Deps:
     types: set[str] | None = set()
     spans: set[str] | None = set()
     paths: set[tuple[str, ...]] | None = set()
+    reads: dict[str, set[tuple[str, Any]] | None] = {}  # keyed maps: how each is read
     parents: dict[int, _Node] = {}
     stack = [root]
     while stack:
@@ -406,6 +457,14 @@ def expression_deps(program: Any) -> Deps:
         if name not in VARIABLES:
             continue
         names.add(name)
+        if name in _KEYED:
+            read = _map_read(node, parents.get(id(node)), refs)
+            have = reads.setdefault(name, set())
+            if read is None or have is None:
+                reads[name] = None
+            else:
+                have.add(read)
+            continue
         if name not in ("count", "event"):
             continue
         keys: list[str] = []  # the constant keys the use goes through: count.<type>[<span>], event.a.b
@@ -428,7 +487,8 @@ def expression_deps(program: Any) -> Deps:
             spans = None
         elif spans is not None:
             spans.add(keys[1])
-    return Deps.of(names, types, spans, paths) if names else NONE
+    keyed = {n: r for n, r in reads.items() if r is not None}
+    return Deps.of(names, types, spans, paths, keyed) if names else NONE
 
 
 def activation(ns: Mapping[str, Any]) -> Any:

@@ -271,29 +271,34 @@ def _count_key(types: frozenset[str] | None, spans: frozenset[str] | None) -> Ca
     keys = tuple(sp for sp in SPANS if spans is None or sp in spans)
     picked = tuple(sorted(spans)) if spans is not None else None
     zero = tuple(0 for _ in keys) if picked is None else tuple(0 if sp in keys else None for sp in picked)
-    tkeys = tuple(sorted(types))
-    canonical = tuple(t in CANONICAL_TYPES for t in tkeys)
+    # per type: (type, the image when the user never had it)
+    plan = tuple((t, (t, (tuple(zip(keys, zero)) if picked is None else zero) if t in CANONICAL_TYPES else None))
+                 for t in sorted(types))
+    wanted = keys if picked is None else tuple(sp if sp in keys else None for sp in picked)
 
     def key(st: UserState, at: int, *_: Any) -> Any:
         windows = st.windows
         rings = windows.rings.values()
         count = windows.count
         out = []
-        for t, canon in zip(tkeys, canonical):
+        for t, unseen in plan:
             for ring in rings:
                 if ring.get(t):
-                    counts = {sp: count(t, sp, at) for sp in keys}
-                    out.append((t, tuple(counts.items()) if picked is None else tuple([counts.get(sp) for sp in picked])))
+                    if picked is None:
+                        out.append((t, tuple([(sp, count(t, sp, at)) for sp in wanted])))
+                    else:
+                        out.append((t, tuple([None if sp is None else count(t, sp, at) for sp in wanted])))
                     break
             else:
-                out.append((t, (tuple(zip(keys, zero)) if picked is None else zero) if canon else None))
+                out.append(unseen)
         return tuple(out)
     return key
 
 
-def _raw_walk(v: Any, path: tuple[str, ...], plain: bool) -> Any:
-    """``_walk(_plain(v), path)`` (``_walk(v, path)`` when ``plain``) without copying ``v``."""
-    for i, k in enumerate(path):
+def _raw_walk(v: Any, path: tuple[str, ...], plain: bool, depth: int = 0) -> Any:
+    """``_walk(_plain(v), path)`` (``_walk(v, path)`` when ``plain``) without copying ``v``; the
+    positions it reports count from ``depth``."""
+    for i, k in enumerate(path, depth):
         if not plain:
             if type(v) is dict and all(type(x) is str for x in v):  # _plain(v)[k] is _plain(v[k])
                 if k not in v:
@@ -317,12 +322,12 @@ def _event_key(paths: frozenset[tuple[str, ...]]) -> Callable[..., Any]:
     def path_image(ev: Mapping[str, Any] | None, at: int, path: tuple[str, ...]) -> Any:
         head, rest = path[0], path[1:]
         if head == "type":
-            return _raw_walk(str(ev.get("type", "")) if ev is not None else "", rest, True)
+            return _raw_walk(str(ev.get("type", "")) if ev is not None else "", rest, True, 1)
         if head == "timestamp_ms":
-            return _raw_walk(int(ev.get("timestamp_ms", at)) if ev is not None else int(at), rest, True)
+            return _raw_walk(int(ev.get("timestamp_ms", at)) if ev is not None else int(at), rest, True, 1)
         if head == "properties" or head == "context":
             raw = ev.get(head) if ev is not None else None
-            return _raw_walk(raw, rest, False) if isinstance(raw, Mapping) else _raw_walk({}, rest, True)
+            return _raw_walk(raw, rest, False, 1) if isinstance(raw, Mapping) else _raw_walk({}, rest, True, 1)
         return "absent", 0
 
     if len(ordered) == 1 and len(ordered[0]) == 2 and ordered[0][0] in ("properties", "context"):
@@ -333,7 +338,7 @@ def _event_key(paths: frozenset[tuple[str, ...]]) -> Callable[..., Any]:
             if type(raw) is dict and all(type(k) is str for k in raw):
                 v = raw.get(key, _UNREAD)
                 if v is _UNREAD:
-                    return (("absent", 0),)
+                    return (("absent", 1),)
                 t = type(v)
                 if t is str or t is int or t is bool or v is None:
                     return ((t, v),)
@@ -342,17 +347,61 @@ def _event_key(paths: frozenset[tuple[str, ...]]) -> Callable[..., Any]:
     return lambda st, at, s, sc, segs, ev, x: tuple([path_image(ev, at, path) for path in ordered])
 
 
+def _raw_get(v: Any, path: tuple[str, ...], plain: bool) -> Any:
+    """What ``_plain(v)`` (``v`` when ``plain``) has at the key path ``path``, or ``_UNREAD``."""
+    for k in path:
+        if not plain:
+            if type(v) is dict and all(type(x) is str for x in v):
+                if k not in v:
+                    return _UNREAD
+                v = v[k]
+                continue
+            v = _plain(v)
+            plain = True
+        if type(v) is not dict or k not in v:
+            return _UNREAD
+        v = v[k]
+    return v if plain else _plain(v)
+
+
+def _event_path_value(ev: Mapping[str, Any] | None, at: int, path: tuple[str, ...]) -> Any:
+    """The value of the ``event`` name at ``path`` (``_UNREAD`` when it has none)."""
+    head, rest = path[0], path[1:]
+    if head == "type":
+        return _raw_get(str(ev.get("type", "")) if ev is not None else "", rest, True)
+    if head == "timestamp_ms":
+        return _raw_get(int(ev.get("timestamp_ms", at)) if ev is not None else int(at), rest, True)
+    if head == "properties" or head == "context":
+        raw = ev.get(head) if ev is not None else None
+        return _raw_get(raw, rest, False) if isinstance(raw, Mapping) else _raw_get({}, rest, True)
+    return _UNREAD
+
+
+_NO_ENTRY = ("no entry",)  # (an image: never equal to a value's image)
+
+
 def _key_fn(deps: Deps) -> Callable[[_Point], Any]:
     """``point -> hashable image of the values of the names deps reads`` at that point, computed
     from the state with the namespace's own builders (equal images: the same values for CEL;
-    ``event`` only along ``deps.event_paths``, which must not be None)."""
+    ``event`` only along ``deps.event_paths``, which must not be None; a map of
+    ``deps.partial_maps`` only at the keys it is read at)."""
     getters: list[Callable[..., Any]] = []
+    maps: list[tuple[Callable[..., Any], tuple[str, ...], tuple[tuple[str, ...], ...], Any, Any]] = []
+    event_get = None
+    ordered: tuple[tuple[str, ...], ...] = ()
     for n in sorted(deps.names):
         if n == "count":
             getters.append(_count_key(deps.count_types, deps.count_spans))
         elif n == "event":
             assert deps.event_paths is not None
-            getters.append(_event_key(deps.event_paths))
+            event_get = _event_key(deps.event_paths)
+            ordered = tuple(sorted(deps.event_paths))  # the order of its images
+        elif n in deps.partial_maps:
+            sig = VARIABLES[n]
+            reads = [(kind, k) for name, kind, k in deps.map_reads if name == n]
+            maps.append((_BUILDERS[n], tuple(sorted(k for kind, k in reads if kind == "k")),
+                         tuple(sorted(k for kind, k in reads if kind == "e")),
+                         _strict if sig.endswith("dyn>") else _identity, _IMAGES.get(sig) or _strict))
         else:
             build = _BUILDERS[n]
             conv = _IMAGES.get(VARIABLES[n], _strict)
@@ -363,21 +412,51 @@ def _key_fn(deps: Deps) -> Callable[[_Point], Any]:
     keys = deps.extra_keys
     reads_segments = "segments" in deps.names
     parts = tuple(getters)
-    if len(parts) == 1:
-        only = parts[0]
-        return lambda p: only(p.st, p.at, p.st.session, None, p.visible() if reads_segments else (), p.event,
-                              p.extras(keys) if keys else _NO_EXTRA)
+    if not maps and event_get is None:
+        if len(parts) == 1:
+            only = parts[0]
+            return lambda p: only(p.st, p.at, p.st.session, None, p.visible() if reads_segments else (), p.event,
+                                  p.extras(keys) if keys else _NO_EXTRA)
+        if len(parts) == 2 and not reads_segments:  # unrolled (a frequent shape)
+            first, second = parts
+
+            def key2(p: _Point) -> Any:
+                st, at, ev = p.st, p.at, p.event
+                s = st.session
+                x = p.extras(keys) if keys else _NO_EXTRA
+                return first(st, at, s, None, (), ev, x), second(st, at, s, None, (), ev, x)
+            return key2
+    where = {path: i for i, path in enumerate(ordered)}
 
     def key(p: _Point) -> Any:
         st, at, ev = p.st, p.at, p.event
         s = st.session
         segs = p.visible() if reads_segments else ()
         x = p.extras(keys) if keys else _NO_EXTRA
-        return tuple([get(st, at, s, None, segs, ev, x) for get in parts])
+        out = [get(st, at, s, None, segs, ev, x) for get in parts]
+        images = event_get(st, at, s, None, segs, ev, x) if event_get is not None else ()
+        for build, consts, paths, entry, whole in maps:
+            m = build(st, at, s, None, segs, ev, x)
+            items = [entry(m[k]) if k in m else _NO_ENTRY for k in consts]
+            for path in paths:
+                i = where.get(path)
+                image = images[i] if i is not None else _strict(_event_path_value(ev, at, path))
+                # an exact string key: its entry; anything else (absent, not a string): the whole map
+                if type(image) is tuple and len(image) == 2 and image[0] is str:
+                    items.append(entry(m[image[1]]) if image[1] in m else _NO_ENTRY)
+                else:
+                    items.append(("whole", whole(m)))
+            out.append(tuple(items))
+        out.append(images)
+        return tuple(out)
     return key
 
 
 _NO_EXTRA: dict[str, Any] = {}
+
+
+def _identity(v: Any) -> Any:
+    return v
 
 
 def _union_deps(exprs: Any) -> Deps:
@@ -783,8 +862,9 @@ def _reason(trig: Trigger, detail: str) -> str:
 
 
 def _fire(st: UserState, trig: Trigger, at_ms: int, occurrence: str, detail: str, p: _Point, ctx: RuleContext,
-          out: Outcome) -> None:
-    """Gate, then build the action (its payload over ``p``) and record the firing."""
+          out: Outcome, at_text: str | None = None) -> None:
+    """Gate, then build the action (its payload over ``p``) and record the firing (``at_text``:
+    ``at_ms`` in RFC 3339 when known)."""
     blocked = _gate(st, trig, at_ms, ctx)
     if blocked is not None:
         out.decisions.append((trig.name, blocked))
@@ -803,7 +883,7 @@ def _fire(st: UserState, trig: Trigger, at_ms: int, occurrence: str, detail: str
         "user_key": st.key,
         "user_id": st.user_id,
         "anonymous_id": st.anonymous_id,
-        "event_time": _rfc3339(at_ms),
+        "event_time": at_text or _rfc3339(at_ms),
         "event_time_ms": at_ms,
         "reason": _reason(trig, detail),
         "payload": payload if isinstance(payload, dict) else {"value": payload},
@@ -935,9 +1015,9 @@ def on_event(st: UserState, event: Mapping[str, Any], late: bool, watermark_ms: 
     # timeouts: arm on A, cancel on B (also for late events: they are facts about the episode)
     rt = _runtime(rs)
     for trig, to in rt["timeouts"]:
-        if etype not in to.no and etype != to.after:  # nothing to do, but drop an emptied state
+        if etype != to.after and etype not in to.no:  # nothing to do, but drop an emptied state
             tmap = rules.get("t")
-            if tmap is not None and trig.name in tmap and not tmap[trig.name]:
+            if tmap and not tmap.get(trig.name, True):
                 del tmap[trig.name]
             continue
         ts = _tstate(st, trig.name)
@@ -982,11 +1062,13 @@ def on_event(st: UserState, event: Mapping[str, Any], late: bool, watermark_ms: 
             else:
                 ts.pop("m", None)
             if met and not was:
-                _fire(st, trig, t, str(event["event_id"]), f"{etype} at {_rfc3339(t)} and {trig.when.source}", p,
-                      ctx, out)
+                at_text = _rfc3339(t)
+                _fire(st, trig, t, str(event["event_id"]), f"{etype} at {at_text} and {trig.when.source}", p,
+                      ctx, out, at_text)
             if not ts:
                 rules["t"].pop(trig.name, None)
-    _segment_triggers(p, entered, exited, str(event["event_id"]), out)
+    if entered or exited:
+        _segment_triggers(p, entered, exited, str(event["event_id"]), out)
     if rules.get("t") == {}:
         del rules["t"]
     return out
