@@ -441,6 +441,8 @@ def _count_plan(types: Iterable[str] | None, spans: Iterable[str] | None) -> tup
     key = (None if types is None else frozenset(types), None if spans is None else frozenset(spans))
     plan = _COUNT_PLANS.get(key)
     if plan is None:
+        if len(_COUNT_PLANS) > 256:  # (a few per rules file; bounded all the same)
+            _COUNT_PLANS.clear()
         keys = tuple(SPANS) if key[1] is None else tuple(s for s in SPANS if s in key[1])
         zero = _ZERO_COUNTS if len(keys) == len(SPANS) else dict.fromkeys(keys, 0)  # shared, read-only
         plan = _COUNT_PLANS[key] = (keys, zero, None if key[0] is None else tuple(sorted(key[0])))
@@ -534,6 +536,8 @@ def _event_plan(paths: Iterable[tuple[str, ...]]) -> tuple[tuple[str, tuple[str,
             taken.add(path)
             plan.append((path[0], path[1:]))  # type: ignore[union-attr]
     result = None if plan is None else tuple(plan)
+    if len(_EVENT_PLANS) > 256:  # (a few per rules file; bounded all the same)
+        _EVENT_PLANS.clear()
     _EVENT_PLANS[key] = result
     return result
 

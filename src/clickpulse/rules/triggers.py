@@ -55,36 +55,47 @@ Semantics (stated once, applied the same way live and in a replay)
 * **Reloads.** Per-trigger state is keyed by trigger name: a trigger kept across a reload keeps
   its timers, cooldown and once_per history (no double firing); a removed trigger's state is
   dropped at the user's next evaluation; a new one starts fresh.
-* **What is computed, and when it is reused.** Each compiled expression knows the namespace
-  names it reads (:attr:`clickpulse.rules.ruleset.Expr.deps`, from the type-checked AST; ``count``
-  down to its constant types and spans). An evaluation (one event, or one timer's due time) builds
-  only the names its conditions read (:func:`clickpulse.rules.namespace.flat_namespace`), asks
-  the engine's :attr:`RuleContext.extra` only for the model/population values those read (and
-  not at all when none does), builds a payload's names only when its trigger fires, and makes
-  one CEL activation per evaluation (a second only when a trigger reads ``segments`` and the
-  membership changed, or a firing payload reads names the conditions did not).
-* **Incremental evaluation.** The result of each segment and trigger condition is remembered
-  per user together with its *inputs*: the values of the names it reads at that evaluation.
-  At the user's next evaluation the inputs are rebuilt and compared exactly (type, value, order
-  of entries; a double's sign of zero) with the remembered ones; when they are all equal the
-  condition cannot give another result (CEL evaluation is a pure function of them), so the
-  result, and its runtime error if it had one, is reused; otherwise the condition is evaluated.
-  Inputs that move with time alone (``session.idle_s``, ``cart.idle_s``, ``lifetime.days_since_*``,
-  window counts rolling out, ``category_views`` day buckets, the engagement decay) and the
-  engine's values (models, population) are rebuilt at every evaluation like the others, so a
-  boundary crossed or a model update shows up as a changed input. A condition reading
-  ``event`` is always evaluated (every event differs). The cache is in memory, per ruleset (a
-  reload starts empty), for at most :data:`MEMO_USERS` users (the least recently evaluated are
-  dropped), and never in ``UserState``: after a restart, a rebalance or an eviction it is just
-  empty and everything is evaluated, so decisions are the same as with :data:`INCREMENTAL`
-  off (``RuleContext.incremental=False`` for one context).
+* **What is computed.** Each compiled expression knows what it reads
+  (:attr:`clickpulse.rules.ruleset.Expr.deps`, from the type-checked AST): the namespace names,
+  ``count`` down to its constant types and spans, ``event`` down to its constant key paths
+  (``event.properties.category``), a map read only at single keys (``traits.age_band``,
+  ``category_views[event.properties.category]``) down to those keys. An evaluation (one event, or
+  the timers due at one time) builds only the names its conditions read
+  (:func:`clickpulse.rules.namespace.flat_namespace`), asks the engine's
+  :attr:`RuleContext.extra` only for the model/population values those read (not at all when
+  none does), builds a payload's names only when its trigger fires, and makes at most one CEL
+  activation for the conditions (another only when a trigger reads ``segments`` and the
+  membership changed, or a firing payload reads more).
+* **Incremental evaluation.** A condition's result depends only on the values it reads (CEL
+  evaluation is a pure function of them; cel-cpp has no clock or randomness). So the results
+  of each group of conditions evaluated together (the segments' conditions; the conditions of
+  the triggers on one event type; one timeout or segment trigger's condition; one payload) are
+  remembered, per ruleset, keyed by an exact image of those values: every value a condition
+  reads, compared by type and value (1, 1.0 and ``true`` differ; so do 0.0 and -0.0; the
+  order of a list's or a map's entries counts), only what ``deps`` says can matter (the
+  ``count`` entries, the ``event`` paths, the map entries read). At each evaluation the image
+  is computed from the user's state (the same builders as the namespace, without building the
+  values) and looked up: found, the remembered results (with their runtime errors, reported
+  again) are the results; not found, the conditions are evaluated and remembered. So a
+  condition is evaluated again exactly when one of its inputs differs from every input set
+  remembered, for this user or any other: whatever changed it (an event of a relevant type,
+  time alone moving ``session.idle_s``, ``cart.idle_s``, ``lifetime.days_since_*``, a window
+  count or a ``category_views`` day bucket past a boundary, the engagement decay, a model or
+  the population behind ``tier``, ``scores.p_purchase``, ``conversion.user``). Nothing is
+  skipped on a guess: the inputs are recomputed at every evaluation, only CEL is saved. A
+  condition reading all of ``event`` (``size(event.properties)``: every event differs) is
+  always evaluated. The memory is per ruleset (a reload starts empty), at most
+  :data:`MEMO_ENTRIES` input sets per group (the oldest dropped), in this process only and
+  never in ``UserState``: after a restart, a rebalance or an eviction there is less to re-use
+  and more is evaluated, with the same decisions. :data:`INCREMENTAL` (or
+  ``RuleContext.incremental``) ``False`` evaluates every condition every time (the decisions
+  are the same: ``tests/unit/test_rules_incremental.py`` replays REES46 both ways).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-import operator
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -116,7 +127,8 @@ INCREMENTAL = True
 #: evaluation, the reference behaviour; for tests).
 LAZY_NAMESPACE = True
 #: Distinct inputs remembered per group of expressions (the segments' conditions, the conditions
-#: of one event type's triggers, one trigger's condition, one payload), per ruleset.
+#: of one event type's triggers, one trigger's condition; a quarter of it for one payload), per
+#: ruleset.
 MEMO_ENTRIES = 4096
 #: Every key the engine's ``extra`` can be asked for (:data:`clickpulse.rules.namespace.EXTRA_KEYS`).
 EXTRA_NAMES: frozenset[str] = frozenset(EXTRA_KEYS.values())
@@ -282,6 +294,9 @@ def _count_key(types: frozenset[str] | None, spans: frozenset[str] | None) -> Ca
         count = windows.count
         out = []
         for t, unseen in plan:
+            if t in CANONICAL_TYPES and picked is not None:  # seen or not, the counts (0 when unseen)
+                out.append((t, tuple([None if sp is None else count(t, sp, at) for sp in wanted])))
+                continue
             for ring in rings:
                 if ring.get(t):
                     if picked is None:
@@ -501,9 +516,10 @@ class _Group:
         self.key = _key_fn(mdeps)
         self.cache: dict[Any, Any] = {}
 
-    def remember(self, key: Any, value: Any) -> None:
+    def remember(self, key: Any, value: Any, share: int = 1) -> None:
+        """Remember ``value`` for ``key`` (at most ``MEMO_ENTRIES // share`` entries: the oldest go)."""
         cache = self.cache
-        while len(cache) >= MEMO_ENTRIES:
+        while len(cache) >= max(1, MEMO_ENTRIES // share):
             try:
                 del cache[next(iter(cache))]  # the oldest
             except (KeyError, RuntimeError, StopIteration):  # changed by another thread: try again
@@ -522,6 +538,9 @@ def _runtime(rs: Ruleset) -> dict[str, Any]:
         rt.update(
             by_name={t.name: t for t in rs.triggers},
             timeouts=tuple((trig, trig.on.timeout) for trig in rs.triggers if trig.on.timeout is not None),
+            timeout_names=tuple(trig.name for trig in rs.triggers if trig.on.timeout is not None),
+            # event type -> the timeouts it arms or answers: (trigger, timeout, delay ms, answers?)
+            timeouts_on={},
             segments=segments,
             events=events,
             when=when,
@@ -550,8 +569,8 @@ class _Point:
     count_cov: tuple[Any, Any] | None = None  # types and spans flat["count"] has
     event_cov: Any = _UNREAD  # paths flat["event"] has (None: all)
     done: set[_Group] | None = None  # groups whose names are all built
-    x: dict[str, Any] | None = None  # the engine's extra values given so far
-    asked: set[str] | None = None  # and the keys asked for
+    x: Mapping[str, Any] | None = None  # the engine's extra values given so far (never changed)
+    asked: frozenset[str] | None = None  # and the keys asked for
     shown: list[str] | None = None  # the active segments of ``seg``
 
     def __init__(self, st: UserState, at: int, ctx: RuleContext, event: Mapping[str, Any] | None,
@@ -577,15 +596,19 @@ class _Point:
     def extras(self, keys: frozenset[str]) -> Mapping[str, Any]:
         """The engine's extra values, having asked for ``keys`` (each key asked once per point)."""
         asked = self.asked
-        if asked is None:
-            asked = self.asked = set()
-            self.x = {}
-        if not keys <= asked:
-            missing = keys - asked
-            asked |= missing
-            extra = self.ctx.extra
-            if extra is not None:
-                self.x.update(extra(self.st, self.at, frozenset(missing)))  # type: ignore[union-attr]
+        extra = self.ctx.extra
+        if asked is None:  # the first time (the common case): just these
+            self.asked = keys
+            self.x = x = extra(self.st, self.at, keys) if extra is not None else _NO_EXTRA
+            return x
+        if keys <= asked:
+            return self.x  # type: ignore[return-value]
+        missing = keys - asked
+        self.asked = asked | missing
+        if extra is not None:
+            merged = dict(self.x or ())
+            merged.update(extra(self.st, self.at, frozenset(missing)))
+            self.x = merged
         return self.x  # type: ignore[return-value]
 
     def need(self, g: _Group) -> None:
@@ -766,7 +789,7 @@ def _payload(p: _Point, trig: Trigger, errors: list[EvalError]) -> Any:
     payload = render_payload(template, p.activation(g.all_names), mine)
     errors.extend(mine)
     if key is not None:
-        g.remember(key, (_copy(payload), tuple(mine)))
+        g.remember(key, (_copy(payload), tuple(mine)), 4)  # (payloads can be large: fewer of them)
     return payload
 
 
@@ -919,12 +942,12 @@ def _segments(p: _Point, out: Outcome) -> tuple[list[str], list[str]]:
                     errors.append(EvalError(seg.when.rule, seg.when.field, reason))
                 if ok:
                     now.append(seg.name)
-            hit = (tuple(now), tuple(errors))
+            hit = (now, tuple(errors))  # (the list is never changed: copied below)
             if key is not None:
                 g.remember(key, hit)
         if hit[1]:
             out.errors.extend(hit[1])
-        if len(hit[0]) == len(before) and all(a == b for a, b in zip(hit[0], before)):
+        if hit[0] == before:
             return _NOTHING, _NOTHING  # unchanged (the common case)
         now = list(hit[0])
     entered = [s for s in now if s not in before]
@@ -1014,14 +1037,21 @@ def on_event(st: UserState, event: Mapping[str, Any], late: bool, watermark_ms: 
         del rules["bot"]
     # timeouts: arm on A, cancel on B (also for late events: they are facts about the episode)
     rt = _runtime(rs)
-    for trig, to in rt["timeouts"]:
-        if etype != to.after and etype not in to.no:  # nothing to do, but drop an emptied state
-            tmap = rules.get("t")
-            if tmap and not tmap.get(trig.name, True):
-                del tmap[trig.name]
-            continue
+    relevant = rt["timeouts_on"].get(etype)
+    if relevant is None:
+        relevant = tuple((trig, to, int(to.within_s * 1000), etype in to.no) for trig, to in rt["timeouts"]
+                         if etype == to.after or etype in to.no)
+        if len(rt["timeouts_on"]) < 1024:  # (event types are open-ended)
+            rt["timeouts_on"][etype] = relevant
+    if len(relevant) < len(rt["timeouts"]):  # the others: nothing to do, but drop an emptied state
+        tmap = rules.get("t")
+        if tmap and {} in tmap.values():
+            for name in rt["timeout_names"]:
+                if not tmap.get(name, True) and all(name != r[0].name for r in relevant):
+                    del tmap[name]
+    for trig, to, within_ms, answers in relevant:
         ts = _tstate(st, trig.name)
-        if etype in to.no:
+        if answers:
             ts["b"] = max(t, ts.get("b", t))
             if ts.get("a") is None or t >= ts["a"]:  # answers every A so far: the episode ends
                 for k in ("due", "e", "a"):
@@ -1032,7 +1062,7 @@ def on_event(st: UserState, event: Mapping[str, Any], late: bool, watermark_ms: 
             if ts.get("e") is None:  # the episode's identity: its first A to arrive (never moves)
                 ts["e"] = t
             ts["a"] = max(t, ts.get("a", t))
-            due = ts["a"] + int(to.within_s * 1000)
+            due = ts["a"] + within_ms
             if trig.once_per == "episode" and ts.get("fe") == ts["e"]:
                 ts.pop("due", None)  # this episode has had its action
             elif watermark_ms is not None and due < watermark_ms:
@@ -1052,7 +1082,7 @@ def on_event(st: UserState, event: Mapping[str, Any], late: bool, watermark_ms: 
         return out
     if trigs:
         results = _results(p, rt["events"][etype])
-        for trig, (met, reason) in zip(trigs, results, strict=True):
+        for trig, (met, reason) in zip(trigs, results):
             if reason is not None:
                 out.errors.append(EvalError(trig.when.rule, trig.when.field, reason))
             ts = _tstate(st, trig.name)
