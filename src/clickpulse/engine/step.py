@@ -435,21 +435,27 @@ class Engine:
                        "rate": si / ni if ni else 0.0, "rate_smoothed": posterior_mean(si, ni, a, b)}
                 for name, si, ni in zip(names, s, n, strict=True)}
 
-    def _extra(self, st: UserState, at_ms: int) -> dict[str, Any]:
-        en = st.ml.get("en")
-        out: dict[str, Any] = {"engagement": engagement_value(en, at_ms, self.cfg.engagement) if en else 0.0,
-                               "conversion_user": self.conversion_user(st)}
+    def _extra(self, st: UserState, at_ms: int, names: frozenset[str]) -> dict[str, Any]:
+        """The engine-computed namespace values among ``names`` (``engagement``, ``conversion_user``,
+        ``p_purchase``, ``tier``: see :attr:`clickpulse.rules.triggers.RuleContext.extra`), as of
+        ``at_ms``; only those asked for are computed."""
+        out: dict[str, Any] = {}
+        if "engagement" in names:
+            en = st.ml.get("en")
+            out["engagement"] = engagement_value(en, at_ms, self.cfg.engagement) if en else 0.0
+        if "conversion_user" in names:
+            out["conversion_user"] = self.conversion_user(st)
         if self.models is not None and st.session is not None:
-            if hasattr(self.models, "p_purchase"):
+            if "p_purchase" in names and hasattr(self.models, "p_purchase"):
                 last = st.session.last_type
                 out["p_purchase"] = float(self.models.p_purchase([last] if last else []))
-            if hasattr(self.models, "tier"):
+            if "tier" in names and hasattr(self.models, "tier"):
                 out["tier"] = str(self.models.tier(session_features(st.session, self.cfg.engagement)))
         return out
 
     def profile_extra(self, st: UserState) -> dict[str, Any]:
         """Engine-computed profile fields (tier, p_purchase, smoothed conversion) for ``st``."""
-        return self._extra(st, st.life.last_ms or 0)
+        return self._extra(st, st.life.last_ms or 0, triggers.EXTRA_NAMES)
 
     def _context(self, rs: Ruleset, created: str, partition: int) -> triggers.RuleContext:
         members = self.segment_members.setdefault(partition, {})

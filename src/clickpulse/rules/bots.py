@@ -227,7 +227,10 @@ def _record(bot: dict[str, Any], key: str, t: int, limit: int, window_ms: int) -
                 bot[key] = [t]
                 return 0
             first += enc[d]
-        bot[key] = [first, *enc[d + 1:], t - newest]
+        if d:
+            bot[key] = [first, *enc[d + 1:], t - newest]
+        else:  # nothing dropped: the same list plus the new gap, in place (the common case)
+            enc.append(t - newest)
         return 0
     times = list(accumulate(enc))  # out of order: decode, insert, check, trim, encode
     i = bisect_right(times, t)

@@ -121,11 +121,26 @@ Examples
 (1, 60.0, 2, 300)
 >>> ns["scores"]["intent"], ns["lifetime"]["days_since_last_order"], ns["session"]["page_type_dwell_s"]
 (0.5, -1, {})
+
+Building only what is used
+--------------------------
+:func:`namespace` builds every name: it is the reference (documentation, tests). The rules
+engine builds only the names its expressions read, with :func:`flat_namespace`, which returns
+the flat ``{CEL variable: value}`` dict of just those names (a :class:`Deps`; for ``count``
+possibly only some event types and spans). For every name it builds, the value equals that of
+``flatten(namespace(...))`` with the same arguments (``count`` restricted to the requested types
+and spans), which ``tests/unit/test_rules_incremental.py`` checks over many states.
+
+>>> flat = flat_namespace(st, ms("2019-10-01T10:05:00Z"),
+...                       Deps.of({"cart.value", "count"}, count_types={"add_to_cart"}, count_spans={"7d"}))
+>>> flat
+{'count': {'add_to_cart': {'7d': 1}}, 'cart.value': 60.0}
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from ..events.contract import CANONICAL_TYPES
@@ -311,3 +326,347 @@ def namespace(state: UserState, at_ms: int, scores: Mapping[str, float] | None =
         "segments": [str(x) for x in segments],
         "event": ev,
     }
+
+
+# --------------------------------------------------------------------------- only what is used
+
+
+#: The names the engine computes from its models and population counts (``extra`` of
+#: :func:`namespace`): CEL name -> key of the ``extra`` mapping.
+EXTRA_KEYS: dict[str, str] = {"scores.engagement": "engagement", "scores.p_purchase": "p_purchase",
+                              "tier": "tier", "conversion.user": "conversion_user"}
+
+
+def _union(a: frozenset[Any] | None, b: frozenset[Any] | None) -> frozenset[Any] | None:
+    return None if a is None or b is None else a | b
+
+
+@dataclass(frozen=True)
+class Deps:
+    """The namespace names some CEL expressions read (what :func:`flat_namespace` must build).
+
+    Attributes
+    ----------
+    names
+        Keys of :data:`VARIABLES` (``"count"``, ``"cart.value"``, ``"event"``...).
+    count_types
+        When ``count`` is in ``names``: the event types read (``count.add_to_cart[...]``), or
+        ``None`` for possibly any (a type that is not a constant, ``count.exists(...)``...).
+        Empty when ``count`` is not read.
+    count_spans
+        Likewise the window keys read (``"7d"``), ``None`` for possibly any.
+    event_paths
+        When ``event`` is in ``names``: the paths of constant keys it is read through
+        (``event.properties.category`` is ``("properties", "category")``; what is read beyond
+        the end of a path may be anything), or ``None`` for all of it. Empty when ``event`` is
+        not read.
+    map_reads
+        ``(name, "k", key)`` and ``(name, "e", event path)`` for the maps (``category_views``,
+        ``traits``, ``consent``, ``session.counts``...) of ``partial_maps``: such a map is only
+        read at those keys (a constant key; the key an event path gives), its entry's presence
+        and value, never as a whole. (Its value is still the whole map: this only says what
+        the result can depend on.)
+    partial_maps
+        The maps read only as ``map_reads`` says.
+
+    ``a | b`` is the union (what either reads).
+    """
+
+    names: frozenset[str] = frozenset()
+    count_types: frozenset[str] | None = frozenset()
+    count_spans: frozenset[str] | None = frozenset()
+    event_paths: frozenset[tuple[str, ...]] | None = frozenset()
+    map_reads: frozenset[tuple[str, str, Any]] = frozenset()
+    partial_maps: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, names: Iterable[str], count_types: Iterable[str] | None = None,
+           count_spans: Iterable[str] | None = None, event_paths: Iterable[tuple[str, ...]] | None = None,
+           map_reads: Mapping[str, Iterable[tuple[str, Any]]] | None = None) -> Deps:
+        """Deps of ``names`` (``count``: the given types and spans, ``event``: the given paths;
+        ``None`` = all; ``map_reads``: map name -> its ``("k", key)`` / ``("e", path)`` reads,
+        for the maps read only so).
+
+        Raises
+        ------
+        ValueError
+            A name that is not in :data:`VARIABLES`.
+        """
+        names = frozenset(names)
+        unknown = names - VARIABLES.keys()
+        if unknown:
+            raise ValueError(f"not namespace names: {', '.join(sorted(unknown))}")
+        counted = "count" in names
+        reads = {n: r for n, r in (map_reads or {}).items() if n in names}
+        return cls(names,
+                   frozenset() if not counted else None if count_types is None else frozenset(count_types),
+                   frozenset() if not counted else None if count_spans is None else frozenset(count_spans),
+                   frozenset() if "event" not in names else None if event_paths is None
+                   else frozenset(tuple(p) for p in event_paths),
+                   frozenset((n, kind, key) for n, r in reads.items() for kind, key in r),
+                   frozenset(reads))
+
+    def __or__(self, other: Deps) -> Deps:
+        whole = (self.names - self.partial_maps) | (other.names - other.partial_maps)
+        partial = (self.partial_maps | other.partial_maps) - whole
+        return Deps(self.names | other.names, _union(self.count_types, other.count_types),
+                    _union(self.count_spans, other.count_spans), _union(self.event_paths, other.event_paths),
+                    frozenset(r for r in self.map_reads | other.map_reads if r[0] in partial), partial)
+
+    def covers(self, other: Deps) -> bool:
+        """True when everything ``other`` reads is built here too (map reads aside: a map is
+        always built whole)."""
+        return other.names <= self.names and all(
+            mine is None or (theirs is not None and theirs <= mine)
+            for mine, theirs in ((self.count_types, other.count_types), (self.count_spans, other.count_spans),
+                                 (self.event_paths, other.event_paths)))
+
+    @property
+    def extra_keys(self) -> frozenset[str]:
+        """Keys of the engine's ``extra`` mapping these names need (see :data:`EXTRA_KEYS`)."""
+        return frozenset(EXTRA_KEYS[n] for n in self.names if n in EXTRA_KEYS)
+
+
+#: Every name, every ``count`` type and span: what :func:`namespace` builds.
+ALL = Deps.of(VARIABLES)
+#: Nothing (a constant expression).
+NONE = Deps()
+
+
+_COUNT_PLANS: dict[tuple[Any, Any], tuple[Any, ...]] = {}
+
+
+def _count_plan(types: Iterable[str] | None, spans: Iterable[str] | None) -> tuple[Any, ...]:
+    """(span keys, shared zero counts, sorted types or None) for :func:`window_counts`."""
+    key = (None if types is None else frozenset(types), None if spans is None else frozenset(spans))
+    plan = _COUNT_PLANS.get(key)
+    if plan is None:
+        if len(_COUNT_PLANS) > 256:  # (a few per rules file; bounded all the same)
+            _COUNT_PLANS.clear()
+        keys = tuple(SPANS) if key[1] is None else tuple(s for s in SPANS if s in key[1])
+        zero = _ZERO_COUNTS if len(keys) == len(SPANS) else dict.fromkeys(keys, 0)  # shared, read-only
+        plan = _COUNT_PLANS[key] = (keys, zero, None if key[0] is None else tuple(sorted(key[0])))
+    return plan
+
+
+def window_counts(state: UserState, at_ms: int, types: Iterable[str] | None = None,
+                  spans: Iterable[str] | None = None) -> dict[str, dict[str, int]]:
+    """The ``count`` name as of ``at_ms``, restricted to ``types`` and ``spans`` (``None``: all):
+    ``{type: {span: n}}`` with the entries of ``namespace(state, at_ms)["count"]`` for those
+    types and spans (a type that is neither canonical nor seen is absent there, so here too)."""
+    keys, zero, wanted = _count_plan(types, spans)
+    windows = state.windows
+    rings = windows.rings.values()
+    count = windows.count
+    if wanted is None:
+        seen: set[str] = set()
+        for ring in rings:
+            seen.update(t for t, buckets in ring.items() if buckets)
+        out = dict.fromkeys(_TYPES, zero)
+        for t in seen:
+            out[t] = {span: count(t, span, at_ms) for span in keys}
+        return out
+    out = {}
+    for t in wanted:
+        for ring in rings:
+            if ring.get(t):
+                out[t] = {span: count(t, span, at_ms) for span in keys}
+                break
+        else:
+            if t in CANONICAL_TYPES:
+                out[t] = zero
+    return out
+
+
+_NO_SESSION_COUNTS = _zero_filled({})
+
+
+def _event_value(event: Mapping[str, Any] | None, at_ms: int) -> dict[str, Any]:
+    if event is None:
+        return {"type": "", "timestamp_ms": int(at_ms), "properties": {}, "context": {}}
+    props = event.get("properties")
+    ctx = event.get("context")
+    return {"type": str(event.get("type", "")), "timestamp_ms": int(event.get("timestamp_ms", at_ms)),
+            "properties": _plain(props) if isinstance(props, Mapping) else {},
+            "context": _plain(ctx) if isinstance(ctx, Mapping) else {}}
+
+
+def _pruned(raw: Any, rest: tuple[str, ...], plain: bool) -> Any:
+    """``_plain(raw)`` (``raw`` itself when ``plain``) keeping only what the key path ``rest``
+    reaches: the value at its end whole; a map on the way with just that key (empty when absent);
+    a value on the way that is not a map whole."""
+    if not plain:
+        if not rest:
+            return _plain(raw)
+        if type(raw) is dict and all(type(k) is str for k in raw):  # _plain(raw)[k] == _plain(raw[k])
+            k = rest[0]
+            return {k: _pruned(raw[k], rest[1:], False)} if k in raw else {}
+        raw = _plain(raw)
+    if not rest:
+        return raw
+    if type(raw) is dict:
+        k = rest[0]
+        return {k: _pruned(raw[k], rest[1:], True)} if k in raw else {}
+    return raw
+
+
+def _merge(dst: dict[str, Any], src: dict[str, Any]) -> None:
+    for k, v in src.items():
+        if k in dst and type(dst[k]) is dict and type(v) is dict:
+            _merge(dst[k], v)
+        else:
+            dst[k] = v
+
+
+_EVENT_PLANS: dict[frozenset[tuple[str, ...]], tuple[tuple[str, tuple[str, ...]], ...] | None] = {}
+
+
+def _event_plan(paths: Iterable[tuple[str, ...]]) -> tuple[tuple[str, tuple[str, ...]], ...] | None:
+    """((head, rest), ...) of the paths that are not under another one; None: the whole event."""
+    key = paths if isinstance(paths, frozenset) else frozenset(tuple(p) for p in paths)
+    if key in _EVENT_PLANS:
+        return _EVENT_PLANS[key]
+    plan: list[tuple[str, tuple[str, ...]]] | None = []
+    taken: set[tuple[str, ...]] = set()
+    for path in sorted(key, key=lambda x: (len(x), x)):  # a prefix taken whole covers the longer paths
+        if not path:
+            plan = None
+            break
+        if not any(path[:i] in taken for i in range(1, len(path))):
+            taken.add(path)
+            plan.append((path[0], path[1:]))  # type: ignore[union-attr]
+    result = None if plan is None else tuple(plan)
+    if len(_EVENT_PLANS) > 256:  # (a few per rules file; bounded all the same)
+        _EVENT_PLANS.clear()
+    _EVENT_PLANS[key] = result
+    return result
+
+
+def event_value(event: Mapping[str, Any] | None, at_ms: int,
+                paths: Iterable[tuple[str, ...]] | None = None) -> dict[str, Any]:
+    """The ``event`` name (:func:`namespace`); with ``paths`` (see :attr:`Deps.event_paths`),
+    only what they reach: the value at the end of each path whole, the maps on the way with
+    only the path's keys (a key absent from a map is absent here too). An expression that reads
+    ``event`` only through those paths gives the same result over either."""
+    plan = None if paths is None else _event_plan(paths)
+    if plan is None:
+        return _event_value(event, at_ms)
+    out: dict[str, Any] = {}
+    for head, rest in plan:
+        if head == "type":
+            v = _pruned(str(event.get("type", "")) if event is not None else "", rest, True)
+        elif head == "timestamp_ms":
+            v = _pruned(int(event.get("timestamp_ms", at_ms)) if event is not None else int(at_ms), rest, True)
+        elif head == "properties" or head == "context":
+            raw = event.get(head) if event is not None else None
+            v = _pruned(raw, rest, False) if isinstance(raw, Mapping) else {}
+        else:
+            continue  # not a key of the event map
+        if head in out and type(out[head]) is dict and type(v) is dict:
+            _merge(out[head], v)
+        else:
+            out[head] = v
+    return out
+
+
+def _cart_idle_s(state: UserState, at_ms: int) -> int:
+    cart = state.cart
+    if cart.updated_ms is None and cart.closed_ms is None:
+        return -1
+    return _secs(at_ms - max(t for t in (cart.updated_ms, cart.closed_ms) if t is not None))
+
+
+def _score(state: UserState, scores: Mapping[str, float] | None, name: str) -> float:
+    if scores is not None and name in scores:
+        return float(scores[name])
+    return float(state.ml.get("sc", {}).get(name, DEFAULT_SCORE))
+
+
+# name -> builder(state, at_ms, session, scores, segments, event, extra); each gives exactly the
+# value namespace() gives (see the module docstring's units)
+_Builder = Callable[[UserState, int, Any, Any, Any, Any, Mapping[str, Any]], Any]
+_BUILDERS: dict[str, _Builder] = {
+    "session.duration_s": lambda st, at, s, *_: 0 if s is None else _secs(s.duration_ms),
+    "session.events": lambda st, at, s, *_: 0 if s is None else int(s.events),
+    "session.counts": lambda st, at, s, *_: dict(_NO_SESSION_COUNTS) if s is None else _zero_filled(s.counts),
+    "session.max_scroll_pct": lambda st, at, s, *_: 0.0 if s is None else float(s.max_scroll_pct),
+    "session.dwell_s": lambda st, at, s, *_: 0 if s is None else _secs(int(s.dwell_ms)),
+    "session.page_type_dwell_s": lambda st, at, s, *_: {} if s is None else
+    {k: _secs(v) for k, v in s.page_dwell_ms.items()},
+    "session.products": lambda st, at, s, *_: 0 if s is None else len(s.products),
+    "session.path": lambda st, at, s, *_: [] if s is None else list(s.path),
+    "session.idle_s": lambda st, at, s, *_: 0 if s is None else _secs(at - s.last_ms),
+    "cart.items": lambda st, *_: [{"product_id": i["product_id"], "quantity": int(i["quantity"]),
+                                   "price": None if i["price"] is None else float(i["price"]),
+                                   "category": i["category"]} for i in cart_items(st.cart)],
+    "cart.count": lambda st, *_: len(st.cart.items),
+    "cart.units": lambda st, *_: sum(int(i.quantity) for i in st.cart.items.values()),
+    "cart.value": lambda st, *_: float(st.cart.value),
+    "cart.currency": lambda st, *_: st.cart.currency or "",
+    "cart.empty": lambda st, *_: not st.cart.items,
+    "cart.last_update": lambda st, *_: "" if st.cart.updated_ms is None else to_rfc3339(st.cart.updated_ms),
+    "cart.idle_s": lambda st, at, *_: _cart_idle_s(st, at),
+    "lifetime.events": lambda st, *_: int(st.life.events),
+    "lifetime.sessions": lambda st, *_: int(st.life.sessions),
+    "lifetime.orders": lambda st, *_: int(st.life.orders),
+    "lifetime.revenue": lambda st, *_: round(float(st.life.revenue), 2),
+    "lifetime.days_since_last_order": lambda st, at, *_: _days(at, st.cart.closed_ms) if st.life.orders else -1,
+    "lifetime.days_since_first_seen": lambda st, at, *_: max(0, _days(at, st.life.first_ms)),
+    "traits": lambda st, *_: _plain(st.traits),
+    "category_views": lambda st, at, *_: category_views(st, at),
+    "consent": lambda st, *_: {str(k): bool(v[0]) for k, v in st.consent.items()},
+    "scores.intent": lambda st, at, s, sc, *_: _score(st, sc, "intent"),
+    "scores.churn": lambda st, at, s, sc, *_: _score(st, sc, "churn"),
+    "scores.engagement": lambda st, at, s, sc, seg, ev, x: float(x.get("engagement", 0.0)),
+    "scores.p_purchase": lambda st, at, s, sc, seg, ev, x: float(x.get("p_purchase", 0.5)),
+    "tier": lambda st, at, s, sc, seg, ev, x: str(x.get("tier", "medium")),
+    "conversion.user": lambda st, at, s, sc, seg, ev, x: float(x.get("conversion_user", 0.5)),
+    "segments": lambda st, at, s, sc, seg, ev, x: [str(v) for v in seg],
+}
+assert set(_BUILDERS) | {"count", "event"} == set(VARIABLES)
+
+
+def flat_namespace(state: UserState, at_ms: int, deps: Deps | Iterable[str],
+                   scores: Mapping[str, float] | None = None, *, segments: Iterable[str] = (),
+                   event: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Only the names ``deps`` reads, flat: ``{CEL variable name: value}``.
+
+    Parameters are those of :func:`namespace`; ``deps`` is a :class:`Deps` or an iterable of
+    names of :data:`VARIABLES` (then ``count`` has every type and span). ``extra`` needs only
+    the keys of the names asked for (:data:`EXTRA_KEYS`, :attr:`Deps.extra_keys`).
+
+    Returns
+    -------
+    dict
+        In :data:`VARIABLES` order, for each name of ``deps``, the value ``flatten(namespace(...))[name]`` has with the same
+        arguments; ``count`` holds only ``deps.count_types`` and ``deps.count_spans``, ``event``
+        only what ``deps.event_paths`` reach (:func:`event_value`).
+
+    Raises
+    ------
+    ValueError
+        A name that is not in :data:`VARIABLES`.
+    """
+    if not isinstance(deps, Deps):
+        deps = Deps.of(deps)
+    out: dict[str, Any] = {}
+    fill_namespace(out, state, at_ms, [n for n in VARIABLES if n in deps.names], deps.count_types, deps.count_spans,
+                   deps.event_paths, scores, segments, event, extra)
+    return out
+
+
+def fill_namespace(out: dict[str, Any], state: UserState, at_ms: int, names: Iterable[str],
+                   count_types: Iterable[str] | None, count_spans: Iterable[str] | None,
+                   event_paths: Iterable[tuple[str, ...]] | None, scores: Mapping[str, float] | None,
+                   segments: Iterable[str], event: Mapping[str, Any] | None, extra: Mapping[str, Any] | None) -> None:
+    """:func:`flat_namespace` into ``out`` (each of ``names`` set, nothing else touched), without
+    checking the names (a KeyError for an unknown one): the evaluator's fast path."""
+    s = state.session
+    x = extra or {}
+    for name in names:
+        if name == "count":
+            out[name] = window_counts(state, at_ms, count_types, count_spans)
+        elif name == "event":
+            out[name] = event_value(event, at_ms, event_paths)
+        else:
+            out[name] = _BUILDERS[name](state, at_ms, s, scores, segments, event, x)

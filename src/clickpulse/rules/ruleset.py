@@ -50,6 +50,7 @@ import re
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,7 @@ from cel_expr_python import cel
 from ..errors import ClickpulseError
 from ..events.contract import CANONICAL_TYPES
 from ..state.windows import SPANS
-from .namespace import VARIABLES
+from .namespace import ALL, NONE, VARIABLES, Deps
 
 log = logging.getLogger(__name__)
 
@@ -143,13 +144,17 @@ def cel_env() -> Any:
 
 @dataclass(frozen=True, eq=False)
 class Expr:
-    """A compiled, type-checked CEL expression and where it came from."""
+    """A compiled, type-checked CEL expression and where it came from.
+
+    ``deps`` are the namespace names it reads (:func:`expression_deps`); :data:`ALL` when they
+    could not be derived."""
 
     source: str
     rule: str
     field: str
     result_type: str  # CEL type name from the checker, e.g. BOOL, DOUBLE, DYN
     program: Any = field(repr=False)
+    deps: Deps = field(default=ALL, repr=False)
 
 
 @dataclass(frozen=True)
@@ -217,7 +222,273 @@ def compile_expression(source: str, *, rule: str = "<expression>", field: str = 
     result_type = program.return_type().name()
     if want_bool and result_type not in ("BOOL", "DYN"):
         raise RulesError(f"a condition must be a bool, this expression is a {result_type.lower()}", **ctx)
-    return Expr(source, rule, field, result_type, program)
+    return Expr(source, rule, field, result_type, program, expression_deps(program))
+
+
+# ------------------------------------------------------------- what an expression reads
+#
+# ``Expression.serialize()`` of cel-expr-python is a google.protobuf.Any holding the type-checked
+# AST (cel.expr.CheckedExpr, https://github.com/google/cel-spec/blob/master/proto/cel/expr/checked.proto).
+# Its reference_map gives, for each identifier node, the declaration the checker resolved it to
+# (``session.idle_s`` is one identifier there), so the names an expression reads are exactly the
+# VARIABLES among the references: a string literal, a field name or a comprehension variable is
+# never one. The AST tells which ``count`` types and spans are constant keys. Only the few
+# fields needed are decoded (protobuf wire format); anything unexpected means "reads everything".
+
+_CHECKED_EXPR_TYPES = ("type.googleapis.com/cel.expr.CheckedExpr",
+                       "type.googleapis.com/google.api.expr.v1alpha1.CheckedExpr")
+
+
+def _varint(b: bytes, i: int) -> tuple[int, int]:
+    shift = result = 0
+    while True:
+        c = b[i]
+        i += 1
+        result |= (c & 0x7F) << shift
+        if c < 0x80:
+            return result, i
+        shift += 7
+
+
+def _fields(b: bytes) -> list[tuple[int, Any]]:
+    """(field number, value) of one protobuf message: an int (varint) or bytes."""
+    out: list[tuple[int, Any]] = []
+    i, n = 0, len(b)
+    while i < n:
+        tag, i = _varint(b, i)
+        wire = tag & 7
+        if wire == 0:
+            v, i = _varint(b, i)
+        elif wire == 2:
+            size, i = _varint(b, i)
+            v, i = b[i:i + size], i + size
+            if i > n:
+                raise ValueError("truncated message")
+        elif wire in (1, 5):
+            size = 8 if wire == 1 else 4
+            v, i = b[i:i + size], i + size
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+        out.append((tag >> 3, v))
+    if i != n:
+        raise ValueError("truncated message")
+    return out
+
+
+class _Node:
+    """One node of a checked CEL AST (only what dependency analysis needs)."""
+
+    __slots__ = ("id", "kind", "name", "const", "has_target", "test_only", "children")
+
+    def __init__(self) -> None:
+        self.id = 0
+        self.kind = ""           # ident | select | call | const | list | struct | comprehension
+        self.name = ""           # ident name, select field, call function
+        self.const: Any = None   # a string constant's value
+        self.has_target = False  # a call with a receiver (children[0])
+        self.test_only = False  # a select that is has(...)
+        self.children: list[_Node] = []  # select: [operand]; call: [target] + args
+
+
+def _node(b: bytes, bound: set[str]) -> _Node:
+    node = _Node()
+    for f, v in _fields(b):
+        if f == 2 and isinstance(v, int):
+            node.id = v
+        elif f == 3:
+            node.kind = "const"
+            node.const = next((x.decode() for g, x in _fields(v) if g == 6), None)
+        elif f == 4:
+            node.kind = "ident"
+            node.name = next((x.decode() for g, x in _fields(v) if g == 1), "")
+        elif f == 5:
+            node.kind = "select"
+            for g, x in _fields(v):
+                if g == 1:
+                    node.children.append(_node(x, bound))
+                elif g == 2:
+                    node.name = x.decode()
+                elif g == 3:
+                    node.test_only = bool(x)
+        elif f == 6:
+            node.kind = "call"
+            target = None
+            args = []
+            for g, x in _fields(v):
+                if g == 1:
+                    target = _node(x, bound)
+                elif g == 2:
+                    node.name = x.decode()
+                elif g == 3:
+                    args.append(_node(x, bound))
+            node.children = ([target] if target is not None else []) + args
+            node.has_target = target is not None
+        elif f == 7:
+            node.kind = "list"
+            node.children = [_node(x, bound) for g, x in _fields(v) if g == 1]
+        elif f == 8:
+            node.kind = "struct"
+            for g, entry in _fields(v):
+                if g == 2:
+                    node.children += [_node(x, bound) for h, x in _fields(entry) if h in (3, 4)]
+        elif f == 9:
+            node.kind = "comprehension"
+            for g, x in _fields(v):
+                if g in (1, 3, 8):
+                    bound.add(x.decode())
+                elif g in (2, 4, 5, 6, 7):
+                    node.children.append(_node(x, bound))
+    if not node.kind:
+        raise ValueError("unknown expression kind")
+    return node
+
+
+def _constant_key(parent: _Node, child: _Node) -> str | None:
+    """The constant map key ``parent`` selects from ``child`` (``child.key`` or ``child["key"]``)."""
+    if parent.kind == "select" and parent.children[0] is child:
+        return parent.name
+    if parent.kind == "call" and parent.name == "_[_]" and not parent.has_target and len(parent.children) == 2 \
+            and parent.children[0] is child and parent.children[1].kind == "const" \
+            and isinstance(parent.children[1].const, str):
+        return parent.children[1].const
+    return None
+
+
+#: map names whose reads at single keys are tracked (:attr:`Deps.map_reads`)
+_KEYED = frozenset(n for n, sig in VARIABLES.items() if sig.startswith("map<string, ") and n not in ("count", "event"))
+
+
+def _event_chain(node: _Node, refs: dict[int, str]) -> tuple[str, ...] | None:
+    """The key path of ``node`` when it is ``event`` followed by constant keys (``event.a["b"]``)."""
+    keys: list[str] = []
+    cur = node
+    while True:
+        if cur.kind == "select" and not cur.test_only:
+            keys.append(cur.name)
+            cur = cur.children[0]
+        elif cur.kind == "call" and cur.name == "_[_]" and not cur.has_target and len(cur.children) == 2 \
+                and cur.children[1].kind == "const" and isinstance(cur.children[1].const, str):
+            keys.append(cur.children[1].const)
+            cur = cur.children[0]
+        elif cur.kind == "ident" and refs.get(cur.id) == "event":
+            return tuple(reversed(keys))
+        else:
+            return None
+
+
+def _map_read(node: _Node, parent: _Node | None, refs: dict[int, str]) -> tuple[str, Any] | None:
+    """How the map ``node`` is read by ``parent``: ``("k", key)`` at a constant key, ``("e", path)``
+    at the key an event path gives, None otherwise (the whole map)."""
+    if parent is None:
+        return None
+    key_node = None
+    if parent.kind == "select" and parent.children[0] is node:
+        return "k", parent.name
+    if parent.kind == "call" and not parent.has_target and len(parent.children) == 2:
+        if parent.name == "_[_]" and parent.children[0] is node:
+            key_node = parent.children[1]
+        elif parent.name == "@in" and parent.children[1] is node:
+            key_node = parent.children[0]
+    if key_node is None:
+        return None
+    if key_node.kind == "const" and isinstance(key_node.const, str):
+        return "k", key_node.const
+    path = _event_chain(key_node, refs)
+    return None if path is None else ("e", path)
+
+
+def expression_deps(program: Any) -> Deps:
+    """The namespace names a compiled expression reads (:class:`Deps`), from its checked AST.
+
+    For ``count``, the event types and spans when every use is a constant key
+    (``count.add_to_cart["7d"]``, ``count["purchase"]["24h"]``), else all of them; for ``event``,
+    the paths of constant keys it is read through (``event.properties.category``: the path
+    ``("properties", "category")``), else all of it; for the other maps (``category_views``,
+    ``traits``...), the single keys they are read at when that is their only use
+    (``traits.age_band``, ``"x" in consent``, ``category_views[event.properties.category]``).
+    Conservative: :data:`ALL` when the AST cannot be read.
+
+    >>> d = expression_deps(cel_env().compile('count.add_to_cart["7d"] > 2 && cart.value > 1.0 && "tier" != ""'))
+    >>> sorted(d.names), sorted(d.count_types), sorted(d.count_spans)
+    (['cart.value', 'count'], ['add_to_cart'], ['7d'])
+    >>> sorted(expression_deps(cel_env().compile('has(event.properties.category)')).event_paths)
+    [('properties', 'category')]
+    >>> sorted(expression_deps(cel_env().compile('category_views[event.properties.category] > 1')).map_reads)
+    [('category_views', 'e', ('properties', 'category'))]
+    """
+    try:
+        outer = dict(_fields(program.serialize()))
+        if outer.get(1, b"").decode() not in _CHECKED_EXPR_TYPES:
+            return ALL
+        refs: dict[int, str] = {}
+        root = None
+        bound: set[str] = set()
+        for f, v in _fields(outer[2]):
+            if f == 2:  # reference_map entry: key (expr id), value (Reference: name = 1)
+                entry = dict(_fields(v))
+                ref = dict(_fields(entry.get(2, b"")))
+                if isinstance(entry.get(1), int) and 1 in ref:
+                    refs[entry[1]] = ref[1].decode()
+            elif f == 4:
+                root = _node(v, bound)
+        if root is None:
+            return ALL
+    except Exception:  # noqa: BLE001 - an unexpected encoding: depend on everything
+        return ALL
+    names: set[str] = set()
+    types: set[str] | None = set()
+    spans: set[str] | None = set()
+    paths: set[tuple[str, ...]] | None = set()
+    reads: dict[str, set[tuple[str, Any]] | None] = {}  # keyed maps: how each is read
+    parents: dict[int, _Node] = {}
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        for c in node.children:
+            parents[id(c)] = node
+        stack.extend(node.children)
+        if node.kind != "ident":
+            continue
+        name = refs.get(node.id)
+        if name is None:
+            if node.name in bound:
+                continue  # a comprehension's variable
+            return ALL  # an identifier the checker did not resolve: be conservative
+        if name not in VARIABLES:
+            continue
+        names.add(name)
+        if name in _KEYED:
+            read = _map_read(node, parents.get(id(node)), refs)
+            have = reads.setdefault(name, set())
+            if read is None or have is None:
+                reads[name] = None
+            else:
+                have.add(read)
+            continue
+        if name not in ("count", "event"):
+            continue
+        keys: list[str] = []  # the constant keys the use goes through: count.<type>[<span>], event.a.b
+        cur = node
+        while (par := parents.get(id(cur))) is not None and (key := _constant_key(par, cur)) is not None:
+            keys.append(key)
+            cur = par
+        if name == "event":
+            if not keys:
+                paths = None
+            elif paths is not None:
+                paths.add(tuple(keys))
+            continue
+        if not keys:
+            types = spans = None
+            continue
+        if types is not None:
+            types.add(keys[0])
+        if len(keys) < 2:
+            spans = None
+        elif spans is not None:
+            spans.add(keys[1])
+    keyed = {n: r for n, r in reads.items() if r is not None}
+    return Deps.of(names, types, spans, paths, keyed) if names else NONE
 
 
 def activation(ns: Mapping[str, Any]) -> Any:
@@ -374,6 +645,29 @@ class Trigger:
     requires_consent: str | None = None
     description: str = ""
 
+    @cached_property
+    def payload_deps(self) -> Deps:
+        """The namespace names its action's payload reads (built only when it fires)."""
+        out = NONE
+        for expr in _template_exprs(self.action.payload):
+            out = out | expr.deps
+        return out
+
+
+def _template_exprs(template: Template) -> list[Expr]:
+    """The :class:`Expr` leaves of a payload template."""
+    out = []
+    stack = [template]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, Expr):
+            out.append(v)
+        elif isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return out
+
 
 @dataclass(frozen=True)
 class Ruleset:
@@ -405,7 +699,52 @@ class Ruleset:
 
     def triggers_on(self, event_type: str) -> list[Trigger]:
         """Triggers listening to ``event_type`` events (``on: <type>``)."""
-        return [t for t in self.triggers if t.on.kind == "event" and t.on.event_type == event_type]
+        return list(self.event_triggers.get(event_type, ()))
+
+    @cached_property
+    def event_triggers(self) -> dict[str, tuple[Trigger, ...]]:
+        """Event type -> the triggers listening to it (``on: <type>``), in file order."""
+        out: dict[str, list[Trigger]] = {}
+        for t in self.triggers:
+            if t.on.kind == "event" and t.on.event_type is not None:
+                out.setdefault(t.on.event_type, []).append(t)
+        return {k: tuple(v) for k, v in out.items()}
+
+    @cached_property
+    def trigger_names(self) -> frozenset[str]:
+        """The triggers' names."""
+        return frozenset(t.name for t in self.triggers)
+
+    @cached_property
+    def segment_deps(self) -> Deps:
+        """What the segments' conditions read."""
+        out = NONE
+        for s in self.segments:
+            out = out | s.when.deps
+        return out
+
+    @cached_property
+    def eval_deps(self) -> Deps:
+        """What the segments' and the triggers' conditions read: the names an evaluation may build
+        (:class:`clickpulse.rules.namespace.Deps`)."""
+        out = self.segment_deps
+        for t in self.triggers:
+            out = out | t.when.deps
+        return out
+
+    @cached_property
+    def payload_deps(self) -> Deps:
+        """What the triggers' payloads read: built only when an action fires."""
+        out = NONE
+        for t in self.triggers:
+            out = out | t.payload_deps
+        return out
+
+    @cached_property
+    def runtime(self) -> dict[str, Any]:
+        """Scratch space of the evaluator (:mod:`clickpulse.rules.triggers`: the incremental
+        evaluation's cache); not part of the rules, dropped with the ruleset on a reload."""
+        return {}
 
     def matching_segments(self, act: Any, errors: list[EvalError] | None = None) -> list[str]:
         """Names of the segments whose condition holds (``min_size`` is not applied here)."""
