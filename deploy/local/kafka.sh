@@ -52,7 +52,14 @@ java_cmd() { echo "${JAVA_HOME:+$JAVA_HOME/bin/}java"; }
 
 start() {
   if pid_alive "$PID_FILE"; then log "kafka already running (pid $(cat "$PID_FILE"))"; return 0; fi
-  if port_open "$KAFKA_PORT"; then log "port $KAFKA_PORT is taken by another process"; exit 1; fi
+  if port_open "$KAFKA_PORT"; then
+    if "$(java_cmd)" -cp "$KAFKA_HOME/libs/*" kafka.admin.BrokerApiVersionsCommand --bootstrap-server "127.0.0.1:$KAFKA_PORT" >/dev/null 2>&1 \
+       || [ ! -d "$KAFKA_HOME/libs" ]; then
+      log "a Kafka broker not started by this checkout already listens on 127.0.0.1:$KAFKA_PORT: using it (set CLICKPULSE_KAFKA_PORT for a separate one)"
+      return 0
+    fi
+    log "port $KAFKA_PORT is taken by a process that is not a Kafka broker (set CLICKPULSE_KAFKA_PORT)"; exit 1
+  fi
   fetch
   write_conf
   if [ ! -f "$DATA_DIR/meta.properties" ]; then

@@ -16,6 +16,10 @@ install() {
 start() {
   if pid_alive "$PID_FILE"; then log "redis already running (pid $(cat "$PID_FILE"))"; return 0; fi
   install
+  if redis-cli -p "$REDIS_PORT" ping 2>/dev/null | grep -q PONG; then
+    log "a Redis not started by this checkout already answers on 127.0.0.1:$REDIS_PORT: using it (set CLICKPULSE_REDIS_PORT for a separate one)"
+    return 0
+  fi
   log "starting redis on 127.0.0.1:$REDIS_PORT (log: $LOG_DIR/redis.log)"
   redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no --daemonize yes \
     --pidfile "$PID_FILE" --logfile "$LOG_DIR/redis.log" --dir "$RUN_DIR"

@@ -32,7 +32,7 @@ import logging
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,11 @@ def header(headers: Any, name: str) -> bytes | None:
         if k == name:
             return v if isinstance(v, bytes) else str(v).encode()
     return None
+
+
+#: how old (or how far ahead, wall clock) a signed control message may be: a captured one cannot
+#: be replayed later
+CONTROL_MAX_AGE_MS = 600_000
 
 
 def _now_ms() -> int:
@@ -160,6 +165,8 @@ class Worker:
     topics: dict[str, Any]
     progress: dict[str, dict[int, int]]
     pii: PiiPolicy | None = None
+    #: (run id, source partition, raw partition) of the end-of-input messages accepted so far
+    controls_seen: set[tuple[str, Any, int]] = field(default_factory=set)
 
     # -- output ------------------------------------------------------------------------------
     def records(self, em: Emitted) -> list[tuple[str, bytes | None, bytes, int | None, Any]]:
@@ -278,6 +285,21 @@ class Worker:
         if kind != b"end_of_input" or not isinstance(body, dict) or body.get("control") != "end_of_input":
             out.append(self.dead_letter(InvalidEvent("schema", f"unknown control message {kind[:64]!r}"), msg))
             return
+        # a genuine signature on a captured message: bound to this namespace, fresh, used once
+        issued = body.get("issued_at_ms")
+        once = (str(body.get("run_id", "")), body.get("source_partition"), msg.partition)
+        problem = None
+        if body.get("namespace") != s.namespace:
+            problem = f"signed for namespace {str(body.get('namespace'))[:64]!r}, not {s.namespace!r}"
+        elif not isinstance(issued, int) or abs(_now_ms() - issued) > CONTROL_MAX_AGE_MS:
+            problem = f"issued_at_ms {issued!r} is not within {CONTROL_MAX_AGE_MS // 1000} s of now (stale or replayed)"
+        elif once in self.controls_seen:
+            problem = f"run {once[0]!r} already ended source partition {once[1]!r} on this partition (replayed)"
+        if problem is not None:
+            self.metrics.control_forged.inc()
+            out.append(self.dead_letter(InvalidEvent("forged_control", problem), msg))
+            return
+        self.controls_seen.add(once)
         n_src = body.get("source_partitions")
         if not isinstance(n_src, int) or n_src < 1:
             n_src = s.partitions  # the raw topic is created with this many partitions
@@ -548,7 +570,14 @@ def _wire_timers(w: Worker, users: Any) -> None:
     @app.on_rebalance_complete.connect
     async def on_rebalance_complete(sender: Any = None, **kwargs: Any) -> None:
         parts = _valid_partitions(w)
-        committed = {(tp.topic, tp.partition): off for tp, off in app.consumer._committed_offset.items()}
+        # the group's committed offsets, from the broker (Faust learns them only later, when it
+        # seeks the streams): where the re-read starts, so where each partition's clock restarts
+        try:
+            from .runtime import committed_offsets
+            committed: dict[tuple[str, int], int | None] | None = await committed_offsets(s.kafka_bootstrap, s.app_id)
+        except Exception:  # noqa: BLE001 - fall back to the newest event time in the states
+            log.warning("could not read the committed offsets; clocks restart from the states", exc_info=True)
+            committed = None
         n = engine.restore(parts, list(users.data.items()), _now_ms(), committed)
         log.info("clickpulse ready: partitions %s of %s recovered, %d pending timers", parts, s.topic_valid, n)
 

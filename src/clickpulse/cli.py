@@ -152,6 +152,10 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
 def cmd_privacy(args: argparse.Namespace) -> int:
     """Erase or export one user's data (see :mod:`clickpulse.privacy`)."""
     from .privacy import export_user, request_erase
+    if not args.user_key or any(ord(c) < 0x20 or ord(c) == 0x7F for c in args.user_key):
+        print("clickpulse privacy: USER_KEY must be a non-empty key without control characters "
+              "(the contract refuses such identifiers, so no user has one)", file=sys.stderr)
+        return 2
     settings = Settings.from_env()
     if args.privacy_cmd == "erase":
         out = request_erase(settings, args.user_key, wait=not args.no_wait, timeout_s=args.timeout)

@@ -92,8 +92,12 @@ def produce(settings: Settings, records: list) -> None:
 
 def end_of_input(settings: Settings) -> None:
     """What ``replay --flush`` sends: end_of_input on every raw partition."""
+    import time
+    run = uuid.uuid4().hex[:8]
     bodies = [orjson.dumps({"schema_version": 1, "control": "end_of_input", "source_partition": p,
-                            "source_partitions": settings.partitions}) for p in range(settings.partitions)]
+                            "source_partitions": settings.partitions, "run_id": run,
+                            "namespace": settings.namespace, "issued_at_ms": int(time.time() * 1000)})
+              for p in range(settings.partitions)]
     recs = [(None, body, control_headers(settings.control_key, body)) for body in bodies]
     asyncio.run(_produce_partitioned(settings, recs))
 

@@ -259,3 +259,14 @@ def test_bound_settings_from_env():
     for env in ({"CLICKPULSE_MAX_MONEY": "nan"}, {"CLICKPULSE_MAX_MONEY": "inf"}, {"CLICKPULSE_MAX_QUANTITY": "0"}):
         with pytest.raises(ConfigError):
             Settings.from_env(env)
+
+
+def test_identifiers_with_control_characters_are_refused():
+    """They become Kafka and Redis keys and CLI arguments (a NUL cannot even be passed to
+    `clickpulse privacy erase`)."""
+    import orjson as _orjson
+    for field in ("user_id", "anonymous_id"):
+        for bad in ("\x00", "a\x01b", "a\nb", "x\x1b[31m", "del\x7f"):
+            with pytest.raises(InvalidEvent) as exc:
+                parse(_orjson.dumps({"type": "page_view", field: bad, "timestamp": 1569888000000}), None)
+            assert exc.value.reason == "schema" and field in exc.value.detail

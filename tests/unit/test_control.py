@@ -15,7 +15,10 @@ from clickpulse.events.control import CONTROL_HEADER, CONTROL_SIG_HEADER, contro
 from clickpulse.observability.metrics import Metrics
 from clickpulse.settings import Settings
 
-BODY = orjson.dumps({"schema_version": 1, "control": "end_of_input", "source_partition": 0, "source_partitions": 2})
+import time
+
+BODY = orjson.dumps({"schema_version": 1, "control": "end_of_input", "source_partition": 0, "source_partitions": 2,
+                     "run_id": "r1", "namespace": "clickpulse", "issued_at_ms": int(time.time() * 1000)})
 
 
 @dataclass
@@ -77,3 +80,23 @@ def test_signed_control_is_forwarded_to_every_valid_partition():
     assert [(t, p) for t, _k, _v, p, _h in out] == [(w.settings.topic_valid, 0), (w.settings.topic_valid, 1)]
     fwd = orjson.loads(out[0][2])
     assert fwd["source_partition"] == 1 and fwd["source_partitions"] == 2   # the raw partition it came on
+
+
+@pytest.mark.parametrize("change,why", [
+    ({"namespace": "another-namespace"}, "namespace"),
+    ({"issued_at_ms": int(time.time() * 1000) - 3_600_000}, "stale"),
+    ({"issued_at_ms": None}, "stale"),
+], ids=["other-namespace", "an-hour-old", "no-time"])
+def test_a_genuinely_signed_control_from_elsewhere_or_from_the_past_is_refused(change, why):
+    """A signed end of input captured from another namespace's (or an old) replay, re-sent."""
+    w = _worker()
+    body = orjson.dumps({**orjson.loads(BODY), **change})
+    out = _ingest(w, Msg(body, control_headers(w.settings.control_key, body)))
+    assert _reasons(out) == ["forged_control"] and why in orjson.loads(out[0][2])["detail"]
+
+
+def test_the_same_signed_control_is_accepted_once():
+    w = _worker()
+    msg = Msg(BODY, control_headers(w.settings.control_key, BODY))
+    assert _reasons(_ingest(w, msg)) == []
+    assert _reasons(_ingest(w, msg)) == ["forged_control"]

@@ -74,7 +74,8 @@ def messages(fmt: str, path: str | Path) -> Iterator[tuple[bytes | None, bytes, 
 
 
 async def publish(bootstrap: str, topic: str, records: Iterable[tuple[bytes | None, bytes, int | None]], *,
-                  speed: float = 0.0, flush: bool = False, run_id: str = "", control_key: str = "") -> ReplayResult:
+                  speed: float = 0.0, flush: bool = False, run_id: str = "", control_key: str = "",
+                  namespace: str = "") -> ReplayResult:
     """Publish ``records`` to ``topic``; see the module docstring. Returns counts and timing.
 
     Raises
@@ -114,7 +115,9 @@ async def publish(bootstrap: str, topic: str, records: Iterable[tuple[bytes | No
             parts = sorted(await producer.partitions_for(topic))
             for p in parts:
                 body = orjson.dumps({"schema_version": 1, "control": "end_of_input", "source_partition": p,
-                                     "source_partitions": len(parts), "run_id": run_id or str(int(time.time()))})
+                                     "source_partitions": len(parts), "run_id": run_id or str(int(time.time())),
+                                     "namespace": namespace or topic.removesuffix(".events.raw"),
+                                     "issued_at_ms": int(time.time() * 1000)})
                 await (await producer.send(topic, value=body, partition=p,
                                            headers=control_headers(control_key, body)))
         await producer.flush()
