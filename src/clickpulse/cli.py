@@ -1,4 +1,4 @@
-"""``clickpulse`` command line: ``worker``, ``trainer``, ``replay``, ``demo``, ``evaluate``.
+"""``clickpulse`` command line: worker, trainer, replay, demo, deliver, evaluate, report, rules, quarantine, privacy.
 
 Settings come from ``CLICKPULSE_*`` env vars (see :mod:`clickpulse.settings`); flags override
 the few that matter per command. Logging is configured here and only here.
