@@ -540,3 +540,20 @@ def test_the_faster_formatting_gives_exactly_the_same_strings():
         args = ("".join(rng.choice("aé🙂|-_0") for _ in range(rng.randint(0, 12))), rng.choice(["t", "x|y", ""]),
                 str(rng.randrange(10**13)))
         assert triggers._action_id(*args) == action_id(*args)
+
+
+def test_an_odd_unhashable_value_is_evaluated_not_remembered(monkeypatch):
+    """A value no builder of ours makes (here a set in a hand-made state) cannot be a memory key:
+    the condition is just evaluated, as with incremental evaluation off."""
+    from clickpulse.state.user import CartItem
+    rs = parse_rules('version: "1"\nsegments:\n  - {name: s, when: "cart.items.size() > 0", min_size: 1}\n')
+    outs = []
+    for mode in (True, False):
+        monkeypatch.setattr(triggers, "INCREMENTAL", mode)
+        st = UserState("odd")
+        st.cart.items["p1"] = CartItem(1, 2.0, 0, {"a", "b"}, [[0, 1]])  # category: a set
+        ev = event("page_view", "odd", "2019-10-01T10:00:00Z")
+        apply(st, ev, None, CFG)
+        out = triggers.on_event(st, ev, False, None, triggers.RuleContext(rs))
+        outs.append(([c.change for c in out.changes], [str(e) for e in out.errors]))
+    assert outs[0] == outs[1]

@@ -470,6 +470,23 @@ def _key_fn(deps: Deps) -> Callable[[_Point], Any]:
                 return first(st, at, s, None, (), ev, x), second(st, at, s, None, (), ev, x)
             return key2
     where = {path: i for i, path in enumerate(ordered)}
+    if not parts and not keys and not reads_segments and event_get is not None and len(ordered) == 1 \
+            and len(maps) == 1 and not maps[0][1] and maps[0][2] == ordered:
+        # event.P and a map read only at the key event.P gives (category_views[event.properties.category]):
+        # the same image as key() below, with less work
+        (build, _consts, _paths, entry, whole), = maps
+
+        def key_one_map(p: _Point) -> Any:
+            st, at, ev = p.st, p.at, p.event
+            images = event_get(st, at, None, None, (), ev, _NO_EXTRA)
+            image = images[0]
+            m = build(st, at, st.session, None, (), ev, _NO_EXTRA)
+            if type(image) is tuple and len(image) == 2 and image[0] is str:
+                item = entry(m[image[1]]) if image[1] in m else _NO_ENTRY
+            else:
+                item = ("whole", whole(m))
+            return (item,), images
+        return key_one_map
 
     def key(p: _Point) -> Any:
         st, at, ev = p.st, p.at, p.event
@@ -767,12 +784,16 @@ def _results(p: _Point, g: _Group) -> Sequence[tuple[bool, str | None]]:
     hit = None
     if g.memo:
         key = g.key(p)
-        hit = g.cache.get(key)
+        try:
+            hit = g.cache.get(key)
+        except TypeError:  # an unhashable odd value (not from the namespace's builders): not remembered
+            key = _UNREAD
         if hit is None:
             p.need(g)
             act = p.activation(g.memo_names)
             hit = tuple([_eval_bool(exprs[i], act) for i in g.memo])
-            g.remember(key, hit)
+            if key is not _UNREAD:
+                g.remember(key, hit)
         if not g.live:
             return hit
     p.need(g)
@@ -821,17 +842,25 @@ def _payload(p: _Point, trig: Trigger, errors: list[EvalError]) -> Any:
     key = None
     if p.incremental and not g.live:
         key = g.key(p)
-        hit = g.cache.get(key)
+        try:
+            hit = g.cache.get(key)
+        except TypeError:  # an unhashable odd value: not remembered
+            key = hit = None
         if hit is not None:
-            errors.extend(hit[1])
-            return _copy(hit[0])
+            if hit[1]:
+                errors.extend(hit[1])
+            return dict(hit[0]) if hit[2] else _copy(hit[0])
     p.need(g)
     mine: list[EvalError] = []
     payload = render_payload(template, p.activation(g.all_names), mine)
     errors.extend(mine)
-    if key is not None:
-        g.remember(key, (_copy(payload), tuple(mine)), 4)  # (payloads can be large: fewer of them)
+    if key is not None:  # (a map of plain values is copied with dict(); payloads can be large: fewer of them)
+        flat = type(payload) is dict and all(type(v) in _SCALARS for v in payload.values())
+        g.remember(key, (_copy(payload), tuple(mine), flat), 4)
     return payload
+
+
+_SCALARS = frozenset({str, int, float, bool, type(None)})
 
 
 # --------------------------------------------------------------------------- decisions
@@ -977,7 +1006,10 @@ def _segments(p: _Point, out: Outcome) -> tuple[list[str], list[str]]:
         key = hit = None
         if p.incremental and not g.live:  # the memberships and errors remembered, not the results
             key = g.key(p)
-            hit = g.cache.get(key)
+            try:
+                hit = g.cache.get(key)
+            except TypeError:  # an unhashable odd value: not remembered
+                key = None
         if hit is None:
             errors = []
             for seg, (ok, reason) in zip(rs.segments, _results(p, g) if key is None else _evaluate(p, g), strict=True):
