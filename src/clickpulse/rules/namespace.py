@@ -491,6 +491,14 @@ def _event_value(event: Mapping[str, Any] | None, at_ms: int) -> dict[str, Any]:
             "context": _plain(ctx) if isinstance(ctx, Mapping) else {}}
 
 
+_STR = frozenset({str})
+
+
+def _str_keys(d: dict[Any, Any]) -> bool:
+    """Every key of ``d`` is exactly a ``str`` (then ``_plain(d)[k]`` is ``_plain(d[k])``)."""
+    return set(map(type, d)) <= _STR  # (in C: no generator)
+
+
 def _pruned(raw: Any, rest: tuple[str, ...], plain: bool) -> Any:
     """``_plain(raw)`` (``raw`` itself when ``plain``) keeping only what the key path ``rest``
     reaches: the value at its end whole; a map on the way with just that key (empty when absent);
@@ -498,7 +506,7 @@ def _pruned(raw: Any, rest: tuple[str, ...], plain: bool) -> Any:
     if not plain:
         if not rest:
             return _plain(raw)
-        if type(raw) is dict and all(type(k) is str for k in raw):  # _plain(raw)[k] == _plain(raw[k])
+        if type(raw) is dict and _str_keys(raw):  # _plain(raw)[k] == _plain(raw[k])
             k = rest[0]
             return {k: _pruned(raw[k], rest[1:], False)} if k in raw else {}
         raw = _plain(raw)
@@ -576,6 +584,9 @@ def _cart_idle_s(state: UserState, at_ms: int) -> int:
     return _secs(at_ms - max(t for t in (cart.updated_ms, cart.closed_ms) if t is not None))
 
 
+_NO_SCORES: dict[str, float] = {}
+
+
 def _score(state: UserState, scores: Mapping[str, float] | None, name: str) -> float:
     if scores is not None and name in scores:
         return float(scores[name])
@@ -610,13 +621,16 @@ _BUILDERS: dict[str, _Builder] = {
     "lifetime.sessions": lambda st, *_: int(st.life.sessions),
     "lifetime.orders": lambda st, *_: int(st.life.orders),
     "lifetime.revenue": lambda st, *_: round(float(st.life.revenue), 2),
-    "lifetime.days_since_last_order": lambda st, at, *_: _days(at, st.cart.closed_ms) if st.life.orders else -1,
+    "lifetime.days_since_last_order": lambda st, at, *_: -1 if not st.life.orders or st.cart.closed_ms is None
+    else max(0, at - st.cart.closed_ms) // DAY_MS,  # _days(at, closed_ms), inlined
     "lifetime.days_since_first_seen": lambda st, at, *_: max(0, _days(at, st.life.first_ms)),
     "traits": lambda st, *_: _plain(st.traits),
     "category_views": lambda st, at, *_: category_views(st, at),
     "consent": lambda st, *_: {str(k): bool(v[0]) for k, v in st.consent.items()},
-    "scores.intent": lambda st, at, s, sc, *_: _score(st, sc, "intent"),
-    "scores.churn": lambda st, at, s, sc, *_: _score(st, sc, "churn"),
+    "scores.intent": lambda st, at, s, sc, *_: float(sc["intent"]) if sc is not None and "intent" in sc
+    else float(st.ml.get("sc", _NO_SCORES).get("intent", DEFAULT_SCORE)),  # _score(st, sc, "intent"), inlined
+    "scores.churn": lambda st, at, s, sc, *_: float(sc["churn"]) if sc is not None and "churn" in sc
+    else float(st.ml.get("sc", _NO_SCORES).get("churn", DEFAULT_SCORE)),
     "scores.engagement": lambda st, at, s, sc, seg, ev, x: float(x.get("engagement", 0.0)),
     "scores.p_purchase": lambda st, at, s, sc, seg, ev, x: float(x.get("p_purchase", 0.5)),
     "tier": lambda st, at, s, sc, seg, ev, x: str(x.get("tier", "medium")),

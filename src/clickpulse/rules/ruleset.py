@@ -147,7 +147,7 @@ class Expr:
     """A compiled, type-checked CEL expression and where it came from.
 
     ``deps`` are the namespace names it reads (:func:`expression_deps`); :data:`ALL` when they
-    could not be derived."""
+    could not be derived. ``guards``: see :func:`expression_guards`."""
 
     source: str
     rule: str
@@ -155,6 +155,8 @@ class Expr:
     result_type: str  # CEL type name from the checker, e.g. BOOL, DOUBLE, DYN
     program: Any = field(repr=False)
     deps: Deps = field(default=ALL, repr=False)
+    #: ``event`` key paths whose absence makes it false (:func:`expression_guards`)
+    guards: frozenset[tuple[str, ...]] = field(default=frozenset(), repr=False)
 
 
 @dataclass(frozen=True)
@@ -222,7 +224,7 @@ def compile_expression(source: str, *, rule: str = "<expression>", field: str = 
     result_type = program.return_type().name()
     if want_bool and result_type not in ("BOOL", "DYN"):
         raise RulesError(f"a condition must be a bool, this expression is a {result_type.lower()}", **ctx)
-    return Expr(source, rule, field, result_type, program, expression_deps(program))
+    return Expr(source, rule, field, result_type, program, expression_deps(program), expression_guards(program))
 
 
 # ------------------------------------------------------------- what an expression reads
@@ -397,6 +399,53 @@ def _map_read(node: _Node, parent: _Node | None, refs: dict[int, str]) -> tuple[
     return None if path is None else ("e", path)
 
 
+def _checked_ast(program: Any) -> tuple[dict[int, str], _Node, set[str]] | None:
+    """(references by expression id, root node, comprehension variables), None when unreadable."""
+    try:
+        outer = dict(_fields(program.serialize()))
+        if outer.get(1, b"").decode() not in _CHECKED_EXPR_TYPES:
+            return None
+        refs: dict[int, str] = {}
+        root = None
+        bound: set[str] = set()
+        for f, v in _fields(outer[2]):
+            if f == 2:  # reference_map entry: key (expr id), value (Reference: name = 1)
+                entry = dict(_fields(v))
+                ref = dict(_fields(entry.get(2, b"")))
+                if isinstance(entry.get(1), int) and 1 in ref:
+                    refs[entry[1]] = ref[1].decode()
+            elif f == 4:
+                root = _node(v, bound)
+    except Exception:  # noqa: BLE001 - an unexpected encoding
+        return None
+    return None if root is None else (refs, root, bound)
+
+
+def expression_guards(program: Any) -> frozenset[tuple[str, ...]]:
+    """Key paths ``P`` of ``event`` such that the expression is ``has(event.P) && ...`` (a
+    conjunct of its top-level ``&&`` chain): when the map holding ``P``'s last key lacks it, the
+    expression is false (CEL's ``false && x`` is false whatever ``x``, errors included).
+
+    >>> sorted(expression_guards(cel_env().compile('has(event.properties.category) && 1 / 0 == 1')))
+    [('properties', 'category')]
+    """
+    ast = _checked_ast(program)
+    if ast is None:
+        return frozenset()
+    refs, root, _bound = ast
+    out: set[tuple[str, ...]] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if node.kind == "call" and node.name == "_&&_" and not node.has_target and len(node.children) == 2:
+            stack.extend(node.children)
+        elif node.kind == "select" and node.test_only:
+            chain = _event_chain(node.children[0], refs)
+            if chain is not None:
+                out.add((*chain, node.name))
+    return frozenset(out)
+
+
 def expression_deps(program: Any) -> Deps:
     """The namespace names a compiled expression reads (:class:`Deps`), from its checked AST.
 
@@ -416,25 +465,10 @@ def expression_deps(program: Any) -> Deps:
     >>> sorted(expression_deps(cel_env().compile('category_views[event.properties.category] > 1')).map_reads)
     [('category_views', 'e', ('properties', 'category'))]
     """
-    try:
-        outer = dict(_fields(program.serialize()))
-        if outer.get(1, b"").decode() not in _CHECKED_EXPR_TYPES:
-            return ALL
-        refs: dict[int, str] = {}
-        root = None
-        bound: set[str] = set()
-        for f, v in _fields(outer[2]):
-            if f == 2:  # reference_map entry: key (expr id), value (Reference: name = 1)
-                entry = dict(_fields(v))
-                ref = dict(_fields(entry.get(2, b"")))
-                if isinstance(entry.get(1), int) and 1 in ref:
-                    refs[entry[1]] = ref[1].decode()
-            elif f == 4:
-                root = _node(v, bound)
-        if root is None:
-            return ALL
-    except Exception:  # noqa: BLE001 - an unexpected encoding: depend on everything
+    ast = _checked_ast(program)
+    if ast is None:
         return ALL
+    refs, root, bound = ast
     names: set[str] = set()
     types: set[str] | None = set()
     spans: set[str] | None = set()

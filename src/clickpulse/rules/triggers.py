@@ -113,6 +113,8 @@ from .namespace import (
     VARIABLES,
     Deps,
     _plain,
+    _STR,
+    _str_keys,
     event_value,
     fill_namespace,
     namespace,
@@ -287,6 +289,32 @@ def _count_key(types: frozenset[str] | None, spans: frozenset[str] | None) -> Ca
     plan = tuple((t, (t, (tuple(zip(keys, zero)) if picked is None else zero) if t in CANONICAL_TYPES else None))
                  for t in sorted(types))
     wanted = keys if picked is None else tuple(sp if sp in keys else None for sp in picked)
+    if picked is not None and types <= CANONICAL_TYPES:
+        # the common case (count.add_to_cart["7d"]...): canonical types, known spans. Seen or
+        # not, a canonical type's image is its counts (0 when unseen), so no ring is scanned;
+        # each count is Windows.count's sum, inlined (tests check it equals window_counts')
+        spec = tuple((t, tuple(None if sp is None else SPANS[sp] for sp in wanted)) for t in sorted(types))
+
+        def canonical_key(st: UserState, at: int, *_: Any) -> Any:
+            rings = st.windows.rings
+            out = []
+            for t, spans_of in spec:
+                counts = []
+                for span in spans_of:
+                    if span is None:
+                        counts.append(None)
+                        continue
+                    ring, width, n = span
+                    buckets = rings[ring].get(t)
+                    if not buckets:
+                        counts.append(0)
+                        continue
+                    hi = at // width
+                    lo = hi - n
+                    counts.append(sum([c for b, c in buckets.items() if lo < b <= hi]))
+                out.append((t, tuple(counts)))
+            return tuple(out)
+        return canonical_key
 
     def key(st: UserState, at: int, *_: Any) -> Any:
         windows = st.windows
@@ -294,9 +322,6 @@ def _count_key(types: frozenset[str] | None, spans: frozenset[str] | None) -> Ca
         count = windows.count
         out = []
         for t, unseen in plan:
-            if t in CANONICAL_TYPES and picked is not None:  # seen or not, the counts (0 when unseen)
-                out.append((t, tuple([None if sp is None else count(t, sp, at) for sp in wanted])))
-                continue
             for ring in rings:
                 if ring.get(t):
                     if picked is None:
@@ -315,7 +340,7 @@ def _raw_walk(v: Any, path: tuple[str, ...], plain: bool, depth: int = 0) -> Any
     positions it reports count from ``depth``."""
     for i, k in enumerate(path, depth):
         if not plain:
-            if type(v) is dict and all(type(x) is str for x in v):  # _plain(v)[k] is _plain(v[k])
+            if type(v) is dict and _str_keys(v):  # _plain(v)[k] is _plain(v[k])
                 if k not in v:
                     return "absent", i
                 v = v[k]
@@ -350,7 +375,7 @@ def _event_key(paths: frozenset[tuple[str, ...]]) -> Callable[..., Any]:
 
         def one(st: UserState, at: int, s: Any, sc: Any, segs: Any, ev: Mapping[str, Any] | None, x: Any) -> Any:
             raw = ev.get(head) if ev is not None else None
-            if type(raw) is dict and all(type(k) is str for k in raw):
+            if type(raw) is dict and set(map(type, raw)) <= _STR:  # (_str_keys, inlined)
                 v = raw.get(key, _UNREAD)
                 if v is _UNREAD:
                     return (("absent", 1),)
@@ -366,7 +391,7 @@ def _raw_get(v: Any, path: tuple[str, ...], plain: bool) -> Any:
     """What ``_plain(v)`` (``v`` when ``plain``) has at the key path ``path``, or ``_UNREAD``."""
     for k in path:
         if not plain:
-            if type(v) is dict and all(type(x) is str for x in v):
+            if type(v) is dict and _str_keys(v):
                 if k not in v:
                     return _UNREAD
                 v = v[k]
@@ -422,6 +447,9 @@ def _key_fn(deps: Deps) -> Callable[[_Point], Any]:
             conv = _IMAGES.get(VARIABLES[n], _strict)
             if conv is None:
                 getters.append(build)
+            elif conv is _double:  # (inlined: one call less)
+                getters.append(lambda st, at, s, sc, segs, ev, x, b=build:
+                               v if (v := b(st, at, s, sc, segs, ev, x)) else (v, math.copysign(1.0, v)))
             else:
                 getters.append(lambda st, at, s, sc, segs, ev, x, b=build, c=conv: c(b(st, at, s, sc, segs, ev, x)))
     keys = deps.extra_keys
@@ -442,13 +470,32 @@ def _key_fn(deps: Deps) -> Callable[[_Point], Any]:
                 return first(st, at, s, None, (), ev, x), second(st, at, s, None, (), ev, x)
             return key2
     where = {path: i for i, path in enumerate(ordered)}
+    if not parts and not keys and not reads_segments and event_get is not None and len(ordered) == 1 \
+            and len(maps) == 1 and not maps[0][1] and maps[0][2] == ordered:
+        # event.P and a map read only at the key event.P gives (category_views[event.properties.category]):
+        # the same image as key() below, with less work
+        (build, _consts, _paths, entry, whole), = maps
+
+        def key_one_map(p: _Point) -> Any:
+            st, at, ev = p.st, p.at, p.event
+            images = event_get(st, at, None, None, (), ev, _NO_EXTRA)
+            image = images[0]
+            m = build(st, at, st.session, None, (), ev, _NO_EXTRA)
+            if type(image) is tuple and len(image) == 2 and image[0] is str:
+                item = entry(m[image[1]]) if image[1] in m else _NO_ENTRY
+            else:
+                item = ("whole", whole(m))
+            return (item,), images
+        return key_one_map
 
     def key(p: _Point) -> Any:
         st, at, ev = p.st, p.at, p.event
         s = st.session
         segs = p.visible() if reads_segments else ()
         x = p.extras(keys) if keys else _NO_EXTRA
-        out = [get(st, at, s, None, segs, ev, x) for get in parts]
+        out = []
+        for get in parts:
+            out.append(get(st, at, s, None, segs, ev, x))
         images = event_get(st, at, s, None, segs, ev, x) if event_get is not None else ()
         for build, consts, paths, entry, whole in maps:
             m = build(st, at, s, None, segs, ev, x)
@@ -494,8 +541,8 @@ class _Group:
     trigger's condition, one payload's values. One that reads all of ``event`` (not only through
     constant keys) is never remembered: every event differs."""
 
-    __slots__ = ("all_names", "builders", "cache", "count", "covers", "event", "exprs", "extra", "key", "live",
-                 "live_names", "memo", "memo_names", "plain", "segments")
+    __slots__ = ("all_names", "builders", "cache", "count", "covers", "event", "exprs", "extra", "guards", "key",
+                 "live", "live_names", "memo", "memo_names", "plain", "segments")
 
     def __init__(self, exprs: Sequence[Expr], covers: Sequence[_Group] = ()) -> None:
         self.exprs = tuple(exprs)
@@ -515,6 +562,9 @@ class _Group:
         self.live_names = _union_deps(self.exprs[i] for i in self.live).names
         self.key = _key_fn(mdeps)
         self.cache: dict[Any, Any] = {}
+        # one condition with has(event.P) conjuncts: (the image of P when absent, its image function)
+        self.guards = tuple(((("absent", len(path) - 1),), _event_key(frozenset({path})))
+                            for path in sorted(self.exprs[0].guards)) if len(self.exprs) == 1 else ()
 
     def remember(self, key: Any, value: Any, share: int = 1) -> None:
         """Remember ``value`` for ``key`` (at most ``MEMO_ENTRIES // share`` entries: the oldest go)."""
@@ -726,15 +776,24 @@ def _results(p: _Point, g: _Group) -> Sequence[tuple[bool, str | None]]:
         p.need(g)
         act = p.activation(g.all_names)
         return [_eval_bool(e, act) for e in exprs]
+    if g.guards:  # has(event.P) && ...: false, without reading anything else, when P is absent
+        st, at, ev = p.st, p.at, p.event
+        for absent, image in g.guards:
+            if image(st, at, None, None, (), ev, None) == absent:
+                return _FALSE
     hit = None
     if g.memo:
         key = g.key(p)
-        hit = g.cache.get(key)
+        try:
+            hit = g.cache.get(key)
+        except TypeError:  # an unhashable odd value (not from the namespace's builders): not remembered
+            key = _UNREAD
         if hit is None:
             p.need(g)
             act = p.activation(g.memo_names)
             hit = tuple([_eval_bool(exprs[i], act) for i in g.memo])
-            g.remember(key, hit)
+            if key is not _UNREAD:
+                g.remember(key, hit)
         if not g.live:
             return hit
     p.need(g)
@@ -746,6 +805,9 @@ def _results(p: _Point, g: _Group) -> Sequence[tuple[bool, str | None]]:
     for i in g.live:
         out[i] = _eval_bool(exprs[i], act)
     return out
+
+
+_FALSE = ((False, None),)
 
 
 def _evaluate(p: _Point, g: _Group) -> list[tuple[bool, str | None]]:
@@ -780,17 +842,25 @@ def _payload(p: _Point, trig: Trigger, errors: list[EvalError]) -> Any:
     key = None
     if p.incremental and not g.live:
         key = g.key(p)
-        hit = g.cache.get(key)
+        try:
+            hit = g.cache.get(key)
+        except TypeError:  # an unhashable odd value: not remembered
+            key = hit = None
         if hit is not None:
-            errors.extend(hit[1])
-            return _copy(hit[0])
+            if hit[1]:
+                errors.extend(hit[1])
+            return dict(hit[0]) if hit[2] else _copy(hit[0])
     p.need(g)
     mine: list[EvalError] = []
     payload = render_payload(template, p.activation(g.all_names), mine)
     errors.extend(mine)
-    if key is not None:
-        g.remember(key, (_copy(payload), tuple(mine)), 4)  # (payloads can be large: fewer of them)
+    if key is not None:  # (a map of plain values is copied with dict(); payloads can be large: fewer of them)
+        flat = type(payload) is dict and all(type(v) in _SCALARS for v in payload.values())
+        g.remember(key, (_copy(payload), tuple(mine), flat), 4)
     return payload
+
+
+_SCALARS = frozenset({str, int, float, bool, type(None)})
 
 
 # --------------------------------------------------------------------------- decisions
@@ -929,12 +999,17 @@ def _segments(p: _Point, out: Outcome) -> tuple[list[str], list[str]]:
     rs = ctx.ruleset
     before = p.seg
     now: list[str] = []
+    if not rs.segments and not before:
+        return _NOTHING, _NOTHING
     if "flag" not in st.rules.get("bot", _EMPTY) and rs.segments:  # not is_bot
-        g = _runtime(rs)["segments"]
+        g = rs.runtime["segments"]
         key = hit = None
         if p.incremental and not g.live:  # the memberships and errors remembered, not the results
             key = g.key(p)
-            hit = g.cache.get(key)
+            try:
+                hit = g.cache.get(key)
+            except TypeError:  # an unhashable odd value: not remembered
+                key = None
         if hit is None:
             errors = []
             for seg, (ok, reason) in zip(rs.segments, _results(p, g) if key is None else _evaluate(p, g), strict=True):
@@ -1030,13 +1105,15 @@ def on_event(st: UserState, event: Mapping[str, Any], late: bool, watermark_ms: 
     t = int(event["timestamp_ms"])
     etype = event["type"]
     rules = st.rules
-    _prune(st, rs)
+    rt = rs.runtime or _runtime(rs)
+    tmap = rules.get("t")
+    if tmap and not rs.trigger_names.issuperset(tmap):
+        _prune(st, rs)
     bot = rules.setdefault("bot", {})
     out.bot_flagged = observe_bot(bot, event, ctx.bots)  # type: ignore[arg-type]  (it only reads the event)
     if not bot:
         del rules["bot"]
     # timeouts: arm on A, cancel on B (also for late events: they are facts about the episode)
-    rt = _runtime(rs)
     relevant = rt["timeouts_on"].get(etype)
     if relevant is None:
         relevant = tuple((trig, to, int(to.within_s * 1000), etype in to.no) for trig, to in rt["timeouts"]
@@ -1050,7 +1127,7 @@ def on_event(st: UserState, event: Mapping[str, Any], late: bool, watermark_ms: 
                 if not tmap.get(name, True) and all(name != r[0].name for r in relevant):
                     del tmap[name]
     for trig, to, within_ms, answers in relevant:
-        ts = _tstate(st, trig.name)
+        ts = rules.setdefault("t", {}).setdefault(trig.name, {})
         if answers:
             ts["b"] = max(t, ts.get("b", t))
             if ts.get("a") is None or t >= ts["a"]:  # answers every A so far: the episode ends
@@ -1073,8 +1150,10 @@ def on_event(st: UserState, event: Mapping[str, Any], late: bool, watermark_ms: 
             del rules["t"][trig.name]
     if rules.get("t") == {}:
         del rules["t"]
-    p = _Point(st, t, ctx, event, INCREMENTAL if ctx.incremental is None else ctx.incremental)
     trigs = rs.event_triggers.get(etype, ())
+    if not rs.segments and not trigs and "seg" not in rules:
+        return out  # nothing to evaluate
+    p = _Point(st, t, ctx, event, INCREMENTAL if ctx.incremental is None else ctx.incremental)
     entered, exited = _segments(p, out)
     if late:
         for trig in trigs:
@@ -1085,7 +1164,7 @@ def on_event(st: UserState, event: Mapping[str, Any], late: bool, watermark_ms: 
         for trig, (met, reason) in zip(trigs, results):
             if reason is not None:
                 out.errors.append(EvalError(trig.when.rule, trig.when.field, reason))
-            ts = _tstate(st, trig.name)
+            ts = rules.setdefault("t", {}).setdefault(trig.name, {})
             was = bool(ts.get("m"))
             if met:
                 ts["m"] = 1
