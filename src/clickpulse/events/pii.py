@@ -127,6 +127,7 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
+from ..settings import secret_bytes
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ SECTIONS = ("properties", "context", "traits")
 #: Prefix of a hashed value (version 1: HMAC-SHA256, 32 hex digits).
 HASH_PREFIX = "h1:"
 #: Smallest accepted ``CLICKPULSE_PII_HASH_KEY``, in bytes.
-MIN_KEY_BYTES = 16
+from ..settings import MIN_KEY_BYTES  # noqa: E402 - one minimum for every secret
 
 _HASHED = re.compile(r"h1:[0-9a-f]{32}")
 _NON_DIGITS = re.compile(r"[^0-9]")
@@ -170,19 +171,7 @@ def parse_hash_key(value: str) -> bytes:
     ConfigError
         A key shorter than :data:`MIN_KEY_BYTES` bytes.
     """
-    value = value.strip()
-    if not value:
-        return b""
-    key = value.encode()
-    if len(value) >= 2 * MIN_KEY_BYTES and len(value) % 2 == 0:
-        try:
-            key = bytes.fromhex(value)
-        except ValueError:
-            pass
-    if len(key) < MIN_KEY_BYTES:
-        raise ConfigError(f"CLICKPULSE_PII_HASH_KEY must be at least {MIN_KEY_BYTES} bytes "
-                          "(e.g. `openssl rand -hex 32`)")
-    return key
+    return secret_bytes(value, "CLICKPULSE_PII_HASH_KEY", MIN_KEY_BYTES)
 
 
 @dataclass(frozen=True)

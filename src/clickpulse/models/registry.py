@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from ..errors import ConfigError
+from ..settings import secret_bytes
 from .markov import MarkovChain
 from .online import OnlineModel, safe_loads
 from .tiers import EngagementTiers
@@ -69,7 +70,7 @@ MAC_DOMAIN = b"clickpulse.snapshot.v1\n"
 """Prefix of the signed bytes, so a snapshot MAC can never be a valid MAC of anything else."""
 KEY_FILE = "snapshot.key"
 """The key file in ``data_dir`` used when ``CLICKPULSE_SNAPSHOT_KEY`` is empty."""
-MIN_KEY_BYTES = 16
+from ..settings import MIN_KEY_BYTES  # noqa: E402 - one minimum for every secret
 REJECT_REASONS = ("malformed", "unsigned", "key_mismatch", "bad_signature", "unknown_task", "stale",
                   "invalid_model", "no_key")
 """Why a snapshot was not installed: not a well-formed envelope; no signature; signed under another
@@ -107,16 +108,9 @@ def parse_key(value: str) -> bytes:
     ConfigError
         Fewer than :data:`MIN_KEY_BYTES` bytes.
     """
-    value = value.strip()
-    key = value.encode()
-    if len(value) >= 2 * MIN_KEY_BYTES and len(value) % 2 == 0:
-        try:
-            key = bytes.fromhex(value)
-        except ValueError:
-            pass
-    if len(key) < MIN_KEY_BYTES:
-        raise ConfigError(f"CLICKPULSE_SNAPSHOT_KEY must be at least {MIN_KEY_BYTES} bytes "
-                          "(e.g. `openssl rand -hex 32`)")
+    key = secret_bytes(value, "CLICKPULSE_SNAPSHOT_KEY", MIN_KEY_BYTES)
+    if not key:
+        raise ConfigError(f"CLICKPULSE_SNAPSHOT_KEY must be at least {MIN_KEY_BYTES} bytes (e.g. `openssl rand -hex 32`)")
     return key
 
 
