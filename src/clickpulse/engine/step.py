@@ -595,8 +595,8 @@ class Engine:
             em.count("users_new")
         if is_duplicate(st, event):
             em.count("duplicates")
-            # a re-read event (after a crash) moves the clock as the first reading did
-            clock.observe(int(event["timestamp_ms"]), wall_ms)
+            # a re-read event (after a crash) does not move the clock: with two hops, events the
+            # first ingest never forwarded come back behind it and must not be taken as late
             self._fire(tx, partition, wall_ms, em)
             return Applied(duplicate=True)
         tx.dirty.add(key)
@@ -719,9 +719,10 @@ class Engine:
         ``committed``: the consumer group's committed offsets ``{(topic, partition): offset}``.
         With them, a partition's clock restarts from its clock log (:meth:`checkpoint`, stored in
         the table under :func:`clock_key`) at the newest checkpoint whose events are all
-        committed — the watermark as it was at the input position the worker resumes from, so
-        re-processing the uncommitted tail moves it exactly as the first time (no timer fires
-        early because the saved states ran ahead of the committed offsets). Without a usable
+        committed — the watermark as it was at the input position the worker resumes from; the
+        re-read events already in the states (duplicates) do not move it, the others do, so no
+        timer fires early because the saved states ran ahead of the committed offsets, and events
+        the first ingest never forwarded are not taken as late when they come back. Without a usable
         checkpoint the watermark waits for the re-read events (never early); without
         ``committed`` (or a clock log) it is the newest event time in the partition's states.
 
