@@ -126,6 +126,8 @@ from typing import Any
 
 import yaml
 
+from ..yamlstrict import StrictLoader
+
 from ..errors import ConfigError
 from ..settings import secret_bytes
 
@@ -581,36 +583,8 @@ def redact_detail(detail: str, reason: str | None = None) -> str:
 
 
 # --- YAML -------------------------------------------------------------------------------------------
-class _Loader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 booleans (``yes``/``no``/``on``/``off`` stay strings: a trait may be
-    called ``no``) and duplicate keys rejected (a second ``properties:`` would silently replace
-    the first)."""
-
-
-_BOOL_TAG = "tag:yaml.org,2002:bool"
-_Loader.yaml_implicit_resolvers = {
-    first: [r for r in resolvers if r[0] != _BOOL_TAG]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
-
-
-def _construct_map(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    loader.flatten_mapping(node)
-    out: dict[Any, Any] = {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        try:
-            duplicate = key in out
-        except TypeError:
-            raise yaml.constructor.ConstructorError(None, None, "a key must be a string", key_node.start_mark) from None
-        if duplicate:
-            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-        out[key] = loader.construct_object(value_node, deep=True)
-    return out
-
-
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_map)
+# the strict loader (YAML 1.2 booleans: a trait called ``no`` stays a string; duplicate keys rejected)
+_Loader = StrictLoader
 
 
 def _yaml_problem(err: yaml.YAMLError) -> str:

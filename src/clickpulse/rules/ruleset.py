@@ -55,6 +55,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from ..yamlstrict import StrictLoader, YamlMap
 from cel_expr_python import cel
 
 from ..errors import ClickpulseError
@@ -786,46 +788,9 @@ class Ruleset:
         return [s.name for s in self.segments if evaluate_condition(s.when, act, errors)]
 
 
-class _Map(dict):  # type: ignore[type-arg]
-    """A YAML mapping that remembers its line and the line of each value."""
-
-    line: int | None = None
-    key_lines: dict[Any, int]
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 booleans: only true/false are bools. YAML 1.1 also reads ``on``,
-    ``off``, ``yes`` and ``no`` as booleans, which would turn the trigger keys ``on:`` and
-    ``no:`` into True and False."""
-
-
-_BOOL_TAG = "tag:yaml.org,2002:bool"
-_Loader.yaml_implicit_resolvers = {
-    first: [r for r in resolvers if r[0] != _BOOL_TAG]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
-
-
-def _construct_map(loader: yaml.SafeLoader, node: yaml.MappingNode) -> _Map:
-    loader.flatten_mapping(node)
-    out = _Map()
-    out.line = node.start_mark.line + 1
-    out.key_lines = {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        try:
-            duplicate = key in out
-        except TypeError:
-            raise yaml.constructor.ConstructorError(None, None, "a key must be a string", key_node.start_mark) from None
-        if duplicate:
-            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-        out[key] = loader.construct_object(value_node, deep=True)
-        out.key_lines[key] = value_node.start_mark.line + 1
-    return out
-
-
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_map)
+# the strict loader (YAML 1.2 booleans: ``on:``/``no:`` stay keys; duplicate keys rejected; lines kept)
+_Map = YamlMap
+_Loader = StrictLoader
 
 
 class _Ctx:
