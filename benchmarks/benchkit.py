@@ -291,19 +291,8 @@ class Sub:
         raise TimeoutError(f"no {key!r} from {self.argv[1]} within {timeout_s:.0f} s; log: {self.log_path}")
 
     def stop(self, timeout_s: float = 20.0) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        return self.proc.returncode
+        from clickpulse.runtime import stop_process_group
+        return stop_process_group(self.proc, signal.SIGTERM, timeout_s)
 
 
 def write_status(path: str | Path, **kv: Any) -> None:

@@ -47,6 +47,25 @@ def services(cmd: str) -> bool:
     return res.returncode == 0
 
 
+def stop_process_group(proc: subprocess.Popen | None, sig: int = signal.SIGTERM,
+                       timeout_s: float = 30.0) -> int | None:
+    """Send ``sig`` to the process group of ``proc`` (started with ``start_new_session``), wait
+    ``timeout_s`` seconds, then SIGKILL; returns the exit code (``None`` when never started)."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    return proc.returncode
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -120,19 +139,7 @@ class WorkerProcess:
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> int | None:
         """Stop the worker (SIGTERM, then SIGKILL after ``timeout_s``); returns its exit code."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        return self.proc.returncode
+        return stop_process_group(self.proc, sig, timeout_s)
 
     def kill(self) -> None:
         """SIGKILL, as in a crash."""

@@ -366,6 +366,21 @@ class PiiPolicy:
         return [f"{s}.{k}" for s, keys in PRODUCT_FIELDS.items() for k in keys if k not in kept[s]]
 
     # -- the hot path -------------------------------------------------------------------------
+    def _section(self, section: dict[str, Any], keep: frozenset[str], hash_fields: Any) -> tuple[dict[str, Any], int, int]:
+        """A copy of one map (properties, traits, context) with only the allowlisted keys and
+        the listed fields hashed: ``(copy, keys dropped, values hashed)``."""
+        out = dict(section)
+        dropped = hashed = 0
+        if not keep.issuperset(section):
+            for k in section:
+                if k not in keep:
+                    del out[k]
+                    dropped += 1
+        if hash_fields:
+            d, hashed = self._hash_in(out, hash_fields)
+            dropped += d
+        return out, dropped, hashed
+
     def apply(self, event: dict[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:
         """Apply the policy to one canonical event.
 
@@ -386,30 +401,14 @@ class PiiPolicy:
         props = out.get("properties")
         if props is not None:
             if isinstance(props, dict):
-                p = dict(props)
-                if not keep_p.issuperset(props):
-                    for k in props:
-                        if k not in keep_p:
-                            del p[k]
-                            dropped += 1
-                if hash_p:
-                    d, h = self._hash_in(p, hash_p)
-                    dropped += d
-                    hashed += h
+                p, d, hashed = self._section(props, keep_p, hash_p)
+                dropped += d
                 traits = p.get("traits")
                 if traits is not None:
                     if isinstance(traits, dict):
-                        t = dict(traits)
-                        if not keep_t.issuperset(traits):
-                            for k in traits:
-                                if k not in keep_t:
-                                    del t[k]
-                                    dropped += 1
-                        if hash_t:
-                            d, h = self._hash_in(t, hash_t)
-                            dropped += d
-                            hashed += h
-                        p["traits"] = t
+                        p["traits"], d, h = self._section(traits, keep_t, hash_t)
+                        dropped += d
+                        hashed += h
                     else:
                         del p["traits"]
                         dropped += 1
@@ -420,17 +419,9 @@ class PiiPolicy:
         ctx = out.get("context")
         if ctx is not None:
             if isinstance(ctx, dict):
-                c = dict(ctx)
-                if not keep_c.issuperset(ctx):
-                    for k in ctx:
-                        if k not in keep_c:
-                            del c[k]
-                            dropped += 1
-                if hash_c:
-                    d, h = self._hash_in(c, hash_c)
-                    dropped += d
-                    hashed += h
-                out["context"] = c
+                out["context"], d, h = self._section(ctx, keep_c, hash_c)
+                dropped += d
+                hashed += h
             else:
                 del out["context"]
                 dropped += 1
