@@ -92,6 +92,12 @@ class Settings:
     session_gap_s : float
         ``CLICKPULSE_SESSION_GAP_S``; seconds of inactivity that end a session. Default 1800
         (30 min, the GA / Segment / Snowplow convention).
+    timezone : str
+        ``CLICKPULSE_TIMEZONE``; the site time zone, an IANA name (``America/New_York``). "Day"
+        windows (``count.X["7d"]``, ``count.X["today"]``), ``category_views``, ``local.*`` in
+        rules and ``once_per: day`` follow its local days, DST-correct (a local day can last 23 or
+        25 hours; :mod:`clickpulse.state.localtime`). Default ``UTC``. Changing it on a running
+        namespace re-labels the day buckets already stored (up to a day's shift in ``7d``).
     engagement_weights : str
         ``CLICKPULSE_ENGAGEMENT_WEIGHTS``; points per engagement signal overriding the defaults of
         :data:`clickpulse.features.engagement.DEFAULT_WEIGHTS`, as ``name=points`` pairs
@@ -305,6 +311,7 @@ class Settings:
     idle_timeout_s: float = 5.0
     max_future_skew_s: float = 300.0
     session_gap_s: float = 1800.0
+    timezone: str = "UTC"
     rules_path: str = ""
     rules_poll_s: float = 5.0
     assume_consent: str = ""
@@ -404,6 +411,11 @@ class Settings:
         if self.snapshot_key and len(self.snapshot_key.strip()) < 16:
             raise ConfigError(f"{_env('snapshot_key')} must be at least 16 characters (e.g. `openssl rand -hex 32`), "
                               f"got {len(self.snapshot_key.strip())}")
+        from .state.localtime import check_timezone
+        try:
+            check_timezone(self.timezone)
+        except ValueError as err:
+            raise ConfigError(f"{_env('timezone')}: {err}") from err
         if not self.namespace or not all(c.isalnum() or c in "-_." for c in self.namespace):
             raise ConfigError(f"{_env('namespace')} must be non-empty [A-Za-z0-9._-], got {self.namespace!r}")
 
