@@ -68,7 +68,7 @@ def test_namespace_values_from_a_real_state(ns):
     assert ns["count"]["add_to_cart"] == {"5m": 1, "1h": 3, "24h": 3, "7d": 3, "today": 3}
     assert ns["count"]["product_view"]["7d"] == 2
     assert ns["count"]["purchase"]["7d"] == 1  # day buckets Oct 2..Oct 8
-    assert ns["count"]["checkout_start"] == {"5m": 0, "1h": 0, "24h": 0, "7d": 0}  # canonical types zero-filled
+    assert ns["count"]["checkout_start"] == {"5m": 0, "1h": 0, "24h": 0, "7d": 0, "today": 0}  # canonical types zero-filled
     s = ns["session"]
     assert s["duration_s"] == 360 and s["events"] == 5 and s["idle_s"] == 120
     assert s["counts"]["add_to_cart"] == 3 and s["counts"]["product_view"] == 2 and s["counts"]["purchase"] == 0
