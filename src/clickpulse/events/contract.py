@@ -347,6 +347,7 @@ _DEVICE_CLASSES = frozenset({"desktop", "mobile", "tablet"})
 #: purchase, ``value`` of the others) when the producer sent none.
 _PRODUCT_LIST_TYPES = {"purchase": "revenue", "cart_view": "value", "checkout_start": "value"}
 _CURRENCY_LETTERS = re.compile(r"[A-Za-z]{3}")
+_TABLET_WORD = re.compile(r"\btab(let)?\b")
 
 
 def device_class(device: dict[str, Any]) -> str | None:
@@ -354,7 +355,7 @@ def device_class(device: dict[str, Any]) -> str | None:
     Segment/RudderStack ``context.device`` object, ``None`` when it has no string ``type``.
 
     The mobile libraries send the OS as ``type`` (``"ios"``, ``"android"``); a model or name
-    containing ``ipad`` or ``tablet`` makes it a tablet.
+    containing ``ipad``, or the word ``tablet`` or ``tab`` (``Galaxy Tab S9``), makes it a tablet.
 
     >>> device_class({"type": "ios", "model": "iPad13,4"}), device_class({"type": "android"})
     ('tablet', 'mobile')
@@ -367,7 +368,7 @@ def device_class(device: dict[str, Any]) -> str | None:
         return kind
     if kind in _MOBILE_OS:
         hint = " ".join(v for v in (device.get("model"), device.get("name")) if isinstance(v, str)).lower()
-        return "tablet" if "ipad" in hint or "tablet" in hint else "mobile"
+        return "tablet" if "ipad" in hint or _TABLET_WORD.search(hint) else "mobile"
     return kind
 
 
