@@ -14,8 +14,9 @@ scenario and repetition, deleted at the end):
 
 The events are Segment ``Product Added`` track calls (about 420 bytes as published), distinct
 ``messageId``s, 1000 users. Figures: accepted events/s (events answered 200 or acknowledged,
-over the wall time of the scenario) and per-request latency (send to answer/acknowledgement)
-p50/p99 in ms. The load generator and the collector share the machine (and the broker): on a
+over the wall time of the scenario), per-request latency (send to answer/acknowledgement)
+p50/p99 in ms, and CPU time per event of the load generator (this process: the aiohttp client,
+or the bare producer) and of the collector process (``/proc/<pid>/stat``). The load generator and the collector share the machine (and the broker): on a
 small host the client's own CPU time is part of what limits ``collector`` rows.
 
 Run: ``PYTHONPATH=src python benchmarks/collector.py [--events 20000 --concurrency 32 --batch 50 --reps 3]``
@@ -114,6 +115,13 @@ async def http_load(url: str, events: list[dict[str, Any]], batch: int, concurre
     return wall, lat, failed
 
 
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (``/proc/<pid>/stat``)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def start_collector(settings: Settings, log_path: str) -> tuple[subprocess.Popen, str]:
     """``clickpulse collector`` in its own process group; returns it and its URL once healthy."""
     env = subprocess_env(settings.env())
@@ -156,7 +164,8 @@ def main() -> None:
     log_path = f"/tmp/{run}-collector.log"
     scenarios = [("produce single", 1), ("collector single", 1), ("produce batch", args.batch),
                  ("collector batch", args.batch)]
-    rows: dict[str, dict[str, list[float]]] = {name: {"eps": [], "lat": [], "failed": []} for name, _ in scenarios}
+    rows: dict[str, dict[str, list[float]]] = {name: {"eps": [], "lat": [], "failed": [], "cpu_load": [], "cpu_srv": []}
+                                               for name, _ in scenarios}
     proc = None
     try:
         for rep in range(args.reps):
@@ -165,6 +174,8 @@ def main() -> None:
                 s = settings.replace(namespace=topic_ns)
                 asyncio.run(create_topics(s.kafka_bootstrap, [s.topic_raw], args.partitions))
                 events = make_events(args.events, topic_ns)
+                cpu0 = time.process_time()
+                srv_cpu = 0.0
                 if name.startswith("produce"):
                     wall, lat = asyncio.run(bare_produce(s.kafka_bootstrap, s.topic_raw, events, batch,
                                                          args.concurrency, linger))
@@ -173,10 +184,16 @@ def main() -> None:
                     proc, url = start_collector(s.replace(collector_port=free_port()), log_path)
                     warm = make_events(200, topic_ns + "-warm")
                     asyncio.run(http_load(url, warm, batch, args.concurrency))  # connections, metadata
+                    srv0 = proc_cpu_s(proc.pid)
+                    cpu0 = time.process_time()
                     wall, lat, failed = asyncio.run(http_load(url, events, batch, args.concurrency))
+                    srv_cpu = proc_cpu_s(proc.pid) - srv0
                     stop_process_group(proc)
                     proc = None
+                load_cpu = time.process_time() - cpu0
                 accepted = args.events - failed * batch
+                rows[name]["cpu_load"].append(load_cpu / args.events * 1e6)
+                rows[name]["cpu_srv"].append(srv_cpu / args.events * 1e6)
                 rows[name]["eps"].append(accepted / wall)
                 rows[name]["lat"].extend(lat)
                 rows[name]["failed"].append(failed)
@@ -191,17 +208,21 @@ def main() -> None:
     print(f"\ncollector vs bare aiokafka produce loop: {args.events} events x {args.reps} reps per row, "
           f"{args.concurrency} requests in flight, batch {args.batch}, {args.partitions} partitions, "
           f"linger_ms {linger}, {os.cpu_count()} CPUs\n")
-    print(f"{'scenario':<18} {'events/s (median)':>18} {'min..max':>18} {'p50 ms':>8} {'p99 ms':>8} {'failed':>7}")
+    print(f"{'scenario':<18} {'events/s (median)':>18} {'min..max':>18} {'p50 ms':>8} {'p99 ms':>8} {'failed':>7} "
+          f"{'CPU us/event: load':>19} {'collector':>10}")
     out = []
     for name, batch in scenarios:
         r = rows[name]
         st = latency_stats(r["lat"])
         row = {"scenario": name, "batch": batch, "events_per_s": round(statistics.median(r["eps"])),
                "events_per_s_min": round(min(r["eps"])), "events_per_s_max": round(max(r["eps"])),
-               "p50_ms": st.get("p50_ms"), "p99_ms": st.get("p99_ms"), "failed_requests": sum(r["failed"])}
+               "p50_ms": st.get("p50_ms"), "p99_ms": st.get("p99_ms"), "failed_requests": sum(r["failed"]),
+               "cpu_us_per_event_load": round(statistics.median(r["cpu_load"]), 1),
+               "cpu_us_per_event_collector": round(statistics.median(r["cpu_srv"]), 1)}
         out.append(row)
         print(f"{name:<18} {row['events_per_s']:>18,} {row['events_per_s_min']:>8,}..{row['events_per_s_max']:<8,} "
-              f"{row['p50_ms']:>8} {row['p99_ms']:>8} {row['failed_requests']:>7}")
+              f"{row['p50_ms']:>8} {row['p99_ms']:>8} {row['failed_requests']:>7} "
+              f"{row['cpu_us_per_event_load']:>19} {row['cpu_us_per_event_collector'] if 'collector' in name else '-':>10}")
     for kind in ("single", "batch"):
         c, p = rows[f"collector {kind}"], rows[f"produce {kind}"]
         print(f"collector {kind}: {statistics.median(c['eps']) / statistics.median(p['eps']):.0%} of the bare "

@@ -170,6 +170,17 @@ class FakeProducer:
         self.acked: list[tuple[str, bytes, bytes]] = []
         self.started = self.stopped = False
 
+    @property
+    def client(self) -> FakeProducer:
+        return self
+
+    def force_metadata_update(self) -> asyncio.Future:
+        """The broker answers a metadata request only in mode ``ok``."""
+        fut = asyncio.get_running_loop().create_future()
+        if self.mode != "hang":
+            fut.set_result(self.mode == "ok")
+        return fut
+
     async def start(self) -> None:
         if self.mode == "down":
             raise KafkaConnectionError("no broker")
@@ -332,6 +343,11 @@ def test_an_unacknowledged_event_is_never_answered_200(mode):
         metrics = await (await client.get("/metrics")).text()
         assert "clickpulse_collector_kafka_up 0.0" in metrics
         assert "clickpulse_collector_events_total 0.0" in metrics
+        p.mode = "ok"  # the broker is back: /health says so without any request
+        await asyncio.sleep(1.05)  # the probe runs at most once a second
+        assert (await client.get("/health")).status == 200
+        r = await client.post("/v1/track", data=orjson.dumps({"userId": "u3"}), headers=AUTH)
+        assert r.status == 200 and [k for _, k, _ in p.acked] == [b"u3"]
     run_client(t, mode=mode, collector_ack_timeout_s=0.3)
 
 

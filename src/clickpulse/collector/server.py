@@ -16,8 +16,8 @@ The producer is started in the background and restarted until the broker answers
 collector serves (503) while Kafka is down and accepts as soon as it is back.
 
 Endpoints: ``POST /v1/{track,page,screen,identify,alias,group,batch,import}`` (and analytics.js'
-``/v1/{t,p,s,i,a,g,b}``), ``GET /health`` (200 when the producer is connected and the last
-produce did not fail, else 503), ``GET /metrics`` (Prometheus text), ``OPTIONS`` (CORS preflight).
+``/v1/{t,p,s,i,a,g,b}``), ``GET /health`` (200 when the producer is connected and a broker
+answers a metadata request, else 503), ``GET /metrics`` (Prometheus text), ``OPTIONS`` (CORS preflight).
 """
 
 from __future__ import annotations
@@ -104,6 +104,7 @@ class Collector:
         self._factory = producer_factory or self._default_producer
         self._connector: asyncio.Task | None = None
         self._healthy = False
+        self._probed = -1.0
         origins = [o.strip() for o in settings.collector_cors_origins.split(",") if o.strip()]
         self._cors_any = "*" in origins
         self._cors_origins = frozenset(origins)
@@ -161,6 +162,10 @@ class Collector:
 
     async def _publish(self, recs: list[tuple[bytes, bytes]]) -> None:
         p = self.producer
+        if len(recs) == 1:
+            k, v = recs[0]
+            await (await p.send(self.topic, value=v, key=k))
+            return
         futs = [await p.send(self.topic, value=v, key=k) for k, v in recs]
         if futs:
             await asyncio.gather(*futs)
@@ -214,7 +219,8 @@ class Collector:
         if self.producer is None:
             return self._answer(call, RequestError(503, "kafka_unavailable", "Kafka is unavailable; retry later"), retry)
         try:
-            await asyncio.wait_for(self._publish(recs), self.settings.collector_ack_timeout_s)
+            async with asyncio.timeout(self.settings.collector_ack_timeout_s):  # no extra task, unlike wait_for
+                await self._publish(recs)
         except Exception as err:  # noqa: BLE001 - timeout or any Kafka error: not acknowledged
             self._set_health(False)
             log.warning("%d events not acknowledged by Kafka (%s: %s); answered 503", len(recs),
@@ -233,9 +239,23 @@ class Collector:
         return self._answer(call, RequestError(401, "unauthorized", "missing or unknown write key"),
                             {"WWW-Authenticate": 'Basic realm="clickpulse collector"'})
 
+    async def _probe(self) -> bool:
+        """Ask the brokers for metadata (at most every second, 2 s timeout): the producer's
+        connection state, also while no request comes (a load balancer sees recovery)."""
+        now = time.monotonic()
+        if now - self._probed < 1.0:
+            return self._healthy
+        self._probed = now
+        try:
+            ok = bool(await asyncio.wait_for(self.producer.client.force_metadata_update(), 2.0))
+        except Exception:  # noqa: BLE001 - timeout or Kafka error: down
+            ok = False
+        self._set_health(ok)
+        return ok
+
     async def health(self, request: web.Request) -> web.Response:
-        """``GET /health``: 200 with Kafka connected and healthy, else 503."""
-        up = self.producer is not None and self._healthy
+        """``GET /health``: 200 with the producer connected and a broker answering, else 503."""
+        up = self.producer is not None and await self._probe()
         return web.Response(status=200 if up else 503, content_type=_JSON,
                             body=orjson.dumps({"status": "ok" if up else "unavailable",
                                                "kafka": "up" if up else "down"}))
