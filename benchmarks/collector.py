@@ -12,6 +12,9 @@ scenario and repetition, deleted at the end):
   awaiting its 200 (every 200 means Kafka acknowledged the event).
 * ``collector batch`` - the same POSTing ``/v1/batch`` with ``--batch`` events.
 
+Each collector row is run once per event loop of ``--loops`` (``asyncio``, ``uvloop``:
+``CLICKPULSE_COLLECTOR_EVENT_LOOP``).
+
 The events are Segment ``Product Added`` track calls (about 420 bytes as published), distinct
 ``messageId``s, 1000 users. Figures: accepted events/s (events answered 200 or acknowledged,
 over the wall time of the scenario), per-request latency (send to answer/acknowledgement)
@@ -19,7 +22,7 @@ p50/p99 in ms, and CPU time per event of the load generator (this process: the a
 or the bare producer) and of the collector process (``/proc/<pid>/stat``). The load generator and the collector share the machine (and the broker): on a
 small host the client's own CPU time is part of what limits ``collector`` rows.
 
-Run: ``PYTHONPATH=src python benchmarks/collector.py [--events 20000 --concurrency 32 --batch 50 --reps 3]``
+Run: ``PYTHONPATH=src python benchmarks/collector.py [--events 20000 --concurrency 32 --batch 50 --reps 3 --loops asyncio,uvloop]``
 (or ``make bench-collector ARGS="..."``).
 """
 
@@ -153,6 +156,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--partitions", type=int, default=4)
     ap.add_argument("--json", action="store_true", help="print the result rows as JSON too")
+    ap.add_argument("--loops", default="asyncio,uvloop",
+                    help="collector event loops to measure (CLICKPULSE_COLLECTOR_EVENT_LOOP), comma-separated")
     args = ap.parse_args()
 
     base = Settings.from_env()
@@ -162,15 +167,16 @@ def main() -> None:
                             partitions=args.partitions)
     linger = settings.collector_linger_ms
     log_path = f"/tmp/{run}-collector.log"
-    scenarios = [("produce single", 1), ("collector single", 1), ("produce batch", args.batch),
-                 ("collector batch", args.batch)]
+    loops = [x.strip() for x in args.loops.split(",") if x.strip()]
+    scenarios = [("produce single", 1)] + [(f"collector/{lp} single", 1) for lp in loops] + \
+                [("produce batch", args.batch)] + [(f"collector/{lp} batch", args.batch) for lp in loops]
     rows: dict[str, dict[str, list[float]]] = {name: {"eps": [], "lat": [], "failed": [], "cpu_load": [], "cpu_srv": []}
                                                for name, _ in scenarios}
     proc = None
     try:
         for rep in range(args.reps):
             for name, batch in scenarios:
-                topic_ns = f"{run}-r{rep}-{name.replace(' ', '-')}"
+                topic_ns = f"{run}-r{rep}-{name.replace(' ', '-').replace('/', '-')}"
                 s = settings.replace(namespace=topic_ns)
                 asyncio.run(create_topics(s.kafka_bootstrap, [s.topic_raw], args.partitions))
                 events = make_events(args.events, topic_ns)
@@ -181,7 +187,8 @@ def main() -> None:
                                                          args.concurrency, linger))
                     failed = 0
                 else:
-                    proc, url = start_collector(s.replace(collector_port=free_port()), log_path)
+                    loop = name.split("/")[1].split()[0]
+                    proc, url = start_collector(s.replace(collector_port=free_port(), collector_event_loop=loop), log_path)
                     warm = make_events(200, topic_ns + "-warm")
                     asyncio.run(http_load(url, warm, batch, args.concurrency))  # connections, metadata
                     srv0 = proc_cpu_s(proc.pid)
@@ -208,7 +215,7 @@ def main() -> None:
     print(f"\ncollector vs bare aiokafka produce loop: {args.events} events x {args.reps} reps per row, "
           f"{args.concurrency} requests in flight, batch {args.batch}, {args.partitions} partitions, "
           f"linger_ms {linger}, {os.cpu_count()} CPUs\n")
-    print(f"{'scenario':<18} {'events/s (median)':>18} {'min..max':>18} {'p50 ms':>8} {'p99 ms':>8} {'failed':>7} "
+    print(f"{'scenario':<24} {'events/s (median)':>18} {'min..max':>18} {'p50 ms':>8} {'p99 ms':>8} {'failed':>7} "
           f"{'CPU us/event: load':>19} {'collector':>10}")
     out = []
     for name, batch in scenarios:
@@ -220,13 +227,14 @@ def main() -> None:
                "cpu_us_per_event_load": round(statistics.median(r["cpu_load"]), 1),
                "cpu_us_per_event_collector": round(statistics.median(r["cpu_srv"]), 1)}
         out.append(row)
-        print(f"{name:<18} {row['events_per_s']:>18,} {row['events_per_s_min']:>8,}..{row['events_per_s_max']:<8,} "
+        print(f"{name:<24} {row['events_per_s']:>18,} {row['events_per_s_min']:>8,}..{row['events_per_s_max']:<8,} "
               f"{row['p50_ms']:>8} {row['p99_ms']:>8} {row['failed_requests']:>7} "
               f"{row['cpu_us_per_event_load']:>19} {row['cpu_us_per_event_collector'] if 'collector' in name else '-':>10}")
-    for kind in ("single", "batch"):
-        c, p = rows[f"collector {kind}"], rows[f"produce {kind}"]
-        print(f"collector {kind}: {statistics.median(c['eps']) / statistics.median(p['eps']):.0%} of the bare "
-              f"produce loop's events/s")
+    for lp in loops:
+        for kind in ("single", "batch"):
+            c, p = rows[f"collector/{lp} {kind}"], rows[f"produce {kind}"]
+            print(f"collector/{lp} {kind}: {statistics.median(c['eps']) / statistics.median(p['eps']):.0%} of the "
+                  f"bare produce loop's events/s")
     if args.json:
         print(orjson.dumps(out).decode())
 

@@ -322,6 +322,9 @@ class Settings:
     collector_cors_origins : str
         ``CLICKPULSE_COLLECTOR_CORS_ORIGINS``; ``Access-Control-Allow-Origin`` for browser SDKs:
         ``*`` (the default), a comma-separated list of origins, or empty for no CORS headers.
+    collector_event_loop : str
+        ``CLICKPULSE_COLLECTOR_EVENT_LOOP``; ``auto`` (the default: uvloop when installed, the
+        ``collector`` extra), ``uvloop`` (required) or ``asyncio``.
     """
 
     kafka_bootstrap: str = "127.0.0.1:9092"
@@ -399,6 +402,7 @@ class Settings:
     collector_retry_after_s: int = 5
     collector_linger_ms: int = 2
     collector_cors_origins: str = "*"
+    collector_event_loop: str = "auto"
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -426,6 +430,9 @@ class Settings:
                      "collector_max_batch_events", "collector_ack_timeout_s", "collector_retry_after_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{_env(name)} must be > 0, got {getattr(self, name)!r}")
+        if self.collector_event_loop not in ("auto", "uvloop", "asyncio"):
+            raise ConfigError(f"{_env('collector_event_loop')} must be auto, uvloop or asyncio, "
+                              f"got {self.collector_event_loop!r}")
         if self.collector_linger_ms < 0:
             raise ConfigError(f"{_env('collector_linger_ms')} must be >= 0, got {self.collector_linger_ms!r}")
         if self.collector_max_event_bytes > min(self.max_event_bytes, self.collector_max_batch_bytes):

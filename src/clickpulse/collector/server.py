@@ -320,7 +320,31 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
         await runner.cleanup()
 
 
+def loop_factory(choice: str) -> Any:
+    """The event loop factory of ``CLICKPULSE_COLLECTOR_EVENT_LOOP``: uvloop's for ``uvloop`` and
+    for ``auto`` when uvloop is installed, else ``None`` (asyncio's default loop).
+
+    Raises
+    ------
+    ConfigError
+        ``uvloop`` chosen and not installed.
+    """
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise ConfigError("CLICKPULSE_COLLECTOR_EVENT_LOOP=uvloop but uvloop is not installed "
+                              "(pip install 'clickpulse[collector]')") from None
+        return None
+    return uvloop.new_event_loop
+
+
 def run(settings: Settings) -> None:
     """``clickpulse collector``: serve until SIGINT/SIGTERM."""
     Collector(settings)  # configuration errors before the loop starts
-    asyncio.run(serve(settings))
+    factory = loop_factory(settings.collector_event_loop)
+    log.info("event loop: %s", "uvloop" if factory is not None else "asyncio")
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(serve(settings))
