@@ -405,3 +405,32 @@ def test_arbitrary_bodies_never_crash_the_collector(reqs):
 
 def test_app_is_an_aiohttp_application():
     assert isinstance(Collector(_settings(), producer_factory=FakeProducer).app(), web.Application)
+
+
+def test_event_loop_choice(monkeypatch):
+    import sys
+
+    from clickpulse.collector.server import loop_factory
+    assert loop_factory("asyncio") is None
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # not installed
+    assert loop_factory("auto") is None
+    with pytest.raises(ConfigError, match="uvloop is not installed"):
+        loop_factory("uvloop")
+
+
+@pytest.mark.parametrize("over,match", [
+    ({"collector_event_loop": "trio"}, "EVENT_LOOP"),
+    ({"collector_max_event_bytes": 70000}, "COLLECTOR_MAX_EVENT_BYTES"),  # over what the worker takes
+    ({"collector_max_event_bytes": 2000, "collector_max_batch_bytes": 1000}, "COLLECTOR_MAX_EVENT_BYTES"),
+    ({"collector_ack_timeout_s": 0}, "ACK_TIMEOUT"),
+    ({"collector_linger_ms": -1}, "LINGER"),
+])
+def test_collector_settings_are_checked(over, match):
+    with pytest.raises(ConfigError, match=match):
+        Settings(**over)
+
+
+def test_write_keys_from_the_environment():
+    s = Settings.from_env({"CLICKPULSE_COLLECTOR_WRITE_KEYS": " a ,b,, "})
+    assert s.collector_keys == frozenset({"a", "b"})
+    assert "collector_write_keys" not in repr(s)  # a secret: not in logs
