@@ -300,6 +300,37 @@ class Settings:
         ``CLICKPULSE_DELIVERY_WEBHOOK_BACKOFF_S`` (0.5) / ``CLICKPULSE_DELIVERY_WEBHOOK_BACKOFF_MAX_S``
         (30); seconds: the wait before the first retry, doubling (with jitter) up to the maximum;
         a ``Retry-After`` answer is honoured up to the maximum.
+    collector_host, collector_port
+        ``CLICKPULSE_COLLECTOR_HOST`` (``127.0.0.1``) / ``CLICKPULSE_COLLECTOR_PORT`` (8088): where
+        ``clickpulse collector`` (the Segment/RudderStack HTTP tracking API,
+        :mod:`clickpulse.collector`) listens.
+    collector_write_keys : str
+        ``CLICKPULSE_COLLECTOR_WRITE_KEYS``; comma-separated write keys the collector accepts (HTTP
+        Basic user name, or ``writeKey`` in the body); any other request gets 401. Empty (the
+        default): the collector refuses to start.
+    collector_max_event_bytes : int
+        ``CLICKPULSE_COLLECTOR_MAX_EVENT_BYTES``; bytes of one event as published (Segment's 32 KB,
+        32768); a bigger one fails its request with 400. At most ``CLICKPULSE_MAX_EVENT_BYTES``.
+    collector_max_batch_bytes : int
+        ``CLICKPULSE_COLLECTOR_MAX_BATCH_BYTES``; bytes of one request body after gzip decoding
+        (Segment's 500 KB, 512000); a bigger one gets 400.
+    collector_max_batch_events : int
+        ``CLICKPULSE_COLLECTOR_MAX_BATCH_EVENTS``; events in one batch (Segment's 2500); more get 400.
+    collector_ack_timeout_s : float
+        ``CLICKPULSE_COLLECTOR_ACK_TIMEOUT_S``; seconds a request waits for Kafka to acknowledge all
+        its events before it is answered 503 (then retried by the SDK). Default 10.
+    collector_retry_after_s : int
+        ``CLICKPULSE_COLLECTOR_RETRY_AFTER_S``; the ``Retry-After`` of a 503 (Kafka unavailable), in
+        seconds. Default 5.
+    collector_linger_ms : int
+        ``CLICKPULSE_COLLECTOR_LINGER_MS``; the producer's ``linger_ms``: how long it waits to fill
+        a batch of concurrent requests' events. Default 2.
+    collector_cors_origins : str
+        ``CLICKPULSE_COLLECTOR_CORS_ORIGINS``; ``Access-Control-Allow-Origin`` for browser SDKs:
+        ``*`` (the default), a comma-separated list of origins, or empty for no CORS headers.
+    collector_event_loop : str
+        ``CLICKPULSE_COLLECTOR_EVENT_LOOP``; ``auto`` (the default: uvloop when installed, the
+        ``collector`` extra), ``uvloop`` (required) or ``asyncio``.
     """
 
     kafka_bootstrap: str = "127.0.0.1:9092"
@@ -368,6 +399,17 @@ class Settings:
     delivery_webhook_timeout_s: float = 10.0
     delivery_webhook_backoff_s: float = 0.5
     delivery_webhook_backoff_max_s: float = 30.0
+    collector_host: str = "127.0.0.1"
+    collector_port: int = 8088
+    collector_write_keys: str = field(default="", repr=False)
+    collector_max_event_bytes: int = 32768
+    collector_max_batch_bytes: int = 512000
+    collector_max_batch_events: int = 2500
+    collector_ack_timeout_s: float = 10.0
+    collector_retry_after_s: int = 5
+    collector_linger_ms: int = 2
+    collector_cors_origins: str = "*"
+    collector_event_loop: str = "auto"
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -391,6 +433,19 @@ class Settings:
         for name in ("delivery_webhook_backoff_s", "delivery_webhook_backoff_max_s"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{_env(name)} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("collector_port", "collector_max_event_bytes", "collector_max_batch_bytes",
+                     "collector_max_batch_events", "collector_ack_timeout_s", "collector_retry_after_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{_env(name)} must be > 0, got {getattr(self, name)!r}")
+        if self.collector_event_loop not in ("auto", "uvloop", "asyncio"):
+            raise ConfigError(f"{_env('collector_event_loop')} must be auto, uvloop or asyncio, "
+                              f"got {self.collector_event_loop!r}")
+        if self.collector_linger_ms < 0:
+            raise ConfigError(f"{_env('collector_linger_ms')} must be >= 0, got {self.collector_linger_ms!r}")
+        if self.collector_max_event_bytes > min(self.max_event_bytes, self.collector_max_batch_bytes):
+            raise ConfigError(f"{_env('collector_max_event_bytes')}={self.collector_max_event_bytes} must be at most "
+                              f"{_env('max_event_bytes')} ({self.max_event_bytes}, what the worker accepts) and "
+                              f"{_env('collector_max_batch_bytes')} ({self.collector_max_batch_bytes})")
         if not 0 < self.max_money < float("inf"):  # NaN or inf would disable the bound
             raise ConfigError(f"{_env('max_money')} must be a finite number > 0, got {self.max_money!r}")
         if self.kafka_session_timeout_s < 6:
@@ -542,6 +597,11 @@ class Settings:
     @property
     def topic_privacy_audit(self) -> str:
         return f"{self.namespace}.privacy.audit"
+
+    @property
+    def collector_keys(self) -> frozenset[str]:
+        """The accepted write keys (``CLICKPULSE_COLLECTOR_WRITE_KEYS``, blanks dropped)."""
+        return frozenset(k.strip() for k in self.collector_write_keys.split(",") if k.strip())
 
     @property
     def user_retention_ms(self) -> int:
