@@ -64,13 +64,14 @@ def parse_bool(raw: str, env_name: str) -> bool:
 
 def unknown_env_vars(environ: Mapping[str, str]) -> list[tuple[str, str | None]]:
     """The ``CLICKPULSE_*`` names in ``environ`` that no setting or script reads, each with the
-    closest known name (:func:`difflib.get_close_matches`, ratio >= 0.6) or ``None``, sorted."""
+    closest known name (:func:`difflib.get_close_matches` on the part after ``CLICKPULSE_``, ratio >= 0.6) or ``None``, sorted."""
     known = set(ENV_VARS) | set(OTHER_ENV_VARS)
+    tails = {n.removeprefix("CLICKPULSE_"): n for n in known}  # the shared prefix would make all look close
     out = []
     for name in sorted(environ):
         if name.startswith("CLICKPULSE_") and name not in known:
-            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-            out.append((name, close[0] if close else None))
+            close = difflib.get_close_matches(name.removeprefix("CLICKPULSE_"), tails, n=1, cutoff=0.6)
+            out.append((name, tails[close[0]] if close else None))
     return out
 
 
