@@ -96,18 +96,19 @@ class Progress(Generic[T]):
     every ``every_s`` seconds, and a final line from :meth:`done`. ``every_s <= 0``: silent."""
 
     def __init__(self, items: Iterable[T], label: str, unit: str = "records", every_s: float = 2.0,
-                 out: IO[str] | None = None) -> None:
+                 out: IO[str] | None = None, clock: Any = time.monotonic) -> None:
         self.items, self.label, self.unit, self.every_s = items, label, unit, every_s
         self.out = out if out is not None else sys.stderr
+        self.clock = clock
         self.count = 0
-        self.t0 = time.monotonic()
+        self.t0 = clock()
         self._next = self.t0 + every_s
 
     def __iter__(self) -> Iterator[T]:
         for item in self.items:
             self.count += 1
             if self.every_s > 0 and self.count % 256 == 0:
-                now = time.monotonic()
+                now = self.clock()
                 if now >= self._next:
                     self._next = now + self.every_s
                     self._print(now)
@@ -120,7 +121,7 @@ class Progress(Generic[T]):
 
     def done(self) -> None:
         if self.every_s > 0:
-            self._print(time.monotonic())
+            self._print(self.clock())
 
 
 def free_port() -> int:

@@ -251,3 +251,100 @@ def test_no_string_piece_lost_its_f_prefix():
             found += [f"{path.relative_to(REPO_ROOT)}:{line}: {text}"
                       for line, text in unformatted_pieces(path.read_text())]
     assert not found, "\n".join(found)
+
+
+# ---- progress on long steps --------------------------------------------------------------------
+
+
+def test_progress_prints_count_and_rate_at_most_every_interval():
+    from clickpulse.runtime import Progress
+    now = [100.0]
+    out = io.StringIO()
+    prog = Progress(range(10_000), "replay x.csv", every_s=2.0, out=out, clock=lambda: now[0])
+    seen = 0
+    for _ in prog:
+        seen += 1
+        now[0] += 0.001  # 1,000 records per second
+    prog.done()
+    lines = out.getvalue().splitlines()
+    assert seen == 10_000
+    # a line about every 2 s of the 10 s run (checked every 256 records), then the final one
+    assert 4 <= len(lines) <= 6, lines
+    assert lines[-1] == "replay x.csv: 10,000 records (1,000/s, 10 s)"
+    assert Progress([1], "quiet", every_s=0, out=out).done() is None and "quiet" not in out.getvalue()
+
+
+def test_replay_prints_progress_to_stderr(monkeypatch, tmp_path, capsys):
+    """The CLI wires the progress into replay (the publisher is replaced: no broker here)."""
+    import clickpulse.cli as cli
+    from clickpulse.ingest.replay import ReplayResult
+
+    async def fake_publish(_bootstrap, _topic, records, **_kw):
+        n = sum(1 for _ in records)
+        return ReplayResult(n, None, None, 0.1, False)
+
+    async def no_topics(_s):
+        return None
+    monkeypatch.setattr(cli, "publish", fake_publish)
+    monkeypatch.setattr(cli, "ensure_topics", no_topics)
+    f = tmp_path / "e.jsonl"
+    f.write_text('{"type":"page_view","user_id":"u1","timestamp":1569888000000}\n' * 600)
+    assert main(["replay", "--format", "jsonl", str(f), "--progress-s", "0.000001"]) == 0
+    cap = capsys.readouterr()
+    assert "published 600 records" in cap.out
+    assert cap.err.strip().splitlines()[-1].startswith("replay e.jsonl: 600 records (")
+    assert main(["replay", "--format", "jsonl", str(f), "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+# ---- README, Makefile and LICENSE agree with the package ---------------------------------------
+
+
+def _python_bounds() -> tuple[tuple[int, int], tuple[int, int]]:
+    import tomllib
+    spec = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    lo = re.search(r">=\s*(\d+)\.(\d+)", spec)
+    hi = re.search(r"<\s*(\d+)\.(\d+)", spec)
+    assert lo and hi, spec
+    return (int(lo[1]), int(lo[2])), (int(hi[1]), int(hi[2]))
+
+
+def test_python_versions_agree_with_requires_python():
+    (lo_major, lo_minor), (hi_major, hi_minor) = _python_bounds()
+    assert lo_major == hi_major == 3
+    versions = [f"3.{m}" for m in range(lo_minor, hi_minor)]
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert f"Python {' or '.join(versions)}" in readme if len(versions) == 2 else all(v in readme for v in versions)
+    assert "Python ≥" not in readme and "Python >=" not in readme
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    assert f"(3, {lo_minor}) <= sys.version_info[:2] < (3, {hi_minor})" in makefile
+
+
+def test_readme_cites_only_what_is_in_the_repository():
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert "SCENARIOS" not in readme
+    assert not re.findall(r"(?i)\bissues? #\d+|(?<![\w/])#\d+\b", readme)
+    for path in re.findall(r"\]\(([^)#:]+)\)", readme):  # relative links point at files that exist
+        assert (REPO_ROOT / path).exists(), path
+
+
+def test_readme_lists_every_port():
+    from clickpulse.settings import OTHER_ENV_VARS, Settings
+    readme = (REPO_ROOT / "README.md").read_text()
+    ports = readme[readme.index("**Ports.**"):]
+    ports = ports[:ports.index("\n\n")]
+    s = Settings()
+    for port in (OTHER_ENV_VARS["CLICKPULSE_KAFKA_PORT"][0], OTHER_ENV_VARS["CLICKPULSE_KAFKA_CONTROLLER_PORT"][0],
+                 OTHER_ENV_VARS["CLICKPULSE_REDIS_PORT"][0], str(s.web_port), str(s.trainer_web_port)):
+        assert port in ports, port
+    assert "--metrics-port" in ports and "own setting" in ports
+
+
+def test_license_is_the_apache_2_text_the_package_declares():
+    import tomllib
+    declared = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["license"]
+    assert declared == {"text": "Apache-2.0"}
+    text = (REPO_ROOT / "LICENSE").read_text()
+    assert "Apache License\n                           Version 2.0, January 2004" in text
+    assert "END OF TERMS AND CONDITIONS" in text and "9. Accepting Warranty or Additional Liability." in text
+    assert len(text) > 11_000
