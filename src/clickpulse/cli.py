@@ -48,6 +48,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     loop.run_until_complete(ensure_topics(settings))
+    _log_refused_connections_again()  # Kafka answered: from now on a lost broker is logged
     app = create_app(settings)
     from .store import wipe_local_tables
     wipe_local_tables(app)  # the changelog is the source of truth: recover from it
@@ -66,6 +67,7 @@ def cmd_trainer(args: argparse.Namespace) -> int:
                         force=True)
     check_port_free(settings.web_host, settings.trainer_web_port, "CLICKPULSE_TRAINER_WEB_PORT")
     asyncio.run(ensure_topics(settings))
+    _log_refused_connections_again()
     asyncio.run(run(settings))
     return 0
 
@@ -181,8 +183,11 @@ def cmd_privacy(args: argparse.Namespace) -> int:
 def cmd_deliver(args: argparse.Namespace) -> int:
     """Deliver the actions topic to a sink once per action_id (see clickpulse.delivery)."""
     from .delivery import run_cli
+    settings = Settings.from_env()
     if args.metrics_port is not None:
-        check_port_free(Settings.from_env().web_host, args.metrics_port, "--metrics-port")
+        check_port_free(settings.web_host, args.metrics_port, "--metrics-port")
+    asyncio.run(_kafka_answers(settings))
+    _log_refused_connections_again()
 
     return run_cli(args.sink, out=args.out, url=args.url, metrics_port=args.metrics_port, start_from=args.start_from)
 
@@ -323,9 +328,8 @@ def cmd_topics(args: argparse.Namespace) -> int:
     from .topics import delete_namespace, footprints
 
     settings = Settings.from_env()
-    pattern = args.namespace or settings.namespace
-    if args.topics_cmd == "list" and args.namespace is None and not args.all:
-        pattern = "*"
+    # list: every namespace unless one (or a glob) is named; clean: CLICKPULSE_NAMESPACE by default
+    pattern = args.namespace or ("*" if args.topics_cmd == "list" else settings.namespace)
     fps = asyncio.run(footprints(settings, pattern, describe=args.topics_cmd == "clean" or args.namespace is not None))
     redis_keys: dict[str, list[bytes]] = {}
     if getattr(args, "redis", False):
@@ -346,7 +350,7 @@ def cmd_topics(args: argparse.Namespace) -> int:
         else:
             for ns, fp in fps.items():
                 for t, n in sorted(fp.topics.items()):
-                    print(f"{ns}\t{t}\t{n} partitions")
+                    print(f"{ns}\t{t}\t{_plural(n, 'partition')}")
                 for g in fp.groups:
                     print(f"{ns}\t{g}\tconsumer group")
         return 0
@@ -356,10 +360,10 @@ def cmd_topics(args: argparse.Namespace) -> int:
         return 0
     for ns, fp in fps.items():
         keys = redis_keys.get(ns, [])
-        print(f"namespace {ns}: {len(fp.topics)} topics, {len(fp.groups)} consumer groups"
-              + (f", {len(keys)} Redis keys" if args.redis else ""))
+        print(f"namespace {ns}: {_plural(len(fp.topics), 'topic')}, {_plural(len(fp.groups), 'consumer group')}"
+              + (f", {_plural(len(keys), 'Redis key')}" if args.redis else ""))
         for t, n in sorted(fp.topics.items()):
-            print(f"  topic {t} ({n} partitions)")
+            print(f"  topic {t} ({_plural(n, 'partition')})")
         for g in fp.groups:
             print(f"  consumer group {g}")
     if not args.yes:
@@ -376,6 +380,10 @@ def cmd_topics(args: argparse.Namespace) -> int:
     if problems:
         raise ServiceError("; ".join(problems))
     return 0
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def _redis_client(settings: Settings):  # noqa: ANN202 - redis.Redis
@@ -526,7 +534,6 @@ def build_parser() -> argparse.ArgumentParser:
     tl = tpsub.add_parser("list", help="every clickpulse namespace on the cluster (topics, consumer groups), or "
                                        "one namespace's topics with --namespace")
     tl.add_argument("--namespace", metavar="NS", help="a namespace or a glob (demo-*): list its topics and groups")
-    tl.add_argument("--all", action="store_true", help="every namespace (the default without --namespace)")
     tl.set_defaults(func=cmd_topics)
     tc = tpsub.add_parser("clean", help="delete a namespace's topics and consumer groups (dry run unless --yes); "
                                         "refused while its worker, trainer or delivery is running")
@@ -572,7 +579,20 @@ def error_exit(err: BaseException) -> tuple[str, int]:
 
 
 def _quiet_refused_connections(record: logging.LogRecord) -> bool:
+    """Logging filter: drop aiokafka's "Unable connect to ..." records (the command says it once)."""
     return not str(record.msg).startswith("Unable connect to")
+
+
+def _log_refused_connections_again() -> None:
+    """For the long-running commands, once Kafka has answered: a broker lost later is logged."""
+    logging.getLogger("aiokafka").removeFilter(_quiet_refused_connections)
+
+
+async def _kafka_answers(settings: Settings) -> None:
+    """Raise :class:`ServiceError` unless a broker answers at ``CLICKPULSE_KAFKA_BOOTSTRAP``."""
+    from .topics import kafka_admin
+    async with kafka_admin(settings):
+        pass
 
 
 def _bootstrap() -> str:

@@ -553,6 +553,9 @@ class Settings:
                 raise ConfigError(f"{_env(f.name)}={raw!r} is not a valid {kind.__name__}") from err
         # the local services scripts take CLICKPULSE_KAFKA_PORT / CLICKPULSE_REDIS_PORT; without an
         # explicit address, connect to where those scripts put the services
+        for name in ("CLICKPULSE_KAFKA_PORT", "CLICKPULSE_REDIS_PORT"):
+            if env.get(name) and not (env[name].strip().isdigit() and 0 < int(env[name]) < 65536):
+                raise ConfigError(f"{name} must be a TCP port in 1..65535, got {env[name]!r}")
         if "kafka_bootstrap" not in values and env.get("CLICKPULSE_KAFKA_PORT"):
             values["kafka_bootstrap"] = f"127.0.0.1:{env['CLICKPULSE_KAFKA_PORT']}"
         if "redis_url" not in values and env.get("CLICKPULSE_REDIS_PORT"):

@@ -73,13 +73,14 @@ def test_clean_deletes_one_namespace_after_a_dry_run(make_settings, cli_env, cap
 
     assert main(["topics", "list", "--namespace", s.namespace]) == 0
     listed = capsys.readouterr().out
-    assert all(f"{s.namespace}\t{t}\t" in listed for t in want) and f"{s.namespace}-delivery\tconsumer group" in listed
+    assert all(f"{s.namespace}\t{t}\t{spec['partitions']} partition" in listed
+               for t, spec in topic_specs(s).items()) and f"{s.namespace}-delivery\tconsumer group" in listed
     assert other.namespace not in listed
 
     # dry run: lists, deletes nothing
     assert main(["topics", "clean", "--namespace", s.namespace, "--redis"]) == 0
     out = capsys.readouterr().out
-    assert f"namespace {s.namespace}: {len(want)} topics, 1 consumer groups, 2 Redis keys" in out
+    assert f"namespace {s.namespace}: {len(want)} topics, 1 consumer group, 2 Redis keys" in out
     assert "dry run: nothing deleted" in out and other.namespace not in out
     assert ns_topics(s) == want and r.exists(f"{s.namespace}:profile:u1")
 
@@ -149,15 +150,19 @@ def test_replication_factor_is_used_and_checked_against_the_brokers(make_setting
     s = make_settings(replication_factor=1)
     ns_topics_now = ns_topics(s)
 
-    async def replicas() -> set[int]:
+    async def replicas() -> set[int] | None:
+        """Replica counts of the namespace's partitions; None until every topic's metadata is in
+        (a just-created topic may be listed before its partitions)."""
         admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap)
         await admin.start()
         try:
-            return {len(p["replicas"]) for d in await admin.describe_topics(sorted(ns_topics_now))
-                    for p in d["partitions"]}
+            desc = await admin.describe_topics(sorted(ns_topics_now))
         finally:
             await admin.close()
-    assert asyncio.run(replicas()) == {1}
+        if any(d["error_code"] != 0 or not d["partitions"] for d in desc):
+            return None
+        return {len(p["replicas"]) for d in desc for p in d["partitions"]}
+    assert wait_for(lambda: asyncio.run(replicas()), 60, "the new topics' metadata") == {1}
     # the local cluster has one broker: three copies cannot be placed, and the error says why
     bad = s.replace(namespace=s.namespace + "-rf3", replication_factor=3)
     with pytest.raises(ConfigError, match=r"replication factor 3 \(CLICKPULSE_REPLICATION_FACTOR\): "

@@ -348,3 +348,27 @@ def test_license_is_the_apache_2_text_the_package_declares():
     assert "Apache License\n                           Version 2.0, January 2004" in text
     assert "END OF TERMS AND CONDITIONS" in text and "9. Accepting Warranty or Additional Liability." in text
     assert len(text) > 11_000
+
+
+def test_long_running_commands_log_a_lost_broker_again(monkeypatch):
+    """At the default level aiokafka's refused-connection records are dropped while a command
+    starts (its own error says it once); a long-running command that reached Kafka logs them again."""
+    import logging
+
+    import clickpulse.cli as cli
+    import clickpulse.delivery as delivery
+    seen = {}
+
+    async def answers(_s):
+        seen["filtered_at_start"] = cli._quiet_refused_connections in logging.getLogger("aiokafka").filters
+
+    def fake_run_cli(*_a, **_kw):
+        seen["filtered_while_running"] = cli._quiet_refused_connections in logging.getLogger("aiokafka").filters
+        return 0
+    monkeypatch.setattr(cli, "_kafka_answers", answers)
+    monkeypatch.setattr(delivery, "run_cli", fake_run_cli)
+    try:
+        assert main(["deliver", "--sink", "jsonl", "--out", "x.jsonl"]) == 0
+    finally:
+        logging.getLogger("aiokafka").removeFilter(cli._quiet_refused_connections)
+    assert seen == {"filtered_at_start": True, "filtered_while_running": False}

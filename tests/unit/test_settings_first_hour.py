@@ -185,3 +185,9 @@ def test_every_setting_with_a_unit_states_it_in_readme_and_docstring():
             if f.name.endswith(suffix) and word not in entry.group(0).lower():
                 missing.append(f"settings.py {f.name}: no '{word}'")
     assert not missing, missing
+
+
+@pytest.mark.parametrize("name", ["CLICKPULSE_KAFKA_PORT", "CLICKPULSE_REDIS_PORT"])
+def test_local_script_ports_are_checked_under_their_own_name(name):
+    with pytest.raises(ConfigError, match=f"{name} must be a TCP port in 1..65535, got 'abc'"):
+        Settings.from_env({name: "abc"})
