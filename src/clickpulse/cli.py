@@ -543,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--port", type=int, default=None, help="listen port (default CLICKPULSE_COLLECTOR_PORT, 8088)")
     co.add_argument("--host", default=None, help="listen address (default CLICKPULSE_COLLECTOR_HOST, 127.0.0.1)")
     co.add_argument("--no-create-topics", action="store_true", help="do not create missing topics at start")
-    co.add_argument("--loglevel", default="info")
+    co.add_argument("--loglevel", default="info", type=_log_level, help="the collector's logging level (default info)")
     co.set_defaults(func=cmd_collector)
 
     d = sub.add_parser("demo", help="start local services and a worker, replay the bundled REES46 sample, "

@@ -403,7 +403,7 @@ class Settings:
         ``CLICKPULSE_DELIVERY_WEBHOOK_BACKOFF_S`` (0.5) / ``CLICKPULSE_DELIVERY_WEBHOOK_BACKOFF_MAX_S``
         (30); seconds: the wait before the first retry, doubling (with jitter) up to the maximum;
         a ``Retry-After`` answer is honoured up to the maximum.
-    collector_host, collector_port
+    collector_host, collector_port : str, int
         ``CLICKPULSE_COLLECTOR_HOST`` (``127.0.0.1``) / ``CLICKPULSE_COLLECTOR_PORT`` (8088): where
         ``clickpulse collector`` (the Segment/RudderStack HTTP tracking API,
         :mod:`clickpulse.collector`) listens.
