@@ -1,4 +1,4 @@
-"""``clickpulse`` command line: worker, trainer, replay, demo, deliver, evaluate, report, rules, quarantine, privacy.
+"""``clickpulse`` command line: worker, trainer, replay, demo, deliver, api, evaluate, report, rules, quarantine, privacy.
 
 Settings come from ``CLICKPULSE_*`` env vars (see :mod:`clickpulse.settings`); flags override
 the few that matter per command. Logging is configured here and only here.
@@ -168,6 +168,14 @@ def cmd_deliver(args: argparse.Namespace) -> int:
     from .delivery import run_cli
 
     return run_cli(args.sink, out=args.out, url=args.url, metrics_port=args.metrics_port, start_from=args.start_from)
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    """Serve the profile API (see clickpulse.serving.api) until SIGTERM/SIGINT."""
+    from .serving.api import run
+
+    run(Settings.from_env(), host=args.host, port=args.port)
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -370,6 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("--from", dest="start_from", choices=("earliest", "latest"), default="earliest",
                     help="where to start when the group <ns>-delivery has no committed offset (default earliest)")
     dl.set_defaults(func=cmd_deliver)
+
+    ap = sub.add_parser("api", help="serve the profile API (GET /v1/profiles/{id}, /v1/segments/{name}/members; "
+                                    "keys from CLICKPULSE_API_KEYS) until SIGTERM/SIGINT")
+    ap.add_argument("--host", help="override CLICKPULSE_API_HOST")
+    ap.add_argument("--port", type=int, help="override CLICKPULSE_API_PORT")
+    ap.set_defaults(func=cmd_api)
 
     d = sub.add_parser("demo", help="start local services and a worker, replay the bundled REES46 sample, "
                                     "write actions to OUT_DIR/actions.jsonl and print a summary")
