@@ -248,6 +248,10 @@ class ProfileApi:
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+#: the :class:`ProfileApi` of an application made by :func:`create_api`
+API_KEY: web.AppKey[ProfileApi] = web.AppKey("clickpulse_profile_api", ProfileApi)
+
+
 def create_api(settings: Settings, client: Any = None, metrics: ApiMetrics | None = None) -> web.Application:
     """The ``aiohttp`` application of the profile API for ``settings`` (``client``: a
     ``redis.asyncio.Redis``; default one on ``CLICKPULSE_REDIS_URL``, closed with the app).
@@ -270,7 +274,7 @@ def create_api(settings: Settings, client: Any = None, metrics: ApiMetrics | Non
     app.router.add_get("/v1/segments/{name}/members", api.members, name="segment_members", allow_head=False)
     app.router.add_get("/health", api.health, name="health", allow_head=False)
     app.router.add_get("/metrics", api.metrics_page, name="metrics", allow_head=False)
-    app["api"] = api
+    app[API_KEY] = api
     if own:
         async def close(_app: web.Application) -> None:
             await client.aclose()
