@@ -58,6 +58,8 @@ SEGMENT_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: unpadded base64url of at least one byte (the spec's pattern for ``cursor``)
+_CURSOR_RE = re.compile(r"(?:[A-Za-z0-9_-]{4})*(?:[A-Za-z0-9_-]{2,3})?")
 LATENCY_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05,
                      0.1, 0.25, 1.0)
 
@@ -89,7 +91,7 @@ def _cursor_encode(member: bytes) -> str:
 
 def _cursor_decode(cursor: str) -> bytes:
     """Raises ValueError for a cursor this service cannot have made."""
-    if not cursor or len(cursor) > 4 * MAX_ID_CHARS * 2 or not re.fullmatch(r"[A-Za-z0-9_-]+", cursor):
+    if len(cursor) > 2048 or not _CURSOR_RE.fullmatch(cursor):
         raise ValueError("not a cursor of this API")
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
