@@ -36,6 +36,7 @@ class FakeRedis:
         self.z: dict[bytes, set[bytes]] = {}
         self.sets: dict[bytes, set[bytes]] = {}
         self.down = False
+        self.fail_next = 0  # this many next commands fail as a connection Redis closed
         self.on_execute = None  # called before a pipeline executes (to wipe "Redis" mid-refill)
 
     @staticmethod
@@ -43,6 +44,10 @@ class FakeRedis:
         return x if isinstance(x, bytes) else str(x).encode()
 
     def _check(self) -> None:
+        if self.fail_next:
+            self.fail_next -= 1
+            from redis.exceptions import ConnectionError as RedisConnectionError
+            raise RedisConnectionError("Connection closed by server.")
         if self.down:
             raise ConnectionError("redis down")
 
@@ -255,6 +260,11 @@ def test_hostile_ids_and_redis_down():
                 assert resp.status == 400, bad
                 assert (await resp.json())["error"] == "bad_request"
             assert (await c.get("/v1/profiles/" + "é" * 256, headers=HDR)).status == 404
+            r.kv[b"t:profile:u1"] = orjson.dumps(_profile("u1"))
+            r.fail_next = 1  # a stale pooled connection after a Redis restart: retried once
+            assert (await c.get("/v1/profiles/u1", headers=HDR)).status == 200
+            r.fail_next = 2
+            assert (await c.get("/v1/profiles/u1", headers=HDR)).status == 503
             r.down = True
             resp = await c.get("/v1/profiles/u1", headers=HDR)
             assert resp.status == 503 and resp.headers["Retry-After"] == "1"

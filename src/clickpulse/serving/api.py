@@ -41,6 +41,8 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
 from ..errors import ConfigError
@@ -160,17 +162,19 @@ class ProfileApi:
                 resp: web.StreamResponse = _error(401, "unauthorized", "missing or invalid API key",
                                                   {"WWW-Authenticate": 'Bearer realm="clickpulse"'})
             else:
-                resp = await handler(request)
+                try:
+                    resp = await handler(request)
+                except (ConnectionError, RedisConnectionError):
+                    # a pooled connection Redis closed (e.g. it restarted): every handler is a read,
+                    # so try once more on a fresh connection before answering 503
+                    resp = await handler(request)
         except web.HTTPException as exc:  # aiohttp's own 404/405 for unknown paths and methods
             resp = _error(exc.status, "not_found" if exc.status == 404 else "method_not_allowed"
                           if exc.status == 405 else "bad_request", exc.reason,
                           {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None)
         except (ConnectionError, TimeoutError, OSError) as err:
             resp = self._unavailable(err)
-        except Exception as err:  # noqa: BLE001 - redis.exceptions.* and anything else: never a crash
-            from redis.exceptions import RedisError
-            if not isinstance(err, RedisError):
-                raise
+        except RedisError as err:
             resp = self._unavailable(err)
         self.metrics.requests.labels(route, str(resp.status)).inc()
         self.metrics.latency.labels(route).observe(time.perf_counter() - started)
