@@ -34,6 +34,7 @@ import binascii
 import hashlib
 import hmac
 import logging
+import os
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -293,4 +294,11 @@ def run(settings: Settings, host: str | None = None, port: int | None = None) ->
     app = create_api(settings)
     host, port = host or settings.api_host, port or settings.api_port
     log.info("clickpulse api on http://%s:%d (namespace %s)", host, port, settings.namespace)
-    web.run_app(app, host=host, port=port, access_log=None, print=None, handle_signals=True)
+    loop = None
+    if os.environ.get("CLICKPULSE_API_UVLOOP", "1") != "0":
+        try:
+            import uvloop
+            loop = uvloop.new_event_loop()
+        except ImportError:
+            pass
+    web.run_app(app, host=host, port=port, access_log=None, print=None, handle_signals=True, loop=loop)
