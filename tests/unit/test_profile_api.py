@@ -36,6 +36,7 @@ class FakeRedis:
         self.z: dict[bytes, set[bytes]] = {}
         self.sets: dict[bytes, set[bytes]] = {}
         self.down = False
+        self.hang = False  # commands never answer (a stuck Redis)
         self.fail_next = 0  # this many next commands fail as a connection Redis closed
         self.on_execute = None  # called before a pipeline executes (to wipe "Redis" mid-refill)
 
@@ -111,6 +112,8 @@ class FakeRedis:
 
         async def call(*a, **kw):
             self._check()
+            if self.hang:
+                await asyncio.sleep(3600)
             return core(self, *a, **kw)
         return call
 
@@ -398,3 +401,21 @@ def test_refill_stops_for_a_revoked_partition_and_survives_redis_down():
     r.down = True
     assert run(refill.check(lambda: [1], eng.table, lambda k: key_partition(k, 4), engine_profile(eng))) == {}
     assert m.redis_errors._value.get() == 1
+
+
+def test_a_stuck_redis_is_a_503_after_the_request_timeout(monkeypatch):
+    import clickpulse.serving.api as api_mod
+    monkeypatch.setattr(api_mod, "REQUEST_TIMEOUT_S", 0.2)
+
+    async def go():
+        r = FakeRedis()
+        r.hang = True
+        c = await _client(r)
+        try:
+            started = asyncio.get_running_loop().time()
+            resp = await c.get("/v1/profiles/u1", headers=HDR)
+            assert resp.status == 503 and (await resp.json())["error"] == "unavailable"
+            assert asyncio.get_running_loop().time() - started < 30
+        finally:
+            await c.close()
+    run(go())
