@@ -185,23 +185,27 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     resolves = await seed(base.redis_url, ns, profiles)
     ids = sorted(resolves)
     say(f"{len(profiles)} profiles + {len(ids) - len(profiles)} guest aliases in namespace {ns}")
-    port = free_port()
-    api = Sub([sys.executable, "-m", "clickpulse.cli", "api"], Path(args.log_dir) / "api.log",
-              Path(args.log_dir) / "api.status",
-              env={"CLICKPULSE_NAMESPACE": ns, "CLICKPULSE_API_KEYS": key, "CLICKPULSE_API_PORT": str(port),
-                   "CLICKPULSE_REDIS_URL": base.redis_url}).start()
-    url = f"http://127.0.0.1:{port}"
+    apis, urls = [], []
+    for i in range(args.api_processes):  # stateless: scaled out as separate processes, round-robin
+        port = free_port()
+        apis.append(Sub([sys.executable, "-m", "clickpulse.cli", "api"], Path(args.log_dir) / f"api-{i}.log",
+                        Path(args.log_dir) / f"api-{i}.status",
+                        env={"CLICKPULSE_NAMESPACE": ns, "CLICKPULSE_API_KEYS": key,
+                             "CLICKPULSE_API_PORT": str(port), "CLICKPULSE_REDIS_URL": base.redis_url}).start())
+        urls.append(f"http://127.0.0.1:{port}")
+    url = urls[0]
     rng = random.Random(42)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline or not api.alive():
-                    raise RuntimeError(f"clickpulse api did not start; log {api.log_path}") from None
-                time.sleep(0.2)
+        for api, u in zip(apis, urls):
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    urllib.request.urlopen(u + "/health", timeout=2).read()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline or not api.alive():
+                        raise RuntimeError(f"clickpulse api did not start; log {api.log_path}") from None
+                    time.sleep(0.2)
         rc = aioredis.from_url(base.redis_url, max_connections=256)
         session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=60),
                                         headers={"X-API-Key": key})
@@ -210,8 +214,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         async def redis_get(ident: str) -> bool:  # one GET of the profile the id resolves to
             return await rc.get(keys[ident]) is not None
 
+        turn = [0]
+
         async def api_get(ident: str) -> bool:
-            async with session.get(f"{url}/v1/profiles/{ident}") as resp:
+            turn[0] += 1
+            async with session.get(f"{urls[turn[0] % len(urls)]}/v1/profiles/{ident}") as resp:
                 await resp.read()
                 return resp.status == 200
 
@@ -219,33 +226,35 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         for name, call in systems.items():  # warm-up: connections, code paths
             await open_loop(call, ids, args.rate, 2.0, rng)
         results: dict[str, dict[str, Any]] = {n: {"lat": [], "rounds": []} for n in systems}
-        hist_before = handler_histogram(url)
+        hist_before = [handler_histogram(u) for u in urls]
         api_cpu = 0.0
         for r in range(args.rounds):
             for name, call in systems.items():
-                c0 = cpu_seconds(api.proc.pid)
+                c0 = sum(cpu_seconds(a.proc.pid) for a in apis)
                 res = await open_loop(call, ids, args.rate, args.seconds, rng)
                 if name == "api profile":
-                    api_cpu += cpu_seconds(api.proc.pid) - c0
+                    api_cpu += sum(cpu_seconds(a.proc.pid) for a in apis) - c0
                 results[name]["lat"] += res["lat_ms"]
                 row = {"round": r + 1, "achieved_rate": res["achieved_rate"], "errors": res["errors"],
                        **summary(res["lat_ms"])}
                 results[name]["rounds"].append(row)
                 say(f"round {r + 1} {name:<12} p50 {row['p50_ms']:.3f} ms  p99 {row['p99_ms']:.3f} ms  "
                     f"({row['achieved_rate']:.0f} req/s, {row['errors']} errors)")
-        hist_after = handler_histogram(url)
+        hist_after = [handler_histogram(u) for u in urls]
+        merged = [{le: sum(h.get(le, 0.0) for h in hs) for le in hs[0]} for hs in (hist_before, hist_after)]
         await session.close()
         await rc.aclose()
     finally:
-        api.stop()
+        for api in apis:
+            api.stop()
         await cleanup(base.redis_url, ns)
-    out = {"rate": args.rate, "seconds_per_round": args.seconds, "rounds": args.rounds, "profiles": len(profiles),
+    out = {"rate": args.rate, "api_processes": args.api_processes, "seconds_per_round": args.seconds, "rounds": args.rounds, "profiles": len(profiles),
            "guest_share": round((len(ids) - len(profiles)) / len(ids), 3), "cpus": os.cpu_count(),
            "loadavg_1m": round(os.getloadavg()[0], 2),
            "systems": {n: {**summary(sorted(v["lat"])), "rounds": v["rounds"]} for n, v in results.items()},
            "api_cpu_us_per_request": round(1e6 * api_cpu / (args.rounds * int(args.rate * args.seconds)), 1),
-           "api_handler_p50_bucket_ms": bucket_quantile(hist_before, hist_after, 0.5),
-           "api_handler_p99_bucket_ms": bucket_quantile(hist_before, hist_after, 0.99)}
+           "api_handler_p50_bucket_ms": bucket_quantile(merged[0], merged[1], 0.5),
+           "api_handler_p99_bucket_ms": bucket_quantile(merged[0], merged[1], 0.99)}
     return out
 
 
@@ -254,6 +263,8 @@ def main() -> int:
     p.add_argument("--rate", type=float, default=1000.0, help="requests per second (default 1000)")
     p.add_argument("--seconds", type=float, default=15.0, help="seconds per round and system (default 15)")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default 2)")
+    p.add_argument("--api-processes", type=int, default=1,
+                   help="clickpulse api processes (separate ports, the client round-robins; default 1)")
     p.add_argument("--target-p99-ms", type=float, default=2.0)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--log-dir", default=str(REPO / ".local" / "bench-profile-api"))
@@ -262,7 +273,8 @@ def main() -> int:
     if args.json:
         print(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
     else:
-        print(f"profile API at {args.rate:.0f} req/s open loop, {args.rounds} x {args.seconds:.0f} s per system, "
+        print(f"profile API ({args.api_processes} process{'es' if args.api_processes > 1 else ''}) at "
+              f"{args.rate:.0f} req/s open loop, {args.rounds} x {args.seconds:.0f} s per system, "
               f"{out['profiles']} profiles ({out['guest_share']:.0%} guest ids), {out['cpus']} CPUs, "
               f"load {out['loadavg_1m']}")
         print(f"{'system':<14}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'p99.9 ms':>10}{'max ms':>9}  rounds p99")
