@@ -39,7 +39,7 @@ from typing import Any
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchkit import REPO, Sub, latency_stats, pct, say  # noqa: E402
+from benchkit import REPO, Sub, pct, say  # noqa: E402
 
 from clickpulse.ingest.datasets import BUNDLED_SAMPLE  # noqa: E402
 from clickpulse.ingest.replay import messages  # noqa: E402
@@ -193,7 +193,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         env={"CLICKPULSE_NAMESPACE": ns, "CLICKPULSE_API_KEYS": key,
                              "CLICKPULSE_API_PORT": str(port), "CLICKPULSE_REDIS_URL": base.redis_url}).start())
         urls.append(f"http://127.0.0.1:{port}")
-    url = urls[0]
     rng = random.Random(42)
     try:
         for api, u in zip(apis, urls):

@@ -23,7 +23,8 @@ compared as SHA-256 digests with :func:`hmac.compare_digest`, against every conf
 
 Errors are JSON ``{"error": <code>, "detail": <text>}``: ``400 bad_request`` (an id or segment name
 that no user or segment can have, a bad ``limit`` or ``cursor``), ``401 unauthorized``,
-``404 not_found``, ``503 unavailable`` (Redis unreachable; ``Retry-After: 1``). The spec is
+``404 not_found``, ``503 unavailable`` (Redis unreachable or not answering within
+:data:`REQUEST_TIMEOUT_S`; ``Retry-After: 1``). The spec is
 ``schemas/profile-api.openapi.yaml``.
 """
 
