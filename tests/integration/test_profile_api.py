@@ -167,7 +167,8 @@ def test_schemathesis_against_the_live_api(local_services: Settings, tmp_path: P
         assert api.get("/v1/segments/highly_engaged/members")[1]["members"] == []  # declared, no member
         res = subprocess.run([str(Path(sys.executable).parent / "st"), "run", str(SPEC), "--url", api.url,
                               "-H", f"Authorization: Bearer {KEY}", "--checks", "all", "--max-examples", "40",
-                              "--no-color"], capture_output=True, text=True, timeout=600)
+                              "--no-color"], capture_output=True, text=True, timeout=600,
+                             cwd=tmp_path)  # its .schemathesis/ cache (replayable failures) goes there
         assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-2000:]
     finally:
         api.stop()
