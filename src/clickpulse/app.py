@@ -42,7 +42,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import store as _store  # registers the clickpulse-rocksdb:// table store
 from .store import key_partition
-from .engine import Emitted, Engine, build_engine, clock_key
+from .engine import CLOCK_KEY_PREFIX, Emitted, Engine, build_engine, clock_key
 from .engine.factory import build_models, build_rules
 from .errors import InvalidEvent
 from .events.contract import parse
@@ -51,7 +51,7 @@ from .events.dlq import dlq_record
 from .events.pii import PiiPolicy
 from .models.trainer import metric_samples
 from .observability.metrics import Metrics, type_label
-from .serving.redis_sink import ProfileWriter
+from .serving.redis_sink import ProfileRefill, ProfileWriter, engine_profile
 from .settings import Settings
 from .state.user import UserState
 
@@ -421,6 +421,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
         _wire_ingest(w)
     _wire_process(w)
     _wire_timers(w, users)
+    _wire_refill(w)
     if rules is not None:
         _wire_rules(w, rules)
     if registry is not None:
@@ -557,6 +558,9 @@ def _wire_timers(w: Worker, users: Any) -> None:
                 metrics.profile_errors.inc()
                 log.warning("profile of %s could not be built (%s: %s); skipped", k, type(err).__name__, err)
         writer.pending = built
+        rs = engine.ruleset()  # the segment sets of the rules' segments are kept in step
+        if rs is not None:
+            writer.segment_names(g.name for g in rs.segments)
         await writer.flush()
 
     @app.timer(interval=10.0)
@@ -581,6 +585,30 @@ def _wire_timers(w: Worker, users: Any) -> None:
             committed = None
         n = engine.restore(parts, list(users.data.items()), _now_ms(), committed)
         log.info("clickpulse ready: partitions %s of %s recovered, %d pending timers", parts, s.topic_valid, n)
+
+
+def _wire_refill(w: Worker) -> None:
+    """Every ``CLICKPULSE_REDIS_REFILL_CHECK_S``: refill the profiles of owned partitions whose
+    Redis sentinel is gone (Redis restarted empty; :class:`clickpulse.serving.redis_sink.ProfileRefill`)."""
+    s, engine = w.settings, w.engine
+    refill = ProfileRefill(w.writer, rate_per_s=s.redis_refill_rate)
+    n = s.partitions
+    build = engine_profile(engine)
+
+    recovered = {"gen": -1}  # the rebalance whose table recovery completed: refill only from a recovered table
+
+    @w.app.on_rebalance_complete.connect
+    async def table_recovered(sender: Any = None, **kwargs: Any) -> None:
+        recovered["gen"] = w.app.rebalancing_count
+
+    def owned() -> list[int]:  # nothing while a rebalance or a recovery is under way
+        app = w.app
+        return [] if app.rebalancing or recovered["gen"] != app.rebalancing_count else _valid_partitions(w)
+
+    @w.app.timer(interval=s.redis_refill_check_s)
+    async def refill_profiles() -> None:
+        await refill.check(owned, engine.table, lambda k: key_partition(k, n), build,
+                           lambda k: k.startswith(CLOCK_KEY_PREFIX))
 
 
 def _wire_rules(w: Worker, rules: Any) -> None:

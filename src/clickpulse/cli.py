@@ -1,4 +1,4 @@
-"""``clickpulse`` command line: worker, trainer, replay, demo, deliver, collector, evaluate, report, rules, quarantine, privacy, topics.
+"""``clickpulse`` command line: worker, trainer, replay, demo, deliver, collector, api, evaluate, report, rules, quarantine, privacy, topics.
 
 Settings come from ``CLICKPULSE_*`` env vars (see :mod:`clickpulse.settings`); flags override
 the few that matter per command. Logging is configured here and only here.
@@ -209,6 +209,13 @@ def cmd_collector(args: argparse.Namespace) -> int:
         except Exception as err:  # noqa: BLE001 - Kafka may be down: the collector answers 503 until it is back
             log.warning("could not check/create topics (%s: %s); starting anyway", type(err).__name__, err)
     run(settings)
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    """Serve the profile API (see clickpulse.serving.api) until SIGTERM/SIGINT."""
+    from .serving.api import run
+
+    run(Settings.from_env(), host=args.host, port=args.port)
     return 0
 
 
@@ -545,6 +552,11 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--no-create-topics", action="store_true", help="do not create missing topics at start")
     co.add_argument("--loglevel", default="info", type=_log_level, help="the collector's logging level (default info)")
     co.set_defaults(func=cmd_collector)
+    ap = sub.add_parser("api", help="serve the profile API (GET /v1/profiles/{id}, /v1/segments/{name}/members; "
+                                    "keys from CLICKPULSE_API_KEYS) until SIGTERM/SIGINT")
+    ap.add_argument("--host", help="override CLICKPULSE_API_HOST")
+    ap.add_argument("--port", type=int, help="override CLICKPULSE_API_PORT")
+    ap.set_defaults(func=cmd_api)
 
     d = sub.add_parser("demo", help="start local services and a worker, replay the bundled REES46 sample, "
                                     "write actions to OUT_DIR/actions.jsonl and print a summary")

@@ -262,6 +262,21 @@ class Settings:
     redis_max_pending : int
         ``CLICKPULSE_REDIS_MAX_PENDING``; profiles waiting for Redis; beyond it the oldest are
         dropped (and counted) rather than blocking the stream. Default 100000.
+    redis_refill_check_s : float
+        ``CLICKPULSE_REDIS_REFILL_CHECK_S``; seconds between the worker's checks that Redis still
+        holds its partitions' profiles (sentinel ``<namespace>:epoch:<partition>``); a partition
+        whose sentinel is gone has every profile rewritten from the state table
+        (:class:`clickpulse.serving.redis_sink.ProfileRefill`). Default 5.
+    redis_refill_rate : float
+        ``CLICKPULSE_REDIS_REFILL_RATE``; profiles per second a refill writes at most (it shares the
+        worker's event loop with the stream). Default 5000.
+    api_keys : str
+        ``CLICKPULSE_API_KEYS``; comma-separated keys accepted by ``clickpulse api`` (header
+        ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``), each at least 16 characters.
+        Empty (the default): ``clickpulse api`` refuses to start. Never logged or shown in ``repr``.
+    api_host, api_port : str, int
+        ``CLICKPULSE_API_HOST`` / ``CLICKPULSE_API_PORT``; where ``clickpulse api`` listens.
+        Defaults ``127.0.0.1``, 6068.
     web_port : int
         ``CLICKPULSE_WEB_PORT``; the worker's HTTP port serving ``/metrics``. Default 6066.
     web_host : str
@@ -464,6 +479,11 @@ class Settings:
     dormant_retention_s: float = 730 * 86400.0
     redis_flush_interval_s: float = 0.5
     redis_max_pending: int = 100_000
+    redis_refill_check_s: float = 5.0
+    redis_refill_rate: float = 5000.0
+    api_keys: str = field(default="", repr=False)
+    api_host: str = "127.0.0.1"
+    api_port: int = 6068
     web_port: int = 6066
     web_host: str = "127.0.0.1"
     kafka_session_timeout_s: float = 30.0
@@ -528,7 +548,7 @@ class Settings:
                     "bot_max_cart_adds", "bot_cart_window_s", "bot_max_events", "bot_events_window_s",
                     "dedup_ids_per_user", "redis_flush_interval_s", "idle_timeout_s", "batch_max_events",
                     "batch_within_s", "max_in_flight_batches", "max_money", "max_quantity",
-                    "replication_factor")
+                    "replication_factor", "redis_refill_check_s", "redis_refill_rate")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_env(name)} must be > 0, got {getattr(self, name)!r}")
@@ -585,6 +605,8 @@ class Settings:
             check_timezone(self.timezone)
         except ValueError as err:
             raise ConfigError(f"{_env('timezone')}: {err}") from err
+        if any(len(k) < 16 for k in self.api_key_list):
+            raise ConfigError(f"{_env('api_keys')}: every key must be at least 16 characters (e.g. `openssl rand -hex 32`)")
         if not self.namespace or not all(c.isalnum() or c in "-_." for c in self.namespace):
             raise ConfigError(f"{_env('namespace')} must be non-empty [A-Za-z0-9._-], got {self.namespace!r}")
 
@@ -731,6 +753,11 @@ class Settings:
     @property
     def user_retention_ms(self) -> int:
         return int(self.user_retention_s * 1000)
+
+    @property
+    def api_key_list(self) -> tuple[str, ...]:
+        """The keys of ``CLICKPULSE_API_KEYS`` (stripped, empty entries dropped)."""
+        return tuple(k.strip() for k in self.api_keys.split(",") if k.strip())
 
     def env(self) -> dict[str, str]:
         """These settings as ``CLICKPULSE_*`` env vars (to start a worker subprocess)."""
