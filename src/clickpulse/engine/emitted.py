@@ -56,6 +56,10 @@ class Emitted:
     erased
         What each erasure of the step removed (``user_key``, ``state``, ``timers``,
         ``predictions``, ``segments``), for the audit record.
+    observed
+        ``(before, after, event time ms)`` per applied event when :attr:`Engine.observe_user` is
+        set: that function's view of the user's state just before and just after the event
+        (for :mod:`clickpulse.metrics.business`).
     counters
         ``(metric attribute, label values) -> increment``.
     gauges
@@ -71,6 +75,7 @@ class Emitted:
     failed: list[Failed] = field(default_factory=list)
     quarantined: dict[str, QuarantineRecord] = field(default_factory=dict)
     erased: list[dict[str, Any]] = field(default_factory=list)
+    observed: list[tuple[Any, Any, int]] = field(default_factory=list)
     counters: dict[CounterKey, float] = field(default_factory=dict)
     gauges: dict[str, float] = field(default_factory=dict)
 
@@ -93,6 +98,7 @@ class Emitted:
         self.failed += other.failed
         self.quarantined.update(other.quarantined)
         self.erased += other.erased
+        self.observed += other.observed
         for k, n in other.counters.items():
             self.counters[k] = self.counters.get(k, 0) + n
         self.gauges.update(other.gauges)

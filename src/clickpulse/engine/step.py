@@ -198,6 +198,9 @@ class Engine:
         self.clock_log: dict[int, collections.deque[dict[str, Any]]] = {}
         self.cache_users = cache_users
         self._cache: dict[str, UserState] = {}
+        #: when set (``UserState -> view``, e.g. :func:`clickpulse.metrics.business.user_view`),
+        #: each applied event adds ``(view before, view after, event time)`` to ``Emitted.observed``
+        self.observe_user: Callable[[UserState], Any] | None = None
         # what the single-event conveniences (process/tick/end_of_input) committed, for drain_*()
         self._examples_out: list[dict[str, Any]] = []
         self._changes_out: list[dict[str, Any]] = []
@@ -622,7 +625,11 @@ class Engine:
             if open_session is not None and open_session.ended:  # the user's return ended it
                 self._session_examples(st, open_session, em)
         self._count_population(st, -1)
+        observe = self.observe_user
+        seen = None if observe is None else observe(st)
         res = apply(st, event, wm_before, self.cfg, wall_ms)
+        if observe is not None:
+            em.observed.append((seen, observe(st), t))
         self._count_population(st, +1)
         model_actions: list[ActionRecord] = []
         if self.models is not None:  # gated below, once this event's bot detection has run
