@@ -15,7 +15,7 @@ never waits behind an unbounded producer backlog).
 * timers      live mode: every second, fire timers of idle partitions (watermark follows wall
               clock); every ``redis_flush_interval_s``: flush profiles to Redis; every
               ``rules_poll_s``: reload the rules file when it changed; every 5 min: expire users
-* web         ``/metrics``, ``/progress``, ``/segments``, ``/rules``
+* web         ``/metrics``, ``/progress``, ``/segments``, ``/rules``, ``/business`` (business metrics, clickpulse.metrics.business)
 
 Delivery: at least once. A batch's actions are acknowledged by the broker before its users'
 changelog records are sent, and an input offset is committed only after Faust flushed the
@@ -167,6 +167,8 @@ class Worker:
     pii: PiiPolicy | None = None
     #: (run id, source partition, raw partition) of the end-of-input messages accepted so far
     controls_seen: set[tuple[str, Any, int]] = field(default_factory=set)
+    #: business metrics fed by every step (clickpulse.metrics.business; see _wire_business)
+    business: Any = None
 
     # -- output ------------------------------------------------------------------------------
     def records(self, em: Emitted) -> list[tuple[str, bytes | None, bytes, int | None, Any]]:
@@ -195,6 +197,8 @@ class Worker:
         (their actions are published again, with the same ids) or finds them applied *and*
         their actions published. (A SIGKILL test still lost actions in one run of six: see
         docs/delivery.md, a known gap.)"""
+        if self.business is not None:
+            self.business.observe_emitted(em)
         self.engine.commit(em)
         mark = self.writer.mark
         for key, st in em.states.items():
@@ -427,7 +431,29 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
     if registry is not None:
         _wire_models(w, registry)
     _wire_web(w, rules, registry)
+    _wire_business(w)
     return app
+
+
+def _wire_business(w: Worker) -> None:
+    """Business metrics (clickpulse.metrics.business) from every step's output: gauges
+    ``clickpulse_business_*`` on ``/metrics`` (refreshed every 5 s and on each scrape of
+    ``/business``) and the full snapshot as JSON on ``/business``."""
+    from .metrics.business import BusinessGauges, BusinessMetrics, user_view
+
+    w.engine.observe_user = user_view
+    w.business = BusinessMetrics()
+    gauges = BusinessGauges(w.metrics.registry)
+
+    @w.app.timer(interval=5.0)
+    async def business_gauges() -> None:
+        gauges.set(w.business.snapshot())
+
+    @w.app.page("/business")
+    async def business_page(web: Any, request: Any) -> Any:
+        snap = w.business.snapshot()
+        gauges.set(snap)
+        return web.json(snap)
 
 
 def _wire_ingest(w: Worker) -> None:

@@ -23,6 +23,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -82,6 +83,14 @@ def cmd_report_paths(args: argparse.Namespace) -> int:
     from .models.markov import report_paths
 
     print(report_paths(args.file, k=args.top, max_len=args.max_len))
+    return 0
+
+
+def cmd_report_html(args: argparse.Namespace) -> int:
+    from .report.html import write_report
+
+    out = write_report(args.run_dir, args.out or Path(args.run_dir) / "report.html")
+    print(f"report written to {out.resolve()} ({out.stat().st_size / 1e6:.1f} MB, works offline)")
     return 0
 
 
@@ -271,6 +280,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         elapsed = time.monotonic() - t0
         m = worker.metrics()
         segments_now = orjson.loads(worker.get("/segments"))
+        business = orjson.loads(worker.get("/business"))  # metrics.json (clickpulse.metrics.business)
+        segment_changes = asyncio.run(read_topic(settings.kafka_bootstrap, settings.topic_segments))
         actions = asyncio.run(read_topic(settings.kafka_bootstrap, settings.topic_actions))
         from .models.trainer import latest_snapshots
         from .runtime import end_offsets
@@ -295,6 +306,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for _k, v, _meta in actions:
             fh.write(v + b"\n")
     by_type = Counter(orjson.loads(v)["type"] for _k, v, _m in actions)
+    report = _demo_report_files(out_dir, settings, business, segment_changes, snapshots)
 
     def total(prefix: str) -> int:
         return int(sum(v for k, v in m.items() if k.startswith(prefix + "{") or k == prefix))
@@ -346,7 +358,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"  throughput          {res.published / elapsed:.0f} events/s end to end "
           f"({elapsed:.1f} s from first publish to caught up)")
     print(f"  actions written to  {path.resolve()}")
+    print(f"  report              {report.resolve()} (clickpulse report html --from {out_dir})")
     return 0
+
+
+def _demo_report_files(out_dir: Path, settings: Settings, business: Any, segment_changes: list[Any],
+                       snapshots: dict[str, Any]) -> Path:
+    """The demo's files for the report (metrics.json, segments.jsonl, model.json; see
+    clickpulse.report.run) and the report itself, next to actions.jsonl."""
+    from .report.html import write_report
+    from .report.run import progressive_scores, segment_rows
+    from .runtime import read_topic
+
+    (out_dir / "metrics.json").write_bytes(orjson.dumps(business, option=orjson.OPT_INDENT_2))
+    rows = segment_rows(orjson.loads(v) for _k, v, _m in segment_changes)
+    (out_dir / "segments.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    training = asyncio.run(read_topic(settings.kafka_bootstrap, settings.topic_training))
+    model = progressive_scores((orjson.loads(v) for _k, v, _m in training),
+                               {"intent": settings.intent_pipeline, "churn": settings.churn_pipeline},
+                               settings.model_seed, snapshots)
+    (out_dir / "model.json").write_bytes(orjson.dumps(model))
+    return write_report(out_dir, out_dir / "report.html")
 
 
 def cmd_topics(args: argparse.Namespace) -> int:
@@ -491,6 +523,12 @@ def build_parser() -> argparse.ArgumentParser:
     paths.add_argument("--top", type=int, default=10, help="how many openings to print (default 10)")
     paths.add_argument("--max-len", type=int, default=4, help="events per session opening (default 4)")
     paths.set_defaults(func=cmd_report_paths)
+    rh = rsub.add_parser("html", help="a self-contained HTML page of a run directory (demo-output/): actions, "
+                                      "funnel, segments, models, experiments, cohorts, recommendations")
+    rh.add_argument("--from", dest="run_dir", default="./demo-output",
+                    help="the run directory (default ./demo-output)")
+    rh.add_argument("--out", default=None, help="the HTML file to write (default RUN_DIR/report.html)")
+    rh.set_defaults(func=cmd_report_html)
 
     ru = sub.add_parser("rules", help="rules file tools")
     rusub = ru.add_subparsers(dest="rules_cmd", required=True, metavar="ACTION")

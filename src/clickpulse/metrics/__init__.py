@@ -1,0 +1,1 @@
+"""Business metrics computed in the stream (:mod:`clickpulse.metrics.business`)."""

@@ -1,0 +1,1 @@
+"""Run reports: the self-contained HTML page of a run (``clickpulse report html``)."""
