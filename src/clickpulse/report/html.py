@@ -298,12 +298,32 @@ section h2{font-size:17px;margin:4px 0 6px}.note{font-size:13px;color:#555;margi
 .kpi .l{font-size:13px;font-weight:600}.kpi .d{font-size:11px;color:#666}.missing{color:#888;font-style:italic}
 """
 
+#: first script of the page: any JavaScript error is shown in a banner and kept in the
+#: ``data-js-errors`` attribute of ``<html>`` (the browser test reads it)
+CATCH = """
+window.__errors = [];
+function __report(msg) {
+  window.__errors.push(String(msg));
+  document.documentElement.setAttribute('data-js-errors', window.__errors.join(' | '));
+  var b = document.getElementById('js-errors');
+  if (b) { b.textContent = 'This page hit JavaScript errors: ' + window.__errors.join(' | '); b.hidden = false; }
+}
+window.addEventListener('error', function (e) { __report(e.message); });
+window.addEventListener('unhandledrejection', function (e) { __report(e.reason); });
+"""
+
+#: last script: draw every figure from its JSON; a drawn plot's div gets ``data-rendered="1"``
 BOOT = """
 document.querySelectorAll('script.figure-data').forEach(function (el) {
-  var spec = JSON.parse(el.textContent);
   var div = document.getElementById(el.id.replace(/^fig-/, 'plot-'));
-  Plotly.newPlot(div, spec.data, spec.layout, {responsive: true, displaylogo: false});
+  try {
+    var spec = JSON.parse(el.textContent);
+    Plotly.newPlot(div, spec.data, spec.layout, {responsive: true, displaylogo: false})
+      .then(function () { div.setAttribute('data-rendered', '1'); })
+      .catch(function (err) { __report(el.id + ': ' + err); });
+  } catch (err) { __report(el.id + ': ' + err); }
 });
+if (window.__errors.length) { __report(window.__errors.pop()); }
 """
 
 
@@ -381,8 +401,9 @@ def render(run: Mapping[str, Any], title: str = "clickpulse run report") -> str:
         missing("Top recommendation pairs", "no recommendation pairs in this run")
     generated = datetime.now(tz=UTC).strftime("%Y-%m-%d %H:%M UTC")
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{html.escape(title)}</title><style>{CSS}</style>"
+            f"<title>{html.escape(title)}</title><style>{CSS}</style><script>{CATCH}</script>"
             f"<script>{get_plotlyjs()}</script></head><body>"
+            '<div id="js-errors" class="missing" hidden style="background:#fee;padding:8px 32px"></div>'
             f"<header><h1>{html.escape(title)}</h1><p>{html.escape(str(run.get('dir') or ''))} · generated "
             f"{generated}</p></header><main>{''.join(sections)}</main><script>{BOOT}</script></body></html>")
 
