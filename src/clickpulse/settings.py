@@ -532,6 +532,12 @@ class Settings:
         return f"{self.namespace}.privacy.audit"
 
     @property
+    def topic_identity(self) -> str:
+        """Merge records of identity stitching (a guest's state for its customer, keyed by the
+        customer; docs/identity.md)."""
+        return f"{self.namespace}.identity"
+
+    @property
     def user_retention_ms(self) -> int:
         return int(self.user_retention_s * 1000)
 

@@ -371,3 +371,19 @@ def test_diginetica_sessions_where_a_user_id_appears_mid_session_belong_to_the_u
             assert other.merged == [] and other.session.counts["product_view"] == len(rows) - own_views
     assert checked == 6                                      # and 2 shared devices (1691, 2998)
     assert c.counter("identity_links", "conflict") == 2
+
+
+def test_merge_records_match_their_schema_and_a_bad_one_changes_nothing():
+    from clickpulse.events.schemas import validation_errors
+    c = Cluster(P)
+    _three_views(c, ev("identify", "10:05:00", user="c-1", anon="g-1"))
+    (rec,) = c.merges
+    assert validation_errors("merge", rec) == []
+    assert validation_errors("event", rec["link_event"]) == []
+    before = dict(c.engine.table)
+    fresh = {**rec, "link_event": {**rec["link_event"], "event_id": "another"}}  # not a re-delivery
+    for bad in ({**fresh, "state_b64": "not base64!"}, {**fresh, "state_b64": "AAAA"}, {**rec, "guest_key": 5},
+                {**fresh, "guest_key": "anon:someone-else"}, {"schema_version": 1}):
+        with pytest.raises(ValueError):
+            c.engine.merge_step(c.partition("c-1"), bad, 0)
+    assert dict(c.engine.table) == before

@@ -8,6 +8,11 @@ counted beyond it) and are retried on the next flush.
 
 Key: ``<namespace>:profile:<user_key>``; value: JSON per ``schemas/profile.v1.json``;
 TTL: ``CLICKPULSE_USER_RETENTION_S``.
+
+Identity links (docs/identity.md): ``<namespace>:alias:<guest_user_key>`` holds the customer's
+user key (plain UTF-8) for a guest merged into a customer, with the same TTL (refreshed while the
+guest's events keep being forwarded); a linked guest has no profile of its own (its key is
+deleted with the link's first write). An erasure deletes the alias key.
 """
 
 from __future__ import annotations
@@ -24,6 +29,11 @@ log = logging.getLogger(__name__)
 
 def profile_key(namespace: str, user_key: str) -> str:
     return f"{namespace}:profile:{user_key}"
+
+
+def alias_key(namespace: str, guest_user_key: str) -> str:
+    """The Redis key of a guest's link to its customer: ``<namespace>:alias:<guest_user_key>``."""
+    return f"{namespace}:alias:{guest_user_key}"
 
 
 class ProfileWriter:
@@ -49,6 +59,7 @@ class ProfileWriter:
         self.metrics = metrics
         self.pending: dict[str, dict[str, Any]] = {}
         self.forgotten: set[str] = set()  # erased users whose profile key must be deleted
+        self.aliases: dict[str, str | None] = {}  # guest key -> customer key (None: delete the link)
         self._failing = False
 
     def forget(self, user_key: str) -> None:
@@ -56,6 +67,12 @@ class ProfileWriter:
         until Redis answers)."""
         self.pending.pop(user_key, None)
         self.forgotten.add(user_key)
+
+    def alias(self, guest_key: str, customer_key: str | None) -> None:
+        """Queue the guest's link to its customer (``None``: delete it) for the next flush (O(1))."""
+        self.aliases[guest_key] = customer_key
+        if customer_key is not None:
+            self.pending.pop(guest_key, None)  # a stub has no profile
 
     def mark(self, user_key: str, profile: dict[str, Any]) -> None:
         """Queue the newest profile of a user (O(1), no I/O)."""
@@ -80,6 +97,22 @@ class ProfileWriter:
                 self.forgotten |= gone
                 self.metrics.redis_errors.inc()
                 log.warning("redis delete of %d erased profiles failed (%s); retrying", len(gone), err)
+        if self.aliases:
+            links, self.aliases = self.aliases, {}
+            try:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for guest, customer in links.items():
+                        if customer is None:
+                            pipe.delete(alias_key(self.namespace, guest))
+                        else:
+                            pipe.set(alias_key(self.namespace, guest), customer, ex=self.ttl_s)
+                            pipe.delete(profile_key(self.namespace, guest))
+                    await pipe.execute()
+            except Exception as err:  # noqa: BLE001 - retried at the next flush (newer links win)
+                for k, v in links.items():
+                    self.aliases.setdefault(k, v)
+                self.metrics.redis_errors.inc()
+                log.warning("redis write of %d identity links failed (%s); retrying", len(links), err)
         if not self.pending:
             return 0
         batch, self.pending = self.pending, {}
