@@ -387,3 +387,18 @@ def test_merge_records_match_their_schema_and_a_bad_one_changes_nothing():
         with pytest.raises(ValueError):
             c.engine.merge_step(c.partition("c-1"), bad, 0)
     assert dict(c.engine.table) == before
+
+
+def test_a_segment_alias_links_like_an_identify_and_a_rename_does_not():
+    c = Cluster(P)
+    c.send(ev("product_view", "10:00:00", anon="g-9", product_id="p1"))
+    alias = normalize({"type": "alias", "userId": "c-9", "previousId": "g-9", "timestamp": ms(DAY + "10:01:00Z"),
+                       "messageId": "alias-1"})
+    c.send(alias)
+    assert c.state("anon:g-9").merged_into == "c-9"
+    assert c.state("c-9").windows.count("product_view", "1h", ms(DAY + "10:02:00Z")) == 1
+    rename = normalize({"type": "alias", "userId": "c-10", "previousId": "c-9", "anonymousId": "g-9",
+                        "timestamp": ms(DAY + "10:03:00Z"), "messageId": "alias-2"})
+    c.send(rename)
+    assert c.state("c-10").merged == [] and c.state("c-10").life.events == 1
+    assert c.counter("identity_links", "unsupported") == 1
