@@ -381,8 +381,9 @@ def merge_into(c: UserState, g: UserState, link_event_id: str, *, gap_ms: int, d
       prediction: the later one;
     * consent: per purpose, the decision with the later event time (the customer's on a tie);
       traits: those of the one with the later last event win, the other fills gaps;
-    * lifetime: first/last seen min/max, events, orders, revenue added; recent event ids: both
-      (the newest ``dedup_ids``);
+    * lifetime: first/last seen min/max, events, orders, revenue added; recent event ids: the
+      customer's, then the guest's up to ``dedup_ids`` in all (the guest's own stay on its stub,
+      where a re-read of the guest's input arrives);
     * ``c.merged`` records ``[g.key, link_event_id]`` (the newest :data:`MAX_MERGED`).
 
     Returns the pending predictions dropped (for ``clickpulse_predictions_dropped_total``).
