@@ -33,6 +33,7 @@ class Cluster:
         self.forwards: list[dict[str, Any]] = []
         self.aliases: dict[str, str | None] = {}
         self.segment_changes: list[dict[str, Any]] = []
+        self.examples: list[dict[str, Any]] = []
 
     def partition(self, key: str) -> int:
         return key_partition(key.encode(), self.n)
@@ -49,6 +50,7 @@ class Cluster:
         self.engine.commit(em)
         self.actions += em.actions
         self.segment_changes += em.segment_changes
+        self.examples += em.examples
         self.aliases.update(em.aliases)
         for f in em.forwards:
             self.forwards.append(f)

@@ -274,9 +274,10 @@ def test_pending_predictions_move_with_the_guest():
     cust = c.state("c-8")
     assert len(cust.ml["pi"]) == 1 and eng.pending_predictions == 1
     c.send(ev("purchase", "10:02:00", user="c-8", revenue=3.0))
-    examples = [e for e in eng.drain_examples()] + []
-    assert c.state("c-8").ml.get("pi") is None            # labelled by the customer's purchase
-    del examples
+    assert c.state("c-8").ml.get("pi") is None and eng.pending_predictions == 0
+    intent = [e for e in c.examples if e["task"] == "intent"]
+    # the guest's prediction (made at its add to cart) is labelled by the customer's purchase
+    assert [(e["user_key"], e["predicted_at_ms"], e["y"]) for e in intent] == [("c-8", ms(DAY + "10:00:00Z"), True)]
 
 
 # ------------------------------------------------------------------ erasure, retention, codec
