@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 ARGS ?=
 
-.PHONY: setup demo test test-unit services-start services-stop bench soak clean-local
+.PHONY: setup demo test test-unit services-start services-stop bench soak clean-local collector bench-collector
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -c 'import sys; assert sys.version_info >= (3, 11), "clickpulse needs Python >= 3.11, this is " + sys.version'
@@ -42,6 +42,14 @@ bench: setup
 soak: setup
 	$(VENV)/bin/python -c 'import psutil' 2>/dev/null || $(VENV)/bin/pip install -q -e ".[bench]"
 	$(VENV)/bin/python benchmarks/soak.py $(ARGS)
+
+# the Segment/RudderStack HTTP tracking API on :8088 (ARGS="--port 8090"; needs
+# CLICKPULSE_COLLECTOR_WRITE_KEYS); `make bench-collector` measures it beside a bare produce loop
+collector: setup
+	$(VENV)/bin/clickpulse collector $(ARGS)
+
+bench-collector: setup
+	$(VENV)/bin/python benchmarks/collector.py $(ARGS)
 
 # stop services and delete broker data, jars cache and worker data
 clean-local: services-stop

@@ -1,4 +1,4 @@
-"""``clickpulse`` command line: worker, trainer, replay, demo, deliver, evaluate, report, rules, quarantine, privacy.
+"""``clickpulse`` command line: worker, trainer, replay, demo, deliver, collector, evaluate, report, rules, quarantine, privacy.
 
 Settings come from ``CLICKPULSE_*`` env vars (see :mod:`clickpulse.settings`); flags override
 the few that matter per command. Logging is configured here and only here.
@@ -168,6 +168,26 @@ def cmd_deliver(args: argparse.Namespace) -> int:
     from .delivery import run_cli
 
     return run_cli(args.sink, out=args.out, url=args.url, metrics_port=args.metrics_port, start_from=args.start_from)
+
+
+def cmd_collector(args: argparse.Namespace) -> int:
+    """Serve the Segment/RudderStack HTTP tracking API (see clickpulse.collector)."""
+    from .collector import run
+
+    settings = Settings.from_env()
+    if args.port is not None:
+        settings = settings.replace(collector_port=args.port)
+    if args.host is not None:
+        settings = settings.replace(collector_host=args.host)
+    logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        force=True)
+    if not args.no_create_topics:
+        try:
+            asyncio.run(ensure_topics(settings))
+        except Exception as err:  # noqa: BLE001 - Kafka may be down: the collector answers 503 until it is back
+            log.warning("could not check/create topics (%s: %s); starting anyway", type(err).__name__, err)
+    run(settings)
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -370,6 +390,14 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("--from", dest="start_from", choices=("earliest", "latest"), default="earliest",
                     help="where to start when the group <ns>-delivery has no committed offset (default earliest)")
     dl.set_defaults(func=cmd_deliver)
+
+    co = sub.add_parser("collector", help="serve the Segment/RudderStack HTTP tracking API (POST /v1/track, "
+                                          "/v1/batch, ...) into <ns>.events.raw until SIGTERM/SIGINT")
+    co.add_argument("--port", type=int, default=None, help="listen port (default CLICKPULSE_COLLECTOR_PORT, 8088)")
+    co.add_argument("--host", default=None, help="listen address (default CLICKPULSE_COLLECTOR_HOST, 127.0.0.1)")
+    co.add_argument("--no-create-topics", action="store_true", help="do not create missing topics at start")
+    co.add_argument("--loglevel", default="info")
+    co.set_defaults(func=cmd_collector)
 
     d = sub.add_parser("demo", help="start local services and a worker, replay the bundled REES46 sample, "
                                     "write actions to OUT_DIR/actions.jsonl and print a summary")

@@ -92,6 +92,12 @@ class Settings:
     session_gap_s : float
         ``CLICKPULSE_SESSION_GAP_S``; seconds of inactivity that end a session. Default 1800
         (30 min, the GA / Segment / Snowplow convention).
+    timezone : str
+        ``CLICKPULSE_TIMEZONE``; the site time zone, an IANA name (``America/New_York``). "Day"
+        windows (``count.X["7d"]``, ``count.X["today"]``), ``category_views``, ``local.*`` in
+        rules and ``once_per: day`` follow its local days, DST-correct (a local day can last 23 or
+        25 hours; :mod:`clickpulse.state.localtime`). Default ``UTC``. Changing it on a running
+        namespace re-labels the day buckets already stored (up to a day's shift in ``7d``).
     engagement_weights : str
         ``CLICKPULSE_ENGAGEMENT_WEIGHTS``; points per engagement signal overriding the defaults of
         :data:`clickpulse.features.engagement.DEFAULT_WEIGHTS`, as ``name=points`` pairs
@@ -294,6 +300,37 @@ class Settings:
         ``CLICKPULSE_DELIVERY_WEBHOOK_BACKOFF_S`` (0.5) / ``CLICKPULSE_DELIVERY_WEBHOOK_BACKOFF_MAX_S``
         (30); seconds: the wait before the first retry, doubling (with jitter) up to the maximum;
         a ``Retry-After`` answer is honoured up to the maximum.
+    collector_host, collector_port
+        ``CLICKPULSE_COLLECTOR_HOST`` (``127.0.0.1``) / ``CLICKPULSE_COLLECTOR_PORT`` (8088): where
+        ``clickpulse collector`` (the Segment/RudderStack HTTP tracking API,
+        :mod:`clickpulse.collector`) listens.
+    collector_write_keys : str
+        ``CLICKPULSE_COLLECTOR_WRITE_KEYS``; comma-separated write keys the collector accepts (HTTP
+        Basic user name, or ``writeKey`` in the body); any other request gets 401. Empty (the
+        default): the collector refuses to start.
+    collector_max_event_bytes : int
+        ``CLICKPULSE_COLLECTOR_MAX_EVENT_BYTES``; bytes of one event as published (Segment's 32 KB,
+        32768); a bigger one fails its request with 400. At most ``CLICKPULSE_MAX_EVENT_BYTES``.
+    collector_max_batch_bytes : int
+        ``CLICKPULSE_COLLECTOR_MAX_BATCH_BYTES``; bytes of one request body after gzip decoding
+        (Segment's 500 KB, 512000); a bigger one gets 400.
+    collector_max_batch_events : int
+        ``CLICKPULSE_COLLECTOR_MAX_BATCH_EVENTS``; events in one batch (Segment's 2500); more get 400.
+    collector_ack_timeout_s : float
+        ``CLICKPULSE_COLLECTOR_ACK_TIMEOUT_S``; seconds a request waits for Kafka to acknowledge all
+        its events before it is answered 503 (then retried by the SDK). Default 10.
+    collector_retry_after_s : int
+        ``CLICKPULSE_COLLECTOR_RETRY_AFTER_S``; the ``Retry-After`` of a 503 (Kafka unavailable), in
+        seconds. Default 5.
+    collector_linger_ms : int
+        ``CLICKPULSE_COLLECTOR_LINGER_MS``; the producer's ``linger_ms``: how long it waits to fill
+        a batch of concurrent requests' events. Default 2.
+    collector_cors_origins : str
+        ``CLICKPULSE_COLLECTOR_CORS_ORIGINS``; ``Access-Control-Allow-Origin`` for browser SDKs:
+        ``*`` (the default), a comma-separated list of origins, or empty for no CORS headers.
+    collector_event_loop : str
+        ``CLICKPULSE_COLLECTOR_EVENT_LOOP``; ``auto`` (the default: uvloop when installed, the
+        ``collector`` extra), ``uvloop`` (required) or ``asyncio``.
     """
 
     kafka_bootstrap: str = "127.0.0.1:9092"
@@ -305,6 +342,7 @@ class Settings:
     idle_timeout_s: float = 5.0
     max_future_skew_s: float = 300.0
     session_gap_s: float = 1800.0
+    timezone: str = "UTC"
     rules_path: str = ""
     rules_poll_s: float = 5.0
     assume_consent: str = ""
@@ -361,6 +399,17 @@ class Settings:
     delivery_webhook_timeout_s: float = 10.0
     delivery_webhook_backoff_s: float = 0.5
     delivery_webhook_backoff_max_s: float = 30.0
+    collector_host: str = "127.0.0.1"
+    collector_port: int = 8088
+    collector_write_keys: str = field(default="", repr=False)
+    collector_max_event_bytes: int = 32768
+    collector_max_batch_bytes: int = 512000
+    collector_max_batch_events: int = 2500
+    collector_ack_timeout_s: float = 10.0
+    collector_retry_after_s: int = 5
+    collector_linger_ms: int = 2
+    collector_cors_origins: str = "*"
+    collector_event_loop: str = "auto"
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -384,6 +433,19 @@ class Settings:
         for name in ("delivery_webhook_backoff_s", "delivery_webhook_backoff_max_s"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{_env(name)} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("collector_port", "collector_max_event_bytes", "collector_max_batch_bytes",
+                     "collector_max_batch_events", "collector_ack_timeout_s", "collector_retry_after_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{_env(name)} must be > 0, got {getattr(self, name)!r}")
+        if self.collector_event_loop not in ("auto", "uvloop", "asyncio"):
+            raise ConfigError(f"{_env('collector_event_loop')} must be auto, uvloop or asyncio, "
+                              f"got {self.collector_event_loop!r}")
+        if self.collector_linger_ms < 0:
+            raise ConfigError(f"{_env('collector_linger_ms')} must be >= 0, got {self.collector_linger_ms!r}")
+        if self.collector_max_event_bytes > min(self.max_event_bytes, self.collector_max_batch_bytes):
+            raise ConfigError(f"{_env('collector_max_event_bytes')}={self.collector_max_event_bytes} must be at most "
+                              f"{_env('max_event_bytes')} ({self.max_event_bytes}, what the worker accepts) and "
+                              f"{_env('collector_max_batch_bytes')} ({self.collector_max_batch_bytes})")
         if not 0 < self.max_money < float("inf"):  # NaN or inf would disable the bound
             raise ConfigError(f"{_env('max_money')} must be a finite number > 0, got {self.max_money!r}")
         if self.kafka_session_timeout_s < 6:
@@ -404,6 +466,11 @@ class Settings:
         if self.snapshot_key and len(self.snapshot_key.strip()) < 16:
             raise ConfigError(f"{_env('snapshot_key')} must be at least 16 characters (e.g. `openssl rand -hex 32`), "
                               f"got {len(self.snapshot_key.strip())}")
+        from .state.localtime import check_timezone
+        try:
+            check_timezone(self.timezone)
+        except ValueError as err:
+            raise ConfigError(f"{_env('timezone')}: {err}") from err
         if not self.namespace or not all(c.isalnum() or c in "-_." for c in self.namespace):
             raise ConfigError(f"{_env('namespace')} must be non-empty [A-Za-z0-9._-], got {self.namespace!r}")
 
@@ -536,6 +603,11 @@ class Settings:
         """Merge records of identity stitching (a guest's state for its customer, keyed by the
         customer; docs/identity.md)."""
         return f"{self.namespace}.identity"
+
+    @property
+    def collector_keys(self) -> frozenset[str]:
+        """The accepted write keys (``CLICKPULSE_COLLECTOR_WRITE_KEYS``, blanks dropped)."""
+        return frozenset(k.strip() for k in self.collector_write_keys.split(",") if k.strip())
 
     @property
     def user_retention_ms(self) -> int:

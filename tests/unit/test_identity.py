@@ -403,3 +403,16 @@ def test_a_segment_alias_links_like_an_identify_and_a_rename_does_not():
     c.send(rename)
     assert c.state("c-10").merged == [] and c.state("c-10").life.events == 1
     assert c.counter("identity_links", "unsupported") == 1
+
+
+@pytest.mark.parametrize("lib", ["segment-python-2.4.0", "rudder-python-2.1.9"])
+def test_the_real_sdks_alias_call_links_the_previous_id(lib):
+    """The recorded ``alias(previous_id, user_id)`` of the real server SDKs (``anonymousId: null``)."""
+    import orjson
+    (msg,) = orjson.loads((Path(__file__).parent / "fixtures" / lib / "alias.json").read_bytes())["batch"]
+    alias = normalize(msg)
+    who = lib.split("-")[0]
+    assert route_key(alias) == f"anon:{who}-anon-1" and link_keys(alias) == (f"anon:{who}-anon-1", f"{who}-user-1")
+    c = Cluster(P)
+    c.send(ev("product_view", "10:00:00", anon=f"{who}-anon-1", product_id="p1"), alias)
+    assert c.state(f"{who}-user-1").merged[0][0] == f"anon:{who}-anon-1"
