@@ -746,6 +746,12 @@ class Settings:
         return f"{self.namespace}.privacy.audit"
 
     @property
+    def topic_identity(self) -> str:
+        """Merge records of identity stitching (a guest's state for its customer, keyed by the
+        customer; docs/identity.md)."""
+        return f"{self.namespace}.identity"
+
+    @property
     def collector_keys(self) -> frozenset[str]:
         """The accepted write keys (``CLICKPULSE_COLLECTOR_WRITE_KEYS``, blanks dropped)."""
         return frozenset(k.strip() for k in self.collector_write_keys.split(",") if k.strip())

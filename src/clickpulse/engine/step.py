@@ -54,8 +54,9 @@ from ..rules.bots import BotConfig, is_bot
 from ..rules.ruleset import Ruleset
 from ..rules.smoothing import PopulationPrior, fit_prior, posterior_mean
 from ..state.clock import END_OF_TIME, PartitionClock, TimerIndex
-from ..state.user import Applied, StateConfig, UserState, apply, is_duplicate
+from ..state.user import Applied, RecentIds, StateConfig, UserState, apply, id_hash, is_duplicate
 from .emitted import Emitted, Failed
+from .identity import LINK_TYPES, already_merged, link_keys, merge_into, stub, unsupported_alias
 
 log = logging.getLogger(__name__)
 #: model action type -> the task whose model decides it
@@ -98,9 +99,11 @@ def is_dormant(st: UserState) -> bool:
 
 
 def dormant(st: UserState) -> UserState:
-    """The durable record of ``st``: identifiers, consent decisions and lifetime totals only."""
+    """The durable record of ``st``: identifiers, consent decisions and lifetime totals only
+    (and its identity links: the guests merged into it, or, for a guest's stub, its customer)."""
     return UserState(key=st.key, partition=st.partition, user_id=st.user_id, anonymous_id=st.anonymous_id,
-                     life=st.life, consent=st.consent)
+                     life=st.life, consent=st.consent, merged_into=st.merged_into, merged=st.merged,
+                     recent_ids=st.recent_ids if st.merged_into is not None else RecentIds())
 
 
 @functools.lru_cache(maxsize=4)
@@ -589,7 +592,16 @@ class Engine:
         clock = self.clock(partition)
         wm_before = clock.watermark(wall_ms)
         key = event["user_key"]
+        link = None
+        if event["type"] in LINK_TYPES:
+            link = link_keys(event)
+            if link is not None and key != link[0]:
+                link = None  # the customer's copy (forwarded): a plain event of the customer
+            elif link is None and unsupported_alias(event):
+                em.count("identity_links", "unsupported")
         st = self._get(tx, key)
+        if st is not None and st.merged_into is not None:
+            return self._forward(tx, partition, st, event, link, wall_ms, em)
         if st is None:
             st = tx.users[key] = UserState(key=key, partition=partition)
             em.count("users_new")
@@ -648,8 +660,124 @@ class Engine:
             em.count("sessions")
         clock.observe(t, wall_ms)
         self.timers[partition].set(key, self._due(st))
+        if link is not None:
+            self._link(tx, partition, st, event, link[1], em)
         self._fire(tx, partition, wall_ms, em)
         return res
+
+    # ------------------------------------------------------------------ identity stitching
+    def _link(self, tx: _Tx, partition: int, g: UserState, event: dict[str, Any], customer: str,
+              em: Emitted) -> None:
+        """The guest ``g`` (the link event just applied to it) becomes a forwarding stub; its state
+        goes to ``customer`` in a merge record (see :mod:`clickpulse.engine.identity`)."""
+        import base64
+        em.merges.append({"schema_version": 1, "guest_key": g.key, "customer_key": customer,
+                          "link_event": event, "linked_at_ms": int(event["timestamp_ms"]),
+                          "state_b64": base64.b64encode(g.to_bytes()).decode()})
+        segs = list(g.rules.get("seg", []))
+        if segs:  # the guest leaves its segments (the customer's are re-evaluated at its next event)
+            members = self.segment_members.setdefault(partition, {})
+            rs = self.ruleset()
+            for seg in segs:
+                members[seg] = max(0, members.get(seg, 0) - 1)
+                em.segment_changes.append({"schema_version": 1, "user_key": g.key, "segment": seg,
+                                           "change": "exited", "event_time": event["timestamp"],
+                                           "event_time_ms": int(event["timestamp_ms"]),
+                                           "rules_version": "" if rs is None else rs.version,
+                                           "segment_size": members.get(seg, 0)})
+                em.count("segment_changes", "exited")
+        self._count_population(g, -1)
+        self.pending_predictions = max(0, self.pending_predictions - len(g.ml.get("pi", [])))
+        tx.users[g.key] = stub(g, customer, partition)
+        tx.dirty.add(g.key)
+        self.timers[partition].set(g.key, None)
+        em.aliases[g.key] = customer
+        em.count("identity_links", "linked")
+
+    def _forward(self, tx: _Tx, partition: int, st: UserState, event: dict[str, Any],
+                 link: tuple[str, str] | None, wall_ms: int, em: Emitted) -> Applied:
+        """An event that reached a guest's stub: re-keyed to the stub's customer (a link event to
+        another customer: a conflict, first link wins; it goes to its own ``user_id`` as a plain
+        event and moves no state)."""
+        if is_duplicate(st, event):
+            em.count("duplicates")
+            self._fire(tx, partition, wall_ms, em)
+            return Applied(duplicate=True)
+        st.recent_ids.add(id_hash(str(event["event_id"])), self.cfg.dedup_ids_per_user)
+        t = int(event["timestamp_ms"])
+        life = st.life
+        if life.last_ms is None or t >= life.last_ms:
+            life.last_ms, life.last_wall_ms = t, wall_ms
+        tx.dirty.add(st.key)
+        target = st.merged_into
+        if link is not None:
+            if link[1] != target:
+                em.count("identity_links", "conflict")
+                log.info("identity conflict: %s is linked to %s; a link to %s moves no state", st.key, target, link[1])
+                target = link[1]
+            else:
+                em.count("identity_links", "repeat")
+        em.forwards.append({**event, "user_key": target})
+        em.aliases[st.key] = st.merged_into
+        em.count("identity_forwarded")
+        self.clock(partition).observe(t, wall_ms)
+        self._fire(tx, partition, wall_ms, em)
+        return Applied()
+
+    def merge_step(self, partition: int, record: Mapping[str, Any], wall_ms: int) -> Emitted:
+        """Apply a merge record (:class:`clickpulse.records.MergeRecord`) to its customer, once per
+        ``(guest_key, link event id)``; the customer's timers (the guest's included) are re-armed
+        and those already due fire.
+
+        Raises
+        ------
+        ValueError
+            A malformed record (wrong types, a state that does not decode or is not the guest's);
+            nothing changed.
+        """
+        import base64
+        tx = _Tx(self)
+        em = Emitted()
+        try:
+            guest, customer, ev = record.get("guest_key"), record.get("customer_key"), record.get("link_event")
+            if not isinstance(guest, str) or not isinstance(customer, str) or not isinstance(ev, Mapping) \
+                    or not isinstance(record.get("state_b64"), str) or guest == customer:
+                raise ValueError("not a merge record (guest_key, customer_key, link_event, state_b64)")
+            self.clock(partition)
+            c = self._get(tx, customer)
+            if c is None:
+                c = tx.users[customer] = UserState(key=customer, partition=partition, user_id=customer)
+                em.count("users_new")
+            if c.merged_into is not None:
+                raise ValueError(f"merge target {customer!r} is itself a guest's stub")
+            eid = str(ev.get("event_id"))
+            if already_merged(c, guest, eid):
+                em.count("identity_links", "merge_duplicate")
+            else:
+                g = UserState.from_bytes(base64.b64decode(record["state_b64"], validate=True))
+                if g.key != guest:
+                    raise ValueError(f"merge record state is of {g.key!r}, not of guest {guest!r}")
+                before = len(c.ml.get("pi", []))
+                self._count_population(c, -1)
+                dropped = merge_into(c, g, eid, gap_ms=self.cfg.session_gap_ms, dedup_ids=self.cfg.dedup_ids_per_user,
+                                     engagement=self.cfg.engagement,
+                                     pending_per_user=self.mcfg.pending_per_user if self.mcfg is not None else 8)
+                self._count_population(c, +1)
+                self.pending_predictions = max(0, self.pending_predictions + len(c.ml.get("pi", [])) - before)
+                if dropped:
+                    em.count("predictions_dropped", "merge", n=dropped)
+                c.partition = partition
+                if c.user_id is None:
+                    c.user_id = customer
+                tx.dirty.add(customer)
+                self.timers[partition].set(customer, self._due(c))
+                em.count("identity_links", "merged")
+            self._fire(tx, partition, wall_ms, em)
+            self._finish(tx, em)
+        except Exception:
+            self._rollback(tx)
+            raise
+        return em
 
     def _fire(self, tx: _Tx, partition: int, wall_ms: int, em: Emitted) -> None:
         """Fire every timer of ``partition`` the watermark is past (live mode: idle advance)."""
@@ -887,11 +1015,17 @@ class Engine:
         em = Emitted()
         tx = _Tx(self)
         summary: dict[str, Any] = {"user_key": user_key, "state": False, "timers": 0, "predictions": 0,
-                                   "segments": []}
+                                   "segments": [], "linked": []}
+        em.aliases[user_key] = None  # its own alias key, if it was a guest
         try:
             st = self._get(tx, user_key)
             if st is not None:
                 summary["state"] = True
+                # identity links: a customer's merged guests' stubs live on their own partitions;
+                # the worker sends each an erase request (their Redis alias keys go now)
+                summary["linked"] = [m[0] for m in st.merged]
+                for guest in summary["linked"]:
+                    em.aliases[guest] = None
                 summary["predictions"] = len(st.ml.get("pi", [])) + (1 if st.ml.get("pc") is not None else 0)
                 self.pending_predictions = max(0, self.pending_predictions - len(st.ml.get("pi", [])))
                 summary["segments"] = list(st.rules.get("seg", []))
@@ -958,6 +1092,10 @@ class Engine:
         dormant, or deleted)."""
         return len(self._commit_collect(self.expire_step(partition, retention_ms, wall_ms, limit,
                                                          dormant_retention_ms)).changed)
+
+    def merge(self, partition: int, record: Mapping[str, Any], wall_ms: int) -> Emitted:
+        """:meth:`merge_step`, committed at once (tests, tools)."""
+        return self._commit_collect(self.merge_step(partition, record, wall_ms))
 
     def erase(self, user_key: str, wall_ms: int) -> dict[str, Any]:
         """:meth:`erase_step`, committed at once; returns what was removed."""
