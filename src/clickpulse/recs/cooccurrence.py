@@ -90,7 +90,9 @@ class RecsConfig:
         Weight of a basket co-occurrence relative to a view co-occurrence in scores, >= 0.
     cosine
         Normalise scores by ``sqrt(popularity(i) * popularity(j))`` (cosine similarity of the
-        items' session vectors) rather than raw co-occurrence.
+        items' session vectors) rather than raw co-occurrence. Default off: raw co-occurrence
+        scored higher on both bundled samples (``docs/recommendations.md``; chosen on those same
+        samples, there is no held-out data).
     position_decay
         Context items weigh ``position_decay ** r`` where ``r`` = 0 for the most recent, 1 for
         the one before... (0 < position_decay <= 1).
@@ -103,7 +105,7 @@ class RecsConfig:
     max_items: int = 50_000
     context: int = 10
     buy_weight: float = 3.0
-    cosine: bool = True
+    cosine: bool = False
     position_decay: float = 0.7
     fill_popular: bool = True
 
