@@ -347,7 +347,8 @@ class CoOccurrence:
                     self._add(node, y, 0.0, g, 0, 1)
 
     # ------------------------------------------------------------------ recommending
-    def recommend(self, items_context: Sequence[str], k: int, exclude: Iterable[str] = ()) -> list[Rec]:
+    def recommend(self, items_context: Sequence[str], k: int, exclude: Iterable[str] = (),
+                  at_ms: int | None = None) -> list[Rec]:
         """The ``k`` items most co-occurring with ``items_context`` (oldest first: the last
         items weigh most), best first: ``[(item_id, score, why), ...]``.
 
@@ -360,7 +361,9 @@ class CoOccurrence:
         context and of ``exclude`` are never recommended. With
         :attr:`RecsConfig.fill_popular`, the rest of the list is the most popular items
         (``why`` = ``"popular: viewed in N sessions"``, score 0). Read-only; ties are broken by
-        item id (deterministic).
+        item id (deterministic). With ``at_ms`` (epoch ms) and without cosine, scores are
+        decayed to that event time (a score is then a position-weighted count of decayed
+        co-occurrences); else they are as stored (forward-decayed: comparable within the call).
         """
         if k <= 0:
             return []
@@ -394,7 +397,10 @@ class CoOccurrence:
                         best[j] = (c, i, e)
             w *= cfg.position_decay
         ranked = heapq.nsmallest(k, scores.items(), key=lambda kv: (-kv[1], kv[0]))
-        out: list[Rec] = [(j, s, _why(best[j][1], best[j][2], bw)) for j, s in ranked]
+        f = 1.0
+        if at_ms is not None and not cfg.cosine and cfg.half_life_ms and self.landmark is not None:
+            f = 2.0 ** (-(at_ms - self.landmark) / cfg.half_life_ms)
+        out: list[Rec] = [(j, s * f, _why(best[j][1], best[j][2], bw)) for j, s in ranked]
         if len(out) < k and cfg.fill_popular and self.top:
             have = {j for j, _, _ in out} | banned
             for j, _p in sorted(self.top.items(), key=lambda kv: (-kv[1], kv[0])):
