@@ -5,8 +5,8 @@ between the engine with and without them over the same REES46 events.
 
 Prints µs per event for: the state step alone, the state step + the default rules (4 segments,
 5 triggers: namespace, CEL evaluation, timers), the state step + models (default pipelines,
-untrained and trained on the replay's own examples), and the models' share per event and per
-scoring point. No Kafka: the same Engine the worker runs, over a dict table.
+untrained and trained on the replay's own examples), the models' share per event and per
+scoring point, and the share of the item-to-item recommendations (clickpulse.recs). No Kafka: the same Engine the worker runs, over a dict table.
 """
 
 from __future__ import annotations
@@ -25,16 +25,22 @@ from clickpulse.models.registry import ModelRegistry
 from clickpulse.observability.metrics import Metrics
 from clickpulse.engine import Engine
 from clickpulse.state.user import StateConfig
+from clickpulse.recs import CoOccurrence, RecsConfig
 from clickpulse.testing import default_rules
+
+RECS_TRIGGERS = frozenset({"cart_abandonment", "browse_abandonment"})
 
 
 BATCH = 500
 
 
-def run(events, models, rules=None):
+def run(events, models, rules=None, recs=False):
+    recs_kw = {}
+    if recs:  # the worker's default: a fresh model, recommendations in the two abandonment payloads
+        recs_kw = {"recs": CoOccurrence(RecsConfig()), "recs_triggers": RECS_TRIGGERS}
     eng = Engine({}, StateConfig(), allowed_lateness_ms=60_000, idle_timeout_ms=5000, live=False,
                  metrics=Metrics(CollectorRegistry()), models=models, model_cfg=ModelConfig(), rules=rules,
-                 assumed_consent=frozenset({"marketing"}))
+                 assumed_consent=frozenset({"marketing"}), **recs_kw)
     batch = [(int(ev["user_id"]) % 4, ev) for ev in events]
     examples = []
     t0 = time.perf_counter_ns()
@@ -71,7 +77,10 @@ def main() -> None:
     trained.score = counting
     warm = [run(events, trained)[0] for _ in range(args.repeat)]
     calls_warm = calls[0]
-    full = [run(events, trained, rules)[0] for _ in range(args.repeat)]  # the worker's engine: both
+    full, full_recs = [], []
+    for _ in range(args.repeat):  # interleaved, so load on the machine hits both alike
+        full.append(run(events, trained, rules)[0])  # the worker's engine: both
+        full_recs.append(run(events, trained, rules, recs=True)[0])  # ... and recommendations
     calls[0] = calls_warm
     scoring_points = calls[0] // args.repeat or 1
     b, f, w = statistics.median(base), statistics.median(fresh), statistics.median(warm)
@@ -86,6 +95,9 @@ def main() -> None:
           f"models' share per scoring point ≈ {(w - b) * len(events) / scoring_points:.0f} µs "
           f"(features + predict + top contributions + label bookkeeping)")
     print(f"  state + default rules + trained models {fl:7.1f}   the worker's engine step (target <= 60 µs/event)")
+    fr = statistics.median(full_recs)
+    print(f"  ... + recommendations (co-occurrence)  {fr:7.1f}   recommendations' share {fr - fl:5.1f} µs/event "
+          "(learning views and baskets, recommending in the abandonment payloads)")
 
 
 if __name__ == "__main__":

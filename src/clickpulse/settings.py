@@ -306,7 +306,8 @@ class Settings:
         Default 20.
     recs_max_items : int
         ``CLICKPULSE_RECS_MAX_ITEMS``; items kept per worker (least recently updated evicted).
-        Default 50000 (≈ 3.8 KB per item at most with 20 neighbours: ≈ 190 MB).
+        Default 50000 (at most ≈ 4.7 KB per item with 20 neighbours: ≈ 235 MB; see
+        :mod:`clickpulse.recs.cooccurrence`).
     recs_context : int
         ``CLICKPULSE_RECS_CONTEXT``; the most recent session items a view is paired with and a
         recommendation is computed from. Default 10.
