@@ -319,6 +319,7 @@ def default_methods(cfg: RecsConfig | None = None) -> list[tuple[str, Method]]:
         (f"co-occurrence (shipped: half-life {days:g} d, {cfg.neighbours} nbrs)", CoOccurrence(cfg)),
         ("co-occurrence without decay", CoOccurrence(RecsConfig(**{**_fields(cfg), "half_life_ms": 0}))),
         ("co-occurrence with cosine normalisation", CoOccurrence(RecsConfig(**{**_fields(cfg), "cosine": True}))),
+        ("co-occurrence without the popular fill", CoOccurrence(RecsConfig(**{**_fields(cfg), "fill_popular": False}))),
     ]
 
 
