@@ -376,34 +376,49 @@ class CoOccurrence:
         banned.update(exclude)
         bw = cfg.buy_weight
         scores: dict[str, float] = {}
-        best: dict[str, tuple[float, str, Entry]] = {}
-        w = 1.0
+        get = scores.get
         items = self.items
+        pd = cfg.position_decay
+        w = 1.0
+        nodes: list[tuple[str, _Item, float]] = []  # (context item, its node, its position weight)
         for i in ctx:
             node = items.get(i)
             if node is not None and node.nb:
-                pi = node.pop
-                for j, e in node.nb.items():
-                    if j in banned:
-                        continue
-                    s = e[0] + bw * e[1]
-                    if cfg.cosine:
+                nodes.append((i, node, w))
+                if cfg.cosine:
+                    pi = node.pop
+                    for j, e in node.nb.items():
                         other = items.get(j)
                         pj = other.pop if other is not None else 0.0
-                        denom = math.sqrt(pi * pj) if pi > 0 and pj > 0 else 0.0
-                        if denom > 0:
-                            s = s / denom
-                    c = w * s
-                    scores[j] = scores.get(j, 0.0) + c
-                    b = best.get(j)
-                    if b is None or c > b[0]:
-                        best[j] = (c, i, e)
-            w *= cfg.position_decay
+                        denom = math.sqrt(pi * pj) if pi > 0 and pj > 0 else 1.0
+                        scores[j] = get(j, 0.0) + w * (e[0] + bw * e[1]) / denom
+                elif bw:
+                    for j, e in node.nb.items():
+                        scores[j] = get(j, 0.0) + w * (e[0] + bw * e[1])
+                else:
+                    for j, e in node.nb.items():
+                        scores[j] = get(j, 0.0) + w * e[0]
+            w *= pd
+        for j in banned:
+            scores.pop(j, None)
         ranked = heapq.nsmallest(k, scores.items(), key=lambda kv: (-kv[1], kv[0]))
         f = 1.0
         if at_ms is not None and not cfg.cosine and cfg.half_life_ms and self.landmark is not None:
             f = 2.0 ** (-(at_ms - self.landmark) / cfg.half_life_ms)
-        out: list[Rec] = [(j, s * f, _why(best[j][1], best[j][2], bw)) for j, s in ranked]
+        out: list[Rec] = []
+        for j, sc in ranked:  # the reason: the context item that contributed most (the first on a tie)
+            top_c, why = -1.0, ""
+            for i, node, wi in nodes:
+                e = node.nb.get(j)
+                if e is not None:
+                    c = wi * (e[0] + bw * e[1])
+                    if cfg.cosine:
+                        other = items.get(j)
+                        pj = other.pop if other is not None else 0.0
+                        c /= math.sqrt(node.pop * pj) if node.pop > 0 and pj > 0 else 1.0
+                    if c > top_c:
+                        top_c, why = c, _why(i, e, bw)
+            out.append((j, sc * f, why))
         if len(out) < k and cfg.fill_popular and self.top:
             have = {j for j, _, _ in out} | banned
             need = k - len(out) + len(have)
