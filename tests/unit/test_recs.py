@@ -323,3 +323,28 @@ def test_recommendations_only_for_the_configured_triggers_and_not_from_bots():
     eng.process(0, event("product_view", "v0", "2019-10-01T11:00:05Z", product_id="p9"), 0)
     eng.process(0, event("product_view", "v0", "2019-10-01T11:00:06Z", product_id="p8"), 0)
     assert eng.recs.pairs == pairs
+
+
+def test_a_failing_event_takes_its_learning_back_and_the_rest_of_the_batch_stands(monkeypatch):
+    eng = memory_engine()
+    eng.process(0, event("product_view", "u0", "2019-10-01T09:00:00Z", product_id="p1"), 0)
+    eng.process(0, event("product_view", "u0", "2019-10-01T09:00:10Z", product_id="p2"), 0)
+    assert eng.recs.neighbours("p1")["p2"][2] == 1
+    import clickpulse.engine.step as step_mod
+    real = step_mod.Engine._recs_learn
+
+    def poisoned(self, st, ev, before):
+        real(self, st, ev, before)  # learns, then fails: the learning must not survive
+        if ev["user_key"] == "bad":
+            raise ValueError("boom")
+    monkeypatch.setattr(step_mod.Engine, "_recs_learn", poisoned)
+    batch = [(0, event("product_view", "u1", "2019-10-01T10:00:00Z", product_id="p1")),
+             (0, event("product_view", "u1", "2019-10-01T10:00:05Z", product_id="p3")),
+             (0, event("product_view", "bad", "2019-10-01T10:00:06Z", product_id="p1")),
+             (0, event("product_view", "bad", "2019-10-01T10:00:07Z", product_id="p2"))]
+    em = eng.step(batch, 0)
+    assert [f.user_key for f in em.failed] == ["bad", "bad"]
+    eng.commit(em)
+    assert eng.recs.neighbours("p1")["p2"][2] == 1      # bad's p1 -> p2 rolled back
+    assert eng.recs.neighbours("p1")["p3"][2] == 1      # u1's stands (learned once, not twice)
+    assert eng.recs.items["p1"].n == 2 and eng.recs.items["p3"].n == 1
