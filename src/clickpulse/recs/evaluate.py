@@ -104,7 +104,8 @@ def diginetica_sessions(path: str | Path = BUNDLED_DIGINETICA) -> list[SessionEv
     """
     p = Path(path)
     if not p.is_file():
-        raise DatasetError(f"no such file: {p}")
+        raise DatasetError(f"no such file: {p} (the bundled Diginetica sample is research-only: it is in a source "
+                           "checkout, not in built wheels; see data/diginetica-README.md)")
     rows: list[tuple[int, int, int, str]] = []
     with p.open(newline="", encoding="utf-8") as fh:
         reader = csv.reader(fh, delimiter=";")
