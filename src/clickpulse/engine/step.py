@@ -161,6 +161,13 @@ class Engine:
     cache_users
         Decoded states kept in memory for hot users (least recently used evicted), so a user
         with several events in a row is decoded once; the table stays the source of truth.
+    recs, recs_triggers, recs_k
+        A :class:`clickpulse.recs.CoOccurrence` learned from this worker's sessions (views
+        paired within a session, a purchase's basket: the cart's items and the product; not from
+        bots), ``None``: no recommendations; the triggers whose actions get ``recs_k``
+        recommended items in their payload (``recommendations``), also on the profile
+        (:meth:`profile_extra`). Learned after the event's rules ran (recommend, then learn); a
+        step that raises takes its learning back (the model's journal).
     """
 
     def __init__(self, table: MutableMapping[bytes, bytes], cfg: StateConfig, *, allowed_lateness_ms: int,
@@ -168,7 +175,8 @@ class Engine:
                  models: Any = None, model_cfg: Any = None, pending_total_cap: int = 1_000_000,
                  rules: Any = None, assumed_consent: frozenset[str] = frozenset(),
                  bots: BotConfig | None = None, model_min_class_examples: int = 0,
-                 cache_users: int = 50_000, model_actions_consent: str = "marketing") -> None:
+                 cache_users: int = 50_000, model_actions_consent: str = "marketing", recs: Any = None,
+                 recs_triggers: frozenset[str] = frozenset(), recs_k: int = 5) -> None:
         self.table = table
         self.cfg = cfg
         self.lateness = allowed_lateness_ms
@@ -204,6 +212,9 @@ class Engine:
         # what the single-event conveniences (process/tick/end_of_input) committed, for drain_*()
         self._examples_out: list[dict[str, Any]] = []
         self._changes_out: list[dict[str, Any]] = []
+        self.recs = recs
+        self.recs_triggers = frozenset(recs_triggers)
+        self.recs_k = recs_k
 
     # ------------------------------------------------------------------ the step
     def step(self, batch: Sequence[tuple[int, dict[str, Any]]], wall_ms: int, *,
@@ -334,6 +345,8 @@ class Engine:
 
     # ------------------------------------------------------------------ unit of work
     def _aggregates(self) -> tuple[Any, ...]:
+        if self.recs is not None:  # a new unit of work: journal the model's changes
+            self.recs.begin()
         clocks = {p: (c.max_ts, c.last_event_wall, c.wm, set(c.eoi_sources), c.closed) for p, c in self.clocks.items()}
         return (clocks, {p: dict(m) for p, m in self.segment_members.items()}, dict(self.segment_entries),
                 dict(self.segment_conversions), {p: copy.copy(pp) for p, pp in self.population.items()},
@@ -351,6 +364,8 @@ class Engine:
         self.segment_members, self.segment_entries, self.segment_conversions = members, entries, conversions
         self.population, self.population_total = population, total
         self.pending_predictions, self.rule_errors = pending, errors
+        if self.recs is not None:
+            self.recs.rollback()
         for key in tx.users:  # the committed state and its timer come back from the table
             self._cache.pop(key, None)
             st = self.load(key)
@@ -377,6 +392,8 @@ class Engine:
             del cache[next(iter(cache))]
         if self.models is not None:
             em.gauges["predictions_pending"] = self.pending_predictions
+        if self.recs is not None:
+            self.recs.commit()
 
     def _get(self, tx: _Tx, key: str) -> UserState | None:
         st = tx.users.get(key)
@@ -457,8 +474,65 @@ class Engine:
         return out
 
     def profile_extra(self, st: UserState) -> dict[str, Any]:
-        """Engine-computed profile fields (tier, p_purchase, smoothed conversion) for ``st``."""
-        return self._extra(st, st.life.last_ms or 0, triggers.EXTRA_NAMES)
+        """Engine-computed profile fields (tier, p_purchase, smoothed conversion, recommended
+        items) for ``st``."""
+        out = self._extra(st, st.life.last_ms or 0, triggers.EXTRA_NAMES)
+        if self.recs is not None:
+            out["recommendations"] = self.recommendations(st, st.life.last_ms or 0)
+        return out
+
+    # ------------------------------------------------------------------ recommendations
+    def recommendations(self, st: UserState, at_ms: int) -> list[dict[str, Any]]:
+        """``recs_k`` items for ``st`` from the worker's co-occurrence model, best first:
+        ``[{"item_id", "score", "why"}]``; the context is the user's latest session's products
+        (first views, at most 32) and cart, which are never recommended themselves. ``score``:
+        co-occurrence sessions decayed to ``at_ms`` and weighted by context position (0 for a
+        popularity fill). ``[]`` without a model."""
+        if self.recs is None:
+            return []
+        s = st.session or st.prev_session
+        ctx = list(s.products) if s is not None else []
+        ctx += [p for p in st.cart.items if p not in ctx]
+        return [{"item_id": j, "score": round(sc, 6), "why": why}
+                for j, sc, why in self.recs.recommend(ctx, self.recs_k, at_ms=at_ms)]
+
+    def _recommend_action(self, st: UserState, trigger: str, at_ms: int) -> list[dict[str, Any]] | None:
+        return self.recommendations(st, at_ms) if trigger in self.recs_triggers else None
+
+    def _recs_learn(self, st: UserState, event: dict[str, Any], before: tuple[Any, ...]) -> None:
+        """Learn the event (after its rules ran): a product view new to its session is paired
+        with the session's earlier products (:meth:`clickpulse.recs.CoOccurrence.observe_view`);
+        a purchase's basket was taken before the event (``before``). Bots teach nothing."""
+        if is_bot(st.rules.get("bot", {})):
+            return
+        t = int(event["timestamp_ms"])
+        if before[0] == "basket":
+            self.recs.observe_basket(before[1], t)
+            return
+        pid = before[1]
+        for s, n0 in ((st.session, before[2]), (st.prev_session, before[3])):
+            if s is None:
+                continue
+            n = n0[1] if n0 is not None and n0[0] is s else 0
+            prods = s.products
+            if len(prods) > n and prods[-1] == pid:
+                self.recs.observe_view(prods[:-1], pid, t)
+                return
+
+    def _recs_before(self, st: UserState, event: dict[str, Any]) -> tuple[Any, ...] | None:
+        """What :meth:`_recs_learn` needs from the state before the event, or ``None``."""
+        etype = event["type"]
+        if etype != "product_view" and etype != "purchase":
+            return None
+        pid = (event.get("properties") or {}).get("product_id")
+        if pid is None:
+            return None
+        pid = str(pid)
+        if etype == "purchase":
+            return ("basket", [*st.cart.items, pid])
+        s, ps = st.session, st.prev_session
+        return ("view", pid, None if s is None else (s, len(s.products)),
+                None if ps is None else (ps, len(ps.products)))
 
     def _context(self, rs: Ruleset, created: str, partition: int) -> triggers.RuleContext:
         members = self.segment_members.setdefault(partition, {})
@@ -466,7 +540,9 @@ class Engine:
         def count_member(seg: str, delta: int) -> None:
             members[seg] = max(0, members.get(seg, 0) + delta)
         return triggers.RuleContext(rs, self.segment_active, self._extra, count_member, self.assumed_consent,
-                                    self.bots, created)
+                                    self.bots, created,
+                                    recommend=self._recommend_action if self.recs is not None and self.recs_triggers
+                                    else None)
 
     def _count_population(self, st: UserState, sign: int) -> None:
         pp = self.population.setdefault(st.partition, PopulationPrior())
@@ -634,6 +710,7 @@ class Engine:
             if open_session is not None and open_session.ended:  # the user's return ended it
                 self._session_examples(st, open_session, em)
         self._count_population(st, -1)
+        recs_before = None if self.recs is None else self._recs_before(st, event)
         res = apply(st, event, wm_before, self.cfg, wall_ms)
         self._count_population(st, +1)
         model_actions: list[ActionRecord] = []
@@ -649,6 +726,8 @@ class Engine:
         if model_actions:
             actions += self._gate_models(st, model_actions, em)
         actions += rule_actions
+        if recs_before is not None:  # recommend (the actions above), then learn
+            self._recs_learn(st, event, recs_before)
         for a in actions:
             em.count("actions", a["type"])
         em.actions += actions

@@ -872,7 +872,8 @@ class UserState:
         """The summary served from Redis (``schemas/profile.v1.json``); ``engagement`` is the
         config the score was accumulated with (its half-life decays it to ``at_ms``); ``extra``
         holds what the engine computes from its models and population (``tier``, ``p_purchase``,
-        ``conversion_user``: see :meth:`clickpulse.engine.Engine.profile_extra`)."""
+        ``conversion_user``, ``recommendations``: see :meth:`clickpulse.engine.Engine.profile_extra`); the
+        ``recommendations`` key is there only when ``extra`` has it."""
         x = extra or {}
         at = at_ms if at_ms is not None else (self.life.last_ms or 0)
         ecfg = engagement or EngagementConfig()
@@ -910,6 +911,7 @@ class UserState:
                            if self.life.sessions else None,
                            "rate_smoothed": None if x.get("conversion_user") is None
                            else round(float(x["conversion_user"]), 4)},
+            **({"recommendations": x["recommendations"]} if "recommendations" in x else {}),
         }
 
 
