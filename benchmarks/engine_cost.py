@@ -1,12 +1,12 @@
 """Per-event cost of the rules and of the models on the worker's path, measured as the difference
 between the engine with and without them over the same REES46 events.
 
-    .venv/bin/python benchmarks/engine_cost.py [--repeat 5]
+    .venv/bin/python benchmarks/engine_cost.py [--repeat 5] [--cpu]
 
 Prints µs per event for: the state step alone, the state step + the default rules (4 segments,
 5 triggers: namespace, CEL evaluation, timers), the state step + models (default pipelines,
-untrained and trained on the replay's own examples), and the models' share per event and per
-scoring point. No Kafka: the same Engine the worker runs, over a dict table.
+untrained and trained on the replay's own examples), the models' share per event and per
+scoring point, and the share of the item-to-item recommendations (clickpulse.recs). No Kafka: the same Engine the worker runs, over a dict table.
 """
 
 from __future__ import annotations
@@ -25,31 +25,44 @@ from clickpulse.models.registry import ModelRegistry
 from clickpulse.observability.metrics import Metrics
 from clickpulse.engine import Engine
 from clickpulse.state.user import StateConfig
+from clickpulse.recs import CoOccurrence, RecsConfig
 from clickpulse.testing import default_rules
+
+RECS_TRIGGERS = frozenset({"cart_abandonment", "browse_abandonment"})
 
 
 BATCH = 500
+_clock = time.perf_counter_ns  # --cpu: time.thread_time_ns
 
 
-def run(events, models, rules=None):
+def run(events, models, rules=None, recs=False):
+    recs_kw = {}
+    if recs:  # the worker's default: a fresh model, recommendations in the two abandonment payloads
+        recs_kw = {"recs": CoOccurrence(RecsConfig()), "recs_triggers": RECS_TRIGGERS}
     eng = Engine({}, StateConfig(), allowed_lateness_ms=60_000, idle_timeout_ms=5000, live=False,
                  metrics=Metrics(CollectorRegistry()), models=models, model_cfg=ModelConfig(), rules=rules,
-                 assumed_consent=frozenset({"marketing"}))
+                 assumed_consent=frozenset({"marketing"}), **recs_kw)
     batch = [(int(ev["user_id"]) % 4, ev) for ev in events]
     examples = []
-    t0 = time.perf_counter_ns()
+    t0 = _clock()
     for i in range(0, len(batch), BATCH):  # the worker's path: one step per batch, then commit
         em = eng.step(batch[i:i + BATCH], 0)
         eng.commit(em)
         examples += em.examples
-    elapsed = time.perf_counter_ns() - t0
+    elapsed = _clock() - t0
     return elapsed / len(events) / 1000, examples, eng
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--cpu", action="store_true",
+                    help="time with the thread's CPU time (time.thread_time_ns) instead of the wall clock: "
+                         "steadier when other jobs load the machine")
     args = ap.parse_args()
+    global _clock
+    if args.cpu:
+        _clock = time.thread_time_ns
     events = [parse(orjson.dumps(e), None) for e in read_rees46(BUNDLED_SAMPLE)]
     base = [run(events, None)[0] for _ in range(args.repeat)]
     rules = default_rules()
@@ -71,13 +84,17 @@ def main() -> None:
     trained.score = counting
     warm = [run(events, trained)[0] for _ in range(args.repeat)]
     calls_warm = calls[0]
-    full = [run(events, trained, rules)[0] for _ in range(args.repeat)]  # the worker's engine: both
+    full, full_recs = [], []
+    for _ in range(args.repeat):  # interleaved, so load on the machine hits both alike
+        full.append(run(events, trained, rules)[0])  # the worker's engine: both
+        full_recs.append(run(events, trained, rules, recs=True)[0])  # ... and recommendations
     calls[0] = calls_warm
     scoring_points = calls[0] // args.repeat or 1
     b, f, w = statistics.median(base), statistics.median(fresh), statistics.median(warm)
     r = statistics.median(with_rules)
     fl = statistics.median(full)
-    print(f"{len(events)} REES46 events, median of {args.repeat} runs, µs per event (no Kafka)")
+    print(f"{len(events)} REES46 events, median of {args.repeat} runs, µs per event (no Kafka)"
+          + (", CPU time of the thread" if args.cpu else ""))
     print(f"  state step only                      {b:7.1f}")
     print(f"  state + default rules                {r:7.1f}   rules' share {r - b:5.1f} µs/event")
     print(f"  state + models (untrained)           {f:7.1f}   models' share {f - b:5.1f} µs/event")
@@ -86,6 +103,9 @@ def main() -> None:
           f"models' share per scoring point ≈ {(w - b) * len(events) / scoring_points:.0f} µs "
           f"(features + predict + top contributions + label bookkeeping)")
     print(f"  state + default rules + trained models {fl:7.1f}   the worker's engine step (target <= 60 µs/event)")
+    fr = statistics.median(full_recs)
+    print(f"  ... + recommendations (co-occurrence)  {fr:7.1f}   recommendations' share {fr - fl:5.1f} µs/event "
+          "(learning views and baskets, recommending in the abandonment payloads)")
 
 
 if __name__ == "__main__":

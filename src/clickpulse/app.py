@@ -11,7 +11,10 @@ never waits behind an unbounded producer backlog).
               | dead-letter topic; signed control is forwarded to every valid partition, unsigned
               control is dead-lettered as ``forged_control``
 * ``process`` valid (and, with ``CLICKPULSE_RAW_KEYED``, raw: one hop) → engine step → state
-              table, actions, segment changes, training examples, Redis profiles
+              table, actions, segment changes, training examples, Redis profiles; identity
+              stitching (docs/identity.md): link events (identify/alias with both ids) are keyed by
+              the guest at ingest, a linked guest's events are forwarded to the valid topic keyed
+              by its customer, merge records go through ``<ns>.identity`` (keyed by the customer)
 * timers      live mode: every second, fire timers of idle partitions (watermark follows wall
               clock); every ``redis_flush_interval_s``: flush profiles to Redis; every
               ``rules_poll_s``: reload the rules file when it changed; every 5 min: expire users
@@ -44,6 +47,7 @@ from . import store as _store  # registers the clickpulse-rocksdb:// table store
 from .store import key_partition
 from .engine import CLOCK_KEY_PREFIX, Emitted, Engine, build_engine, clock_key
 from .engine.factory import build_models, build_rules
+from .engine.identity import route
 from .errors import InvalidEvent
 from .events.contract import parse
 from .events.control import CONTROL_HEADER, CONTROL_SIG_HEADER, verify_control
@@ -183,6 +187,10 @@ class Worker:
             out.append((s.topic_training, ex["user_key"].encode(), dumps(ex), None, None))
         for key, q in em.quarantined.items():
             out.append((s.topic_quarantine, key.encode(), dumps(q), None, None))
+        for ev in em.forwards:  # a linked guest's events, re-keyed to its customer
+            out.append((s.topic_valid, ev["user_key"].encode(), dumps(ev), None, None))
+        for m in em.merges:     # a guest's state for its customer
+            out.append((s.topic_identity, m["customer_key"].encode(), dumps(m), None, None))
         return out
 
     async def emit(self, em: Emitted, extra: list[Any] | None = None,
@@ -202,7 +210,10 @@ class Worker:
         self.engine.commit(em)
         mark = self.writer.mark
         for key, st in em.states.items():
-            mark(key, st)
+            if st.merged_into is None:  # a linked guest's stub has no profile (its alias key below)
+                mark(key, st)
+        for guest, customer in em.aliases.items():
+            self.writer.alias(guest, customer)
         out = self.records(em) + (extra or [])
         if not em.changed and not clocks:
             await self.publisher.send(out)
@@ -267,9 +278,15 @@ class Worker:
                  "completed_at": datetime.now(tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
                  "removed": {"state": done["state"], "timers": done["timers"], "predictions": done["predictions"],
                              "segments": len(done["segments"]), "redis_profile": True, "quarantine": True}}
+        audit["removed"]["identity_links"] = len(done.get("linked", []))
         log.info("erased user (sha256 %s…): %s", audit["user_key_sha256"][:12], audit["removed"])
-        await self.emit(em, [(s.topic_quarantine, key.encode(), None, None, None),  # tombstone
-                             (s.topic_privacy_audit, audit["request_id"].encode(), orjson.dumps(audit), None, None)])
+        extra = [(s.topic_quarantine, key.encode(), None, None, None),  # tombstone
+                 (s.topic_privacy_audit, audit["request_id"].encode(), orjson.dumps(audit), None, None)]
+        for guest in done.get("linked", []):  # the stubs of its merged guests live on their own partitions
+            sub = {"schema_version": 1, "request": "erase", "user_key": guest, "requested_at": audit["completed_at"],
+                   "request_id": f"{audit['request_id'][:80]}/link-{hashlib.sha256(guest.encode()).hexdigest()[:16]}"}
+            extra.append((s.topic_privacy, guest.encode(), orjson.dumps(sub), None, None))
+        await self.emit(em, extra)
         self.progress.setdefault(s.topic_privacy, {})[msg.partition] = msg.offset
 
     # -- raw input -----------------------------------------------------------------------------
@@ -344,7 +361,7 @@ class Worker:
                     if n:
                         self.metrics.pii_fields.labels(action).inc(n)
             self.metrics.events_valid.labels(type_label(ev["type"])).inc()
-            return ev
+            return route(ev)  # a link event (identify/alias with both ids) goes to its guest first
         except Exception as err:  # noqa: BLE001 - one bad message never stops the stream
             log.exception("ingest failed at %s[%d]@%d", msg.topic, msg.partition, msg.offset)
             out.append(self.dead_letter(InvalidEvent("internal", f"{type(err).__name__}: {err}"), msg))
@@ -475,7 +492,8 @@ def _wire_process(w: Worker) -> None:
     engine = w.engine
     # the privacy topic is co-partitioned with the state: an erasure is processed in order with
     # the user's events, by the worker that owns the user
-    names = (s.topic_raw, s.topic_valid, s.topic_privacy) if s.raw_keyed else (s.topic_valid, s.topic_privacy)
+    names = (s.topic_raw, s.topic_valid, s.topic_privacy, s.topic_identity) if s.raw_keyed \
+        else (s.topic_valid, s.topic_privacy, s.topic_identity)
     source = w.app.topic(*names, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
 
     async def run_step(items: list[tuple[int, dict[str, Any]]], msgs: list[Any], out: list[Any]) -> None:
@@ -521,6 +539,17 @@ def _wire_process(w: Worker) -> None:
                 if msg.topic == s.topic_privacy:  # internal topic: trusted
                     await run_step(items, msgs, out)
                     await w.privacy(msg)
+                    continue
+                if msg.topic == s.topic_identity:  # internal topic: a guest's state for its customer
+                    await run_step(items, msgs, out)
+                    try:
+                        em = engine.merge_step(msg.partition, orjson.loads(msg.value), _now_ms())
+                    except Exception as err:  # noqa: BLE001 - a malformed record changes nothing
+                        log.exception("merge record at %s[%d]@%d not applied", msg.topic, msg.partition, msg.offset)
+                        out.append(w.dead_letter(InvalidEvent("internal", f"merge: {type(err).__name__}: {err}"), msg))
+                        continue
+                    await w.emit(em, None, {msg.partition: engine.checkpoint(msg.partition, {msg.topic: msg.offset})})
+                    w.progress.setdefault(s.topic_identity, {})[msg.partition] = msg.offset
                     continue
                 try:
                     if header(msg.headers, CONTROL_HEADER) is not None:  # internal topic: trusted

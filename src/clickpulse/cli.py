@@ -74,9 +74,13 @@ def cmd_trainer(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.task == "recs":
+        from .recs.evaluate import run_cli as run_recs
+
+        return run_recs(args.dataset or "all", args.k)
     from .models.evaluate import run_cli
 
-    return run_cli(args.dataset, args.pipeline, args.limit, args.seed)
+    return run_cli(args.dataset or "uci", args.pipeline, args.limit, args.seed)
 
 
 def cmd_report_paths(args: argparse.Namespace) -> int:
@@ -509,8 +513,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_trainer)
 
     e = sub.add_parser("evaluate", help="progressive validation of a model on a public dataset")
-    e.add_argument("task", choices=("intent",), help="the model to evaluate (intent: purchase intent)")
-    e.add_argument("--dataset", default="uci", help="uci (bundled UCI Online Shoppers Purchasing Intention)")
+    e.add_argument("task", choices=("intent", "recs"),
+                   help="the model to evaluate (intent: purchase intent; recs: item-to-item recommendations)")
+    e.add_argument("--dataset", default=None, help="intent: uci (bundled UCI Online Shoppers Purchasing "
+                   "Intention, the default); recs: rees46 | diginetica | all (the default)")
+    e.add_argument("--k", type=int, default=10, help="recs: list length of HR@k / MRR@k (default 10)")
     e.add_argument("--pipeline", default="all", help="logreg | arf | hoeffding | all")
     e.add_argument("--limit", type=int, default=None, help="only the first N rows")
     e.add_argument("--seed", type=int, default=42, help="seed of the pipelines (default 42)")

@@ -4,7 +4,10 @@
   internal ``<ns>.privacy`` topic, keyed by the user key, so it reaches — in order with the
   user's events — the worker that owns the user. The worker deletes the user's state (a
   changelog tombstone), timers, pending predictions and segment memberships, deletes the Redis
-  profile, tombstones the user's quarantine record and publishes an audit record on
+  profile, tombstones the user's quarantine record, removes its identity links (a customer's
+  merged guests get their own erase request, which removes each guest's forwarding stub and its
+  ``<ns>:alias:<guest>`` Redis key; erasing a guest key removes that guest's stub and link only,
+  its merged history is the customer's: docs/identity.md) and publishes an audit record on
   ``<ns>.privacy.audit`` (the user key only as its SHA-256). :func:`request_erase` waits for that
   record.
 * :func:`export_user` gathers everything clickpulse stores about a user: the latest state in the
@@ -91,7 +94,7 @@ def export_user(settings: Settings, user_key: str) -> dict[str, Any]:
     import redis
 
     from .runtime import read_topic
-    from .serving.redis_sink import profile_key
+    from .serving.redis_sink import alias_key, profile_key
     from .state.user import UserState
     key = user_key.encode()
     raw = None
@@ -105,9 +108,12 @@ def export_user(settings: Settings, user_key: str) -> dict[str, Any]:
     for k, v, _m in asyncio.run(read_topic(settings.kafka_bootstrap, settings.topic_quarantine)):
         if k == key:
             quarantine = None if v is None else orjson.loads(v)
-    profile = None
+    profile = alias = None
     if settings.redis_url:
-        value = redis.Redis.from_url(settings.redis_url, socket_timeout=5).get(profile_key(settings.namespace, user_key))
+        client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
+        value = client.get(profile_key(settings.namespace, user_key))
         profile = None if value is None else orjson.loads(value)
+        link = client.get(alias_key(settings.namespace, user_key))
+        alias = None if link is None else link.decode()
     return {"user_key": user_key, "exported_at": _now_rfc3339(), "namespace": settings.namespace,
-            "state": state, "profile": profile, "quarantine": quarantine}
+            "state": state, "profile": profile, "quarantine": quarantine, "alias_of": alias}

@@ -15,6 +15,7 @@ record                      topic                               schema
 :class:`DeadLetterRecord`   ``<ns>.events.dlq``                 ``schemas/dlq.v1.json``
 :class:`QuarantineRecord`   ``<ns>.quarantine``                 ``schemas/quarantine.v1.json``
 :class:`ControlRecord`      ``<ns>.events.raw`` (signed header) ``schemas/control.v1.json``
+:class:`MergeRecord`        ``<ns>.identity``                   ``schemas/merge.v1.json``
 ==========================  ==================================  ================================
 """
 
@@ -124,3 +125,18 @@ class ControlRecord(TypedDict, total=False):
     source_partition: int
     source_partitions: int
     run_id: str
+
+
+class MergeRecord(TypedDict):
+    """A guest's state for the customer it was linked to (identity stitching, see
+    :mod:`clickpulse.engine.identity`), keyed by ``customer_key``: the guest's serialized state
+    as it was right after the link event (base64 of ``UserState.to_bytes()``), the link event
+    (canonical, as applied to the guest) and its event time (epoch ms). Applied once per
+    ``(guest_key, link event_id)``."""
+
+    schema_version: int
+    guest_key: str
+    customer_key: str
+    link_event: dict[str, Any]
+    linked_at_ms: int
+    state_b64: str

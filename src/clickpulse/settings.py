@@ -449,6 +449,28 @@ class Settings:
     collector_event_loop : str
         ``CLICKPULSE_COLLECTOR_EVENT_LOOP``; ``auto`` (the default: uvloop when installed, the
         ``collector`` extra), ``uvloop`` (required) or ``asyncio``.
+    recs_enabled : bool
+        ``CLICKPULSE_RECS_ENABLED``; the worker learns item-to-item co-occurrence from its own
+        partitions' sessions and puts recommendations in the actions of ``recs_triggers`` and on
+        the profile (:mod:`clickpulse.recs`, ``docs/recommendations.md``). Default true.
+    recs_half_life_s : float
+        ``CLICKPULSE_RECS_HALF_LIFE_S``; event-time half-life of a co-occurrence, seconds (0: no
+        decay). Default 604800 (7 days).
+    recs_neighbours : int
+        ``CLICKPULSE_RECS_NEIGHBOURS``; neighbours kept per item (up to 1.5x between prunings).
+        Default 20.
+    recs_max_items : int
+        ``CLICKPULSE_RECS_MAX_ITEMS``; items kept per worker (least recently updated evicted).
+        Default 50000 (at most ≈ 4.7 KB per item with 20 neighbours: ≈ 235 MB; see
+        :mod:`clickpulse.recs.cooccurrence`).
+    recs_context : int
+        ``CLICKPULSE_RECS_CONTEXT``; the most recent session items a view is paired with and a
+        recommendation is computed from. Default 10.
+    recs_k : int
+        ``CLICKPULSE_RECS_K``; recommendations per action payload and profile. Default 5.
+    recs_triggers : str
+        ``CLICKPULSE_RECS_TRIGGERS``; comma-separated trigger names whose action payloads get
+        ``recommendations``. Default ``cart_abandonment,browse_abandonment``.
     """
 
     kafka_bootstrap: str = "127.0.0.1:9092"
@@ -535,6 +557,13 @@ class Settings:
     collector_linger_ms: int = 2
     collector_cors_origins: str = "*"
     collector_event_loop: str = "auto"
+    recs_enabled: bool = True
+    recs_half_life_s: float = 7 * 86400.0
+    recs_neighbours: int = 20
+    recs_max_items: int = 50_000
+    recs_context: int = 10
+    recs_k: int = 5
+    recs_triggers: str = "cart_abandonment,browse_abandonment"
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -609,6 +638,11 @@ class Settings:
             raise ConfigError(f"{_env('api_keys')}: every key must be at least 16 characters (e.g. `openssl rand -hex 32`)")
         if not self.namespace or not all(c.isalnum() or c in "-_." for c in self.namespace):
             raise ConfigError(f"{_env('namespace')} must be non-empty [A-Za-z0-9._-], got {self.namespace!r}")
+        for name in ("recs_neighbours", "recs_max_items", "recs_context", "recs_k"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{_env(name)} must be >= 1, got {getattr(self, name)!r}")
+        if not 0 <= self.recs_half_life_s < float("inf"):
+            raise ConfigError(f"{_env('recs_half_life_s')} must be a finite number >= 0, got {self.recs_half_life_s!r}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -744,6 +778,12 @@ class Settings:
     @property
     def topic_privacy_audit(self) -> str:
         return f"{self.namespace}.privacy.audit"
+
+    @property
+    def topic_identity(self) -> str:
+        """Merge records of identity stitching (a guest's state for its customer, keyed by the
+        customer; docs/identity.md)."""
+        return f"{self.namespace}.identity"
 
     @property
     def collector_keys(self) -> frozenset[str]:

@@ -14,6 +14,8 @@ topic                                  key        value
 ``<ns>.quarantine`` (compacted)        user_key   ``schemas/quarantine.v1.json``
 ``<ns>.privacy``                       user_key   ``schemas/privacy_request.v1.json``
 ``<ns>.privacy.audit``                 request id ``schemas/privacy_audit.v1.json``
+``<ns>.identity``                      user_key   ``schemas/merge.v1.json`` (a guest's state for its
+                                                  customer, keyed by the customer; docs/identity.md)
 ``<ns>-worker-users-changelog``        user_key   user state (Faust table changelog, compacted)
 =====================================  =========  ============================================
 
@@ -73,6 +75,8 @@ def topic_specs(s: Settings) -> dict[str, dict]:
         s.topic_privacy: {"partitions": s.partitions, "config": {"retention.ms": retention_7d}},
         # what each erasure removed (user key hashed); kept a year
         s.topic_privacy_audit: {"partitions": 1, "config": {"retention.ms": str(365 * 86400 * 1000)}},
+        # identity stitching: merge records keyed by the customer, co-partitioned with the state
+        s.topic_identity: {"partitions": s.partitions, "config": {"retention.ms": retention_7d}},
         s.topic_models: {"partitions": 1, "config": {"cleanup.policy": "compact", "max.message.bytes": str(16 * 1024 * 1024)}},
     }
     for spec in specs.values():

@@ -222,3 +222,66 @@ def test_restore_takes_the_clock_from_the_committed_input_position():
     fresh3.restore([0], table.items(), 0)
     assert fresh3.clocks[0].watermark(0) == t0 + 1_900_000 - 60_000
     assert orjson.loads(log1)["log"][0]["t"] == t0 + 1_700_000
+
+
+# ------------------------------------------------------------------ with identity stitching
+def _stitched_events() -> tuple[list[dict], set[str]]:
+    """REES46 with every 2nd user (of those with 3+ events) a guest for the first half of its
+    events: those carry only an anonymous id (``g<user>``); an identify (both ids) comes at the
+    time of its middle event, just before it in the file; the rest carry the user id."""
+    from clickpulse.events.contract import normalize
+    by_user: dict[str, list[dict]] = {}
+    for ev in _EVENTS:
+        by_user.setdefault(ev["user_id"], []).append(ev)
+    signin: dict[str, dict] = {}
+    for uid, evs in by_user.items():
+        mid = evs[len(evs) // 2]
+        if int(uid) % 2 == 0 and len(evs) >= 3 and mid["timestamp_ms"] > evs[0]["timestamp_ms"]:
+            signin[uid] = mid
+    out: list[dict] = []
+    for ev in _EVENTS:
+        uid = ev["user_id"]
+        mid = signin.get(uid)
+        if mid is None:
+            out.append(ev)
+        elif ev["timestamp_ms"] < mid["timestamp_ms"]:   # before the sign-in: the guest
+            raw = {k: v for k, v in ev.items() if k not in ("user_id", "user_key", "timestamp")}
+            out.append(normalize({**raw, "anonymous_id": f"g{uid}", "timestamp": ev["timestamp_ms"]}))
+        else:
+            if ev is mid:
+                out.append(normalize({"type": "identify", "user_id": uid, "anonymous_id": f"g{uid}",
+                                      "timestamp": mid["timestamp_ms"], "event_id": f"identify-{uid}"}))
+            out.append(ev)
+    return out, set(signin)
+
+
+def _run_stitched(batch: int, partitions: int, stitched: list[dict]):
+    from tests.unit.identity_harness import Cluster
+    c = Cluster(partitions, engine=_engine(models=False), batch=batch)
+    for i in range(0, len(stitched), batch):
+        c.send(*stitched[i:i + batch])
+    c.flush()
+    return c
+
+
+def _cart(actions: list[dict]) -> list[tuple]:
+    return sorted((a["action_id"], a["user_key"], a["event_time_ms"]) for a in actions if a["type"] == "cart_abandoned")
+
+
+def test_identity_stitching_gives_the_same_carts_for_any_batch_size_and_partition_count():
+    stitched, users = _stitched_events()
+    assert len(users) >= 20
+    runs = {(b, p): _run_stitched(b, p, stitched) for b, p in ((1, 4), (7, 4), (500, 4), (500, 1))}
+    ref = runs[(1, 4)]
+    assert ref.counter("identity_links", "merged") == len(users)
+    for run in runs.values():
+        assert _cart(run.actions) == _cart(ref.actions)
+        for uid in users:   # the merged state does not depend on when the merge record arrived
+            a, b = run.state(uid), ref.state(uid)
+            assert (a.windows, a.life.events, a.life.orders, a.life.sessions, a.cart.items, a.merged) == \
+                (b.windows, b.life.events, b.life.orders, b.life.sessions, b.cart.items, b.merged)
+            assert run.state(f"anon:g{uid}").merged_into == uid
+    # and the carts are those of the same replay without guests: as if signed in all along
+    plain, _t, _x = _run(500, 4)
+    assert _cart(ref.actions) == _cart(plain)
+    assert not any(k.startswith("anon:") for _id, k, _t in _cart(ref.actions))

@@ -419,3 +419,21 @@ def test_a_stuck_redis_is_a_503_after_the_request_timeout(monkeypatch):
         finally:
             await c.close()
     run(go())
+
+
+def test_refill_rewrites_identity_links_not_stub_profiles():
+    """A guest merged into a customer is a stub in the table: after Redis comes back empty the
+    refill writes its link <ns>:alias:<guest> (the API resolves the guest through it), never a
+    profile of the stub."""
+    from clickpulse.state.user import UserState
+
+    eng = _engine_with_users(20)
+    stub = UserState("anon:g-77")
+    stub.merged_into = "u3"
+    eng.table[b"anon:g-77"] = stub.to_bytes()
+    r = FakeRedis()
+    w = ProfileWriter(r, "t", 60, 10_000, Metrics(CollectorRegistry()))
+    refill = ProfileRefill(w, rate_per_s=1e6, batch=8)
+    run(refill.check(lambda: [0, 1, 2, 3], eng.table, lambda k: key_partition(k, 4), engine_profile(eng)))
+    assert r.kv[b"t:alias:anon:g-77"] == b"u3"
+    assert b"t:profile:anon:g-77" not in r.kv and b"t:profile:u3" in r.kv

@@ -287,7 +287,8 @@ def test_engine_extra_computes_only_what_is_asked():
     apply(st, event("page_view", "u1", "2019-10-01T10:00:00Z"), None, CFG)
     assert eng._extra(st, st.life.last_ms, frozenset()) == {}
     assert set(eng._extra(st, st.life.last_ms, frozenset({"engagement"}))) == {"engagement"}
-    assert set(eng.profile_extra(st)) == {"engagement", "conversion_user"}  # no models: no tier, p_purchase
+    # no models: no tier, p_purchase (recommendations: the item-to-item model, on by default)
+    assert set(eng.profile_extra(st)) == {"engagement", "conversion_user", "recommendations"}
 
 
 # --------------------------------------------------------------------------- same decisions

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..records import ActionRecord, ExampleRecord, QuarantineRecord, SegmentChangeRecord
+from ..records import ActionRecord, ExampleRecord, MergeRecord, QuarantineRecord, SegmentChangeRecord
 from ..state.user import Applied, UserState
 
 #: a counter's identity: (attribute name on :class:`clickpulse.observability.metrics.Metrics`, label values)
@@ -60,6 +60,15 @@ class Emitted:
         ``(before, after, event time ms)`` per applied event when :attr:`Engine.observe_user` is
         set: that function's view of the user's state just before and just after the event
         (for :mod:`clickpulse.metrics.business`).
+    forwards
+        Canonical events re-keyed to a customer by a guest's forwarding stub, for the valid
+        topic (keyed by their ``user_key``; see :mod:`clickpulse.engine.identity`).
+    merges
+        Merge records (a guest's state for its customer), for ``<ns>.identity`` keyed by
+        ``customer_key``.
+    aliases
+        ``guest_key -> customer_key`` links made or used by the step (``None``: the link was
+        erased), for the Redis alias keys.
     counters
         ``(metric attribute, label values) -> increment``.
     gauges
@@ -76,6 +85,9 @@ class Emitted:
     quarantined: dict[str, QuarantineRecord] = field(default_factory=dict)
     erased: list[dict[str, Any]] = field(default_factory=list)
     observed: list[tuple[Any, Any, int]] = field(default_factory=list)
+    forwards: list[dict[str, Any]] = field(default_factory=list)
+    merges: list[MergeRecord] = field(default_factory=list)
+    aliases: dict[str, str | None] = field(default_factory=dict)
     counters: dict[CounterKey, float] = field(default_factory=dict)
     gauges: dict[str, float] = field(default_factory=dict)
 
@@ -99,6 +111,9 @@ class Emitted:
         self.quarantined.update(other.quarantined)
         self.erased += other.erased
         self.observed += other.observed
+        self.forwards += other.forwards
+        self.merges += other.merges
+        self.aliases.update(other.aliases)
         for k, n in other.counters.items():
             self.counters[k] = self.counters.get(k, 0) + n
         self.gauges.update(other.gauges)

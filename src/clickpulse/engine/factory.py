@@ -34,6 +34,17 @@ def build_models(settings: Settings, metrics: Metrics | None = None) -> Any:
                          key=lambda: snapshot_key(settings), metrics=metrics)
 
 
+def build_recs(settings: Settings) -> Any:
+    """The worker's item-to-item model (:class:`clickpulse.recs.CoOccurrence`) of ``settings``
+    (``None`` when ``CLICKPULSE_RECS_ENABLED`` is false)."""
+    if not settings.recs_enabled:
+        return None
+    from ..recs import CoOccurrence, RecsConfig
+    return CoOccurrence(RecsConfig(half_life_ms=int(settings.recs_half_life_s * 1000),
+                                   neighbours=settings.recs_neighbours, max_items=settings.recs_max_items,
+                                   context=settings.recs_context))
+
+
 def build_rules(settings: Settings) -> RulesFile | None:
     """The hot-reloaded rules file of ``settings`` (``None``: no rules).
 
@@ -79,4 +90,7 @@ def build_engine(settings: Settings, table: MutableMapping[bytes, bytes] | None 
                   rules=rules, assumed_consent=settings.assumed_consent,
                   bots=bots or BotConfig.from_settings(settings),
                   model_min_class_examples=settings.model_min_class_examples,
-                  cache_users=settings.state_cache_users, model_actions_consent=settings.model_actions_consent)
+                  cache_users=settings.state_cache_users, model_actions_consent=settings.model_actions_consent,
+                  recs=build_recs(settings),
+                  recs_triggers=frozenset(t.strip() for t in settings.recs_triggers.split(",") if t.strip()),
+                  recs_k=settings.recs_k)

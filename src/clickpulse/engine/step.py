@@ -54,8 +54,9 @@ from ..rules.bots import BotConfig, is_bot
 from ..rules.ruleset import Ruleset
 from ..rules.smoothing import PopulationPrior, fit_prior, posterior_mean
 from ..state.clock import END_OF_TIME, PartitionClock, TimerIndex
-from ..state.user import Applied, StateConfig, UserState, apply, is_duplicate
+from ..state.user import Applied, RecentIds, StateConfig, UserState, apply, id_hash, is_duplicate
 from .emitted import Emitted, Failed
+from .identity import LINK_TYPES, already_merged, link_keys, merge_into, stub, unsupported_alias
 
 log = logging.getLogger(__name__)
 #: model action type -> the task whose model decides it
@@ -98,9 +99,11 @@ def is_dormant(st: UserState) -> bool:
 
 
 def dormant(st: UserState) -> UserState:
-    """The durable record of ``st``: identifiers, consent decisions and lifetime totals only."""
+    """The durable record of ``st``: identifiers, consent decisions and lifetime totals only
+    (and its identity links: the guests merged into it, or, for a guest's stub, its customer)."""
     return UserState(key=st.key, partition=st.partition, user_id=st.user_id, anonymous_id=st.anonymous_id,
-                     life=st.life, consent=st.consent)
+                     life=st.life, consent=st.consent, merged_into=st.merged_into, merged=st.merged,
+                     recent_ids=st.recent_ids if st.merged_into is not None else RecentIds())
 
 
 @functools.lru_cache(maxsize=4)
@@ -158,6 +161,13 @@ class Engine:
     cache_users
         Decoded states kept in memory for hot users (least recently used evicted), so a user
         with several events in a row is decoded once; the table stays the source of truth.
+    recs, recs_triggers, recs_k
+        A :class:`clickpulse.recs.CoOccurrence` learned from this worker's sessions (views
+        paired within a session, a purchase's basket: the cart's items and the product; not from
+        bots), ``None``: no recommendations; the triggers whose actions get ``recs_k``
+        recommended items in their payload (``recommendations``), also on the profile
+        (:meth:`profile_extra`). Learned after the event's rules ran (recommend, then learn); a
+        step that raises takes its learning back (the model's journal).
     """
 
     def __init__(self, table: MutableMapping[bytes, bytes], cfg: StateConfig, *, allowed_lateness_ms: int,
@@ -165,7 +175,8 @@ class Engine:
                  models: Any = None, model_cfg: Any = None, pending_total_cap: int = 1_000_000,
                  rules: Any = None, assumed_consent: frozenset[str] = frozenset(),
                  bots: BotConfig | None = None, model_min_class_examples: int = 0,
-                 cache_users: int = 50_000, model_actions_consent: str = "marketing") -> None:
+                 cache_users: int = 50_000, model_actions_consent: str = "marketing", recs: Any = None,
+                 recs_triggers: frozenset[str] = frozenset(), recs_k: int = 5) -> None:
         self.table = table
         self.cfg = cfg
         self.lateness = allowed_lateness_ms
@@ -204,6 +215,9 @@ class Engine:
         # what the single-event conveniences (process/tick/end_of_input) committed, for drain_*()
         self._examples_out: list[dict[str, Any]] = []
         self._changes_out: list[dict[str, Any]] = []
+        self.recs = recs
+        self.recs_triggers = frozenset(recs_triggers)
+        self.recs_k = recs_k
 
     # ------------------------------------------------------------------ the step
     def step(self, batch: Sequence[tuple[int, dict[str, Any]]], wall_ms: int, *,
@@ -334,6 +348,8 @@ class Engine:
 
     # ------------------------------------------------------------------ unit of work
     def _aggregates(self) -> tuple[Any, ...]:
+        if self.recs is not None:  # a new unit of work: journal the model's changes
+            self.recs.begin()
         clocks = {p: (c.max_ts, c.last_event_wall, c.wm, set(c.eoi_sources), c.closed) for p, c in self.clocks.items()}
         return (clocks, {p: dict(m) for p, m in self.segment_members.items()}, dict(self.segment_entries),
                 dict(self.segment_conversions), {p: copy.copy(pp) for p, pp in self.population.items()},
@@ -351,6 +367,8 @@ class Engine:
         self.segment_members, self.segment_entries, self.segment_conversions = members, entries, conversions
         self.population, self.population_total = population, total
         self.pending_predictions, self.rule_errors = pending, errors
+        if self.recs is not None:
+            self.recs.rollback()
         for key in tx.users:  # the committed state and its timer come back from the table
             self._cache.pop(key, None)
             st = self.load(key)
@@ -377,6 +395,8 @@ class Engine:
             del cache[next(iter(cache))]
         if self.models is not None:
             em.gauges["predictions_pending"] = self.pending_predictions
+        if self.recs is not None:
+            self.recs.commit()
 
     def _get(self, tx: _Tx, key: str) -> UserState | None:
         st = tx.users.get(key)
@@ -457,8 +477,65 @@ class Engine:
         return out
 
     def profile_extra(self, st: UserState) -> dict[str, Any]:
-        """Engine-computed profile fields (tier, p_purchase, smoothed conversion) for ``st``."""
-        return self._extra(st, st.life.last_ms or 0, triggers.EXTRA_NAMES)
+        """Engine-computed profile fields (tier, p_purchase, smoothed conversion, recommended
+        items) for ``st``."""
+        out = self._extra(st, st.life.last_ms or 0, triggers.EXTRA_NAMES)
+        if self.recs is not None:
+            out["recommendations"] = self.recommendations(st, st.life.last_ms or 0)
+        return out
+
+    # ------------------------------------------------------------------ recommendations
+    def recommendations(self, st: UserState, at_ms: int) -> list[dict[str, Any]]:
+        """``recs_k`` items for ``st`` from the worker's co-occurrence model, best first:
+        ``[{"item_id", "score", "why"}]``; the context is the user's latest session's products
+        (first views, at most 32) and cart, which are never recommended themselves. ``score``:
+        co-occurrence sessions decayed to ``at_ms`` and weighted by context position (0 for a
+        popularity fill). ``[]`` without a model."""
+        if self.recs is None:
+            return []
+        s = st.session or st.prev_session
+        ctx = list(s.products) if s is not None else []
+        ctx += [p for p in st.cart.items if p not in ctx]
+        return [{"item_id": j, "score": round(sc, 6), "why": why}
+                for j, sc, why in self.recs.recommend(ctx, self.recs_k, at_ms=at_ms)]
+
+    def _recommend_action(self, st: UserState, trigger: str, at_ms: int) -> list[dict[str, Any]] | None:
+        return self.recommendations(st, at_ms) if trigger in self.recs_triggers else None
+
+    def _recs_learn(self, st: UserState, event: dict[str, Any], before: tuple[Any, ...]) -> None:
+        """Learn the event (after its rules ran): a product view new to its session is paired
+        with the session's earlier products (:meth:`clickpulse.recs.CoOccurrence.observe_view`);
+        a purchase's basket was taken before the event (``before``). Bots teach nothing."""
+        if is_bot(st.rules.get("bot", {})):
+            return
+        t = int(event["timestamp_ms"])
+        if before[0] == "basket":
+            self.recs.observe_basket(before[1], t)
+            return
+        pid = before[1]
+        for s, n0 in ((st.session, before[2]), (st.prev_session, before[3])):
+            if s is None:
+                continue
+            n = n0[1] if n0 is not None and n0[0] is s else 0
+            prods = s.products
+            if len(prods) > n and prods[-1] == pid:
+                self.recs.observe_view(prods[:-1], pid, t)
+                return
+
+    def _recs_before(self, st: UserState, event: dict[str, Any]) -> tuple[Any, ...] | None:
+        """What :meth:`_recs_learn` needs from the state before the event, or ``None``."""
+        etype = event["type"]
+        if etype != "product_view" and etype != "purchase":
+            return None
+        pid = (event.get("properties") or {}).get("product_id")
+        if pid is None:
+            return None
+        pid = str(pid)
+        if etype == "purchase":
+            return ("basket", [*st.cart.items, pid])
+        s, ps = st.session, st.prev_session
+        return ("view", pid, None if s is None else (s, len(s.products)),
+                None if ps is None else (ps, len(ps.products)))
 
     def _context(self, rs: Ruleset, created: str, partition: int) -> triggers.RuleContext:
         members = self.segment_members.setdefault(partition, {})
@@ -466,7 +543,9 @@ class Engine:
         def count_member(seg: str, delta: int) -> None:
             members[seg] = max(0, members.get(seg, 0) + delta)
         return triggers.RuleContext(rs, self.segment_active, self._extra, count_member, self.assumed_consent,
-                                    self.bots, created)
+                                    self.bots, created,
+                                    recommend=self._recommend_action if self.recs is not None and self.recs_triggers
+                                    else None)
 
     def _count_population(self, st: UserState, sign: int) -> None:
         pp = self.population.setdefault(st.partition, PopulationPrior())
@@ -592,7 +671,16 @@ class Engine:
         clock = self.clock(partition)
         wm_before = clock.watermark(wall_ms)
         key = event["user_key"]
+        link = None
+        if event["type"] in LINK_TYPES:
+            link = link_keys(event)
+            if link is not None and key != link[0]:
+                link = None  # the customer's copy (forwarded): a plain event of the customer
+            elif link is None and unsupported_alias(event):
+                em.count("identity_links", "unsupported")
         st = self._get(tx, key)
+        if st is not None and st.merged_into is not None:
+            return self._forward(tx, partition, st, event, link, wall_ms, em)
         if st is None:
             st = tx.users[key] = UserState(key=key, partition=partition)
             em.count("users_new")
@@ -627,6 +715,7 @@ class Engine:
         self._count_population(st, -1)
         observe = self.observe_user
         seen = None if observe is None else observe(st)
+        recs_before = None if self.recs is None else self._recs_before(st, event)
         res = apply(st, event, wm_before, self.cfg, wall_ms)
         if observe is not None:
             em.observed.append((seen, observe(st), t))
@@ -644,6 +733,8 @@ class Engine:
         if model_actions:
             actions += self._gate_models(st, model_actions, em)
         actions += rule_actions
+        if recs_before is not None:  # recommend (the actions above), then learn
+            self._recs_learn(st, event, recs_before)
         for a in actions:
             em.count("actions", a["type"])
         em.actions += actions
@@ -655,8 +746,124 @@ class Engine:
             em.count("sessions")
         clock.observe(t, wall_ms)
         self.timers[partition].set(key, self._due(st))
+        if link is not None:
+            self._link(tx, partition, st, event, link[1], em)
         self._fire(tx, partition, wall_ms, em)
         return res
+
+    # ------------------------------------------------------------------ identity stitching
+    def _link(self, tx: _Tx, partition: int, g: UserState, event: dict[str, Any], customer: str,
+              em: Emitted) -> None:
+        """The guest ``g`` (the link event just applied to it) becomes a forwarding stub; its state
+        goes to ``customer`` in a merge record (see :mod:`clickpulse.engine.identity`)."""
+        import base64
+        em.merges.append({"schema_version": 1, "guest_key": g.key, "customer_key": customer,
+                          "link_event": event, "linked_at_ms": int(event["timestamp_ms"]),
+                          "state_b64": base64.b64encode(g.to_bytes()).decode()})
+        segs = list(g.rules.get("seg", []))
+        if segs:  # the guest leaves its segments (the customer's are re-evaluated at its next event)
+            members = self.segment_members.setdefault(partition, {})
+            rs = self.ruleset()
+            for seg in segs:
+                members[seg] = max(0, members.get(seg, 0) - 1)
+                em.segment_changes.append({"schema_version": 1, "user_key": g.key, "segment": seg,
+                                           "change": "exited", "event_time": event["timestamp"],
+                                           "event_time_ms": int(event["timestamp_ms"]),
+                                           "rules_version": "" if rs is None else rs.version,
+                                           "segment_size": members.get(seg, 0)})
+                em.count("segment_changes", "exited")
+        self._count_population(g, -1)
+        self.pending_predictions = max(0, self.pending_predictions - len(g.ml.get("pi", [])))
+        tx.users[g.key] = stub(g, customer, partition)
+        tx.dirty.add(g.key)
+        self.timers[partition].set(g.key, None)
+        em.aliases[g.key] = customer
+        em.count("identity_links", "linked")
+
+    def _forward(self, tx: _Tx, partition: int, st: UserState, event: dict[str, Any],
+                 link: tuple[str, str] | None, wall_ms: int, em: Emitted) -> Applied:
+        """An event that reached a guest's stub: re-keyed to the stub's customer (a link event to
+        another customer: a conflict, first link wins; it goes to its own ``user_id`` as a plain
+        event and moves no state)."""
+        if is_duplicate(st, event):
+            em.count("duplicates")
+            self._fire(tx, partition, wall_ms, em)
+            return Applied(duplicate=True)
+        st.recent_ids.add(id_hash(str(event["event_id"])), self.cfg.dedup_ids_per_user)
+        t = int(event["timestamp_ms"])
+        life = st.life
+        if life.last_ms is None or t >= life.last_ms:
+            life.last_ms, life.last_wall_ms = t, wall_ms
+        tx.dirty.add(st.key)
+        target = st.merged_into
+        if link is not None:
+            if link[1] != target:
+                em.count("identity_links", "conflict")
+                log.info("identity conflict: %s is linked to %s; a link to %s moves no state", st.key, target, link[1])
+                target = link[1]
+            else:
+                em.count("identity_links", "repeat")
+        em.forwards.append({**event, "user_key": target})
+        em.aliases[st.key] = st.merged_into
+        em.count("identity_forwarded")
+        self.clock(partition).observe(t, wall_ms)
+        self._fire(tx, partition, wall_ms, em)
+        return Applied()
+
+    def merge_step(self, partition: int, record: Mapping[str, Any], wall_ms: int) -> Emitted:
+        """Apply a merge record (:class:`clickpulse.records.MergeRecord`) to its customer, once per
+        ``(guest_key, link event id)``; the customer's timers (the guest's included) are re-armed
+        and those already due fire.
+
+        Raises
+        ------
+        ValueError
+            A malformed record (wrong types, a state that does not decode or is not the guest's);
+            nothing changed.
+        """
+        import base64
+        tx = _Tx(self)
+        em = Emitted()
+        try:
+            guest, customer, ev = record.get("guest_key"), record.get("customer_key"), record.get("link_event")
+            if not isinstance(guest, str) or not isinstance(customer, str) or not isinstance(ev, Mapping) \
+                    or not isinstance(record.get("state_b64"), str) or guest == customer:
+                raise ValueError("not a merge record (guest_key, customer_key, link_event, state_b64)")
+            self.clock(partition)
+            c = self._get(tx, customer)
+            if c is None:
+                c = tx.users[customer] = UserState(key=customer, partition=partition, user_id=customer)
+                em.count("users_new")
+            if c.merged_into is not None:
+                raise ValueError(f"merge target {customer!r} is itself a guest's stub")
+            eid = str(ev.get("event_id"))
+            if already_merged(c, guest, eid):
+                em.count("identity_links", "merge_duplicate")
+            else:
+                g = UserState.from_bytes(base64.b64decode(record["state_b64"], validate=True))
+                if g.key != guest:
+                    raise ValueError(f"merge record state is of {g.key!r}, not of guest {guest!r}")
+                before = len(c.ml.get("pi", []))
+                self._count_population(c, -1)
+                dropped = merge_into(c, g, eid, gap_ms=self.cfg.session_gap_ms, dedup_ids=self.cfg.dedup_ids_per_user,
+                                     engagement=self.cfg.engagement,
+                                     pending_per_user=self.mcfg.pending_per_user if self.mcfg is not None else 8)
+                self._count_population(c, +1)
+                self.pending_predictions = max(0, self.pending_predictions + len(c.ml.get("pi", [])) - before)
+                if dropped:
+                    em.count("predictions_dropped", "merge", n=dropped)
+                c.partition = partition
+                if c.user_id is None:
+                    c.user_id = customer
+                tx.dirty.add(customer)
+                self.timers[partition].set(customer, self._due(c))
+                em.count("identity_links", "merged")
+            self._fire(tx, partition, wall_ms, em)
+            self._finish(tx, em)
+        except Exception:
+            self._rollback(tx)
+            raise
+        return em
 
     def _fire(self, tx: _Tx, partition: int, wall_ms: int, em: Emitted) -> None:
         """Fire every timer of ``partition`` the watermark is past (live mode: idle advance)."""
@@ -894,11 +1101,17 @@ class Engine:
         em = Emitted()
         tx = _Tx(self)
         summary: dict[str, Any] = {"user_key": user_key, "state": False, "timers": 0, "predictions": 0,
-                                   "segments": []}
+                                   "segments": [], "linked": []}
+        em.aliases[user_key] = None  # its own alias key, if it was a guest
         try:
             st = self._get(tx, user_key)
             if st is not None:
                 summary["state"] = True
+                # identity links: a customer's merged guests' stubs live on their own partitions;
+                # the worker sends each an erase request (their Redis alias keys go now)
+                summary["linked"] = [m[0] for m in st.merged]
+                for guest in summary["linked"]:
+                    em.aliases[guest] = None
                 summary["predictions"] = len(st.ml.get("pi", [])) + (1 if st.ml.get("pc") is not None else 0)
                 self.pending_predictions = max(0, self.pending_predictions - len(st.ml.get("pi", [])))
                 summary["segments"] = list(st.rules.get("seg", []))
@@ -965,6 +1178,10 @@ class Engine:
         dormant, or deleted)."""
         return len(self._commit_collect(self.expire_step(partition, retention_ms, wall_ms, limit,
                                                          dormant_retention_ms)).changed)
+
+    def merge(self, partition: int, record: Mapping[str, Any], wall_ms: int) -> Emitted:
+        """:meth:`merge_step`, committed at once (tests, tools)."""
+        return self._commit_collect(self.merge_step(partition, record, wall_ms))
 
     def erase(self, user_key: str, wall_ms: int) -> dict[str, Any]:
         """:meth:`erase_step`, committed at once; returns what was removed."""

@@ -68,7 +68,7 @@ log = logging.getLogger(__name__)
 
 CANONICAL_TYPES = frozenset({
     "page_view", "product_view", "add_to_cart", "remove_from_cart", "checkout_start",
-    "purchase", "search", "scroll_depth", "dwell", "identify", "consent",
+    "purchase", "search", "scroll_depth", "dwell", "identify", "consent", "alias",
 })
 
 #: Segment e-commerce spec v2 event names -> canonical types
@@ -91,7 +91,7 @@ SEGMENT_EVENT_NAMES = {
     "Order Cancelled": "order_cancelled",
 }
 #: Segment message types (``type`` field of a Segment call) with no ``event`` name.
-SEGMENT_CALL_TYPES = {"page": "page_view", "screen": "page_view", "identify": "identify"}
+SEGMENT_CALL_TYPES = {"page": "page_view", "screen": "page_view", "identify": "identify", "alias": "alias"}
 
 #: Client clock offsets (received_at - sent_at) below this are taken as network transit, not skew.
 MIN_CLOCK_OFFSET_MS = 2000
@@ -112,7 +112,8 @@ DEFAULT_MAX_QUANTITY = 10_000
 
 #: Segment camelCase top-level fields -> canonical names.
 _SEGMENT_FIELDS = {"userId": "user_id", "anonymousId": "anonymous_id", "messageId": "event_id",
-                   "sentAt": "sent_at", "receivedAt": "received_at", "originalTimestamp": "original_timestamp"}
+                   "sentAt": "sent_at", "receivedAt": "received_at", "originalTimestamp": "original_timestamp",
+                   "previousId": "previous_id"}
 #: Top-level keys and ``type`` values that mark a Segment message (anything to map).
 _SEGMENT_KEYS = frozenset(_SEGMENT_FIELDS) | {"event"}
 _SEGMENT_TYPES = frozenset(SEGMENT_CALL_TYPES) | {"track"}
@@ -600,6 +601,11 @@ def _normalize(obj: dict[str, Any], received_ms: int | None, max_future_skew_ms:
                max_money: float, max_quantity: int, reference: bool) -> dict[str, Any]:
     ev = _map_segment(map_real_payload(obj))
     ev.pop("user_key", None)
+    if ev.get("type") == "alias" and ev.get("anonymous_id") in (None, "") \
+            and isinstance(ev.get("previous_id"), str | int) and not isinstance(ev.get("previous_id"), bool):
+        # Segment alias {userId, previousId}: the previous id is the guest's anonymous id
+        # (identity stitching, clickpulse.engine.identity)
+        ev["previous_id"] = ev["anonymous_id"] = str(ev["previous_id"])
     for idf in ("user_id", "anonymous_id"):
         v = ev.get(idf)
         if isinstance(v, int) and not isinstance(v, bool):

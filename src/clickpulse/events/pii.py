@@ -140,6 +140,7 @@ DEFAULT_POLICY_PATH = Path(__file__).resolve().parent / "default_pii_policy.yaml
 CANONICAL_TOP_LEVEL = frozenset({
     "schema_version", "event_id", "type", "user_id", "anonymous_id", "user_key", "timestamp",
     "timestamp_ms", "sent_at", "received_at", "original_timestamp", "properties", "context",
+    "previous_id",  # alias: a guest's anonymous id (identity stitching, docs/identity.md)
 })
 
 #: What clickpulse itself reads from an event (:mod:`clickpulse.state.user`,
@@ -519,7 +520,7 @@ class PiiPolicy:
         return out
 
 
-_ID_FIELDS = (("user_id", "exact"), ("anonymous_id", "exact"))
+_ID_FIELDS = (("user_id", "exact"), ("anonymous_id", "exact"), ("previous_id", "exact"))
 
 
 # --- dead-letter details -------------------------------------------------------------------------

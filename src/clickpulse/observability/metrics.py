@@ -120,6 +120,15 @@ class Metrics:
         self.users_deleted = Counter("clickpulse_users_deleted_total",
                                      "Dormant users deleted after CLICKPULSE_DORMANT_RETENTION_S", registry=r)
         self.users_erased = Counter("clickpulse_users_erased_total", "Erasure requests carried out", registry=r)
+        # identity stitching (clickpulse.engine.identity)
+        self.identity_links = Counter(
+            "clickpulse_identity_links_total",
+            "Identity link outcomes: linked (a guest became a stub, its state sent), merged (a customer took a "
+            "guest's state), merge_duplicate, repeat (a link already made), conflict (a guest already linked to "
+            "another customer: first link wins, no state moved), unsupported (an alias between two user ids)",
+            ["outcome"], registry=r)
+        self.identity_forwarded = Counter("clickpulse_identity_forwarded_total",
+                                          "Events of a linked guest forwarded to its customer", registry=r)
         self.pii_fields = Counter("clickpulse_pii_fields_total",
                                   "Event fields the PII policy changed at ingest, by action (dropped: a key "
                                   "not allowed; hashed: a value replaced by its keyed hash)", ["action"], registry=r)

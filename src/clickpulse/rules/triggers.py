@@ -183,6 +183,11 @@ class RuleContext:
         Wall-clock publication time of the actions (RFC 3339), their only non-deterministic field.
     incremental
         Reuse unchanged conditions' results (module docstring); ``None``: :data:`INCREMENTAL`.
+    recommend
+        ``recommend(state, trigger name, at_ms) -> list | None``: recommended items for the
+        action a trigger is firing (the engine's item-to-item model, :mod:`clickpulse.recs`), put
+        in its payload as ``recommendations`` (after the rules file's payload, which it
+        overrides under that key); ``None`` (returned, or as the field): nothing added.
     """
 
     ruleset: Ruleset
@@ -195,6 +200,7 @@ class RuleContext:
     bots: BotConfig = field(default_factory=BotConfig)
     created_at: str = ""
     incremental: bool | None = None
+    recommend: Callable[[UserState, str, int], list[Any] | None] | None = None
 
     @property
     def hold_ms(self) -> int:
@@ -973,6 +979,10 @@ def _fire(st: UserState, trig: Trigger, at_ms: int, occurrence: str, detail: str
     if ts.get("e") is not None:
         ts["fe"] = ts["e"]
     payload = _payload(p, trig, out.errors)
+    if ctx.recommend is not None:
+        recs = ctx.recommend(st, trig.name, at_ms)
+        if recs is not None:
+            payload = {**(payload if isinstance(payload, dict) else {"value": payload}), "recommendations": recs}
     action = {
         "schema_version": 1,
         "action_id": _action_id(st.key, trig.name, occurrence),

@@ -22,6 +22,11 @@ worker rewrites the profile of every user of its partitions from the state table
 users who send new events. A per-partition sentinel ``<namespace>:epoch:<partition>`` is set once
 a partition's profiles are all in Redis; the worker checks its partitions' sentinels every
 ``CLICKPULSE_REDIS_REFILL_CHECK_S`` and refills those that are missing.
+
+Identity links (docs/identity.md): ``<namespace>:alias:<guest_user_key>`` holds the customer's
+user key (plain UTF-8) for a guest merged into a customer, with the same TTL (refreshed while the
+guest's events keep being forwarded); a linked guest has no profile of its own (its key is
+deleted with the link's first write). An erasure deletes the alias key.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -92,6 +97,7 @@ class ProfileWriter:
         #: serialises pipelines of the flush and of the refill, so an older refilled profile is never
         #: written after a newer flushed one
         self.lock = asyncio.Lock()
+        self.aliases: dict[str, str | None] = {}  # guest key -> customer key (None: delete the link)
         self._failing = False
 
     def segment_names(self, names: Iterable[str]) -> None:
@@ -115,6 +121,12 @@ class ProfileWriter:
         until Redis answers)."""
         self.pending.pop(user_key, None)
         self.forgotten.add(user_key)
+
+    def alias(self, guest_key: str, customer_key: str | None) -> None:
+        """Queue the guest's link to its customer (``None``: delete it) for the next flush (O(1))."""
+        self.aliases[guest_key] = customer_key
+        if customer_key is not None:
+            self.pending.pop(guest_key, None)  # a stub has no profile
 
     def mark(self, user_key: str, profile: dict[str, Any]) -> None:
         """Queue the newest profile of a user (O(1), no I/O)."""
@@ -143,6 +155,22 @@ class ProfileWriter:
                 self.forgotten |= gone
                 self.metrics.redis_errors.inc()
                 log.warning("redis delete of %d erased profiles failed (%s); retrying", len(gone), err)
+        if self.aliases:
+            links, self.aliases = self.aliases, {}
+            try:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for guest, customer in links.items():
+                        if customer is None:
+                            pipe.delete(alias_key(self.namespace, guest))
+                        else:
+                            pipe.set(alias_key(self.namespace, guest), customer, ex=self.ttl_s)
+                            pipe.delete(profile_key(self.namespace, guest))
+                    await pipe.execute()
+            except Exception as err:  # noqa: BLE001 - retried at the next flush (newer links win)
+                for k, v in links.items():
+                    self.aliases.setdefault(k, v)
+                self.metrics.redis_errors.inc()
+                log.warning("redis write of %d identity links failed (%s); retrying", len(links), err)
         if not self.pending:
             return 0
         batch, self.pending = self.pending, {}
@@ -180,10 +208,19 @@ def engine_profile(engine: Any) -> Callable[[bytes], dict[str, Any] | None]:
 
     ecfg = engine.cfg.engagement
 
-    def build(raw: bytes) -> dict[str, Any] | None:
+    def build(raw: bytes) -> dict[str, Any] | AliasLink | None:
         st = UserState.from_bytes(raw)
+        if st.merged_into is not None:  # a guest merged into a customer: its link, no profile
+            return AliasLink(st.merged_into)
         return st.profile(engagement=ecfg, extra=engine.profile_extra(st))
     return build
+
+
+class AliasLink(NamedTuple):
+    """What a refill writes for a guest merged into a customer (identity stitching): the link
+    ``<namespace>:alias:<guest>`` -> ``customer``, not a profile."""
+
+    customer: str
 
 
 class ProfileRefill:
@@ -235,7 +272,7 @@ class ProfileRefill:
         return [p for p, v in zip(partitions, values, strict=True) if v is None or v.startswith(b"refilling")]
 
     async def check(self, partitions: Callable[[], Iterable[int]], table: Any,
-                    partition_of: Callable[[bytes], int], build: Callable[[bytes], dict[str, Any] | None],
+                    partition_of: Callable[[bytes], int], build: Callable[[bytes], dict[str, Any] | AliasLink | None],
                     skip_key: Callable[[bytes], bool] = lambda k: False) -> dict[int, int]:
         """Refill the owned partitions whose sentinel is missing; returns ``{partition: profiles
         written}`` (empty when nothing was missing, Redis is unreachable or a refill is running).
@@ -263,7 +300,7 @@ class ProfileRefill:
             self.in_progress.set(0)
 
     async def _refill(self, todo: list[int], partitions: Callable[[], Iterable[int]], table: Any,
-                      partition_of: Callable[[bytes], int], build: Callable[[bytes], dict[str, Any] | None],
+                      partition_of: Callable[[bytes], int], build: Callable[[bytes], dict[str, Any] | AliasLink | None],
                       skip_key: Callable[[bytes], bool]) -> dict[int, int]:
         w, ns, client = self.writer, self.writer.namespace, self.writer.client
         self.in_progress.set(1)
@@ -291,7 +328,7 @@ class ProfileRefill:
                 if p not in set(partitions()):
                     log.info("partition %d revoked during its refill; stopped", p)
                     break
-                profiles: dict[str, dict[str, Any]] = {}
+                profiles: dict[str, dict[str, Any] | AliasLink] = {}
                 for k in ks[i:i + self.batch]:
                     user = k.decode(errors="replace")
                     if user in w.pending:
@@ -310,7 +347,10 @@ class ProfileRefill:
                 if profiles:
                     async with w.lock, client.pipeline(transaction=False) as pipe:
                         for user, prof in profiles.items():
-                            w.write(pipe, user, prof)
+                            if isinstance(prof, AliasLink):
+                                pipe.set(alias_key(ns, user), prof.customer, ex=w.ttl_s)
+                            else:
+                                w.write(pipe, user, prof)
                         if w.known_segments:
                             pipe.sadd(segments_index_key(ns), *sorted(w.known_segments))
                         await pipe.execute()

@@ -40,7 +40,7 @@ Serialized state (``UserState.to_bytes``, the table's changelog value)
 whose first element is the format version ``2``; trailing ``nil`` elements are left out::
 
     [2, key, partition, base, life, recent, windows, session, user_id, ml, categories,
-     rules, cart, prev_session, traits, consent, anonymous_id]
+     rules, cart, prev_session, traits, consent, anonymous_id, merged_into, merged]
 
 ``base`` is ``life.last_ms`` (epoch ms, or nil): every other time in the record is stored as
 ``time - base`` (small integers, 1-5 bytes instead of 9). Strings in known positions (event
@@ -70,6 +70,10 @@ such a position is always a code).
 * ``cart``: ``[{product: [quantity, price, added - base, category, [t - base, q, ...]]},
   currency, updated - base, closed - base]``.
 * ``categories``, ``traits``, ``consent``: the in-memory dicts as they are.
+* ``merged_into`` (identity stitching, :mod:`clickpulse.engine.identity`): the customer key a
+  guest's forwarding stub points to; ``merged``: ``[[guest_key, link_event_id], ...]`` the
+  guests merged into this customer. Both were added to version 2 as optional trailing elements:
+  a record without them reads as before (a release without them cannot read a record that has them).
 
 Nothing is rounded: ``from_bytes(to_bytes(st)) == st`` and encoding that again gives the same
 bytes (floats are stored as float64; ``-0.0`` may come back as ``0.0``).
@@ -315,7 +319,7 @@ _CODE = CODE  # string -> code (VOCABULARY, defined with the windows that use it
 _NAME = NAME  # _NAME.get(x, x): the string of a code, a string as is
 _new = object.__new__  # decoding sets every slot itself (no __init__ / __post_init__ run)
 FORMAT_VERSION = 2
-_FIELDS = 17  # elements of a version 2 record
+_FIELDS = 19  # elements of a version 2 record (the last two optional, see merged_into)
 _PAD = [None] * _FIELDS
 _TS_KEYS = frozenset({"e", "a", "b", "due", "lf", "ls", "fe"})  # trigger-state keys holding times
 _ENC = msgspec.msgpack.Encoder()
@@ -712,6 +716,12 @@ class UserState:
     #: rule bookkeeping (see clickpulse.rules.triggers): "seg" segment membership, "t" per-trigger
     #: state (timers, cooldowns, once_per), "bot" bot detection, "cs" sessions with a purchase
     rules: dict[str, Any] = field(default_factory=dict)
+    #: identity stitching (:mod:`clickpulse.engine.identity`): set on a guest's forwarding stub,
+    #: the customer key its state was merged into and its later events are forwarded to
+    merged_into: str | None = None
+    #: identity stitching: ``[[guest_key, link_event_id], ...]`` merged into this customer (the
+    #: newest :data:`MAX_MERGED`), so a merge record delivered twice is merged once
+    merged: list[list[str]] = field(default_factory=list)
 
     def to_bytes(self) -> bytes:
         """The state as a version 2 record (MessagePack, see the module docstring).
@@ -735,14 +745,16 @@ class UserState:
                True if uid is not None and uid == self.key else uid]
         ml, cats, ru, cart, ps = self.ml, self.categories, self.rules, self.cart, self.prev_session
         traits, consent, aid = self.traits, self.consent, self.anonymous_id
+        mi, mg = self.merged_into, self.merged
         # the elements after user_id, up to the last one that is not empty (omitted: nil)
-        n = 8 if aid is not None else 7 if consent else 6 if traits else 5 if ps is not None \
-            else 4 if not cart.is_empty_record() else 3 if ru else 2 if cats else 1 if ml else 0
+        n = 10 if mg else 9 if mi is not None else 8 if aid is not None else 7 if consent else 6 if traits \
+            else 5 if ps is not None else 4 if not cart.is_empty_record() else 3 if ru else 2 if cats \
+            else 1 if ml else 0
         if n:
             tail = [_ml_wire(ml, b) if ml else None, cats or None, _rules_wire(ru, b) if ru else None,
                     _cart_wire(cart, b) if n >= 4 else None, None if ps is None else _session_wire(ps, b),
-                    traits or None, consent or None, aid]
-            rec += tail[:n] if n < 8 else tail
+                    traits or None, consent or None, aid, mi, mg or None]
+            rec += tail[:n]
         return _ENC.encode(rec)
 
     @classmethod
@@ -763,7 +775,7 @@ class UserState:
         if len(o) < _FIELDS:
             o += _PAD[len(o):]
         try:
-            _v, key, partition, base, lw, rid, ww, sw, uid, mlw, cats, ruw, cw, psw, traits, consent, aid = o
+            _v, key, partition, base, lw, rid, ww, sw, uid, mlw, cats, ruw, cw, psw, traits, consent, aid, mi, mg = o
             b = base if type(base) is int else 0
             st = _new(cls)
             st.key = key
@@ -795,6 +807,8 @@ class UserState:
             st.consent = consent or {}
             st.categories = cats or {}
             st.rules = _rules_unwire(ruw, b) if ruw else {}
+            st.merged_into = mi
+            st.merged = mg or []
         except (TypeError, IndexError, KeyError, AttributeError) as e:  # a corrupt record
             raise ValueError(f"not a version 2 user state record: {e!r}") from e
         return st
@@ -826,6 +840,10 @@ class UserState:
             obj["cv"] = self.categories
         if self.rules:
             obj["ru"] = self.rules
+        if self.merged_into is not None:
+            obj["mi"] = self.merged_into
+        if self.merged:
+            obj["mg"] = self.merged
         return orjson.dumps(obj)
 
     @classmethod
@@ -844,7 +862,8 @@ class UserState:
                        prev_session=Session.from_obj(o.get("ps")), cart=Cart.from_obj(o.get("c")),
                        life=Lifetime(*o["l"][:8]), traits=o.get("t", {}),
                        recent_ids=RecentIds([base64.b64decode(x)[:ID_HASH_BYTES] for x in o.get("r", [])]),
-                       ml=o.get("m", {}), consent=o.get("co", {}), categories=o.get("cv", {}), rules=o.get("ru", {}))
+                       ml=o.get("m", {}), consent=o.get("co", {}), categories=o.get("cv", {}), rules=o.get("ru", {}),
+                       merged_into=o.get("mi"), merged=o.get("mg", []))
         except (KeyError, TypeError, AttributeError, IndexError) as e:
             raise ValueError(f"not a version 1 user state record: {e!r}") from e
 
@@ -853,7 +872,8 @@ class UserState:
         """The summary served from Redis (``schemas/profile.v1.json``); ``engagement`` is the
         config the score was accumulated with (its half-life decays it to ``at_ms``); ``extra``
         holds what the engine computes from its models and population (``tier``, ``p_purchase``,
-        ``conversion_user``: see :meth:`clickpulse.engine.Engine.profile_extra`)."""
+        ``conversion_user``, ``recommendations``: see :meth:`clickpulse.engine.Engine.profile_extra`); the
+        ``recommendations`` key is there only when ``extra`` has it."""
         x = extra or {}
         at = at_ms if at_ms is not None else (self.life.last_ms or 0)
         ecfg = engagement or EngagementConfig()
@@ -891,6 +911,7 @@ class UserState:
                            if self.life.sessions else None,
                            "rate_smoothed": None if x.get("conversion_user") is None
                            else round(float(x["conversion_user"]), 4)},
+            **({"recommendations": x["recommendations"]} if "recommendations" in x else {}),
         }
 
 
