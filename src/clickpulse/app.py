@@ -18,7 +18,7 @@ never waits behind an unbounded producer backlog).
 * timers      live mode: every second, fire timers of idle partitions (watermark follows wall
               clock); every ``redis_flush_interval_s``: flush profiles to Redis; every
               ``rules_poll_s``: reload the rules file when it changed; every 5 min: expire users
-* web         ``/metrics``, ``/progress``, ``/segments``, ``/rules``, ``/business`` (business metrics, clickpulse.metrics.business)
+* web         ``/metrics``, ``/progress``, ``/segments``, ``/rules``, ``/business`` (business metrics, clickpulse.metrics.business), ``/recs``
 
 Delivery: at least once. A batch's actions are acknowledged by the broker before its users'
 changelog records are sent, and an input offset is committed only after Faust flushed the
@@ -455,7 +455,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
 def _wire_business(w: Worker) -> None:
     """Business metrics (clickpulse.metrics.business) from every step's output: gauges
     ``clickpulse_business_*`` on ``/metrics`` (refreshed every 5 s and on each scrape of
-    ``/business``) and the full snapshot as JSON on ``/business``."""
+    ``/business``) and the full snapshot as JSON on ``/business``; the recommendation model's
+    top item pairs on ``/recs`` (for the run report)."""
     from .metrics.business import BusinessGauges, BusinessMetrics, user_view
 
     w.engine.observe_user = user_view
@@ -471,6 +472,15 @@ def _wire_business(w: Worker) -> None:
         snap = w.business.snapshot()
         gauges.set(snap)
         return web.json(snap)
+
+    @w.app.page("/recs")
+    async def recs_page(web: Any, request: Any) -> Any:
+        """The recommendation model's top pairs, for the run report (item ids and counts only)."""
+        recs = getattr(w.engine, "recs", None)
+        if recs is None:
+            return web.json({"pairs": [], "stats": None})
+        return web.json({"pairs": [{"a": a, "b": b, "sessions": n, "baskets": k}
+                                   for a, b, n, k in recs.top_pairs(20)], "stats": recs.stats()})
 
 
 def _wire_ingest(w: Worker) -> None:

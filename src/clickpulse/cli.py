@@ -285,6 +285,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         m = worker.metrics()
         segments_now = orjson.loads(worker.get("/segments"))
         business = orjson.loads(worker.get("/business"))  # metrics.json (clickpulse.metrics.business)
+        recs_pairs = orjson.loads(worker.get("/recs"))      # recs.json: the top item pairs
         segment_changes = asyncio.run(read_topic(settings.kafka_bootstrap, settings.topic_segments))
         actions = asyncio.run(read_topic(settings.kafka_bootstrap, settings.topic_actions))
         from .models.trainer import latest_snapshots
@@ -310,7 +311,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for _k, v, _meta in actions:
             fh.write(v + b"\n")
     by_type = Counter(orjson.loads(v)["type"] for _k, v, _m in actions)
-    report = _demo_report_files(out_dir, settings, business, segment_changes, snapshots)
+    report = _demo_report_files(out_dir, settings, business, segment_changes, snapshots, recs_pairs)
 
     def total(prefix: str) -> int:
         return int(sum(v for k, v in m.items() if k.startswith(prefix + "{") or k == prefix))
@@ -367,14 +368,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _demo_report_files(out_dir: Path, settings: Settings, business: Any, segment_changes: list[Any],
-                       snapshots: dict[str, Any]) -> Path:
-    """The demo's files for the report (metrics.json, segments.jsonl, model.json; see
-    clickpulse.report.run) and the report itself, next to actions.jsonl."""
+                       snapshots: dict[str, Any], recs_pairs: Any) -> Path:
+    """The demo's files for the report (metrics.json, segments.jsonl, model.json, recs.json;
+    see clickpulse.report.run) and the report itself, next to actions.jsonl."""
     from .report.html import write_report
     from .report.run import progressive_scores, segment_rows
     from .runtime import read_topic
 
     (out_dir / "metrics.json").write_bytes(orjson.dumps(business, option=orjson.OPT_INDENT_2))
+    (out_dir / "recs.json").write_bytes(orjson.dumps(recs_pairs, option=orjson.OPT_INDENT_2))
     rows = segment_rows(orjson.loads(v) for _k, v, _m in segment_changes)
     (out_dir / "segments.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
     training = asyncio.run(read_topic(settings.kafka_bootstrap, settings.topic_training))

@@ -122,14 +122,23 @@ def test_worker_business_metrics_and_its_report(make_settings, workers, tmp_path
     assert scraped["cohorts"]["2019-09-30"]["retention"] == {0: 1.0}
     assert {k: int(v) for k, v in scraped["funnel"].items()} == {f["step"]: f["sessions"] for f in expected["funnel"]}
 
+    # the recommendation model's top pairs: the worker's equal the in-memory engine's (the top
+    # of the ranking is far from the neighbour bound, so the interleaving of partitions cannot move it)
+    recs = orjson.loads(w.get("/recs"))
+    assert len(recs["pairs"]) == 20 and recs["stats"]["items"] > 0
+    top = [[a, b, n, k] for a, b, n, k in eng.recs.top_pairs(5)]
+    assert [[p["a"], p["b"], p["sessions"], p["baskets"]] for p in recs["pairs"][:5]] == top
+
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.json").write_bytes(orjson.dumps(business))
+    (run / "recs.json").write_bytes(orjson.dumps(recs))
     actions = asyncio.run(read_topic(s.kafka_bootstrap, s.topic_actions))
     (run / "actions.jsonl").write_bytes(b"".join(v + b"\n" for _k, v, _m in actions))
     page = tmp_path / "report.html"
     page.write_text(render(load_run(run)), encoding="utf-8")
     figs = figures(page.read_text())
-    assert set(figs) == {"actions", "funnel", "cohorts"}
+    assert set(figs) == {"actions", "funnel", "cohorts", "recs"}
+    assert figs["recs"]["data"][0]["x"] == [p["sessions"] for p in recs["pairs"]]
     assert sum(sum(t["y"]) for t in figs["actions"]["data"]) == len(actions) > 0
     assert_drawn(dump_dom(page, tmp_path), set(figs))
