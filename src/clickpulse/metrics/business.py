@@ -73,44 +73,52 @@ _MONDAY_MS = 4 * 86_400_000
 ENGAGED_DURATION_MS = 10_000
 #: page and screen views (GA4's "2 or more page or screen views")
 VIEW_TYPES = ("page_view", "product_view")
-#: funnel steps and the event types that reach them
+#: funnel steps and the event types that reach them (:func:`_session_view` reads these types)
 FUNNEL = (("view", VIEW_TYPES), ("add_to_cart", ("add_to_cart",)), ("checkout", ("checkout_start",)),
           ("purchase", ("purchase",)))
 HOLDOUT = "holdout"
 
 
 class SessionView(NamedTuple):
-    """What the metrics need of one session (ms, counts)."""
+    """What the metrics need of one session. :func:`user_view` builds plain tuples of this
+    layout (cheaper on the worker's path); the names document the fields."""
 
     sid: int
     duration_ms: int
-    views: int
-    steps: tuple[bool, ...]  # reached each :data:`FUNNEL` step
+    views: int            # page and product views
+    cart: bool            # had an add_to_cart
+    checkout: bool        # had a checkout_start
+    purchase: bool        # had a purchase
 
 
 class UserView(NamedTuple):
     """What the metrics need of one user's state: lifetime first/last event time (ms, ``None``
-    for a user without events), orders, revenue, and the user's last two sessions."""
+    for a user without events), orders, revenue, and the user's last two sessions
+    (:class:`SessionView` layout). Built as a plain tuple of this layout."""
 
     first_ms: int | None
     last_ms: int | None
     orders: int
     revenue: float
-    sessions: tuple[SessionView, ...]
+    sessions: tuple[tuple[int, int, int, bool, bool, bool], ...]
 
 
-def _session_view(s: Any) -> SessionView:
-    c = s.counts
-    return SessionView(s.sid, s.last_ms - s.start_ms, sum(c.get(t, 0) for t in VIEW_TYPES),
-                       tuple(any(c.get(t, 0) > 0 for t in types) for _step, types in FUNNEL))
+def _session_view(s: Any) -> tuple[int, int, int, bool, bool, bool]:
+    g = s.counts.get
+    return (s.sid, s.last_ms - s.start_ms, g("page_view", 0) + g("product_view", 0), g("add_to_cart", 0) > 0,
+            g("checkout_start", 0) > 0, g("purchase", 0) > 0)
 
 
-def user_view(st: Any) -> UserView:
-    """The :class:`UserView` of a :class:`clickpulse.state.user.UserState` (set it as
-    ``Engine.observe_user``)."""
+def user_view(st: Any) -> tuple[Any, ...]:
+    """The :class:`UserView` (as a plain tuple) of a :class:`clickpulse.state.user.UserState`;
+    set it as ``Engine.observe_user``."""
     life = st.life
-    sessions = tuple(_session_view(s) for s in (st.session, st.prev_session) if s is not None)
-    return UserView(life.first_ms, life.last_ms, life.orders, life.revenue, sessions)
+    cur, prev = st.session, st.prev_session
+    if prev is None:
+        sessions: tuple[Any, ...] = () if cur is None else (_session_view(cur),)
+    else:
+        sessions = (_session_view(prev),) if cur is None else (_session_view(cur), _session_view(prev))
+    return (life.first_ms, life.last_ms, life.orders, life.revenue, sessions)
 
 
 def week_of(t_ms: int) -> int:
@@ -131,9 +139,13 @@ def week_label(week: int) -> str:
     return datetime.fromtimestamp((_MONDAY_MS + week * WEEK_MS) / 1000, tz=UTC).strftime("%Y-%m-%d")
 
 
-def engaged(s: SessionView) -> bool:
-    """GA4's engaged session (see the module docstring)."""
-    return s.duration_ms >= ENGAGED_DURATION_MS or s.views >= 2 or s.steps[-1]
+def engaged(s: tuple[Any, ...]) -> bool:
+    """GA4's engaged session (see the module docstring); ``s`` in :class:`SessionView` layout."""
+    return s[1] >= ENGAGED_DURATION_MS or s[2] >= 2 or s[5]
+
+
+def _steps(s: tuple[Any, ...]) -> tuple[bool, bool, bool, bool]:
+    return (s[2] > 0, s[3], s[4], s[5])
 
 
 @dataclass
@@ -215,48 +227,59 @@ class BusinessMetrics:
         c = self.cohorts[week] = Cohort(active=[0] * self.max_weeks)
         return c
 
-    def observe(self, before: UserView | None, after: UserView, t_ms: int) -> None:
-        """Add one applied event: the user's view before and after it, and its event time (ms)."""
-        self.first_ms = t_ms if self.first_ms is None else min(self.first_ms, t_ms)
-        self.last_ms = t_ms if self.last_ms is None else max(self.last_ms, t_ms)
-        old = {s.sid: s for s in before.sessions} if before is not None else {}
-        for s in after.sessions:
-            p = old.get(s.sid)
+    def observe(self, before: tuple[Any, ...] | None, after: tuple[Any, ...], t_ms: int) -> None:
+        """Add one applied event: the user's :class:`UserView` before and after it, and its
+        event time (ms)."""
+        if self.first_ms is None or t_ms < self.first_ms:
+            self.first_ms = t_ms
+        if self.last_ms is None or t_ms > self.last_ms:
+            self.last_ms = t_ms
+        old = () if before is None else before[4]
+        funnel = self.funnel
+        for s in after[4]:
+            p = None
+            for o in old:
+                if o[0] == s[0]:
+                    p = o
+                    break
             if p is None:
                 self.sessions += 1
-                self.duration_ms += s.duration_ms
+                self.duration_ms += s[1]
                 self.engaged_sessions += engaged(s)
-                for i, reached in enumerate(s.steps):
-                    self.funnel[i] += reached
+                for i, reached in enumerate(_steps(s)):
+                    funnel[i] += reached
             elif p != s:
-                self.duration_ms += s.duration_ms - p.duration_ms
+                self.duration_ms += s[1] - p[1]
                 self.engaged_sessions += engaged(s) - engaged(p)
-                for i, (a, b) in enumerate(zip(p.steps, s.steps, strict=True)):
-                    self.funnel[i] += b - a
-        new_user = before is None or before.first_ms is None
-        revenue = after.revenue - (0.0 if before is None else before.revenue)
-        orders = after.orders - (0 if before is None else before.orders)
-        new_customer = orders > 0 and (before is None or before.orders == 0)
+                for i, (a, b) in enumerate(zip(_steps(p), _steps(s), strict=True)):
+                    funnel[i] += b - a
+        first_ms = after[0]
+        new_user = before is None or before[0] is None
+        b_orders, b_revenue = (0, 0.0) if before is None else (before[2], before[3])
+        revenue = after[3] - b_revenue
+        orders = after[2] - b_orders
+        new_customer = orders > 0 and b_orders == 0
         self.users += new_user
         self.orders += orders
         self.revenue += revenue
         self.customers += new_customer
-        if after.first_ms is None:
+        if first_ms is None:
             return
-        cw = week_of(after.first_ms)
-        c = self.cohorts.get(cw) if not new_user else self._cohort(cw)
+        cw = (first_ms - _MONDAY_MS) // WEEK_MS
+        c = self._cohort(cw) if new_user else self.cohorts.get(cw)
         if c is None:
             return
-        c.revenue += revenue
+        if revenue:
+            c.revenue += revenue
         c.customers += new_customer
         if new_user:
             c.users += 1
             c.active[0] += 1
             return
-        prev = before.last_ms  # type: ignore[union-attr]
+        prev = before[1]  # type: ignore[index]
         if prev is not None and t_ms > prev:
-            w = week_of(t_ms)
-            if w > week_of(prev):
+            w = (t_ms - _MONDAY_MS) // WEEK_MS
+            if w > (prev - _MONDAY_MS) // WEEK_MS:
                 k = w - cw
                 if 0 < k < self.max_weeks:
                     c.active[k] += 1
