@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..records import ActionRecord, ExampleRecord, QuarantineRecord, SegmentChangeRecord
+from ..records import ActionRecord, ExampleRecord, ExperimentRecord, QuarantineRecord, SegmentChangeRecord
 from ..state.user import Applied, UserState
 
 #: a counter's identity: (attribute name on :class:`clickpulse.observability.metrics.Metrics`, label values)
@@ -56,6 +56,9 @@ class Emitted:
     erased
         What each erasure of the step removed (``user_key``, ``state``, ``timers``,
         ``predictions``, ``segments``), for the audit record.
+    experiments
+        First exposures and attributed conversions for ``<ns>.experiments``
+        (``schemas/experiment.v1.json``, :mod:`clickpulse.experiments.attribution`).
     counters
         ``(metric attribute, label values) -> increment``.
     gauges
@@ -71,6 +74,7 @@ class Emitted:
     failed: list[Failed] = field(default_factory=list)
     quarantined: dict[str, QuarantineRecord] = field(default_factory=dict)
     erased: list[dict[str, Any]] = field(default_factory=list)
+    experiments: list[ExperimentRecord] = field(default_factory=list)
     counters: dict[CounterKey, float] = field(default_factory=dict)
     gauges: dict[str, float] = field(default_factory=dict)
 
@@ -93,6 +97,7 @@ class Emitted:
         self.failed += other.failed
         self.quarantined.update(other.quarantined)
         self.erased += other.erased
+        self.experiments += other.experiments
         for k, n in other.counters.items():
             self.counters[k] = self.counters.get(k, 0) + n
         self.gauges.update(other.gauges)

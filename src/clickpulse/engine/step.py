@@ -43,6 +43,7 @@ from typing import Any
 
 import orjson
 
+from ..experiments.attribution import attribute, conversion_record, exposure_record
 from ..features.engagement import value as engagement_value
 from ..models.labels import after_event, before_event, next_due, on_watermark
 from ..models.labels import Outcome as ModelOutcome
@@ -506,7 +507,21 @@ class Engine:
                             "clickpulse_rule_errors_total): %s", err.rule, err)
         if out.timer_skipped_late:
             em.count("timers_skipped_late", n=out.timer_skipped_late)
+        if out.exposures:
+            rs = self.ruleset()
+            for name, arm, at, aid in out.exposures:
+                em.experiments.append(exposure_record(st.key, name, arm, at, aid, rs.version if rs else None))  # type: ignore[arg-type]
+                em.count("experiment_exposures", name, arm)
         return out.actions  # type: ignore[return-value]
+
+    def _attribute(self, st: UserState, event: dict[str, Any], rs: Ruleset | None, em: Emitted) -> None:
+        """Conversions of the user's experiment exposures by ``event`` -> records and counters."""
+        for name, arm, at, rev in attribute(st, event, {} if rs is None else rs.experiments):
+            em.experiments.append(conversion_record(st.key, name, arm, at, event, rev,  # type: ignore[arg-type]
+                                                    rs.version if rs else None))
+            em.count("experiment_conversions", name, arm)
+            if rev:
+                em.count("experiment_revenue", name, arm, n=rev)
 
     def _segment_purchase(self, st: UserState) -> None:
         """A purchase converts the user's current membership stints (each counted once)."""
@@ -630,6 +645,8 @@ class Engine:
                                                        allow_buffer=self.pending_predictions < self.pending_total_cap),
                                        em, gate=False)
         rule_actions: list[ActionRecord] = []
+        if "x" in st.rules:  # experiment outcomes, in event time (clickpulse.experiments.attribution)
+            self._attribute(st, event, rs, em)
         if ctx is not None:
             if event["type"] == "purchase":
                 self._segment_purchase(st)

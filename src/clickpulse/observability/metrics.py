@@ -120,6 +120,16 @@ class Metrics:
         self.users_deleted = Counter("clickpulse_users_deleted_total",
                                      "Dormant users deleted after CLICKPULSE_DORMANT_RETENTION_S", registry=r)
         self.users_erased = Counter("clickpulse_users_erased_total", "Erasure requests carried out", registry=r)
+        # experiments (clickpulse.experiments): labels are the rules file's experiment and arm names
+        self.experiment_exposures = Counter("clickpulse_experiment_exposures_total",
+                                            "Users exposed to an experiment (first decision), by experiment and "
+                                            "arm (a variant or holdout)", ["experiment", "variant"], registry=r)
+        self.experiment_conversions = Counter("clickpulse_experiment_conversions_total",
+                                              "Conversions attributed to an experiment arm (event time, within the "
+                                              "window after exposure)", ["experiment", "variant"], registry=r)
+        self.experiment_revenue = Counter("clickpulse_experiment_revenue_total",
+                                          "Revenue attributed to an experiment arm (purchase revenue, within the "
+                                          "window after exposure)", ["experiment", "variant"], registry=r)
         self.pii_fields = Counter("clickpulse_pii_fields_total",
                                   "Event fields the PII policy changed at ingest, by action (dropped: a key "
                                   "not allowed; hashed: a value replaced by its keyed hash)", ["action"], registry=r)

@@ -102,6 +102,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..events.contract import CANONICAL_TYPES, to_rfc3339
+from ..experiments.assignment import HOLDOUT
+from ..experiments.attribution import expose
 from ..state.user import ACTION_NAMESPACE, UserState, action_id
 from ..state.windows import SPANS
 from .bots import BotConfig, is_bot
@@ -210,6 +212,9 @@ class Outcome:
     errors: list[EvalError] = field(default_factory=list)
     timer_skipped_late: int = 0
     bot_flagged: str | None = None  # the reason, when this event made the user a bot
+    #: first exposures of the user to an experiment decided here:
+    #: ``(experiment, arm, at_ms, action_id)`` (:mod:`clickpulse.experiments.attribution`)
+    exposures: list[tuple[str, str, int, str]] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- one evaluation
@@ -595,6 +600,9 @@ def _runtime(rs: Ruleset) -> dict[str, Any]:
             events=events,
             when=when,
             payload={t.name: _Group(_template_exprs(t.action.payload)) for t in rs.triggers},
+            # (trigger, variant) -> its payload group, for experiment variants with their own payload
+            vpayload={(t.name, v.name): _Group(_template_exprs(v.payload)) for t in rs.triggers
+                      if t.experiment is not None for v in t.experiment.variants if v.payload is not None},
         )
     return rt
 
@@ -832,11 +840,16 @@ def _copy(v: Any) -> Any:
     return v
 
 
-def _payload(p: _Point, trig: Trigger, errors: list[EvalError]) -> Any:
+def _payload(p: _Point, trig: Trigger, errors: list[EvalError], variant: Any = None) -> Any:
     """The trigger's payload at ``p`` (:func:`~clickpulse.rules.ruleset.render_payload`),
-    re-used (a copy) when its inputs equal remembered ones."""
-    template = trig.action.payload
-    g = _runtime(p.ctx.ruleset)["payload"][trig.name]
+    re-used (a copy) when its inputs equal remembered ones. ``variant``: an experiment
+    :class:`~clickpulse.experiments.assignment.Variant` with its own payload template."""
+    if variant is not None and variant.payload is not None:
+        template = variant.payload
+        g = _runtime(p.ctx.ruleset)["vpayload"][(trig.name, variant.name)]
+    else:
+        template = trig.action.payload
+        g = _runtime(p.ctx.ruleset)["payload"][trig.name]
     if not g.exprs:
         return render_payload(template, None, errors)
     key = None
@@ -968,7 +981,12 @@ def _fire(st: UserState, trig: Trigger, at_ms: int, occurrence: str, detail: str
     ts["n"] = int(ts.get("n", 0)) + 1
     if ts.get("e") is not None:
         ts["fe"] = ts["e"]
-    payload = _payload(p, trig, out.errors)
+    exp = trig.experiment
+    arm = variant = None
+    if exp is not None:  # deterministic, sticky arm (clickpulse.experiments.assignment)
+        arm = exp.assign(st.key)
+        variant = exp.by_name.get(arm)
+    payload = _payload(p, trig, out.errors, variant)
     action = {
         "schema_version": 1,
         "action_id": _action_id(st.key, trig.name, occurrence),
@@ -985,6 +1003,12 @@ def _fire(st: UserState, trig: Trigger, at_ms: int, occurrence: str, detail: str
         "rules_version": ctx.ruleset.version,
         "created_at": ctx.created_at,
     }
+    if exp is not None:  # the holdout's decision is published, flagged not to be delivered
+        action["experiment"] = exp.name
+        action["variant"] = arm
+        action["deliver"] = arm != HOLDOUT
+        if expose(st, exp, arm, at_ms):  # type: ignore[arg-type]
+            out.exposures.append((exp.name, arm, at_ms, action["action_id"]))  # type: ignore[arg-type]
     if trig.requires_consent is not None and trig.on.kind != "timeout" and ctx.hold_ms > 0:
         st.rules.setdefault("held", []).append([at_ms + ctx.hold_ms, action])
         out.decisions.append((trig.name, "held"))
@@ -1139,7 +1163,7 @@ def on_event(st: UserState, event: Mapping[str, Any], late: bool, watermark_ms: 
             if ts.get("e") is None:  # the episode's identity: its first A to arrive (never moves)
                 ts["e"] = t
             ts["a"] = max(t, ts.get("a", t))
-            due = ts["a"] + within_ms
+            due = ts["a"] + (within_ms if trig.experiment is None else _delay_ms(trig, st.key, within_ms))
             if trig.once_per == "episode" and ts.get("fe") == ts["e"]:
                 ts.pop("due", None)  # this episode has had its action
             elif watermark_ms is not None and due < watermark_ms:
@@ -1181,6 +1205,13 @@ def on_event(st: UserState, event: Mapping[str, Any], late: bool, watermark_ms: 
     if rules.get("t") == {}:
         del rules["t"]
     return out
+
+
+def _delay_ms(trig: Trigger, user_key: str, within_ms: int) -> int:
+    """A timeout's delay for the user's experiment arm (a variant's ``delay_s``, else ``within_ms``)."""
+    exp = trig.experiment
+    v = exp.by_name.get(exp.assign(user_key)) if exp is not None else None
+    return within_ms if v is None or v.delay_s is None else int(v.delay_s * 1000)
 
 
 def next_due(st: UserState) -> int | None:
