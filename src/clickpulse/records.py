@@ -140,6 +140,7 @@ class ExperimentRecord(TypedDict, total=False):
     revenue: float | None
     source_id: str
     rules_version: str | None
+    share: float | None
 
 
 class ControlRecord(TypedDict, total=False):

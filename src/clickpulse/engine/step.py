@@ -510,7 +510,10 @@ class Engine:
         if out.exposures:
             rs = self.ruleset()
             for name, arm, at, aid in out.exposures:
-                em.experiments.append(exposure_record(st.key, name, arm, at, aid, rs.version if rs else None))  # type: ignore[arg-type]
+                exp = rs.experiments.get(name) if rs is not None else None
+                share = exp.expected_shares().get(arm) if exp is not None else None
+                em.experiments.append(exposure_record(st.key, name, arm, at, aid, rs.version if rs else None,  # type: ignore[arg-type]
+                                                      share))
                 em.count("experiment_exposures", name, arm)
         return out.actions  # type: ignore[return-value]
 

@@ -107,12 +107,13 @@ def attribute(st: UserState, event: Mapping[str, Any],
 
 
 def exposure_record(user_key: str, experiment: str, arm: str, at_ms: int, source_id: str,
-                    rules_version: str | None) -> dict[str, Any]:
-    """The ``<ns>.experiments`` record of a first exposure (``source_id``: the action's id)."""
+                    rules_version: str | None, share: float | None = None) -> dict[str, Any]:
+    """The ``<ns>.experiments`` record of a first exposure (``source_id``: the action's id;
+    ``share``: the arm's configured share of users, for the sample-ratio check)."""
     return {"schema_version": 1, "record_id": action_id(user_key, f"experiment:{experiment}", "exposure"),
             "kind": "exposure", "experiment": experiment, "variant": arm, "user_key": user_key,
             "event_time": to_rfc3339(at_ms), "event_time_ms": at_ms, "exposure_time_ms": at_ms, "revenue": None,
-            "source_id": source_id, "rules_version": rules_version}
+            "source_id": source_id, "rules_version": rules_version, "share": share}
 
 
 def conversion_record(user_key: str, experiment: str, arm: str, exposure_ms: int, event: Mapping[str, Any],

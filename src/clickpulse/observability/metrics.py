@@ -133,3 +133,21 @@ class Metrics:
         self.pii_fields = Counter("clickpulse_pii_fields_total",
                                   "Event fields the PII policy changed at ingest, by action (dropped: a key "
                                   "not allowed; hashed: a value replaced by its keyed hash)", ["action"], registry=r)
+
+
+class ExperimentGauges:
+    """The experiments' analysis as gauges (``clickpulse report experiments --textfile``, in their
+    own registry: the node_exporter textfile collector or a pushgateway serves them). Labels are
+    the rules file's experiment and arm names and the statistic's name, never a user."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.experiment_stat = Gauge("clickpulse_experiment_stat",
+                                     "An experiment arm's analysis: users, converters, conversion_rate, "
+                                     "revenue_per_user, lift, lift_ci_low, lift_ci_high, p_value_z, p_value_welch, "
+                                     "p_beats_baseline, expected_loss, p_value_always_valid",
+                                     ["experiment", "variant", "statistic"], registry=r)
+        self.experiment_srm_p = Gauge("clickpulse_experiment_srm_p_value",
+                                      "Sample-ratio-mismatch chi-square p-value per experiment (a mismatch below "
+                                      "0.001)", ["experiment"], registry=r)
