@@ -257,6 +257,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         m = worker.metrics()
         segments_now = orjson.loads(worker.get("/segments"))
         actions = asyncio.run(read_topic(settings.kafka_bootstrap, settings.topic_actions))
+        experiments = asyncio.run(read_topic(settings.kafka_bootstrap, settings.topic_experiments))
         from .models.trainer import latest_snapshots
         from .runtime import end_offsets
         # wait until the trainer's snapshots cover every example on the training topic
@@ -279,6 +280,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for _k, v, _meta in actions:
             fh.write(v + b"\n")
     by_type = Counter(orjson.loads(v)["type"] for _k, v, _m in actions)
+    with (out_dir / "experiments.jsonl").open("wb") as fh:  # clickpulse report experiments --file ...
+        for _k, v, _meta in experiments:
+            fh.write(v + b"\n")
+    exp_counts = Counter((r["experiment"], r["kind"]) for r in (orjson.loads(v) for _k, v, _m in experiments))
 
     def total(prefix: str) -> int:
         return int(sum(v for k, v in m.items() if k.startswith(prefix + "{") or k == prefix))
@@ -294,6 +299,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"  users               {total('clickpulse_users_new_total')}")
     print(f"  sessions            {total('clickpulse_sessions_started_total')}")
     print(f"  actions             {dict(sorted(by_type.items())) or '{}'}")
+    for exp in sorted({e for e, _k in exp_counts}):
+        print(f"  experiment          {exp}: {exp_counts[(exp, 'exposure')]} exposed, "
+              f"{exp_counts[(exp, 'conversion')]} conversions attributed (clickpulse report experiments "
+              f"--file {out_dir / 'experiments.jsonl'})")
     print(f"  rules               {segments_now['rules_version']} (consent assumed: "
           f"{', '.join(sorted(settings.assumed_consent)) or 'none'})")
     decisions = Counter()
