@@ -52,6 +52,12 @@ Semantics (stated once, applied the same way live and in a replay)
   event id (event triggers), the due time (timeouts) or ``enter|exit`` and the event id or time
   (segment triggers): re-processing the same input gives the same id whatever the rules
   version. Each action records the ``rules_version`` that decided it and its ``trigger``.
+* **Experiments.** A trigger with an ``experiment`` (:mod:`clickpulse.experiments`) decides
+  as without one (every gate alike for every arm); the action then carries ``experiment``,
+  ``variant`` (the user's arm, :meth:`~clickpulse.experiments.assignment.Experiment.assign`)
+  and ``deliver`` (``False`` for the holdout), its payload is the variant's, a timeout's delay
+  the variant's ``delay_s`` when it has one, and the first decision for the user records the
+  exposure (:attr:`Outcome.exposures`, :func:`clickpulse.experiments.attribution.expose`).
 * **Reloads.** Per-trigger state is keyed by trigger name: a trigger kept across a reload keeps
   its timers, cooldown and once_per history (no double firing); a removed trigger's state is
   dropped at the user's next evaluation; a new one starts fresh.
