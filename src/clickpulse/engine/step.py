@@ -43,7 +43,7 @@ from typing import Any
 
 import orjson
 
-from ..experiments.attribution import attribute, conversion_record, exposure_record
+from ..experiments.attribution import arm_counts, attribute, conversion_record, exposure_record
 from ..features.engagement import value as engagement_value
 from ..models.labels import after_event, before_event, next_due, on_watermark
 from ..models.labels import Outcome as ModelOutcome
@@ -190,6 +190,9 @@ class Engine:
         self.segment_members: dict[int, dict[str, int]] = {}
         self.segment_entries: dict[str, int] = {}      # membership stints started (since start/restore)
         self.segment_conversions: dict[str, int] = {}  # stints with a purchase
+        #: partition -> experiment -> arm -> [exposed users, converted users] over the users held
+        #: (what a ``thompson`` allocation draws from; rebuilt from the table by :meth:`restore`)
+        self.arms: dict[int, dict[str, dict[str, list[int]]]] = {}
         self.population: dict[int, PopulationPrior] = {}  # users' (converted sessions, sessions)
         self.population_total = PopulationPrior()
         self._prior_key: tuple[float, ...] | None = None
@@ -307,6 +310,7 @@ class Engine:
             prev = None
         if prev is not None:
             self._count_population(prev, -1)
+            self._count_arms(prev, -1)
             members = self.segment_members.setdefault(prev.partition, {})
             for seg in prev.rules.get("seg", []):
                 members[seg] = max(0, members.get(seg, 0) - 1)
@@ -335,10 +339,12 @@ class Engine:
         clocks = {p: (c.max_ts, c.last_event_wall, c.wm, set(c.eoi_sources), c.closed) for p, c in self.clocks.items()}
         return (clocks, {p: dict(m) for p, m in self.segment_members.items()}, dict(self.segment_entries),
                 dict(self.segment_conversions), {p: copy.copy(pp) for p, pp in self.population.items()},
-                copy.copy(self.population_total), self.pending_predictions, self.rule_errors)
+                copy.copy(self.population_total), self.pending_predictions, self.rule_errors,
+                copy.deepcopy(self.arms))
 
     def _rollback(self, tx: _Tx) -> None:
-        clocks, members, entries, conversions, population, total, pending, errors = tx.snapshot
+        clocks, members, entries, conversions, population, total, pending, errors, arms = tx.snapshot
+        self.arms = arms
         for p in list(self.clocks):
             if p not in clocks:
                 del self.clocks[p]
@@ -464,7 +470,27 @@ class Engine:
         def count_member(seg: str, delta: int) -> None:
             members[seg] = max(0, members.get(seg, 0) + delta)
         return triggers.RuleContext(rs, self.segment_active, self._extra, count_member, self.assumed_consent,
-                                    self.bots, created)
+                                    self.bots, created, arm_counts=self.arm_counts)
+
+    def arm_counts(self, experiment: str) -> dict[str, tuple[int, int]]:
+        """Arm -> (exposed users, converted users) of ``experiment`` over this worker's partitions."""
+        out: dict[str, tuple[int, int]] = {}
+        for by_exp in self.arms.values():
+            for arm, (n, x) in by_exp.get(experiment, {}).items():
+                a = out.get(arm, (0, 0))
+                out[arm] = (a[0] + n, a[1] + x)
+        return out
+
+    def _count_arm(self, partition: int, experiment: str, arm: str, exposed: int, converted: int) -> None:
+        c = self.arms.setdefault(partition, {}).setdefault(experiment, {}).setdefault(arm, [0, 0])
+        c[0] = max(0, c[0] + exposed)
+        c[1] = max(0, c[1] + converted)
+
+    def _count_arms(self, st: UserState, sign: int) -> None:
+        """Add (sign +1) or take back (-1) the user's exposures and conversions in :attr:`arms`."""
+        if "x" in st.rules:
+            for name, arm, converted in arm_counts(st):
+                self._count_arm(st.partition, name, arm, sign, sign * converted)
 
     def _count_population(self, st: UserState, sign: int) -> None:
         pp = self.population.setdefault(st.partition, PopulationPrior())
@@ -515,11 +541,14 @@ class Engine:
                 em.experiments.append(exposure_record(st.key, name, arm, at, aid, rs.version if rs else None,  # type: ignore[arg-type]
                                                       share))
                 em.count("experiment_exposures", name, arm)
+                self._count_arm(st.partition, name, arm, 1, 0)
         return out.actions  # type: ignore[return-value]
 
     def _attribute(self, st: UserState, event: dict[str, Any], rs: Ruleset | None, em: Emitted) -> None:
         """Conversions of the user's experiment exposures by ``event`` -> records and counters."""
-        for name, arm, at, rev in attribute(st, event, {} if rs is None else rs.experiments):
+        for name, arm, at, rev, first in attribute(st, event, {} if rs is None else rs.experiments):
+            if first:
+                self._count_arm(st.partition, name, arm, 0, 1)
             em.experiments.append(conversion_record(st.key, name, arm, at, event, rev,  # type: ignore[arg-type]
                                                     rs.version if rs else None))
             em.count("experiment_conversions", name, arm)
@@ -761,6 +790,7 @@ class Engine:
         for p in list(self.population):
             if p not in keep:
                 del self.population[p]
+        self.arms = {p: {} for p in keep}
         for p in keep:  # rebuilt below from the recovered table
             self.segment_members[p] = {}
             self.population[p] = PopulationPrior()
@@ -788,6 +818,7 @@ class Engine:
             for seg in st.rules.get("seg", []):
                 members[seg] = members.get(seg, 0) + 1
             self._count_population(st, +1)
+            self._count_arms(st, +1)
             if st.life.last_ms is not None and st.life.last_ms >= max_ts.get(st.partition, st.life.last_ms):
                 max_ts[st.partition] = st.life.last_ms
                 max_wall[st.partition] = st.life.last_wall_ms
@@ -881,6 +912,7 @@ class Engine:
                 em.actions.clear()  # an expiring user gets no action (its session ended long ago)
                 for seg in st.rules.get("seg", []):
                     members[seg] = max(0, members.get(seg, 0) - 1)
+                self._count_arms(st, -1)
                 tx.users[key] = dormant(st)
                 tx.dirty.add(key)
                 self.timers.setdefault(partition, TimerIndex()).set(key, None)
@@ -919,6 +951,7 @@ class Engine:
                 for seg in summary["segments"]:
                     members[seg] = max(0, members.get(seg, 0) - 1)
                 self._count_population(st, -1)
+                self._count_arms(st, -1)
                 for ti in self.timers.values():
                     if user_key in ti._due:
                         summary["timers"] += 1

@@ -68,6 +68,9 @@ class Experiment:
     conversion
         Event types that count as a conversion (default ``purchase``; a purchase's revenue is
         its ``properties.revenue``, else ``price * quantity``).
+    allocation
+        ``fixed`` (the weights) or ``thompson`` (Thompson sampling over the variants as outcomes
+        arrive, :mod:`clickpulse.experiments.bandit`; the holdout stays a fixed share).
     """
 
     name: str
@@ -76,6 +79,7 @@ class Experiment:
     holdout: float = 0.0
     window_s: float = 7 * 86400.0
     conversion: tuple[str, ...] = ("purchase",)
+    allocation: str = "fixed"
 
     @cached_property
     def _bounds(self) -> tuple[tuple[float, str], ...]:

@@ -45,6 +45,12 @@ def expose(st: UserState, exp: Experiment, arm: str, at_ms: int) -> bool:
     return True
 
 
+def arm_counts(st: UserState) -> list[tuple[str, str, int]]:
+    """``(experiment, arm, converted 0|1)`` of each of the user's exposures (for the engine's
+    per-arm counts that a ``thompson`` allocation draws from)."""
+    return [(name, e[0], 1 if e[3] else 0) for name, e in st.rules.get(KEY, {}).items()]
+
+
 def exposure(st: UserState, name: str) -> tuple[str, int, int] | None:
     """``(arm, exposure_ms, window_ms)`` of the user in experiment ``name``, or None."""
     e = st.rules.get(KEY, {}).get(name)
@@ -68,7 +74,7 @@ def revenue_of(event: Mapping[str, Any]) -> float:
 
 
 def attribute(st: UserState, event: Mapping[str, Any],
-              experiments: Mapping[str, Experiment]) -> list[tuple[str, str, int, float]]:
+              experiments: Mapping[str, Experiment]) -> list[tuple[str, str, int, float, bool]]:
     """Attribute ``event`` to the user's exposures (updates the state's per-experiment counts).
 
     Parameters
@@ -83,8 +89,9 @@ def attribute(st: UserState, event: Mapping[str, Any],
 
     Returns
     -------
-    list of (experiment, arm, exposure_ms, revenue)
-        One per experiment the event converts (inside its window).
+    list of (experiment, arm, exposure_ms, revenue, first)
+        One per experiment the event converts (inside its window); ``first``: the user's first
+        conversion of that exposure.
     """
     x = st.rules.get(KEY)
     if not x:
@@ -102,7 +109,7 @@ def attribute(st: UserState, event: Mapping[str, Any],
         rev = revenue_of(event)
         e[3] += 1
         e[4] = float(e[4]) + rev
-        out.append((name, arm, at, rev))
+        out.append((name, arm, at, rev, e[3] == 1))
     return out
 
 

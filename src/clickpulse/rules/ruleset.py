@@ -26,6 +26,7 @@ A rules file is YAML::
           holdout: 0.1                 # share decided but not delivered (deliver: false)
           window_s: 604800             # attribution window after exposure (event time)
           conversion: purchase         # event type(s) counted as a conversion
+          allocation: fixed            # fixed (the weights) | thompson (bandit over the variants)
           variants:
             - {name: control, weight: 1}
             - {name: freeship, weight: 1, offer: '"FREESHIP"', delay_s: 3600}
@@ -971,8 +972,12 @@ def _experiment(ctx: _Ctx, e: Any, on: On, payload: Template) -> Experiment:
     """Validate and compile a trigger's ``experiment`` (see :mod:`clickpulse.experiments.assignment`)."""
     if not isinstance(e, dict):
         raise ctx.error("an experiment is {name, variants, holdout, window_s, salt, conversion}", "experiment")
-    _check_keys(ctx, e, {"name", "salt", "holdout", "window_s", "conversion", "variants", "description"}, {"name"},
-                "experiment")
+    _check_keys(ctx, e, {"name", "salt", "holdout", "window_s", "conversion", "variants", "description",
+                         "allocation"}, {"name"}, "experiment")
+    allocation = e.get("allocation", "fixed")
+    if allocation not in ("fixed", "thompson"):
+        raise ctx.error(f"allocation is fixed or thompson, got {allocation!r}", "experiment.allocation", e,
+                        "allocation")
     name = e["name"]
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise ctx.error(f"an experiment name must be a name, got {name!r}", "experiment.name", e, "name")
@@ -1019,12 +1024,15 @@ def _experiment(ctx: _Ctx, e: Any, on: On, payload: Template) -> Experiment:
                 template["offer"] = _template(ctx, v["offer"], f"{where}.offer", v, "offer")
         delay = None
         if "delay_s" in v:
+            if allocation == "thompson":
+                raise ctx.error("delay_s needs the arm when the timer is armed: not with allocation: thompson "
+                                "(the arm is drawn when the trigger fires)", f"{where}.delay_s", v, "delay_s")
             if on.kind != "timeout":
                 raise ctx.error("delay_s overrides a timeout's within_s: only for an on: {timeout: ...} trigger",
                                 f"{where}.delay_s", v, "delay_s")
             delay = float(_number(ctx, v, "delay_s", f"{where}.delay_s", positive=True))
         variants.append(Variant(vname, float(weight), template, delay))
-    return Experiment(name, salt, tuple(variants), float(holdout), float(window), types)
+    return Experiment(name, salt, tuple(variants), float(holdout), float(window), types, allocation)
 
 
 def _unique(ctx: _Ctx, items: list[Any], kind: str) -> None:

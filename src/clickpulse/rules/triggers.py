@@ -109,7 +109,8 @@ from typing import Any
 
 from ..events.contract import CANONICAL_TYPES, to_rfc3339
 from ..experiments.assignment import HOLDOUT
-from ..experiments.attribution import expose
+from ..experiments.attribution import expose, exposure
+from ..experiments.bandit import thompson_arm
 from ..state.user import ACTION_NAMESPACE, UserState, action_id
 from ..state.windows import SPANS
 from .bots import BotConfig, is_bot
@@ -201,6 +202,9 @@ class RuleContext:
     bots: BotConfig = field(default_factory=BotConfig)
     created_at: str = ""
     incremental: bool | None = None
+    #: ``experiment -> {arm: (exposed users, converted users)}`` over the engine's users, for a
+    #: ``thompson`` allocation (:mod:`clickpulse.experiments.bandit`); ``None``: no data yet
+    arm_counts: Callable[[str], Mapping[str, tuple[int, int]]] | None = None
 
     @property
     def hold_ms(self) -> int:
@@ -990,7 +994,7 @@ def _fire(st: UserState, trig: Trigger, at_ms: int, occurrence: str, detail: str
     exp = trig.experiment
     arm = variant = None
     if exp is not None:  # deterministic, sticky arm (clickpulse.experiments.assignment)
-        arm = exp.assign(st.key)
+        arm = _arm(st, exp, ctx)
         variant = exp.by_name.get(arm)
     payload = _payload(p, trig, out.errors, variant)
     action = {
@@ -1169,7 +1173,7 @@ def on_event(st: UserState, event: Mapping[str, Any], late: bool, watermark_ms: 
             if ts.get("e") is None:  # the episode's identity: its first A to arrive (never moves)
                 ts["e"] = t
             ts["a"] = max(t, ts.get("a", t))
-            due = ts["a"] + (within_ms if trig.experiment is None else _delay_ms(trig, st.key, within_ms))
+            due = ts["a"] + (within_ms if trig.experiment is None else _delay_ms(trig, st, within_ms))
             if trig.once_per == "episode" and ts.get("fe") == ts["e"]:
                 ts.pop("due", None)  # this episode has had its action
             elif watermark_ms is not None and due < watermark_ms:
@@ -1213,10 +1217,24 @@ def on_event(st: UserState, event: Mapping[str, Any], late: bool, watermark_ms: 
     return out
 
 
-def _delay_ms(trig: Trigger, user_key: str, within_ms: int) -> int:
+def _arm(st: UserState, exp: Any, ctx: RuleContext | None) -> str:
+    """The user's arm: the one of their exposure (sticky, also across a reload that changed the
+    weights), else the hash's (:meth:`~clickpulse.experiments.assignment.Experiment.assign`),
+    with a ``thompson`` allocation drawn over the variants (not for the holdout)."""
+    prev = exposure(st, exp.name)
+    if prev is not None and (prev[0] in exp.by_name or (prev[0] == HOLDOUT and exp.holdout > 0)):
+        return prev[0]
+    arm = exp.assign(st.key)
+    if exp.allocation == "thompson" and arm != HOLDOUT:
+        counts = ctx.arm_counts(exp.name) if ctx is not None and ctx.arm_counts is not None else {}
+        arm = thompson_arm(counts, [v.name for v in exp.variants], exp.salt, st.key)
+    return arm
+
+
+def _delay_ms(trig: Trigger, st: UserState, within_ms: int) -> int:
     """A timeout's delay for the user's experiment arm (a variant's ``delay_s``, else ``within_ms``)."""
     exp = trig.experiment
-    v = exp.by_name.get(exp.assign(user_key)) if exp is not None else None
+    v = exp.by_name.get(_arm(st, exp, None)) if exp is not None else None
     return within_ms if v is None or v.delay_s is None else int(v.delay_s * 1000)
 
 
