@@ -12,7 +12,7 @@ Unit of work (like a quix-streams state transaction, or bytewax's ``StatefulLogi
 * Each user touched by the step is decoded once (or taken from a bounded cache of decoded hot
   users), changed in memory for all of its events in the batch, and encoded once at the end.
 * The engine-wide aggregates (partition clocks, timer index, segment sizes, the population
-  prior, the count of buffered predictions) are snapshotted at the start of the step and put
+  prior, the count of buffered predictions, the experiments' per-arm counts) are snapshotted at the start of the step and put
   back if the step raises: **a step that raises changes nothing.**
 * An event whose processing raises does not take its batch down: the batch is rolled back and
   re-run one event at a time; the failing event is rolled back alone and reported in
