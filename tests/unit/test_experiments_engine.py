@@ -89,6 +89,7 @@ def test_experiment_actions_are_assigned_flagged_and_exposed_once() -> None:
     assert [r["kind"] for r in records] == ["conversion"]  # the purchase, inside the window
     assert sum(eng.metrics.experiment_exposures.labels("cart_offer", arm)._value.get()
                for arm in ("holdout", "control", "freeship")) == n
+    assert eng.metrics.experiment_converters.labels("cart_offer", arms["u0"])._value.get() == 1
 
 
 def test_assignment_is_stable_across_engines_and_reloads() -> None:

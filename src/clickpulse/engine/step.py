@@ -549,6 +549,7 @@ class Engine:
         for name, arm, at, rev, first in attribute(st, event, {} if rs is None else rs.experiments):
             if first:
                 self._count_arm(st.partition, name, arm, 0, 1)
+                em.count("experiment_converters", name, arm)
             em.experiments.append(conversion_record(st.key, name, arm, at, event, rev,  # type: ignore[arg-type]
                                                     rs.version if rs else None))
             em.count("experiment_conversions", name, arm)

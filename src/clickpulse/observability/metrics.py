@@ -127,6 +127,9 @@ class Metrics:
         self.experiment_conversions = Counter("clickpulse_experiment_conversions_total",
                                               "Conversions attributed to an experiment arm (event time, within the "
                                               "window after exposure)", ["experiment", "variant"], registry=r)
+        self.experiment_converters = Counter("clickpulse_experiment_converters_total",
+                                             "Exposed users with a first attributed conversion, by experiment and arm",
+                                             ["experiment", "variant"], registry=r)
         self.experiment_revenue = Counter("clickpulse_experiment_revenue_total",
                                           "Revenue attributed to an experiment arm (purchase revenue, within the "
                                           "window after exposure)", ["experiment", "variant"], registry=r)
