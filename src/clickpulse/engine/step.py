@@ -190,9 +190,9 @@ class Engine:
         self.segment_members: dict[int, dict[str, int]] = {}
         self.segment_entries: dict[str, int] = {}      # membership stints started (since start/restore)
         self.segment_conversions: dict[str, int] = {}  # stints with a purchase
-        #: partition -> experiment -> arm -> [exposed users, converted users] over the users held
+        #: partition -> experiment -> arm -> (exposed users, converted users) over the users held
         #: (what a ``thompson`` allocation draws from; rebuilt from the table by :meth:`restore`)
-        self.arms: dict[int, dict[str, dict[str, list[int]]]] = {}
+        self.arms: dict[int, dict[str, dict[str, tuple[int, int]]]] = {}
         self.population: dict[int, PopulationPrior] = {}  # users' (converted sessions, sessions)
         self.population_total = PopulationPrior()
         self._prior_key: tuple[float, ...] | None = None
@@ -340,7 +340,7 @@ class Engine:
         return (clocks, {p: dict(m) for p, m in self.segment_members.items()}, dict(self.segment_entries),
                 dict(self.segment_conversions), {p: copy.copy(pp) for p, pp in self.population.items()},
                 copy.copy(self.population_total), self.pending_predictions, self.rule_errors,
-                copy.deepcopy(self.arms))
+                {p: {e: dict(d) for e, d in m.items()} for p, m in self.arms.items()})  # (counts: tuples)
 
     def _rollback(self, tx: _Tx) -> None:
         clocks, members, entries, conversions, population, total, pending, errors, arms = tx.snapshot
@@ -482,9 +482,9 @@ class Engine:
         return out
 
     def _count_arm(self, partition: int, experiment: str, arm: str, exposed: int, converted: int) -> None:
-        c = self.arms.setdefault(partition, {}).setdefault(experiment, {}).setdefault(arm, [0, 0])
-        c[0] = max(0, c[0] + exposed)
-        c[1] = max(0, c[1] + converted)
+        by_arm = self.arms.setdefault(partition, {}).setdefault(experiment, {})
+        n, x = by_arm.get(arm, (0, 0))
+        by_arm[arm] = (max(0, n + exposed), max(0, x + converted))
 
     def _count_arms(self, st: UserState, sign: int) -> None:
         """Add (sign +1) or take back (-1) the user's exposures and conversions in :attr:`arms`."""
