@@ -183,6 +183,8 @@ class Worker:
             out.append((s.topic_segments, ch["user_key"].encode(), dumps(ch), None, None))
         for ex in em.examples:
             out.append((s.topic_training, ex["user_key"].encode(), dumps(ex), None, None))
+        for xr in em.experiments:  # experiment exposures and conversions (clickpulse.experiments)
+            out.append((s.topic_experiments, xr["user_key"].encode(), dumps(xr), None, None))
         for key, q in em.quarantined.items():
             out.append((s.topic_quarantine, key.encode(), dumps(q), None, None))
         for ev in em.forwards:  # a linked guest's events, re-keyed to its customer

@@ -16,6 +16,7 @@ record                      topic                               schema
 :class:`QuarantineRecord`   ``<ns>.quarantine``                 ``schemas/quarantine.v1.json``
 :class:`ControlRecord`      ``<ns>.events.raw`` (signed header) ``schemas/control.v1.json``
 :class:`MergeRecord`        ``<ns>.identity``                   ``schemas/merge.v1.json``
+:class:`ExperimentRecord`   ``<ns>.experiments``                ``schemas/experiment.v1.json``
 ==========================  ==================================  ================================
 """
 
@@ -44,6 +45,11 @@ class ActionRecord(TypedDict, total=False):
     model_version: str | None
     rules_version: str | None
     created_at: str
+    #: set on the actions of a trigger with an experiment (docs/experiments.md): its name, the
+    #: user's arm (a variant or ``holdout``) and whether to deliver it (``False`` for the holdout)
+    experiment: str
+    variant: str
+    deliver: bool
 
 
 class SegmentChangeRecord(TypedDict, total=False):
@@ -115,6 +121,27 @@ class QuarantineRecord(TypedDict):
     error: str
     quarantined_at: str
     state_b64: str | None
+
+
+class ExperimentRecord(TypedDict, total=False):
+    """A fact of an experiment (:mod:`clickpulse.experiments.attribution`): a user's first
+    ``exposure`` (``source_id`` = the action's id) or an attributed ``conversion`` inside the
+    window (``source_id`` = the event's id, ``revenue`` its revenue). ``record_id`` is
+    deterministic (UUIDv5), so a re-published record is recognised."""
+
+    schema_version: int
+    record_id: str
+    kind: str  # "exposure" | "conversion"
+    experiment: str
+    variant: str
+    user_key: str
+    event_time: str
+    event_time_ms: int
+    exposure_time_ms: int
+    revenue: float | None
+    source_id: str
+    rules_version: str | None
+    share: float | None
 
 
 class ControlRecord(TypedDict, total=False):

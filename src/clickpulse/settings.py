@@ -721,6 +721,11 @@ class Settings:
         return f"{self.namespace}.segments"
 
     @property
+    def topic_experiments(self) -> str:
+        """Experiment exposures and attributed conversions (``schemas/experiment.v1.json``)."""
+        return f"{self.namespace}.experiments"
+
+    @property
     def topic_models(self) -> str:
         return f"{self.namespace}.models"
 
