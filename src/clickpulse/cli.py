@@ -550,11 +550,11 @@ def build_parser() -> argparse.ArgumentParser:
                                              "P(beats), expected loss, always-valid p, SRM (docs/experiments.md)")
     rx.add_argument("--file", help="JSON lines of experiment records (default: read <ns>.experiments)")
     rx.add_argument("--json", action="store_true", help="print the analysis as JSON (for plots)")
-    rx.add_argument("--alpha", type=float, default=0.05)
+    rx.add_argument("--alpha", type=float, default=0.05, help="significance level of the tests and intervals (default 0.05)")
     rx.add_argument("--tau2", type=float, default=1e-4, help="mSPRT mixing variance (scale of rate differences)")
     rx.add_argument("--baseline", help="the arm to compare with (default: holdout, else control)")
     rx.add_argument("--textfile", help="also write the Prometheus gauges here (node_exporter textfile format)")
-    rx.add_argument("--timeout", type=float, default=30.0)
+    rx.add_argument("--timeout", type=float, default=30.0, help="seconds to read the experiments topic (default 30)")
     rx.set_defaults(func=cmd_report_experiments)
 
     ru = sub.add_parser("rules", help="rules file tools")
