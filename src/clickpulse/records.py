@@ -15,6 +15,7 @@ record                      topic                               schema
 :class:`DeadLetterRecord`   ``<ns>.events.dlq``                 ``schemas/dlq.v1.json``
 :class:`QuarantineRecord`   ``<ns>.quarantine``                 ``schemas/quarantine.v1.json``
 :class:`ControlRecord`      ``<ns>.events.raw`` (signed header) ``schemas/control.v1.json``
+:class:`SegmentSizesRecord` ``<ns>.segment-sizes`` (compacted) ``schemas/segment_sizes.v1.json``
 ==========================  ==================================  ================================
 """
 
@@ -124,3 +125,19 @@ class ControlRecord(TypedDict, total=False):
     source_partition: int
     source_partitions: int
     run_id: str
+
+
+class SegmentSizesRecord(TypedDict):
+    """The member counts of one partition's users per segment, as counted by the worker that
+    owns the partition; on the compacted ``<ns>.segment-sizes``, keyed by the partition number
+    (decimal ASCII), so the topic keeps the latest count of every partition. Every worker reads
+    the whole topic and adds the other partitions' counts to its own (global ``min_size``).
+    ``counts``: ``{segment: members}`` (segments without members left out); ``published_at_ms``:
+    wall clock (epoch ms) of the publication; ``rules_version``: the rules the counts were taken
+    under (``None``: no rules)."""
+
+    schema_version: int
+    partition: int
+    counts: dict[str, int]
+    published_at_ms: int
+    rules_version: str | None

@@ -331,6 +331,13 @@ class Settings:
     collector_event_loop : str
         ``CLICKPULSE_COLLECTOR_EVENT_LOOP``; ``auto`` (the default: uvloop when installed, the
         ``collector`` extra), ``uvloop`` (required) or ``asyncio``.
+    segment_sizes_interval_s : float
+        ``CLICKPULSE_SEGMENT_SIZES_INTERVAL_S``; seconds. Each worker publishes its partitions'
+        segment member counts to the compacted ``<ns>.segment-sizes`` topic when they changed, at
+        most this often (and after every rebalance); every worker adds the other partitions'
+        latest counts to its own, so ``min_size`` applies to a segment's global size. With
+        several workers the gate therefore lags the other workers' counts by up to about this
+        long (docs/scaling.md). Default 2.
     """
 
     kafka_bootstrap: str = "127.0.0.1:9092"
@@ -410,6 +417,7 @@ class Settings:
     collector_linger_ms: int = 2
     collector_cors_origins: str = "*"
     collector_event_loop: str = "auto"
+    segment_sizes_interval_s: float = 2.0
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -422,7 +430,8 @@ class Settings:
                     "validation_window", "churn_horizon_days", "partitions", "session_gap_s", "max_event_bytes", "rules_poll_s",
                     "bot_max_cart_adds", "bot_cart_window_s", "bot_max_events", "bot_events_window_s",
                     "dedup_ids_per_user", "redis_flush_interval_s", "idle_timeout_s", "batch_max_events",
-                    "batch_within_s", "max_in_flight_batches", "max_money", "max_quantity")
+                    "batch_within_s", "max_in_flight_batches", "max_money", "max_quantity",
+                    "segment_sizes_interval_s")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_env(name)} must be > 0, got {getattr(self, name)!r}")
@@ -589,6 +598,11 @@ class Settings:
     def changelog_topic(self) -> str:
         """The state table's changelog (Faust names it ``<app id>-<table>-changelog``)."""
         return f"{self.app_id}-{self.state_table}-changelog"
+
+    @property
+    def topic_segment_sizes(self) -> str:
+        """The compacted topic of the partitions' segment member counts (one partition)."""
+        return f"{self.namespace}.segment-sizes"
 
     @property
     def topic_privacy(self) -> str:

@@ -14,6 +14,7 @@ topic                                  key        value
 ``<ns>.quarantine`` (compacted)        user_key   ``schemas/quarantine.v1.json``
 ``<ns>.privacy``                       user_key   ``schemas/privacy_request.v1.json``
 ``<ns>.privacy.audit``                 request id ``schemas/privacy_audit.v1.json``
+``<ns>.segment-sizes`` (compacted, 1)  partition  ``schemas/segment_sizes.v1.json``
 ``<ns>-worker-users-changelog``        user_key   user state (Faust table changelog, compacted)
 =====================================  =========  ============================================
 
@@ -56,6 +57,8 @@ def topic_specs(s: Settings) -> dict[str, dict]:
         # what each erasure removed (user key hashed); kept a year
         s.topic_privacy_audit: {"partitions": 1, "config": {"retention.ms": str(365 * 86400 * 1000)}},
         s.topic_models: {"partitions": 1, "config": {"cleanup.policy": "compact", "max.message.bytes": str(16 * 1024 * 1024)}},
+        # the latest segment member counts of every partition (read whole by every worker)
+        s.topic_segment_sizes: {"partitions": 1, "config": {"cleanup.policy": "compact"}},
     }
 
 
