@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import re
 import textwrap
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -221,15 +222,26 @@ def test_three_workers_one_joins_one_killed_mid_replay(make_settings, workers, t
     # a third worker joins while the first part is still being processed
     w3 = workers(another(s, tmp_path, 3))
     pool.append(w3)
-    assert replay(thirds[1]) == len(thirds[1])
-    before = processed(pool)
-    wait_for(lambda: processed(pool) >= before + 200, 300, "the three workers to process the second part")
-    # SIGKILL a worker that holds partitions, in the middle of the second part
+    # the join moved partitions (and their state) to the new worker
+    wait_for(lambda: all(owned(w) is not None for w in pool) and sum(len(owned(w)) for w in pool) == 4
+             and set().union(*(owned(w) for w in pool)) == {0, 1, 2, 3} and bool(owned(w3)), 180,
+             "the three workers to share the four partitions")
+    print(f"\nafter the join: {[sorted(owned(w)) for w in pool]}")
+    # SIGKILL one of the first two that holds partitions, while it processes the second part
+    # (within its 1 s commit interval: its successor re-processes what it had not committed)
     victim = next(w for w in (w1, w2) if owned(w))
     held = owned(victim)
+    base = processed([victim])
+    results: list[int] = []
+    t = threading.Thread(target=lambda: results.append(replay(thirds[1])))
+    t.start()
+    at_kill = wait_for(lambda: processed([victim]) >= base + 100 and processed([victim]), 300,
+                       "the victim to process part of the second part", poll_s=0.02)
     victim.kill()
-    print(f"\nSIGKILLed the worker holding partitions {sorted(held)} after {processed(pool)} events processed "
-          f"(live workers' counters); assignments before: {[sorted(owned(w) or ()) for w in pool]}")
+    t.join(300)
+    assert results == [len(thirds[1])]
+    print(f"SIGKILLed the worker holding partitions {sorted(held)} after it processed {at_kill - base} events of "
+          f"the second part ({at_kill} in all)")
     assert replay(thirds[2]) == len(thirds[2])
     end_of_input(s)
     survivor = next(w for w in pool if w.alive())
