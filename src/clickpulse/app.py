@@ -607,6 +607,37 @@ def _wire_rules(w: Worker, rules: Any) -> None:
             metrics.rules_reloads.labels("rejected").inc()
 
 
+def segment_sizes_entry(key: bytes | None, value: bytes | None, partitions: int) -> tuple[int, dict[str, int] | None]:
+    """Decode one message of ``<ns>.segment-sizes``: ``(partition, {segment: members})``, or
+    ``(partition, None)`` for a tombstone (the partition's counts withdrawn).
+
+    Raises
+    ------
+    ValueError
+        The key is not a partition number below ``partitions``, the value is not JSON or not a
+        ``schemas/segment_sizes.v1.json`` record, or its ``partition`` is not the key's.
+    """
+    from .events.schemas import validation_errors
+    try:
+        p = int(key.decode()) if key and len(key) <= 10 and key.isdigit() else -1
+    except (UnicodeDecodeError, ValueError):
+        p = -1
+    if not 0 <= p < partitions:
+        raise ValueError(f"key {key[:32] if key else key!r} is not a partition number below {partitions}")
+    if value is None:
+        return p, None
+    try:
+        rec = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        raise ValueError("value is not JSON") from None
+    errs = validation_errors("segment_sizes", rec)
+    if errs:
+        raise ValueError(f"not a segment_sizes.v1 record: {errs[0]}")
+    if rec["partition"] != p:
+        raise ValueError(f"record of partition {rec['partition']} under key {p}")
+    return p, rec["counts"]
+
+
 def _wire_segment_sizes(w: Worker) -> None:
     """Global segment sizes (docs/scaling.md): publish this worker's partitions' member counts to
     the compacted ``<ns>.segment-sizes`` (keyed by partition; when they changed, at most every
@@ -648,35 +679,16 @@ def _wire_segment_sizes(w: Worker) -> None:
     async def follow_segment_sizes() -> None:
         """Read every partition's latest counts (the whole compacted topic, no consumer group)."""
         from aiokafka import AIOKafkaConsumer, TopicPartition
-        from .events.schemas import validation_errors
         warned: set[str] = set()
 
         def take(m: Any) -> None:
             try:
-                p = int(m.key.decode()) if m.key else -1
-            except (UnicodeDecodeError, ValueError):
-                p = -1
-            problem = None
-            if not 0 <= p < s.partitions:
-                problem = f"key {m.key[:32] if m.key else m.key!r} is not a partition number below {s.partitions}"
-            elif m.value is None:  # a tombstone: the partition's counts are withdrawn
-                engine.set_remote_segment_counts(p, None)
-                return
-            else:
-                try:
-                    rec = orjson.loads(m.value)
-                    errs = validation_errors("segment_sizes", rec)
-                    if errs:
-                        problem = f"not a segment_sizes.v1 record: {errs[0]}"
-                    elif rec["partition"] != p:
-                        problem = f"record of partition {rec['partition']} under key {p}"
-                    else:
-                        engine.set_remote_segment_counts(p, rec["counts"])
-                except orjson.JSONDecodeError:
-                    problem = "value is not JSON"
-            if problem is not None and problem not in warned:  # internal topic: log, never crash
-                warned.add(problem)
-                log.warning("ignoring %s[%d]@%d: %s", topic, m.partition, m.offset, problem)
+                p, counts = segment_sizes_entry(m.key, m.value, s.partitions)
+                engine.set_remote_segment_counts(p, counts)
+            except ValueError as err:  # internal topic: logged (a few kinds), skipped, never a crash
+                if str(err) not in warned and len(warned) < 20:
+                    warned.add(str(err))
+                    log.warning("ignoring %s[%d]@%d: %s", topic, m.partition, m.offset, err)
 
         while True:
             consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, enable_auto_commit=False,

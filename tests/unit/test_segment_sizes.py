@@ -92,3 +92,41 @@ def test_a_single_engine_is_unchanged_without_remote_counts():
         got += feed(eng, user, f"10:0{i}", i % 4)
     assert [a["user_key"] for a in got] == ["e", "f"]
     assert eng.remote_segment_members == {} and eng.segment_size("carters") == 6
+
+
+# ---------------------------------------------------------------- the <ns>.segment-sizes records
+
+GOOD = {"schema_version": 1, "partition": 2, "counts": {"carters": 3}, "published_at_ms": 1, "rules_version": None}
+
+
+def test_a_record_of_the_sizes_topic_is_decoded():
+    import orjson
+
+    from clickpulse.app import segment_sizes_entry
+    assert segment_sizes_entry(b"2", orjson.dumps(GOOD), 4) == (2, {"carters": 3})
+    assert segment_sizes_entry(b"3", None, 4) == (3, None)  # a tombstone withdraws the counts
+
+
+@pytest.mark.parametrize("key, value", [
+    (None, GOOD), (b"", GOOD), (b"x", GOOD), (b"-1", GOOD), (b"4", GOOD), (b"\xff\xfe", GOOD), (b"9" * 400, GOOD),
+    (b"2", b"not json"), (b"2", b"[]"), (b"2", {**GOOD, "partition": 1}), (b"2", {**GOOD, "counts": {"s": -1}}),
+    (b"2", {**GOOD, "counts": {"s": "3"}}), (b"2", {**GOOD, "extra": 1}), (b"2", {**GOOD, "schema_version": 2}),
+    (b"2", {"partition": 2, "counts": {}}),
+])
+def test_hostile_records_of_the_sizes_topic_are_refused(key, value):
+    import orjson
+
+    from clickpulse.app import segment_sizes_entry
+    raw = orjson.dumps(value) if isinstance(value, dict) else value
+    with pytest.raises(ValueError):
+        segment_sizes_entry(key, raw, 4)
+
+
+def test_a_float_count_that_passes_the_schema_is_refused_by_the_engine():
+    """JSON Schema's ``integer`` admits 3.0; the engine does not (the worker skips the record)."""
+    import orjson
+
+    from clickpulse.app import segment_sizes_entry
+    p, counts = segment_sizes_entry(b"2", orjson.dumps({**GOOD, "counts": {"carters": 3.0}}), 4)
+    with pytest.raises(ValueError):
+        memory_engine(rules=SEGMENT).set_remote_segment_counts(p, counts)
