@@ -47,8 +47,9 @@ class ActionRecord(TypedDict, total=False):
 
 
 class SegmentChangeRecord(TypedDict, total=False):
-    """A user entered or left a segment; ``segment_size`` is the size after the change (members
-    counted by this worker)."""
+    """A user entered or left a segment; ``segment_size`` is the segment's members among the
+    users of this user's partition after the change (the global size, over every partition, is
+    on the worker's ``/segments`` and ``clickpulse_segment_members``)."""
 
     schema_version: int
     user_key: str
