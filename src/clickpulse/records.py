@@ -17,6 +17,7 @@ record                      topic                               schema
 :class:`ControlRecord`      ``<ns>.events.raw`` (signed header) ``schemas/control.v1.json``
 :class:`MergeRecord`        ``<ns>.identity``                   ``schemas/merge.v1.json``
 :class:`ExperimentRecord`   ``<ns>.experiments``                ``schemas/experiment.v1.json``
+:class:`SegmentSizesRecord` ``<ns>.segment-sizes`` (compacted) ``schemas/segment_sizes.v1.json``
 ==========================  ==================================  ================================
 """
 
@@ -53,8 +54,9 @@ class ActionRecord(TypedDict, total=False):
 
 
 class SegmentChangeRecord(TypedDict, total=False):
-    """A user entered or left a segment; ``segment_size`` is the size after the change (members
-    counted by this worker)."""
+    """A user entered or left a segment; ``segment_size`` is the segment's members among the
+    users of this user's partition after the change (the global size, over every partition, is
+    on the worker's ``/segments`` and ``clickpulse_segment_members``)."""
 
     schema_version: int
     user_key: str
@@ -167,3 +169,17 @@ class MergeRecord(TypedDict):
     link_event: dict[str, Any]
     linked_at_ms: int
     state_b64: str
+class SegmentSizesRecord(TypedDict):
+    """The member counts of one partition's users per segment, as counted by the worker that
+    owns the partition; on the compacted ``<ns>.segment-sizes``, keyed by the partition number
+    (decimal ASCII), so the topic keeps the latest count of every partition. Every worker reads
+    the whole topic and adds the other partitions' counts to its own (global ``min_size``).
+    ``counts``: ``{segment: members}`` (segments without members left out); ``published_at_ms``:
+    wall clock (epoch ms) of the publication; ``rules_version``: the rules the counts were taken
+    under (``None``: no rules)."""
+
+    schema_version: int
+    partition: int
+    counts: dict[str, int]
+    published_at_ms: int
+    rules_version: str | None

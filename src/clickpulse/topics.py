@@ -17,6 +17,7 @@ topic                                  key        value
 ``<ns>.privacy.audit``                 request id ``schemas/privacy_audit.v1.json``
 ``<ns>.identity``                      user_key   ``schemas/merge.v1.json`` (a guest's state for its
                                                   customer, keyed by the customer; docs/identity.md)
+``<ns>.segment-sizes`` (compacted, 1)  partition  ``schemas/segment_sizes.v1.json``
 ``<ns>-worker-users-changelog``        user_key   user state (Faust table changelog, compacted)
 =====================================  =========  ============================================
 
@@ -81,6 +82,8 @@ def topic_specs(s: Settings) -> dict[str, dict]:
         # identity stitching: merge records keyed by the customer, co-partitioned with the state
         s.topic_identity: {"partitions": s.partitions, "config": {"retention.ms": retention_7d}},
         s.topic_models: {"partitions": 1, "config": {"cleanup.policy": "compact", "max.message.bytes": str(16 * 1024 * 1024)}},
+        # the latest segment member counts of every partition (read whole by every worker)
+        s.topic_segment_sizes: {"partitions": 1, "config": {"cleanup.policy": "compact"}},
     }
     for spec in specs.values():
         spec["replication"] = s.replication_factor

@@ -199,6 +199,8 @@ class Engine:
         self.assumed_consent = frozenset(assumed_consent)
         self.bots = bots or BotConfig()
         self.segment_members: dict[int, dict[str, int]] = {}
+        #: other workers' last published member counts per partition (set_remote_segment_counts)
+        self.remote_segment_members: dict[int, dict[str, int]] = {}
         self.segment_entries: dict[str, int] = {}      # membership stints started (since start/restore)
         self.segment_conversions: dict[str, int] = {}  # stints with a purchase
         #: partition -> experiment -> arm -> (exposed users, converted users) over the users held
@@ -425,8 +427,46 @@ class Engine:
         return r if r is None or isinstance(r, Ruleset) else r.current()
 
     def segment_size(self, name: str) -> int:
-        """Members of segment ``name`` over this worker's partitions."""
+        """Members of segment ``name`` over all partitions: this engine's own partitions' live
+        counts plus, for every other partition, the count last set by
+        :meth:`set_remote_segment_counts` (what the worker owning it published). A partition this
+        engine owns (it is in :attr:`segment_members`) always uses its live count, whatever was
+        published for it. With no remote counts (one worker, or the in-memory engine) this is the
+        count over this engine's partitions, deterministic under replay."""
+        own = self.segment_members
+        return (sum(m.get(name, 0) for m in own.values())
+                + sum(m.get(name, 0) for p, m in self.remote_segment_members.items() if p not in own))
+
+    def local_segment_size(self, name: str) -> int:
+        """Members of segment ``name`` over this engine's own partitions only."""
         return sum(m.get(name, 0) for m in self.segment_members.values())
+
+    def set_remote_segment_counts(self, partition: int, counts: Mapping[str, int] | None) -> None:
+        """Record the member counts another worker published for ``partition``
+        (``{segment: members}``, members >= 0; ``None``: forget the partition). Used by
+        :meth:`segment_size` for partitions this engine does not own; ignored while it owns them.
+
+        Raises
+        ------
+        ValueError
+            A count that is not a non-negative integer, or a negative partition.
+        """
+        if not isinstance(partition, int) or isinstance(partition, bool) or partition < 0:
+            raise ValueError(f"partition must be an int >= 0, got {partition!r}")
+        if counts is None:
+            self.remote_segment_members.pop(partition, None)
+            return
+        clean: dict[str, int] = {}
+        for seg, n in counts.items():
+            if not isinstance(seg, str) or not isinstance(n, int) or isinstance(n, bool) or n < 0:
+                raise ValueError(f"segment count {seg!r}: {n!r} is not a non-negative integer")
+            clean[seg] = n
+        self.remote_segment_members[partition] = clean
+
+    def segment_counts(self) -> dict[int, dict[str, int]]:
+        """This engine's own partitions' live member counts, ``{partition: {segment: members}}``
+        (segments with no member left out): what the worker publishes for the others."""
+        return {p: {seg: n for seg, n in sorted(m.items()) if n > 0} for p, m in sorted(self.segment_members.items())}
 
     def segment_active(self, name: str) -> bool:
         rs = self.ruleset()

@@ -11,7 +11,7 @@ from jsonschema import Draft202012Validator, FormatChecker
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
 SCHEMA_NAMES = ("event", "action", "dlq", "control", "profile", "example", "snapshot", "segment_change",
-                "experiment")
+                "experiment", "segment_sizes")
 
 
 @functools.cache

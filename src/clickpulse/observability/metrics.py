@@ -88,8 +88,9 @@ class Metrics:
                                    ["rule"], registry=r)
         self.segment_changes = Counter("clickpulse_segment_changes_total", "Segment entries and exits",
                                        ["change"], registry=r)
-        self.segment_members = Gauge("clickpulse_segment_members", "Members per segment on this worker",
-                                     ["segment"], registry=r)
+        self.segment_members = Gauge("clickpulse_segment_members",
+                                     "Members per segment over all partitions (this worker's live counts + "
+                                     "the others' published ones)", ["segment"], registry=r)
         self.segment_conversion = Gauge("clickpulse_segment_conversion_rate",
                                         "Share of segment membership stints with a purchase (raw and "
                                         "beta-binomial smoothed)", ["segment", "estimate"], registry=r)

@@ -12,7 +12,8 @@ Semantics (stated once, applied the same way live and in a replay)
   user's timers fires (a segment whose condition depends only on time passing, e.g.
   ``lifetime.days_since_last_order > 30``, is re-evaluated at the user's next event or timer).
   An entry or exit is a :class:`SegmentChange` (published on ``<ns>.segments``). A segment with
-  fewer than ``min_size`` members (counted by the engine over its partitions, the user who just
+  fewer than ``min_size`` members (``Engine.segment_size``: its partitions plus the counts other
+  workers published for theirs, docs/scaling.md; the user who just
   entered included, the one who just left excluded) is *inactive*: it
   is missing from the ``segments`` name of the namespace and its ``segment_enter`` /
   ``segment_exit`` triggers do not fire (outcome ``segment_too_small``).
