@@ -18,6 +18,9 @@ never waits behind an unbounded producer backlog).
 * timers      live mode: every second, fire timers of idle partitions (watermark follows wall
               clock); every ``redis_flush_interval_s``: flush profiles to Redis; every
               ``rules_poll_s``: reload the rules file when it changed; every 5 min: expire users
+* segment sizes  every ``segment_sizes_interval_s``: publish this worker's partitions' segment
+              member counts (when changed) to ``<ns>.segment-sizes``; a task reads the whole topic
+              for the other partitions' counts (global ``min_size``, docs/scaling.md)
 * web         ``/metrics``, ``/progress``, ``/segments``, ``/rules``, ``/business`` (business metrics, clickpulse.metrics.business), ``/recs``
 
 Delivery: at least once. A batch's actions are acknowledged by the broker before its users'
@@ -185,6 +188,8 @@ class Worker:
             out.append((s.topic_segments, ch["user_key"].encode(), dumps(ch), None, None))
         for ex in em.examples:
             out.append((s.topic_training, ex["user_key"].encode(), dumps(ex), None, None))
+        for xr in em.experiments:  # experiment exposures and conversions (clickpulse.experiments)
+            out.append((s.topic_experiments, xr["user_key"].encode(), dumps(xr), None, None))
         for key, q in em.quarantined.items():
             out.append((s.topic_quarantine, key.encode(), dumps(q), None, None))
         for ev in em.forwards:  # a linked guest's events, re-keyed to its customer
@@ -445,6 +450,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
     _wire_refill(w)
     if rules is not None:
         _wire_rules(w, rules)
+        _wire_segment_sizes(w)
     if registry is not None:
         _wire_models(w, registry)
     _wire_web(w, rules, registry)
@@ -696,6 +702,115 @@ def _wire_rules(w: Worker, rules: Any) -> None:
             metrics.rules_reloads.labels("rejected").inc()
 
 
+def segment_sizes_entry(key: bytes | None, value: bytes | None, partitions: int) -> tuple[int, dict[str, int] | None]:
+    """Decode one message of ``<ns>.segment-sizes``: ``(partition, {segment: members})``, or
+    ``(partition, None)`` for a tombstone (the partition's counts withdrawn).
+
+    Raises
+    ------
+    ValueError
+        The key is not a partition number below ``partitions``, the value is not JSON or not a
+        ``schemas/segment_sizes.v1.json`` record, or its ``partition`` is not the key's.
+    """
+    from .events.schemas import validation_errors
+    try:
+        p = int(key.decode()) if key and len(key) <= 10 and key.isdigit() else -1
+    except (UnicodeDecodeError, ValueError):
+        p = -1
+    if not 0 <= p < partitions:
+        raise ValueError(f"key {key[:32] if key else key!r} is not a partition number below {partitions}")
+    if value is None:
+        return p, None
+    try:
+        rec = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        raise ValueError("value is not JSON") from None
+    errs = validation_errors("segment_sizes", rec)
+    if errs:
+        raise ValueError(f"not a segment_sizes.v1 record: {errs[0]}")
+    if rec["partition"] != p:
+        raise ValueError(f"record of partition {rec['partition']} under key {p}")
+    return p, rec["counts"]
+
+
+def _wire_segment_sizes(w: Worker) -> None:
+    """Global segment sizes (docs/scaling.md): publish this worker's partitions' member counts to
+    the compacted ``<ns>.segment-sizes`` (keyed by partition; when they changed, at most every
+    ``CLICKPULSE_SEGMENT_SIZES_INTERVAL_S``, and all of them again after a rebalance), and read
+    the whole topic into :meth:`Engine.set_remote_segment_counts`, so ``min_size`` gates on the
+    sum over every partition. Eventually consistent: the other partitions' counts are as of their
+    owners' last publication."""
+    from .records import SegmentSizesRecord
+    s, engine = w.settings, w.engine
+    topic = s.topic_segment_sizes
+    published: dict[int, dict[str, int]] = {}  # what this worker last published, per partition
+
+    @w.app.on_rebalance_complete.connect
+    async def republish_after_rebalance(sender: Any = None, **kwargs: Any) -> None:
+        published.clear()  # the new owners announce every partition they hold, changed or not
+
+    @w.app.timer(interval=s.segment_sizes_interval_s)
+    async def publish_segment_sizes() -> None:
+        rs = engine.ruleset()
+        counts = engine.segment_counts()
+        # only partitions the group assigned to this worker *and* the engine counts (restored):
+        # a partition just assigned but not yet recovered would publish a false zero
+        owned = [p for p in _valid_partitions(w) if p in counts]
+        out = []
+        now = _now_ms()
+        for p in owned:
+            if published.get(p) == counts[p]:
+                continue
+            rec: SegmentSizesRecord = {"schema_version": 1, "partition": p, "counts": counts[p],
+                                       "published_at_ms": now, "rules_version": None if rs is None else rs.version}
+            out.append((topic, str(p).encode(), orjson.dumps(rec), 0, None))
+            published[p] = counts[p]
+        for p in [p for p in published if p not in owned]:
+            del published[p]
+        if out:
+            await w.publisher.send(out)
+
+    @w.app.task
+    async def follow_segment_sizes() -> None:
+        """Read every partition's latest counts (the whole compacted topic, no consumer group)."""
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+        warned: set[str] = set()
+
+        def take(m: Any) -> None:
+            try:
+                p, counts = segment_sizes_entry(m.key, m.value, s.partitions)
+                engine.set_remote_segment_counts(p, counts)
+            except ValueError as err:  # internal topic: logged (a few kinds), skipped, never a crash
+                if str(err) not in warned and len(warned) < 20:
+                    warned.add(str(err))
+                    log.warning("ignoring %s[%d]@%d: %s", topic, m.partition, m.offset, err)
+
+        while True:
+            consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, enable_auto_commit=False,
+                                        auto_offset_reset="earliest")
+            try:
+                await consumer.start()
+                await consumer.topics()  # metadata of every topic, so the partitions are known
+                parts = consumer.partitions_for_topic(topic) or {0}
+                tps = [TopicPartition(topic, p) for p in sorted(parts)]
+                consumer.assign(tps)
+                await consumer.seek_to_beginning(*tps)
+                while True:
+                    for _tp, msgs in (await consumer.getmany(timeout_ms=1000)).items():
+                        for m in msgs:
+                            take(m)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - keep the last counts; read the topic again shortly
+                log.warning("reading %s failed; retrying in 5 s", topic, exc_info=True)
+                await asyncio.sleep(5.0)
+            finally:
+                try:
+                    await consumer.stop()
+                except BaseException:  # noqa: BLE001 - shutting down
+                    pass
+
+
 def _wire_models(w: Worker, registry: Any) -> None:
     s, metrics = w.settings, w.metrics
 
@@ -744,6 +859,7 @@ def _wire_web(w: Worker, rules: Any, registry: Any) -> None:
         return web.json({"rules_version": None if rs is None else rs.version,
                          "user_conversion_prior": {"alpha": a, "beta": b, "mean": a / (a + b)},
                          "segments": {g.name: {"min_size": g.min_size, "members": engine.segment_size(g.name),
+                                               "local_members": engine.local_segment_size(g.name),
                                                "active": engine.segment_active(g.name),
                                                **{k: v for k, v in conv.get(g.name, {}).items() if k != "members"}}
                                       for g in (rs.segments if rs is not None else ())}})

@@ -98,6 +98,42 @@ def cmd_report_html(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report_experiments(args: argparse.Namespace) -> int:
+    """Analyze the experiments' records (``<ns>.experiments`` or a JSON-lines file): a table with
+    intervals, or JSON (``--json``); ``--textfile`` writes the Prometheus gauges."""
+    from .experiments.report import aggregate, analyze, format_table, set_gauges
+
+    if args.file:
+        with open(args.file, "rb") as fh:
+            records = [orjson.loads(line) for line in fh if line.strip()]
+        source = args.file
+    else:
+        from .runtime import read_topic
+        settings = Settings.from_env()
+        source = settings.topic_experiments
+        records = []
+        for _key, value, _meta in asyncio.run(read_topic(settings.kafka_bootstrap, source, timeout_s=args.timeout)):
+            try:
+                records.append(orjson.loads(value))
+            except orjson.JSONDecodeError:
+                records.append({})  # counted as malformed below
+    data, bad = aggregate(records)
+    results = analyze(data, alpha=args.alpha, tau2=args.tau2, baseline=args.baseline)
+    if args.json:
+        print(orjson.dumps(results, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY).decode())
+    else:
+        print(f"{len(records)} records from {source}" + (f" ({bad} malformed, skipped)" if bad else ""))
+        print(format_table(results))
+    if args.textfile:
+        from prometheus_client import write_to_textfile
+
+        from .observability.metrics import ExperimentGauges
+        m = ExperimentGauges()
+        set_gauges(m, results)
+        write_to_textfile(args.textfile, m.registry)
+    return 0
+
+
 def cmd_rules_check(args: argparse.Namespace) -> int:
     """Validate a rules file offline (exit 1 with the error, as the worker would reject it)."""
     from .rules.ruleset import load_rules
@@ -117,6 +153,9 @@ def cmd_rules_check(args: argparse.Namespace) -> int:
                                        f"once per {t.once_per}" if t.once_per else "",
                                        f"needs {t.requires_consent} consent" if t.requires_consent else "") if x)
         print(f"  trigger {t.name:<24} on {on} -> {t.action.type}" + (f" ({extras})" if extras else ""))
+        if t.experiment is not None:
+            shares = ", ".join(f"{arm} {share:.0%}" for arm, share in t.experiment.expected_shares().items())
+            print(f"    experiment {t.experiment.name}: {shares}; window {t.experiment.window_s:g} s")
     for w in rs.warnings:
         print(f"  warning: {w}")
     return 0
@@ -288,6 +327,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         recs_pairs = orjson.loads(worker.get("/recs"))      # recs.json: the top item pairs
         segment_changes = asyncio.run(read_topic(settings.kafka_bootstrap, settings.topic_segments))
         actions = asyncio.run(read_topic(settings.kafka_bootstrap, settings.topic_actions))
+        experiments = asyncio.run(read_topic(settings.kafka_bootstrap, settings.topic_experiments))
         from .models.trainer import latest_snapshots
         from .runtime import end_offsets
         # wait until the trainer's snapshots cover every example on the training topic
@@ -311,6 +351,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for _k, v, _meta in actions:
             fh.write(v + b"\n")
     by_type = Counter(orjson.loads(v)["type"] for _k, v, _m in actions)
+    with (out_dir / "experiments.jsonl").open("wb") as fh:  # clickpulse report experiments --file ...
+        for _k, v, _meta in experiments:
+            fh.write(v + b"\n")
+    exp_counts = Counter((r["experiment"], r["kind"]) for r in (orjson.loads(v) for _k, v, _m in experiments))
     report = _demo_report_files(out_dir, settings, business, segment_changes, snapshots, recs_pairs)
 
     def total(prefix: str) -> int:
@@ -327,6 +371,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"  users               {total('clickpulse_users_new_total')}")
     print(f"  sessions            {total('clickpulse_sessions_started_total')}")
     print(f"  actions             {dict(sorted(by_type.items())) or '{}'}")
+    for exp in sorted({e for e, _k in exp_counts}):
+        print(f"  experiment          {exp}: {exp_counts[(exp, 'exposure')]} exposed, "
+              f"{exp_counts[(exp, 'conversion')]} conversions attributed (clickpulse report experiments "
+              f"--file {out_dir / 'experiments.jsonl'})")
     print(f"  rules               {segments_now['rules_version']} (consent assumed: "
           f"{', '.join(sorted(settings.assumed_consent)) or 'none'})")
     decisions = Counter()
@@ -538,6 +586,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the run directory (default ./demo-output)")
     rh.add_argument("--out", default=None, help="the HTML file to write (default RUN_DIR/report.html)")
     rh.set_defaults(func=cmd_report_html)
+    rx = rsub.add_parser("experiments", help="experiment arms vs baseline: conversion and revenue with intervals, "
+                                             "P(beats), expected loss, always-valid p, SRM (docs/experiments.md)")
+    rx.add_argument("--file", help="JSON lines of experiment records (default: read <ns>.experiments)")
+    rx.add_argument("--json", action="store_true", help="print the analysis as JSON (for plots)")
+    rx.add_argument("--alpha", type=float, default=0.05, help="significance level of the tests and intervals (default 0.05)")
+    rx.add_argument("--tau2", type=float, default=1e-4, help="mSPRT mixing variance (scale of rate differences)")
+    rx.add_argument("--baseline", help="the arm to compare with (default: holdout, else control)")
+    rx.add_argument("--textfile", help="also write the Prometheus gauges here (node_exporter textfile format)")
+    rx.add_argument("--timeout", type=float, default=30.0, help="seconds to read the experiments topic (default 30)")
+    rx.set_defaults(func=cmd_report_experiments)
 
     ru = sub.add_parser("rules", help="rules file tools")
     rusub = ru.add_subparsers(dest="rules_cmd", required=True, metavar="ACTION")

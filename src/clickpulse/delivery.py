@@ -11,7 +11,8 @@ by hand):
 
 1. parse; a value that is not an action goes to ``<ns>.actions.dlq`` (reason ``invalid``);
 2. skip the actions whose id Redis already has (``<ns>:delivered:<action_id>``) or that came
-   earlier in the same batch: *duplicates*;
+   earlier in the same batch: *duplicates*; skip the experiments' holdout decisions
+   (``deliver: false``, docs/experiments.md): published to measure lift, never delivered;
 3. **deliver** the others to the sink (:class:`JsonlSink`: append, one fsync per batch;
    :class:`WebhookSink`: HTTP POST with retries, in offset order per partition);
 4. **mark** each delivered id: ``SET <ns>:delivered:<action_id> 1 NX EX <ttl>``;
@@ -170,6 +171,9 @@ class DeliveryMetrics:
                                       "Delivered actions whose id was already marked when marking (another adapter "
                                       "delivered it meanwhile, e.g. around a rebalance): delivered twice", registry=r)
         self.batches = Counter("clickpulse_delivery_batches_total", "Batches committed", registry=r)
+        self.holdout = Counter("clickpulse_delivery_holdout_skipped_total",
+                               "Actions not delivered because they are an experiment's holdout decisions "
+                               "(deliver: false)", registry=r)
 
 
 # ----------------------------------------------------------------------------------- dedup store
@@ -427,6 +431,7 @@ class BatchResult:
     failed: list[dict[str, Any]] = field(default_factory=list)
     mark_conflicts: int = 0
     committed: dict[int, int] = field(default_factory=dict)
+    holdout: int = 0  # actions with ``deliver: false`` (an experiment's holdout): skipped
 
 
 class Deliverer:
@@ -468,6 +473,8 @@ class Deliverer:
                 dlq.append((rec.key, orjson.dumps(d)))
                 res.failed.append(d)
                 self.metrics.failures.labels("invalid").inc()
+            elif item.action.get("deliver") is False:  # an experiment's holdout: measured, never delivered
+                res.holdout += 1
             elif item.action_id in in_batch:
                 res.duplicates += 1
             else:
@@ -501,6 +508,7 @@ class Deliverer:
         if dlq:
             await self.dead_letter(dlq)
         self.metrics.duplicates.inc(res.duplicates)
+        self.metrics.holdout.inc(res.holdout)
         # 3. commit
         offsets: dict[int, int] = {}
         for rec in records:

@@ -16,6 +16,8 @@ record                      topic                               schema
 :class:`QuarantineRecord`   ``<ns>.quarantine``                 ``schemas/quarantine.v1.json``
 :class:`ControlRecord`      ``<ns>.events.raw`` (signed header) ``schemas/control.v1.json``
 :class:`MergeRecord`        ``<ns>.identity``                   ``schemas/merge.v1.json``
+:class:`ExperimentRecord`   ``<ns>.experiments``                ``schemas/experiment.v1.json``
+:class:`SegmentSizesRecord` ``<ns>.segment-sizes`` (compacted) ``schemas/segment_sizes.v1.json``
 ==========================  ==================================  ================================
 """
 
@@ -44,11 +46,17 @@ class ActionRecord(TypedDict, total=False):
     model_version: str | None
     rules_version: str | None
     created_at: str
+    #: set on the actions of a trigger with an experiment (docs/experiments.md): its name, the
+    #: user's arm (a variant or ``holdout``) and whether to deliver it (``False`` for the holdout)
+    experiment: str
+    variant: str
+    deliver: bool
 
 
 class SegmentChangeRecord(TypedDict, total=False):
-    """A user entered or left a segment; ``segment_size`` is the size after the change (members
-    counted by this worker)."""
+    """A user entered or left a segment; ``segment_size`` is the segment's members among the
+    users of this user's partition after the change (the global size, over every partition, is
+    on the worker's ``/segments`` and ``clickpulse_segment_members``)."""
 
     schema_version: int
     user_key: str
@@ -117,6 +125,27 @@ class QuarantineRecord(TypedDict):
     state_b64: str | None
 
 
+class ExperimentRecord(TypedDict, total=False):
+    """A fact of an experiment (:mod:`clickpulse.experiments.attribution`): a user's first
+    ``exposure`` (``source_id`` = the action's id) or an attributed ``conversion`` inside the
+    window (``source_id`` = the event's id, ``revenue`` its revenue). ``record_id`` is
+    deterministic (UUIDv5), so a re-published record is recognised."""
+
+    schema_version: int
+    record_id: str
+    kind: str  # "exposure" | "conversion"
+    experiment: str
+    variant: str
+    user_key: str
+    event_time: str
+    event_time_ms: int
+    exposure_time_ms: int
+    revenue: float | None
+    source_id: str
+    rules_version: str | None
+    share: float | None
+
+
 class ControlRecord(TypedDict, total=False):
     """End of a bounded input, from the trusted control topic (never from the raw topic)."""
 
@@ -140,3 +169,17 @@ class MergeRecord(TypedDict):
     link_event: dict[str, Any]
     linked_at_ms: int
     state_b64: str
+class SegmentSizesRecord(TypedDict):
+    """The member counts of one partition's users per segment, as counted by the worker that
+    owns the partition; on the compacted ``<ns>.segment-sizes``, keyed by the partition number
+    (decimal ASCII), so the topic keeps the latest count of every partition. Every worker reads
+    the whole topic and adds the other partitions' counts to its own (global ``min_size``).
+    ``counts``: ``{segment: members}`` (segments without members left out); ``published_at_ms``:
+    wall clock (epoch ms) of the publication; ``rules_version``: the rules the counts were taken
+    under (``None``: no rules)."""
+
+    schema_version: int
+    partition: int
+    counts: dict[str, int]
+    published_at_ms: int
+    rules_version: str | None

@@ -471,6 +471,13 @@ class Settings:
     recs_triggers : str
         ``CLICKPULSE_RECS_TRIGGERS``; comma-separated trigger names whose action payloads get
         ``recommendations``. Default ``cart_abandonment,browse_abandonment``.
+    segment_sizes_interval_s : float
+        ``CLICKPULSE_SEGMENT_SIZES_INTERVAL_S``; seconds. Each worker publishes its partitions'
+        segment member counts to the compacted ``<ns>.segment-sizes`` topic when they changed, at
+        most this often (and after every rebalance); every worker adds the other partitions'
+        latest counts to its own, so ``min_size`` applies to a segment's global size. With
+        several workers the gate therefore lags the other workers' counts by up to about this
+        long (docs/scaling.md). Default 2.
     """
 
     kafka_bootstrap: str = "127.0.0.1:9092"
@@ -564,6 +571,7 @@ class Settings:
     recs_context: int = 10
     recs_k: int = 5
     recs_triggers: str = "cart_abandonment,browse_abandonment"
+    segment_sizes_interval_s: float = 2.0
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -577,7 +585,8 @@ class Settings:
                     "bot_max_cart_adds", "bot_cart_window_s", "bot_max_events", "bot_events_window_s",
                     "dedup_ids_per_user", "redis_flush_interval_s", "idle_timeout_s", "batch_max_events",
                     "batch_within_s", "max_in_flight_batches", "max_money", "max_quantity",
-                    "replication_factor", "redis_refill_check_s", "redis_refill_rate")
+                    "replication_factor", "redis_refill_check_s", "redis_refill_rate",
+                    "segment_sizes_interval_s")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_env(name)} must be > 0, got {getattr(self, name)!r}")
@@ -721,6 +730,11 @@ class Settings:
         return f"{self.namespace}.segments"
 
     @property
+    def topic_experiments(self) -> str:
+        """Experiment exposures and attributed conversions (``schemas/experiment.v1.json``)."""
+        return f"{self.namespace}.experiments"
+
+    @property
     def topic_models(self) -> str:
         return f"{self.namespace}.models"
 
@@ -770,6 +784,11 @@ class Settings:
     def changelog_topic(self) -> str:
         """The state table's changelog (Faust names it ``<app id>-<table>-changelog``)."""
         return f"{self.app_id}-{self.state_table}-changelog"
+
+    @property
+    def topic_segment_sizes(self) -> str:
+        """The compacted topic of the partitions' segment member counts (one partition)."""
+        return f"{self.namespace}.segment-sizes"
 
     @property
     def topic_privacy(self) -> str:

@@ -9,6 +9,7 @@ topic                                  key        value
 ``<ns>.events.dlq``                    raw key    ``schemas/dlq.v1.json``
 ``<ns>.actions``                       user_key   ``schemas/action.v1.json``
 ``<ns>.segments``                      user_key   ``schemas/segment_change.v1.json``
+``<ns>.experiments``                   user_key   ``schemas/experiment.v1.json``
 ``<ns>.training`` (1 partition)        user_key   ``schemas/example.v1.json``
 ``<ns>.models`` (compacted)            task       ``schemas/snapshot.v1.json``
 ``<ns>.quarantine`` (compacted)        user_key   ``schemas/quarantine.v1.json``
@@ -16,6 +17,7 @@ topic                                  key        value
 ``<ns>.privacy.audit``                 request id ``schemas/privacy_audit.v1.json``
 ``<ns>.identity``                      user_key   ``schemas/merge.v1.json`` (a guest's state for its
                                                   customer, keyed by the customer; docs/identity.md)
+``<ns>.segment-sizes`` (compacted, 1)  partition  ``schemas/segment_sizes.v1.json``
 ``<ns>-worker-users-changelog``        user_key   user state (Faust table changelog, compacted)
 =====================================  =========  ============================================
 
@@ -66,6 +68,8 @@ def topic_specs(s: Settings) -> dict[str, dict]:
         s.topic_dlq: {"partitions": 1, "config": {"retention.ms": str(30 * 86400 * 1000)}},
         s.topic_actions: {"partitions": s.partitions, "config": {"retention.ms": retention_7d}},
         s.topic_segments: {"partitions": s.partitions, "config": {"retention.ms": retention_7d}},
+        # experiment exposures and conversions (docs/experiments.md): kept 90 days for the analysis
+        s.topic_experiments: {"partitions": s.partitions, "config": {"retention.ms": str(90 * 86400 * 1000)}},
         # one partition: a single trainer learns every example in order
         s.topic_training: {"partitions": 1, "config": {"retention.ms": retention_7d}},
         # stored user states that could not be processed (latest per user; 30 days)
@@ -78,6 +82,8 @@ def topic_specs(s: Settings) -> dict[str, dict]:
         # identity stitching: merge records keyed by the customer, co-partitioned with the state
         s.topic_identity: {"partitions": s.partitions, "config": {"retention.ms": retention_7d}},
         s.topic_models: {"partitions": 1, "config": {"cleanup.policy": "compact", "max.message.bytes": str(16 * 1024 * 1024)}},
+        # the latest segment member counts of every partition (read whole by every worker)
+        s.topic_segment_sizes: {"partitions": 1, "config": {"cleanup.policy": "compact"}},
     }
     for spec in specs.values():
         spec["replication"] = s.replication_factor

@@ -134,12 +134,12 @@ def cart_actions(settings: Settings) -> list[dict]:
 
 
 def assert_topics_match_schemas(settings: Settings) -> dict[str, int]:
-    """Every message on the valid, dead-letter, actions, training and models topics validates
-    against schemas/."""
+    """Every message on the valid, dead-letter, actions, training, models and experiments topics
+    validates against schemas/."""
     counts = {}
     for topic, schema in ((settings.topic_valid, None), (settings.topic_dlq, "dlq"), (settings.topic_actions, "action"),
                           (settings.topic_segments, "segment_change"), (settings.topic_training, "example"),
-                          (settings.topic_models, "snapshot")):
+                          (settings.topic_models, "snapshot"), (settings.topic_experiments, "experiment")):
         msgs = asyncio.run(read_topic(settings.kafka_bootstrap, topic))
         for _k, v, meta in msgs:
             obj = orjson.loads(v)

@@ -191,19 +191,24 @@ def test_sigkill_mid_replay_duplicates_identical_none_lost_adapter_delivers_once
             assert CREATED_AT.search(v) and CREATED_AT.search(vs[0])
 
     # -- the adapter: each action exactly once at the sink, the bytes of its first copy ----------
+    # (an experiment's holdout decisions, deliver: false, are never delivered: docs/experiments.md)
+    holdout = {aid for aid, vs in copies.items() if orjson.loads(vs[0]).get("deliver") is False}
+    held_msgs = sum(len(copies[aid]) for aid in holdout)
+    assert holdout, "the default rules' example experiment has a holdout"
     lines = out.read_bytes().splitlines()
     ids = [orjson.loads(line)["action_id"] for line in lines]
     twice = [i for i, n in Counter(ids).items() if n > 1]
     assert twice == [], f"{len(twice)} action ids delivered more than once"
-    assert set(ids) == set(copies)
+    assert set(ids) == set(copies) - holdout
     assert all(line == copies[aid][0] for line, aid in zip(lines, ids, strict=True))
     total = lambda name: sum(m.get(name, 0) for m in scraped)  # noqa: E731
-    assert total("clickpulse_delivery_delivered_total{sink=jsonl}") == len(copies)
-    assert total("clickpulse_delivery_duplicates_total") == len(msgs) - len(copies)
+    assert total("clickpulse_delivery_delivered_total{sink=jsonl}") == len(copies) - len(holdout)
+    assert total("clickpulse_delivery_duplicates_total") == len(msgs) - held_msgs - (len(copies) - len(holdout))
+    assert total("clickpulse_delivery_holdout_skipped_total") == held_msgs
     assert total("clickpulse_delivery_failures_total{reason=invalid}") == 0
     r = redis.Redis.from_url(s.redis_url)
     keys = list(r.scan_iter(match=f"{s.namespace}:delivered:*", count=1000))
-    assert len(keys) == len(copies)
+    assert len(keys) == len(copies) - len(holdout)
     assert 0 < r.ttl(keys[0]) <= 3600
     assert asyncio.run(end_offsets(s.kafka_bootstrap, dlq_topic(s))) == {0: 0}
     r.delete(*keys)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..records import ActionRecord, ExampleRecord, MergeRecord, QuarantineRecord, SegmentChangeRecord
+from ..records import ActionRecord, ExampleRecord, ExperimentRecord, MergeRecord, QuarantineRecord, SegmentChangeRecord
 from ..state.user import Applied, UserState
 
 #: a counter's identity: (attribute name on :class:`clickpulse.observability.metrics.Metrics`, label values)
@@ -69,6 +69,9 @@ class Emitted:
     aliases
         ``guest_key -> customer_key`` links made or used by the step (``None``: the link was
         erased), for the Redis alias keys.
+    experiments
+        First exposures and attributed conversions for ``<ns>.experiments``
+        (``schemas/experiment.v1.json``, :mod:`clickpulse.experiments.attribution`).
     counters
         ``(metric attribute, label values) -> increment``.
     gauges
@@ -88,6 +91,7 @@ class Emitted:
     forwards: list[dict[str, Any]] = field(default_factory=list)
     merges: list[MergeRecord] = field(default_factory=list)
     aliases: dict[str, str | None] = field(default_factory=dict)
+    experiments: list[ExperimentRecord] = field(default_factory=list)
     counters: dict[CounterKey, float] = field(default_factory=dict)
     gauges: dict[str, float] = field(default_factory=dict)
 
@@ -114,6 +118,7 @@ class Emitted:
         self.forwards += other.forwards
         self.merges += other.merges
         self.aliases.update(other.aliases)
+        self.experiments += other.experiments
         for k, n in other.counters.items():
             self.counters[k] = self.counters.get(k, 0) + n
         self.gauges.update(other.gauges)

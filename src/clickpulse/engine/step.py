@@ -12,7 +12,7 @@ Unit of work (like a quix-streams state transaction, or bytewax's ``StatefulLogi
 * Each user touched by the step is decoded once (or taken from a bounded cache of decoded hot
   users), changed in memory for all of its events in the batch, and encoded once at the end.
 * The engine-wide aggregates (partition clocks, timer index, segment sizes, the population
-  prior, the count of buffered predictions) are snapshotted at the start of the step and put
+  prior, the count of buffered predictions, the experiments' per-arm counts) are snapshotted at the start of the step and put
   back if the step raises: **a step that raises changes nothing.**
 * An event whose processing raises does not take its batch down: the batch is rolled back and
   re-run one event at a time; the failing event is rolled back alone and reported in
@@ -43,6 +43,7 @@ from typing import Any
 
 import orjson
 
+from ..experiments.attribution import arm_counts, attribute, conversion_record, exposure_record
 from ..features.engagement import value as engagement_value
 from ..models.labels import after_event, before_event, next_due, on_watermark
 from ..models.labels import Outcome as ModelOutcome
@@ -198,8 +199,13 @@ class Engine:
         self.assumed_consent = frozenset(assumed_consent)
         self.bots = bots or BotConfig()
         self.segment_members: dict[int, dict[str, int]] = {}
+        #: other workers' last published member counts per partition (set_remote_segment_counts)
+        self.remote_segment_members: dict[int, dict[str, int]] = {}
         self.segment_entries: dict[str, int] = {}      # membership stints started (since start/restore)
         self.segment_conversions: dict[str, int] = {}  # stints with a purchase
+        #: partition -> experiment -> arm -> (exposed users, converted users) over the users held
+        #: (what a ``thompson`` allocation draws from; rebuilt from the table by :meth:`restore`)
+        self.arms: dict[int, dict[str, dict[str, tuple[int, int]]]] = {}
         self.population: dict[int, PopulationPrior] = {}  # users' (converted sessions, sessions)
         self.population_total = PopulationPrior()
         self._prior_key: tuple[float, ...] | None = None
@@ -323,6 +329,7 @@ class Engine:
             prev = None
         if prev is not None:
             self._count_population(prev, -1)
+            self._count_arms(prev, -1)
             members = self.segment_members.setdefault(prev.partition, {})
             for seg in prev.rules.get("seg", []):
                 members[seg] = max(0, members.get(seg, 0) - 1)
@@ -353,10 +360,12 @@ class Engine:
         clocks = {p: (c.max_ts, c.last_event_wall, c.wm, set(c.eoi_sources), c.closed) for p, c in self.clocks.items()}
         return (clocks, {p: dict(m) for p, m in self.segment_members.items()}, dict(self.segment_entries),
                 dict(self.segment_conversions), {p: copy.copy(pp) for p, pp in self.population.items()},
-                copy.copy(self.population_total), self.pending_predictions, self.rule_errors)
+                copy.copy(self.population_total), self.pending_predictions, self.rule_errors,
+                {p: {e: dict(d) for e, d in m.items()} for p, m in self.arms.items()})  # (counts: tuples)
 
     def _rollback(self, tx: _Tx) -> None:
-        clocks, members, entries, conversions, population, total, pending, errors = tx.snapshot
+        clocks, members, entries, conversions, population, total, pending, errors, arms = tx.snapshot
+        self.arms = arms
         for p in list(self.clocks):
             if p not in clocks:
                 del self.clocks[p]
@@ -421,8 +430,46 @@ class Engine:
         return r if r is None or isinstance(r, Ruleset) else r.current()
 
     def segment_size(self, name: str) -> int:
-        """Members of segment ``name`` over this worker's partitions."""
+        """Members of segment ``name`` over all partitions: this engine's own partitions' live
+        counts plus, for every other partition, the count last set by
+        :meth:`set_remote_segment_counts` (what the worker owning it published). A partition this
+        engine owns (it is in :attr:`segment_members`) always uses its live count, whatever was
+        published for it. With no remote counts (one worker, or the in-memory engine) this is the
+        count over this engine's partitions, deterministic under replay."""
+        own = self.segment_members
+        return (sum(m.get(name, 0) for m in own.values())
+                + sum(m.get(name, 0) for p, m in self.remote_segment_members.items() if p not in own))
+
+    def local_segment_size(self, name: str) -> int:
+        """Members of segment ``name`` over this engine's own partitions only."""
         return sum(m.get(name, 0) for m in self.segment_members.values())
+
+    def set_remote_segment_counts(self, partition: int, counts: Mapping[str, int] | None) -> None:
+        """Record the member counts another worker published for ``partition``
+        (``{segment: members}``, members >= 0; ``None``: forget the partition). Used by
+        :meth:`segment_size` for partitions this engine does not own; ignored while it owns them.
+
+        Raises
+        ------
+        ValueError
+            A count that is not a non-negative integer, or a negative partition.
+        """
+        if not isinstance(partition, int) or isinstance(partition, bool) or partition < 0:
+            raise ValueError(f"partition must be an int >= 0, got {partition!r}")
+        if counts is None:
+            self.remote_segment_members.pop(partition, None)
+            return
+        clean: dict[str, int] = {}
+        for seg, n in counts.items():
+            if not isinstance(seg, str) or not isinstance(n, int) or isinstance(n, bool) or n < 0:
+                raise ValueError(f"segment count {seg!r}: {n!r} is not a non-negative integer")
+            clean[seg] = n
+        self.remote_segment_members[partition] = clean
+
+    def segment_counts(self) -> dict[int, dict[str, int]]:
+        """This engine's own partitions' live member counts, ``{partition: {segment: members}}``
+        (segments with no member left out): what the worker publishes for the others."""
+        return {p: {seg: n for seg, n in sorted(m.items()) if n > 0} for p, m in sorted(self.segment_members.items())}
 
     def segment_active(self, name: str) -> bool:
         rs = self.ruleset()
@@ -543,9 +590,29 @@ class Engine:
         def count_member(seg: str, delta: int) -> None:
             members[seg] = max(0, members.get(seg, 0) + delta)
         return triggers.RuleContext(rs, self.segment_active, self._extra, count_member, self.assumed_consent,
-                                    self.bots, created,
+                                    self.bots, created, arm_counts=self.arm_counts,
                                     recommend=self._recommend_action if self.recs is not None and self.recs_triggers
                                     else None)
+
+    def arm_counts(self, experiment: str) -> dict[str, tuple[int, int]]:
+        """Arm -> (exposed users, converted users) of ``experiment`` over this worker's partitions."""
+        out: dict[str, tuple[int, int]] = {}
+        for by_exp in self.arms.values():
+            for arm, (n, x) in by_exp.get(experiment, {}).items():
+                a = out.get(arm, (0, 0))
+                out[arm] = (a[0] + n, a[1] + x)
+        return out
+
+    def _count_arm(self, partition: int, experiment: str, arm: str, exposed: int, converted: int) -> None:
+        by_arm = self.arms.setdefault(partition, {}).setdefault(experiment, {})
+        n, x = by_arm.get(arm, (0, 0))
+        by_arm[arm] = (max(0, n + exposed), max(0, x + converted))
+
+    def _count_arms(self, st: UserState, sign: int) -> None:
+        """Add (sign +1) or take back (-1) the user's exposures and conversions in :attr:`arms`."""
+        if "x" in st.rules:
+            for name, arm, converted in arm_counts(st):
+                self._count_arm(st.partition, name, arm, sign, sign * converted)
 
     def _count_population(self, st: UserState, sign: int) -> None:
         pp = self.population.setdefault(st.partition, PopulationPrior())
@@ -588,7 +655,28 @@ class Engine:
                             "clickpulse_rule_errors_total): %s", err.rule, err)
         if out.timer_skipped_late:
             em.count("timers_skipped_late", n=out.timer_skipped_late)
+        if out.exposures:
+            rs = self.ruleset()
+            for name, arm, at, aid in out.exposures:
+                exp = rs.experiments.get(name) if rs is not None else None
+                share = exp.expected_shares().get(arm) if exp is not None else None
+                em.experiments.append(exposure_record(st.key, name, arm, at, aid, rs.version if rs else None,  # type: ignore[arg-type]
+                                                      share))
+                em.count("experiment_exposures", name, arm)
+                self._count_arm(st.partition, name, arm, 1, 0)
         return out.actions  # type: ignore[return-value]
+
+    def _attribute(self, st: UserState, event: dict[str, Any], rs: Ruleset | None, em: Emitted) -> None:
+        """Conversions of the user's experiment exposures by ``event`` -> records and counters."""
+        for name, arm, at, rev, first in attribute(st, event, {} if rs is None else rs.experiments):
+            if first:
+                self._count_arm(st.partition, name, arm, 0, 1)
+                em.count("experiment_converters", name, arm)
+            em.experiments.append(conversion_record(st.key, name, arm, at, event, rev,  # type: ignore[arg-type]
+                                                    rs.version if rs else None))
+            em.count("experiment_conversions", name, arm)
+            if rev:
+                em.count("experiment_revenue", name, arm, n=rev)
 
     def _segment_purchase(self, st: UserState) -> None:
         """A purchase converts the user's current membership stints (each counted once)."""
@@ -726,6 +814,8 @@ class Engine:
                                                        allow_buffer=self.pending_predictions < self.pending_total_cap),
                                        em, gate=False)
         rule_actions: list[ActionRecord] = []
+        if "x" in st.rules:  # experiment outcomes, in event time (clickpulse.experiments.attribution)
+            self._attribute(st, event, rs, em)
         if ctx is not None:
             if event["type"] == "purchase":
                 self._segment_purchase(st)
@@ -955,6 +1045,7 @@ class Engine:
         for p in list(self.population):
             if p not in keep:
                 del self.population[p]
+        self.arms = {p: {} for p in keep}
         for p in keep:  # rebuilt below from the recovered table
             self.segment_members[p] = {}
             self.population[p] = PopulationPrior()
@@ -982,6 +1073,7 @@ class Engine:
             for seg in st.rules.get("seg", []):
                 members[seg] = members.get(seg, 0) + 1
             self._count_population(st, +1)
+            self._count_arms(st, +1)
             if st.life.last_ms is not None and st.life.last_ms >= max_ts.get(st.partition, st.life.last_ms):
                 max_ts[st.partition] = st.life.last_ms
                 max_wall[st.partition] = st.life.last_wall_ms
@@ -1075,6 +1167,7 @@ class Engine:
                 em.actions.clear()  # an expiring user gets no action (its session ended long ago)
                 for seg in st.rules.get("seg", []):
                     members[seg] = max(0, members.get(seg, 0) - 1)
+                self._count_arms(st, -1)
                 tx.users[key] = dormant(st)
                 tx.dirty.add(key)
                 self.timers.setdefault(partition, TimerIndex()).set(key, None)
@@ -1119,6 +1212,7 @@ class Engine:
                 for seg in summary["segments"]:
                     members[seg] = max(0, members.get(seg, 0) - 1)
                 self._count_population(st, -1)
+                self._count_arms(st, -1)
                 for ti in self.timers.values():
                     if user_key in ti._due:
                         summary["timers"] += 1

@@ -10,7 +10,8 @@ import orjson
 from jsonschema import Draft202012Validator, FormatChecker
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
-SCHEMA_NAMES = ("event", "action", "dlq", "control", "profile", "example", "snapshot", "segment_change")
+SCHEMA_NAMES = ("event", "action", "dlq", "control", "profile", "example", "snapshot", "segment_change",
+                "experiment", "segment_sizes")
 
 
 @functools.cache

@@ -88,8 +88,9 @@ class Metrics:
                                    ["rule"], registry=r)
         self.segment_changes = Counter("clickpulse_segment_changes_total", "Segment entries and exits",
                                        ["change"], registry=r)
-        self.segment_members = Gauge("clickpulse_segment_members", "Members per segment on this worker",
-                                     ["segment"], registry=r)
+        self.segment_members = Gauge("clickpulse_segment_members",
+                                     "Members per segment over all partitions (this worker's live counts + "
+                                     "the others' published ones)", ["segment"], registry=r)
         self.segment_conversion = Gauge("clickpulse_segment_conversion_rate",
                                         "Share of segment membership stints with a purchase (raw and "
                                         "beta-binomial smoothed)", ["segment", "estimate"], registry=r)
@@ -129,6 +130,37 @@ class Metrics:
             ["outcome"], registry=r)
         self.identity_forwarded = Counter("clickpulse_identity_forwarded_total",
                                           "Events of a linked guest forwarded to its customer", registry=r)
+        # experiments (clickpulse.experiments): labels are the rules file's experiment and arm names
+        self.experiment_exposures = Counter("clickpulse_experiment_exposures_total",
+                                            "Users exposed to an experiment (first decision), by experiment and "
+                                            "arm (a variant or holdout)", ["experiment", "variant"], registry=r)
+        self.experiment_conversions = Counter("clickpulse_experiment_conversions_total",
+                                              "Conversions attributed to an experiment arm (event time, within the "
+                                              "window after exposure)", ["experiment", "variant"], registry=r)
+        self.experiment_converters = Counter("clickpulse_experiment_converters_total",
+                                             "Exposed users with a first attributed conversion, by experiment and arm",
+                                             ["experiment", "variant"], registry=r)
+        self.experiment_revenue = Counter("clickpulse_experiment_revenue_total",
+                                          "Revenue attributed to an experiment arm (purchase revenue, within the "
+                                          "window after exposure)", ["experiment", "variant"], registry=r)
         self.pii_fields = Counter("clickpulse_pii_fields_total",
                                   "Event fields the PII policy changed at ingest, by action (dropped: a key "
                                   "not allowed; hashed: a value replaced by its keyed hash)", ["action"], registry=r)
+
+
+class ExperimentGauges:
+    """The experiments' analysis as gauges (``clickpulse report experiments --textfile``, in their
+    own registry: the node_exporter textfile collector or a pushgateway serves them). Labels are
+    the rules file's experiment and arm names and the statistic's name, never a user."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.experiment_stat = Gauge("clickpulse_experiment_stat",
+                                     "An experiment arm's analysis: users, converters, conversion_rate, "
+                                     "revenue_per_user, lift, lift_ci_low, lift_ci_high, p_value_z, p_value_welch, "
+                                     "p_beats_baseline, expected_loss, p_value_always_valid",
+                                     ["experiment", "variant", "statistic"], registry=r)
+        self.experiment_srm_p = Gauge("clickpulse_experiment_srm_p_value",
+                                      "Sample-ratio-mismatch chi-square p-value per experiment (a mismatch below "
+                                      "0.001)", ["experiment"], registry=r)

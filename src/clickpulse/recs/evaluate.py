@@ -27,7 +27,7 @@ Methods, all learning the same events in the same order:
 
 Datasets: the bundled REES46 sample (``view`` rows are views; ``cart`` rows fill the session's
 cart; a ``purchase`` row is an order of the cart's items and the product, as in the engine) and
-the Diginetica sample (views only; see ``data/diginetica-README.md``).
+the Diginetica sample (views only; see ``tests/data/diginetica/README.md``).
 """
 
 from __future__ import annotations
@@ -47,8 +47,10 @@ from ..errors import DatasetError
 from ..ingest.datasets import BUNDLED_SAMPLE, REES46_COLUMNS, rees46_time_ms
 from .cooccurrence import CoOccurrence, RecsConfig
 
-DATA = Path(__file__).resolve().parent.parent / "data"
-BUNDLED_DIGINETICA = DATA / "diginetica-sample-train-item-views.csv"
+#: The Diginetica sample lives with the tests, outside the package (research-only terms: used for
+#: evaluation and tests, never shipped): present in a source checkout only.
+BUNDLED_DIGINETICA = (Path(__file__).resolve().parents[3] / "tests" / "data" / "diginetica"
+                      / "sample_train-item-views.csv")
 DATASETS: dict[str, Path] = {"rees46": BUNDLED_SAMPLE, "diginetica": BUNDLED_DIGINETICA}
 DIGINETICA_COLUMNS = ["session_id", "user_id", "item_id", "timeframe", "eventdate"]
 
@@ -104,8 +106,8 @@ def diginetica_sessions(path: str | Path = BUNDLED_DIGINETICA) -> list[SessionEv
     """
     p = Path(path)
     if not p.is_file():
-        raise DatasetError(f"no such file: {p} (the bundled Diginetica sample is research-only: it is in a source "
-                           "checkout, not in built wheels; see data/diginetica-README.md)")
+        raise DatasetError(f"no such file: {p} (the Diginetica sample is research-only: it is in a source checkout, "
+                           "tests/data/diginetica/, never in the package; see its README.md there)")
     rows: list[tuple[int, int, int, str]] = []
     with p.open(newline="", encoding="utf-8") as fh:
         reader = csv.reader(fh, delimiter=";")

@@ -20,6 +20,16 @@ A rules file is YAML::
         cooldown_s: 86400              # default 0
         once_per: episode              # episode | session | day (local) | lifetime (default: none)
         requires_consent: marketing    # default: none
+        experiment:                    # optional (docs/experiments.md)
+          name: cart_offer_test        # unique in the file; the actions' "experiment"
+          salt: "2026-12"              # default: the name
+          holdout: 0.1                 # share decided but not delivered (deliver: false)
+          window_s: 604800             # attribution window after exposure (event time)
+          conversion: purchase         # event type(s) counted as a conversion
+          allocation: fixed            # fixed (the weights) | thompson (bandit over the variants)
+          variants:
+            - {name: control, weight: 1}
+            - {name: freeship, weight: 1, offer: '"FREESHIP"', delay_s: 3600}
 
 ``on`` is an event type (``product_view``), ``{segment_enter: NAME}``, ``{segment_exit: NAME}``
 or ``{timeout: {after: A, no: B, within_s: T}}`` ("after an A, no B within T seconds"; ``no``
@@ -61,6 +71,7 @@ from cel_expr_python import cel
 
 from ..errors import ClickpulseError
 from ..events.contract import CANONICAL_TYPES
+from ..experiments.assignment import HOLDOUT, Experiment, Variant
 from ..state.windows import SPANS
 from .namespace import ALL, NONE, VARIABLES, Deps
 
@@ -680,13 +691,25 @@ class Trigger:
     once_per: str | None = None
     requires_consent: str | None = None
     description: str = ""
+    #: an experiment on this trigger's decisions (:mod:`clickpulse.experiments`), or None
+    experiment: Experiment | None = None
 
     @cached_property
     def payload_deps(self) -> Deps:
-        """The namespace names its action's payload reads (built only when it fires)."""
+        """The namespace names its action's payload reads (built only when it fires; every
+        variant's payload included)."""
         out = NONE
-        for expr in _template_exprs(self.action.payload):
-            out = out | expr.deps
+        for template in self.templates:
+            for expr in _template_exprs(template):
+                out = out | expr.deps
+        return out
+
+    @property
+    def templates(self) -> list[Template]:
+        """The payload templates: the trigger's and those of its experiment's variants."""
+        out = [self.action.payload]
+        if self.experiment is not None:
+            out += [v.payload for v in self.experiment.variants if v.payload is not None]
         return out
 
 
@@ -725,6 +748,11 @@ class Ruleset:
             if s.name == name:
                 return s
         raise KeyError(name)
+
+    @cached_property
+    def experiments(self) -> dict[str, Experiment]:
+        """Experiment name -> the experiment (declared on the triggers)."""
+        return {t.experiment.name: t.experiment for t in self.triggers if t.experiment is not None}
 
     def trigger(self, name: str) -> Trigger:
         """The trigger called ``name`` (KeyError if none)."""
@@ -911,8 +939,8 @@ def _trigger(path: str | None, m: Any, index: int, segment_names: set[str]) -> T
     if not isinstance(m, dict):
         raise ctx.error("a trigger must be a mapping with name, on and action")
     ctx.rule = _name(ctx, m)
-    _check_keys(ctx, m, {"name", "on", "when", "action", "cooldown_s", "once_per", "requires_consent", "description"},
-                {"name", "on", "action"}, None)
+    _check_keys(ctx, m, {"name", "on", "when", "action", "cooldown_s", "once_per", "requires_consent", "description",
+                         "experiment"}, {"name", "on", "action"}, None)
     on = _on(ctx, m, segment_names)
     when = ctx.expr(m.get("when", "true"), "when", want_bool=True)
     a = m["action"]
@@ -935,7 +963,76 @@ def _trigger(path: str | None, m: Any, index: int, segment_names: set[str]) -> T
     if consent is not None and (not isinstance(consent, str) or not _NAME_RE.match(consent)):
         raise ctx.error(f"requires_consent must be a consent purpose name such as 'marketing', got {consent!r}",
                         "requires_consent", m, "requires_consent")
-    return Trigger(ctx.rule, on, when, action, float(cooldown), once_per, consent, str(m.get("description", "")))
+    experiment = _experiment(ctx, m["experiment"], on, action.payload) if "experiment" in m else None
+    return Trigger(ctx.rule, on, when, action, float(cooldown), once_per, consent, str(m.get("description", "")),
+                   experiment)
+
+
+def _experiment(ctx: _Ctx, e: Any, on: On, payload: Template) -> Experiment:
+    """Validate and compile a trigger's ``experiment`` (see :mod:`clickpulse.experiments.assignment`)."""
+    if not isinstance(e, dict):
+        raise ctx.error("an experiment is {name, variants, holdout, window_s, salt, conversion}", "experiment")
+    _check_keys(ctx, e, {"name", "salt", "holdout", "window_s", "conversion", "variants", "description",
+                         "allocation"}, {"name"}, "experiment")
+    allocation = e.get("allocation", "fixed")
+    if allocation not in ("fixed", "thompson"):
+        raise ctx.error(f"allocation is fixed or thompson, got {allocation!r}", "experiment.allocation", e,
+                        "allocation")
+    name = e["name"]
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ctx.error(f"an experiment name must be a name, got {name!r}", "experiment.name", e, "name")
+    salt = e.get("salt", name)
+    if not isinstance(salt, str) or not salt:
+        raise ctx.error(f"salt must be a non-empty string, got {salt!r}", "experiment.salt", e, "salt")
+    holdout = _number(ctx, e, "holdout", "experiment.holdout", default=0.0)
+    if not holdout < 1:
+        raise ctx.error(f"holdout is a share in [0, 1), got {holdout!r}", "experiment.holdout", e, "holdout")
+    window = _number(ctx, e, "window_s", "experiment.window_s", default=7 * 86400.0, positive=True)
+    conv = e.get("conversion", "purchase")
+    convs = conv if isinstance(conv, list) else [conv]
+    if not convs:
+        raise ctx.error("expected at least one event type", "experiment.conversion", e, "conversion")
+    types = tuple(_type_name(ctx, x, "experiment.conversion", e, "conversion") for x in convs)
+    raw = e.get("variants", [{"name": "treatment", "weight": 1}])
+    if not isinstance(raw, list) or not raw:
+        raise ctx.error("variants is a non-empty list of {name, weight, payload, offer, delay_s}",
+                        "experiment.variants", e, "variants")
+    variants = []
+    for i, v in enumerate(raw):
+        where = f"experiment.variants[{i}]"
+        if not isinstance(v, dict):
+            raise ctx.error("a variant is {name, weight, payload, offer, delay_s}", where, e, "variants")
+        _check_keys(ctx, v, {"name", "weight", "payload", "offer", "delay_s", "description"}, {"name"}, where)
+        vname = v["name"]
+        if not isinstance(vname, str) or not _NAME_RE.match(vname) or vname == HOLDOUT:
+            raise ctx.error(f"a variant name must be a name other than {HOLDOUT!r}, got {vname!r}", f"{where}.name",
+                            v, "name")
+        if any(x.name == vname for x in variants):
+            raise ctx.error(f"duplicate variant name {vname!r}", f"{where}.name", v, "name")
+        weight = _number(ctx, v, "weight", f"{where}.weight", default=1, positive=True)
+        overrides = v.get("payload", {})
+        if not isinstance(overrides, dict):
+            raise ctx.error("a variant's payload is a mapping of the payload fields it overrides",
+                            f"{where}.payload", v, "payload")
+        template = None
+        if overrides or "offer" in v:
+            if not isinstance(payload, dict):
+                raise ctx.error("payload overrides need a mapping payload", f"{where}.payload", v, "payload")
+            template = dict(payload)
+            template.update(_template(ctx, overrides, f"{where}.payload", v, "payload"))
+            if "offer" in v:  # shorthand for payload: {offer: ...}
+                template["offer"] = _template(ctx, v["offer"], f"{where}.offer", v, "offer")
+        delay = None
+        if "delay_s" in v:
+            if allocation == "thompson":
+                raise ctx.error("delay_s needs the arm when the timer is armed: not with allocation: thompson "
+                                "(the arm is drawn when the trigger fires)", f"{where}.delay_s", v, "delay_s")
+            if on.kind != "timeout":
+                raise ctx.error("delay_s overrides a timeout's within_s: only for an on: {timeout: ...} trigger",
+                                f"{where}.delay_s", v, "delay_s")
+            delay = float(_number(ctx, v, "delay_s", f"{where}.delay_s", positive=True))
+        variants.append(Variant(vname, float(weight), template, delay))
+    return Experiment(name, salt, tuple(variants), float(holdout), float(window), types, allocation)
 
 
 def _unique(ctx: _Ctx, items: list[Any], kind: str) -> None:
@@ -984,6 +1081,13 @@ def parse_rules(data: bytes | str, path: str | None = None) -> Ruleset:
     names = {s.name for s in segments}
     triggers = [_trigger(path, m, i, names) for i, m in enumerate(lists["triggers"])]
     _unique(ctx, triggers, "trigger")
+    seen_experiments: dict[str, str] = {}
+    for trig in triggers:
+        if trig.experiment is not None:
+            other = seen_experiments.setdefault(trig.experiment.name, trig.name)
+            if other != trig.name:
+                raise RulesError(f"experiment {trig.experiment.name!r} is already declared by trigger {other!r}",
+                                 path=path, rule=trig.name, kind="trigger", field="experiment.name")
     file_version = version.strip()
     warnings = []
     for trig in triggers:
@@ -1015,7 +1119,7 @@ def parse_rules(data: bytes | str, path: str | None = None) -> Ruleset:
 def _sources(item: Segment | Trigger) -> list[str]:
     """Every CEL source of a rule (condition and payload values)."""
     out = [item.when.source]
-    stack = [item.action.payload] if isinstance(item, Trigger) else []
+    stack = list(item.templates) if isinstance(item, Trigger) else []
     while stack:
         v = stack.pop()
         if isinstance(v, Expr):

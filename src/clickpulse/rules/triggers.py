@@ -12,7 +12,8 @@ Semantics (stated once, applied the same way live and in a replay)
   user's timers fires (a segment whose condition depends only on time passing, e.g.
   ``lifetime.days_since_last_order > 30``, is re-evaluated at the user's next event or timer).
   An entry or exit is a :class:`SegmentChange` (published on ``<ns>.segments``). A segment with
-  fewer than ``min_size`` members (counted by the engine over its partitions, the user who just
+  fewer than ``min_size`` members (``Engine.segment_size``: its partitions plus the counts other
+  workers published for theirs, docs/scaling.md; the user who just
   entered included, the one who just left excluded) is *inactive*: it
   is missing from the ``segments`` name of the namespace and its ``segment_enter`` /
   ``segment_exit`` triggers do not fire (outcome ``segment_too_small``).
@@ -53,6 +54,12 @@ Semantics (stated once, applied the same way live and in a replay)
   event id (event triggers), the due time (timeouts) or ``enter|exit`` and the event id or time
   (segment triggers): re-processing the same input gives the same id whatever the rules
   version. Each action records the ``rules_version`` that decided it and its ``trigger``.
+* **Experiments.** A trigger with an ``experiment`` (:mod:`clickpulse.experiments`) decides
+  as without one (every gate alike for every arm); the action then carries ``experiment``,
+  ``variant`` (the user's arm, :meth:`~clickpulse.experiments.assignment.Experiment.assign`)
+  and ``deliver`` (``False`` for the holdout), its payload is the variant's, a timeout's delay
+  the variant's ``delay_s`` when it has one, and the first decision for the user records the
+  exposure (:attr:`Outcome.exposures`, :func:`clickpulse.experiments.attribution.expose`).
 * **Reloads.** Per-trigger state is keyed by trigger name: a trigger kept across a reload keeps
   its timers, cooldown and once_per history (no double firing); a removed trigger's state is
   dropped at the user's next evaluation; a new one starts fresh.
@@ -103,6 +110,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..events.contract import CANONICAL_TYPES, to_rfc3339
+from ..experiments.assignment import HOLDOUT
+from ..experiments.attribution import expose, exposure
+from ..experiments.bandit import thompson_arm
 from ..state.user import ACTION_NAMESPACE, UserState, action_id
 from ..state.localtime import local_day
 from ..state.windows import SPANS
@@ -201,6 +211,9 @@ class RuleContext:
     created_at: str = ""
     incremental: bool | None = None
     recommend: Callable[[UserState, str, int], list[Any] | None] | None = None
+    #: ``experiment -> {arm: (exposed users, converted users)}`` over the engine's users, for a
+    #: ``thompson`` allocation (:mod:`clickpulse.experiments.bandit`); ``None``: no data yet
+    arm_counts: Callable[[str], Mapping[str, tuple[int, int]]] | None = None
 
     @property
     def hold_ms(self) -> int:
@@ -218,6 +231,9 @@ class Outcome:
     errors: list[EvalError] = field(default_factory=list)
     timer_skipped_late: int = 0
     bot_flagged: str | None = None  # the reason, when this event made the user a bot
+    #: first exposures of the user to an experiment decided here:
+    #: ``(experiment, arm, at_ms, action_id)`` (:mod:`clickpulse.experiments.attribution`)
+    exposures: list[tuple[str, str, int, str]] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- one evaluation
@@ -603,6 +619,9 @@ def _runtime(rs: Ruleset) -> dict[str, Any]:
             events=events,
             when=when,
             payload={t.name: _Group(_template_exprs(t.action.payload)) for t in rs.triggers},
+            # (trigger, variant) -> its payload group, for experiment variants with their own payload
+            vpayload={(t.name, v.name): _Group(_template_exprs(v.payload)) for t in rs.triggers
+                      if t.experiment is not None for v in t.experiment.variants if v.payload is not None},
         )
     return rt
 
@@ -840,11 +859,16 @@ def _copy(v: Any) -> Any:
     return v
 
 
-def _payload(p: _Point, trig: Trigger, errors: list[EvalError]) -> Any:
+def _payload(p: _Point, trig: Trigger, errors: list[EvalError], variant: Any = None) -> Any:
     """The trigger's payload at ``p`` (:func:`~clickpulse.rules.ruleset.render_payload`),
-    re-used (a copy) when its inputs equal remembered ones."""
-    template = trig.action.payload
-    g = _runtime(p.ctx.ruleset)["payload"][trig.name]
+    re-used (a copy) when its inputs equal remembered ones. ``variant``: an experiment
+    :class:`~clickpulse.experiments.assignment.Variant` with its own payload template."""
+    if variant is not None and variant.payload is not None:
+        template = variant.payload
+        g = _runtime(p.ctx.ruleset)["vpayload"][(trig.name, variant.name)]
+    else:
+        template = trig.action.payload
+        g = _runtime(p.ctx.ruleset)["payload"][trig.name]
     if not g.exprs:
         return render_payload(template, None, errors)
     key = None
@@ -978,7 +1002,12 @@ def _fire(st: UserState, trig: Trigger, at_ms: int, occurrence: str, detail: str
     ts["n"] = int(ts.get("n", 0)) + 1
     if ts.get("e") is not None:
         ts["fe"] = ts["e"]
-    payload = _payload(p, trig, out.errors)
+    exp = trig.experiment
+    arm = variant = None
+    if exp is not None:  # deterministic, sticky arm (clickpulse.experiments.assignment)
+        arm = _arm(st, exp, ctx)
+        variant = exp.by_name.get(arm)
+    payload = _payload(p, trig, out.errors, variant)
     if ctx.recommend is not None:
         recs = ctx.recommend(st, trig.name, at_ms)
         if recs is not None:
@@ -999,6 +1028,12 @@ def _fire(st: UserState, trig: Trigger, at_ms: int, occurrence: str, detail: str
         "rules_version": ctx.ruleset.version,
         "created_at": ctx.created_at,
     }
+    if exp is not None:  # the holdout's decision is published, flagged not to be delivered
+        action["experiment"] = exp.name
+        action["variant"] = arm
+        action["deliver"] = arm != HOLDOUT
+        if expose(st, exp, arm, at_ms):  # type: ignore[arg-type]
+            out.exposures.append((exp.name, arm, at_ms, action["action_id"]))  # type: ignore[arg-type]
     if trig.requires_consent is not None and trig.on.kind != "timeout" and ctx.hold_ms > 0:
         st.rules.setdefault("held", []).append([at_ms + ctx.hold_ms, action])
         out.decisions.append((trig.name, "held"))
@@ -1153,7 +1188,7 @@ def on_event(st: UserState, event: Mapping[str, Any], late: bool, watermark_ms: 
             if ts.get("e") is None:  # the episode's identity: its first A to arrive (never moves)
                 ts["e"] = t
             ts["a"] = max(t, ts.get("a", t))
-            due = ts["a"] + within_ms
+            due = ts["a"] + (within_ms if trig.experiment is None else _delay_ms(trig, st, within_ms))
             if trig.once_per == "episode" and ts.get("fe") == ts["e"]:
                 ts.pop("due", None)  # this episode has had its action
             elif watermark_ms is not None and due < watermark_ms:
@@ -1195,6 +1230,27 @@ def on_event(st: UserState, event: Mapping[str, Any], late: bool, watermark_ms: 
     if rules.get("t") == {}:
         del rules["t"]
     return out
+
+
+def _arm(st: UserState, exp: Any, ctx: RuleContext | None) -> str:
+    """The user's arm: the one of their exposure (sticky, also across a reload that changed the
+    weights), else the hash's (:meth:`~clickpulse.experiments.assignment.Experiment.assign`),
+    with a ``thompson`` allocation drawn over the variants (not for the holdout)."""
+    prev = exposure(st, exp.name)
+    if prev is not None and (prev[0] in exp.by_name or (prev[0] == HOLDOUT and exp.holdout > 0)):
+        return prev[0]
+    arm = exp.assign(st.key)
+    if exp.allocation == "thompson" and arm != HOLDOUT:
+        counts = ctx.arm_counts(exp.name) if ctx is not None and ctx.arm_counts is not None else {}
+        arm = thompson_arm(counts, [v.name for v in exp.variants], exp.salt, st.key)
+    return arm
+
+
+def _delay_ms(trig: Trigger, st: UserState, within_ms: int) -> int:
+    """A timeout's delay for the user's experiment arm (a variant's ``delay_s``, else ``within_ms``)."""
+    exp = trig.experiment
+    v = exp.by_name.get(_arm(st, exp, None)) if exp is not None else None
+    return within_ms if v is None or v.delay_s is None else int(v.delay_s * 1000)
 
 
 def next_due(st: UserState) -> int | None:
