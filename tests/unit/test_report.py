@@ -160,13 +160,27 @@ def test_model_curves_and_progressive_metrics(page):
 
 def test_experiment_figure_intervals(page):
     fig = figures(page)["experiment-0"]
-    bars, lift = fig["data"][0], fig["data"][1]
+    bars, diff = fig["data"][0], fig["data"][1]
     assert bars["x"] == ["holdout", "chat", "discount"] and bars["y"] == [0.06, 0.09, pytest.approx(2 / 98)]
     assert bars["text"] == ["3/50", "9/100", "2/98"]
-    assert lift["y"] == ["chat", "discount"] and lift["x"] == [0.5, -0.66]
-    assert lift["error_x"]["array"] == [pytest.approx(1.3), pytest.approx(0.86)]
-    assert lift["error_x"]["arrayminus"] == [pytest.approx(1.3), pytest.approx(0.84)]
-    assert "SRM p = 0.52 (ok)" in html_mod.unescape(page)
+    assert diff["y"] == ["chat", "discount"] and diff["x"] == [0.03, -0.04]
+    # asymmetric error bars from the analysis' intervals: [-0.05, 0.11] and [-0.11, 0.03]
+    assert diff["error_x"]["array"] == [pytest.approx(0.08), pytest.approx(0.07)]
+    assert diff["error_x"]["arrayminus"] == [pytest.approx(0.08), pytest.approx(0.07)]
+    assert diff["text"] == ["lift +50.0%", "lift -66.0%"]
+    text = html_mod.unescape(page)
+    assert "SRM p = 0.52 (ok)" in text and "chat: +3.00 pp [-5.00, +11.00] pp" in text
+
+
+def test_experiment_without_baseline_conversions_shows_the_difference():
+    from clickpulse.report.html import experiment_figure
+    exp = {"experiment": "e", "baseline": "holdout", "srm": None,
+           "arms": [{"variant": "holdout", "users": 163, "converters": 0, "conversion_rate": 0.0},
+                    {"variant": "chat", "users": 332, "converters": 1, "conversion_rate": 1 / 332,
+                     "vs_baseline": {"diff": 1 / 332, "diff_ci": [-0.003, 0.009], "lift": None, "lift_ci": None}}]}
+    fig, note = experiment_figure(exp)
+    assert fig["data"][1]["x"] == [pytest.approx(1 / 332)] and fig["data"][1]["text"] == ["lift undefined"]
+    assert "no shares recorded" in note
 
 
 def test_recs_pairs_and_hostile_ids_stay_data(page):
@@ -232,3 +246,28 @@ def test_progressive_scores_replays_like_the_trainer():
     assert len(got["intent"]["p"]) == 40 and got["churn"]["y"] == [False]
     assert tr.validation["intent"].report()["all"]["roc_auc"] == pytest.approx(roc_curve(
         got["intent"]["y"], got["intent"]["p"])["auc"])
+
+
+def test_experiment_records_are_analyzed_and_drawn(tmp_path):
+    """experiments.jsonl (the demo's) goes through clickpulse.experiments.report.analyze."""
+    d = write_run(tmp_path / "run", experiments=True)
+    recs = []
+    for i in range(200):
+        arm, share = ("holdout", 0.2) if i % 5 == 0 else ("chat", 0.8)
+        recs.append({"schema_version": 1, "record_id": f"x{i}", "kind": "exposure", "experiment": "ex",
+                     "variant": arm, "user_key": f"u{i}", "event_time_ms": T0 + i, "exposure_time_ms": T0 + i,
+                     "revenue": None, "source_id": f"a{i}", "share": share})
+        if i % 4 == 0:
+            recs.append({"schema_version": 1, "record_id": f"c{i}", "kind": "conversion", "experiment": "ex",
+                         "variant": arm, "user_key": f"u{i}", "event_time_ms": T0 + i + 1,
+                         "exposure_time_ms": T0 + i, "revenue": 10.0, "source_id": f"e{i}", "share": share})
+    (d / "experiments.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in recs))
+    run = load_run(d)
+    (exp,) = run["experiments"]
+    arms = {a["variant"]: a for a in exp["arms"]}
+    # holdout: users 0, 5, 10, ... (40); converters: multiples of 20 (10). chat: 160 users, 40 converters
+    assert (arms["holdout"]["users"], arms["holdout"]["converters"]) == (40, 10)
+    assert (arms["chat"]["users"], arms["chat"]["converters"]) == (160, 40)
+    fig = figures(render(run))["experiment-0"]
+    assert fig["data"][0]["text"] == ["10/40", "40/160"]
+    assert fig["data"][1]["x"] == [pytest.approx(arms["chat"]["vs_baseline"]["diff"])]

@@ -184,28 +184,32 @@ def model_figures(model: Mapping[str, Any]) -> list[tuple[str, dict[str, Any], s
 
 
 def experiment_figure(exp: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
-    """Conversion rate per arm, and each arm's relative lift over the baseline with its interval."""
+    """Conversion rate per arm, and each arm's difference in conversion rate from the baseline
+    with its interval (the two-proportion Wald interval of the analysis; the relative lift, when
+    the baseline converted at all, is in the point's label)."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     arms = exp["arms"]
     base = exp["baseline"]
     level = round(100 * (1 - float(exp.get("alpha", 0.05))))
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("conversion rate per arm",
-                                                        f"lift over {base} ({level}% interval)"))
+    fig = make_subplots(rows=1, cols=2, subplot_titles=(
+        "conversion rate per arm (converters/users)",
+        f"difference from {base}, {level}% interval"))
     fig.add_trace(go.Bar(name="conversion rate", x=[a["variant"] for a in arms],
                          y=[a["conversion_rate"] for a in arms],
                          text=[f"{a['converters']}/{a['users']}" for a in arms], textposition="outside"),
                   row=1, col=1)
-    lifts = [a for a in arms if a.get("vs_baseline") and a["vs_baseline"].get("lift") is not None]
-    lift = [a["vs_baseline"]["lift"] for a in lifts]
-    lo = [a["vs_baseline"]["lift"] - a["vs_baseline"]["lift_ci"][0] if a["vs_baseline"].get("lift_ci") else 0
-          for a in lifts]
-    hi = [a["vs_baseline"]["lift_ci"][1] - a["vs_baseline"]["lift"] if a["vs_baseline"].get("lift_ci") else 0
-          for a in lifts]
-    fig.add_trace(go.Scatter(name="lift", x=lift, y=[a["variant"] for a in lifts], mode="markers",
-                             marker={"size": 12},
-                             error_x={"type": "data", "symmetric": False, "array": hi, "arrayminus": lo}),
+    cmp = [a for a in arms if a.get("vs_baseline") and a["vs_baseline"].get("diff") is not None]
+    diff = [a["vs_baseline"]["diff"] for a in cmp]
+    ci = [a["vs_baseline"].get("diff_ci") or [d, d] for a, d in zip(cmp, diff, strict=True)]
+    labels = [("lift undefined" if a["vs_baseline"].get("lift") is None
+               else f"lift {100 * a['vs_baseline']['lift']:+.1f}%") for a in cmp]
+    fig.add_trace(go.Scatter(name="difference", x=diff, y=[a["variant"] for a in cmp], mode="markers+text",
+                             marker={"size": 12}, text=labels, textposition="top center",
+                             error_x={"type": "data", "symmetric": False,
+                                      "array": [c[1] - d for c, d in zip(ci, diff, strict=True)],
+                                      "arrayminus": [d - c[0] for c, d in zip(ci, diff, strict=True)]}),
                   row=1, col=2)
     fig.add_vline(x=0, line={"dash": "dot", "color": "#999"}, row=1, col=2)
     srm = exp.get("srm")
@@ -213,11 +217,14 @@ def experiment_figure(exp: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
         f"SRM p = {srm['p_value']:.3g}" + (" — MISMATCH, do not trust the comparison" if srm["mismatch"] else " (ok)"))
     fig.update_layout(**_layout(f"Experiment {exp['experiment']}", showlegend=False))
     fig.update_yaxes(tickformat=".1%", row=1, col=1)
-    fig.update_xaxes(tickformat="+.0%", row=1, col=2)
+    fig.update_xaxes(tickformat="+.1%", row=1, col=2)
     parts = []
-    for a in lifts:
+    for a, lab in zip(cmp, labels, strict=True):
         vs = a["vs_baseline"]
-        parts.append(f"{a['variant']}: lift {100 * vs['lift']:+.1f}%, p(z) {vs.get('p_value_z', float('nan')):.3g}, "
+        lo, hi = vs.get("diff_ci") or [None, None]
+        interval = "" if lo is None else f" [{100 * lo:+.2f}, {100 * hi:+.2f}] pp"
+        parts.append(f"{a['variant']}: {100 * vs['diff']:+.2f} pp{interval}, {lab}, "
+                     f"p(z) {vs.get('p_value_z', float('nan')):.3g}, "
                      f"P(beats {base}) {vs.get('p_beats_baseline', float('nan')):.2f}, "
                      f"always-valid p {vs.get('p_value_always_valid', float('nan')):.3g}")
     note = f"Baseline {base}; {srm_text}. " + "; ".join(parts)
