@@ -39,6 +39,22 @@ def test_engine_without_observer_emits_nothing_extra():
     assert em.observed == []
 
 
+def test_a_failing_event_adds_nothing_and_the_rest_of_its_batch_counts_once(monkeypatch):
+    import clickpulse.engine.step as step_mod
+    real_apply = step_mod.apply
+
+    def poisoned(st, ev, *a, **kw):
+        if ev["user_key"] == "bad":
+            raise ValueError("boom")
+        return real_apply(st, ev, *a, **kw)
+    monkeypatch.setattr(step_mod, "apply", poisoned)
+    evs = [event("page_view", "u1", "2019-10-01T10:00:00Z"), event("page_view", "bad", "2019-10-01T10:00:01Z"),
+           event("purchase", "u1", "2019-10-01T10:00:20Z", revenue=5.0)]
+    s = run(evs, batch=3).snapshot()  # the batch raises, is rolled back and re-run one by one
+    assert (s["sessions"], s["users"], s["customers"], s["engaged_sessions"]) == (1, 1, 1, 1)
+    assert s["revenue"] == 5.0 and s["avg_session_duration_s"] == 20.0
+
+
 def test_hand_computed_sessions_conversion_engagement_clv():
     # u1: session A 10:00:00-10:00:05, two product views (engaged by views), then a purchase of
     #     30 at 10:00:05 (converted); session B one page view at 12:00 (not engaged: 0 s, 1 view)
