@@ -294,6 +294,11 @@ class Settings:
         ``CLICKPULSE_DELIVERY_WEBHOOK_BACKOFF_S`` (0.5) / ``CLICKPULSE_DELIVERY_WEBHOOK_BACKOFF_MAX_S``
         (30); seconds: the wait before the first retry, doubling (with jitter) up to the maximum;
         a ``Retry-After`` answer is honoured up to the maximum.
+    health_poll_s : float
+        ``CLICKPULSE_HEALTH_POLL_S``; seconds between the worker's checks of Kafka (which also
+        poll its consumer lag) and Redis for ``/ready`` and ``clickpulse_dependency_up``;
+        ``/ready`` fails when a check failed or none succeeded for 3 periods (at least 15 s).
+        Default 5.
     """
 
     kafka_bootstrap: str = "127.0.0.1:9092"
@@ -361,6 +366,7 @@ class Settings:
     delivery_webhook_timeout_s: float = 10.0
     delivery_webhook_backoff_s: float = 0.5
     delivery_webhook_backoff_max_s: float = 30.0
+    health_poll_s: float = 5.0
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -373,7 +379,7 @@ class Settings:
                     "validation_window", "churn_horizon_days", "partitions", "session_gap_s", "max_event_bytes", "rules_poll_s",
                     "bot_max_cart_adds", "bot_cart_window_s", "bot_max_events", "bot_events_window_s",
                     "dedup_ids_per_user", "redis_flush_interval_s", "idle_timeout_s", "batch_max_events",
-                    "batch_within_s", "max_in_flight_batches", "max_money", "max_quantity")
+                    "batch_within_s", "max_in_flight_batches", "max_money", "max_quantity", "health_poll_s")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_env(name)} must be > 0, got {getattr(self, name)!r}")
