@@ -111,7 +111,7 @@ class PrometheusServer:
         return body["data"]
 
     def query_range(self, expr: str, start: float, end: float, step_s: float = 1.0) -> list[dict[str, Any]]:
-        return self.api("query_range", query=expr, start=f"{start:.3f}", end=f"{end:.3f}", step=f"{step_s}s")["result"]
+        return self.api("query_range", query=expr, start=f"{start:.3f}", end=f"{end:.3f}", step=f"{step_s:g}")["result"]
 
 
 def finite_values(result: list[dict[str, Any]]) -> int:
