@@ -17,6 +17,14 @@ Examples
 (3.0, 1)
 >>> m.registry.get_sample_value("clickpulse_action_latency_seconds_sum", {"type": "cart_abandoned"})
 1.5
+
+A producer clock ahead of the worker's counts as 0; an action of a user with no record in the
+step (a timer fired by another user's event time) and records without a timestamp are skipped:
+
+>>> observe_step(m, [{"user_key": "u9", "type": "incentive"}], items[:1], [M(timestamp=200.0)], wall_ms=103_000)
+(0.0, 0)
+>>> observe_step(m, [], items[:1], [M(timestamp=None)], wall_ms=103_000)
+(None, 0)
 """
 
 from __future__ import annotations
@@ -49,23 +57,21 @@ def observe_step(metrics: Metrics, actions: Sequence[dict[str, Any]], items: Seq
         their user in the step (actions of other users, fired by timers, are not observed).
     """
     wall_s = wall_ms / 1000
-    oldest: float | None = None
-    for m in msgs:
-        ts = m.timestamp
-        if ts and (oldest is None or ts < oldest):
-            oldest = ts
+    oldest = min([m.timestamp for m in msgs if m.timestamp], default=None)
     event_latency = None
     if oldest is not None:
         event_latency = max(0.0, wall_s - oldest)
         metrics.event_latency.observe(event_latency)
     observed = 0
     if actions:
-        latest: dict[str, float] = {}  # user -> newest input timestamp of the user in the step
+        wanted = {a.get("user_key") for a in actions}
+        latest: dict[str, float] = {}  # acting user -> newest input timestamp of the user in the step
         for (_p, ev), m in zip(items, msgs):
-            ts = m.timestamp
             key = ev.get("user_key")
-            if ts and key is not None and ts > latest.get(key, 0.0):
-                latest[key] = ts
+            if key in wanted:
+                ts = m.timestamp
+                if ts and ts > latest.get(key, 0.0):
+                    latest[key] = ts
         for a in actions:
             ts = latest.get(a.get("user_key"))  # type: ignore[arg-type]
             if ts is not None:
