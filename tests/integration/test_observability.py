@@ -131,6 +131,10 @@ def test_every_dashboard_query_returns_data(make_settings, workers, tmp_path):
         assert last('sum(clickpulse_actions_total{type="content_recommendation"})') == {(): 12.0}
         lat = last('histogram_quantile(1, sum by (le) (clickpulse_action_latency_seconds_bucket))')
         assert 0 < lat[()] <= 300, lat  # produce -> action within the worker's first minutes
+        for name in ("action", "event"):  # the figures of this run, for the record (not asserted: load varies)
+            q = {p: last(f"histogram_quantile({p}, sum by (le) (clickpulse_{name}_latency_seconds_bucket))")[()]
+                 for p in (0.5, 0.95)}
+            print(f"produce -> {name}: p50 ~ {q[0.5]:.3f} s, p95 ~ {q[0.95]:.3f} s (interpolated in the buckets)")
         lag = prom.api("query", query="clickpulse_consumer_lag_messages")["result"]
         assert {r["metric"]["topic"] for r in lag} == {s.topic_raw, s.topic_valid, s.topic_privacy}
         assert {int(r["metric"]["partition"]) for r in lag} == set(range(s.partitions))
