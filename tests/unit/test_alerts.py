@@ -72,3 +72,15 @@ def test_unit_tests_catch_a_broken_rule(tmp_path: Path, old: str, new: str) -> N
     shutil.copy(PROM / "alerts_test.yml", tmp_path / "alerts_test.yml")
     res = run("test", "rules", "alerts_test.yml", cwd=tmp_path)
     assert res.returncode != 0, f"promtool tests still pass with {new!r}:\n{res.stdout}"
+
+
+def test_prometheus_configs_load_the_rules() -> None:
+    """The local config is valid with its rule file; the compose config names the file where
+    docker-compose mounts alerts.yml."""
+    res = run("check", "config", "prometheus-local.yml")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "alerts.yml" in res.stdout + res.stderr
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    cfg = yaml.safe_load((PROM / "prometheus.yml").read_text())
+    [rule_file] = cfg["rule_files"]
+    assert f"./deploy/prometheus/alerts.yml:{rule_file}:ro" in compose["services"]["prometheus"]["volumes"]
