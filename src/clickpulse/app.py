@@ -42,7 +42,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import store as _store  # registers the clickpulse-rocksdb:// table store
 from .store import key_partition
-from .engine import Emitted, Engine, build_engine, clock_key
+from .engine import CLOCK_KEY_PREFIX, Emitted, Engine, build_engine, clock_key
 from .engine.factory import build_models, build_rules
 from .errors import InvalidEvent
 from .events.contract import parse
@@ -53,7 +53,7 @@ from .models.trainer import metric_samples
 from .observability.health import KafkaProbe, Readiness, redis_ping
 from .observability.latency import observe_step
 from .observability.metrics import Metrics, type_label
-from .serving.redis_sink import ProfileWriter
+from .serving.redis_sink import ProfileRefill, ProfileWriter, engine_profile
 from .settings import Settings
 from .state.user import UserState
 
@@ -361,14 +361,14 @@ def _app(settings: Settings) -> faust.App:
         store=f"{_store.SCHEME}://" if settings.state_store == "rocksdb" else "memory://",
         autodiscover=False,
         topic_partitions=settings.partitions,
-        topic_replication_factor=1,
+        topic_replication_factor=settings.replication_factor,
         web_enabled=True,
         web_port=settings.web_port,
         web_bind=settings.web_host,
         web_host=settings.web_host,
         datadir=str(data_dir),
         consumer_auto_offset_reset="earliest",
-        table_standby_replicas=0,
+        table_standby_replicas=settings.standby_replicas,
         broker_session_timeout=settings.kafka_session_timeout_s,
         broker_heartbeat_interval=min(3.0, settings.kafka_session_timeout_s / 3),
         logging_config=None,
@@ -424,6 +424,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
         _wire_ingest(w)
     _wire_process(w)
     _wire_timers(w, users)
+    _wire_refill(w)
     if rules is not None:
         _wire_rules(w, rules)
     if registry is not None:
@@ -564,6 +565,9 @@ def _wire_timers(w: Worker, users: Any) -> None:
                 metrics.profile_errors.inc()
                 log.warning("profile of %s could not be built (%s: %s); skipped", k, type(err).__name__, err)
         writer.pending = built
+        rs = engine.ruleset()  # the segment sets of the rules' segments are kept in step
+        if rs is not None:
+            writer.segment_names(g.name for g in rs.segments)
         await writer.flush()
 
     @app.timer(interval=10.0)
@@ -588,6 +592,30 @@ def _wire_timers(w: Worker, users: Any) -> None:
             committed = None
         n = engine.restore(parts, list(users.data.items()), _now_ms(), committed)
         log.info("clickpulse ready: partitions %s of %s recovered, %d pending timers", parts, s.topic_valid, n)
+
+
+def _wire_refill(w: Worker) -> None:
+    """Every ``CLICKPULSE_REDIS_REFILL_CHECK_S``: refill the profiles of owned partitions whose
+    Redis sentinel is gone (Redis restarted empty; :class:`clickpulse.serving.redis_sink.ProfileRefill`)."""
+    s, engine = w.settings, w.engine
+    refill = ProfileRefill(w.writer, rate_per_s=s.redis_refill_rate)
+    n = s.partitions
+    build = engine_profile(engine)
+
+    recovered = {"gen": -1}  # the rebalance whose table recovery completed: refill only from a recovered table
+
+    @w.app.on_rebalance_complete.connect
+    async def table_recovered(sender: Any = None, **kwargs: Any) -> None:
+        recovered["gen"] = w.app.rebalancing_count
+
+    def owned() -> list[int]:  # nothing while a rebalance or a recovery is under way
+        app = w.app
+        return [] if app.rebalancing or recovered["gen"] != app.rebalancing_count else _valid_partitions(w)
+
+    @w.app.timer(interval=s.redis_refill_check_s)
+    async def refill_profiles() -> None:
+        await refill.check(owned, engine.table, lambda k: key_partition(k, n), build,
+                           lambda k: k.startswith(CLOCK_KEY_PREFIX))
 
 
 def _wire_rules(w: Worker, rules: Any) -> None:

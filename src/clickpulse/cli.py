@@ -1,13 +1,21 @@
-"""``clickpulse`` command line: worker, trainer, replay, demo, deliver, evaluate, report, rules, quarantine, privacy.
+"""``clickpulse`` command line: worker, trainer, replay, demo, deliver, collector, api, evaluate, report, rules, quarantine, privacy, topics.
 
 Settings come from ``CLICKPULSE_*`` env vars (see :mod:`clickpulse.settings`); flags override
 the few that matter per command. Logging is configured here and only here.
+
+Errors: every subcommand runs inside :func:`main`, which turns an error into one line on stderr,
+``clickpulse: error: <message>``, and an exit code (:func:`error_exit`): 2 for invalid input
+(settings, flags, files: :class:`~clickpulse.errors.ConfigError`, ``DatasetError``, ``RulesError``
+...), 3 for an unavailable service (Kafka or Redis unreachable, a port in use:
+:class:`~clickpulse.errors.ServiceError`), 70 for an unexpected exception (a bug). With
+``CLICKPULSE_DEBUG=1`` the Python traceback is shown instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import itertools
 import logging
 import os
@@ -18,11 +26,12 @@ from pathlib import Path
 
 import orjson
 
-from .errors import ClickpulseError
+from .errors import ClickpulseError, ConfigError, ServiceError
 from .ingest.datasets import BUNDLED_SAMPLE
 from .ingest.replay import FORMATS, messages, publish
+from .runtime import Progress, check_port_free
 from .settings import Settings
-from .topics import ensure_topics
+from .topics import ensure_topics, kafka_unreachable
 
 log = logging.getLogger("clickpulse")
 
@@ -35,9 +44,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     if args.mode:
         settings = settings.replace(time_mode=args.mode)
+    check_port_free(settings.web_host, settings.web_port, "CLICKPULSE_WEB_PORT")
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     loop.run_until_complete(ensure_topics(settings))
+    _log_refused_connections_again()  # Kafka answered: from now on a lost broker is logged
     app = create_app(settings)
     from .store import wipe_local_tables
     wipe_local_tables(app)  # the changelog is the source of truth: recover from it
@@ -54,7 +65,9 @@ def cmd_trainer(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         force=True)
+    check_port_free(settings.web_host, settings.trainer_web_port, "CLICKPULSE_TRAINER_WEB_PORT")
     asyncio.run(ensure_topics(settings))
+    _log_refused_connections_again()
     asyncio.run(run(settings))
     return 0
 
@@ -106,8 +119,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print("clickpulse replay --flush: set CLICKPULSE_CONTROL_KEY to the worker's control key (the end of "
               "input is signed; an unsigned one is dead-lettered as forged_control)", file=sys.stderr)
         return 2
-    res = asyncio.run(publish(settings.kafka_bootstrap, settings.topic_raw, records,
+    progress = Progress(records, f"replay {Path(args.file).name}", every_s=0.0 if args.quiet else args.progress_s)
+    res = asyncio.run(publish(settings.kafka_bootstrap, settings.topic_raw, progress,
                               speed=args.speed, flush=args.flush, control_key=settings.control_key))
+    progress.done()
     print(f"published {res.published} records from {args.file} to {settings.topic_raw} in {res.seconds:.2f} s"
           f"{' + end_of_input on every partition' if res.flushed else ''}")
     return 0
@@ -163,11 +178,45 @@ def cmd_privacy(args: argparse.Namespace) -> int:
         out = export_user(settings, args.user_key)
     print(orjson.dumps(out, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode())
     return 0
+
+
 def cmd_deliver(args: argparse.Namespace) -> int:
     """Deliver the actions topic to a sink once per action_id (see clickpulse.delivery)."""
     from .delivery import run_cli
+    settings = Settings.from_env()
+    if args.metrics_port is not None:
+        check_port_free(settings.web_host, args.metrics_port, "--metrics-port")
+    asyncio.run(_kafka_answers(settings))
+    _log_refused_connections_again()
 
     return run_cli(args.sink, out=args.out, url=args.url, metrics_port=args.metrics_port, start_from=args.start_from)
+
+
+def cmd_collector(args: argparse.Namespace) -> int:
+    """Serve the Segment/RudderStack HTTP tracking API (see clickpulse.collector)."""
+    from .collector import run
+
+    settings = Settings.from_env()
+    if args.port is not None:
+        settings = settings.replace(collector_port=args.port)
+    if args.host is not None:
+        settings = settings.replace(collector_host=args.host)
+    logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        force=True)
+    if not args.no_create_topics:
+        try:
+            asyncio.run(ensure_topics(settings))
+        except Exception as err:  # noqa: BLE001 - Kafka may be down: the collector answers 503 until it is back
+            log.warning("could not check/create topics (%s: %s); starting anyway", type(err).__name__, err)
+    run(settings)
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    """Serve the profile API (see clickpulse.serving.api) until SIGTERM/SIGINT."""
+    from .serving.api import run
+
+    run(Settings.from_env(), host=args.host, port=args.port)
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -204,16 +253,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
         asyncio.run(ensure_topics(settings))
         print(f"starting a worker and the trainer (namespace {settings.namespace}, logs in {out_dir}) ...",
               flush=True)
+        t_start = time.monotonic()
         worker.start()
         trainer.start()
         worker.wait_ready()
         trainer.wait_ready()
+        print(f"  worker and trainer ready ({time.monotonic() - t_start:.0f} s)", flush=True)
         print(f"replaying {args.file} ({args.format}) to {settings.topic_raw}"
               f"{' with --flush' if args.flush else ''} ...", flush=True)
         t0 = time.monotonic()
-        res = asyncio.run(publish(settings.kafka_bootstrap, settings.topic_raw, messages(args.format, args.file),
+        progress = Progress(messages(args.format, args.file), "  replay", out=sys.stdout)
+        res = asyncio.run(publish(settings.kafka_bootstrap, settings.topic_raw, progress,
                                   flush=args.flush, control_key=settings.control_key))
-        wait_caught_up(worker, settings)
+        progress.done()
+        print("waiting for the worker to catch up ...", flush=True)
+        wait_caught_up(worker, settings, progress=sys.stdout)
         elapsed = time.monotonic() - t0
         m = worker.metrics()
         segments_now = orjson.loads(worker.get("/segments"))
@@ -222,6 +276,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         from .runtime import end_offsets
         # wait until the trainer's snapshots cover every example on the training topic
         n_examples = sum(asyncio.run(end_offsets(settings.kafka_bootstrap, settings.topic_training)).values())
+        print(f"waiting for the trainer to learn {n_examples} training examples (at most 60 s) ...", flush=True)
         deadline = time.monotonic() + 60
         while True:
             snapshots = asyncio.run(latest_snapshots(settings.kafka_bootstrap, settings.topic_models, key=key))
@@ -294,76 +349,195 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_topics(args: argparse.Namespace) -> int:
+    """``topics list``: the clickpulse namespaces on the cluster (or one's topics); ``topics clean``:
+    delete a namespace's topics, consumer groups and (``--redis``) Redis keys, after a dry run."""
+    from .topics import delete_namespace, footprints
+
+    settings = Settings.from_env()
+    # list: every namespace unless one (or a glob) is named; clean: CLICKPULSE_NAMESPACE by default
+    pattern = args.namespace or ("*" if args.topics_cmd == "list" else settings.namespace)
+    fps = asyncio.run(footprints(settings, pattern, describe=args.topics_cmd == "clean" or args.namespace is not None))
+    redis_keys: dict[str, list[bytes]] = {}
+    if getattr(args, "redis", False):
+        redis_keys = _redis_keys(settings, pattern)
+        from .topics import NamespaceFootprint
+        for ns in redis_keys:
+            fps.setdefault(ns, NamespaceFootprint(ns))
+        fps = dict(sorted(fps.items()))
+    if args.topics_cmd == "list":
+        if not fps:
+            print(f"no clickpulse topics for namespace {pattern!r} on {settings.kafka_bootstrap}", file=sys.stderr)
+            return 0
+        if args.namespace is None:
+            for ns, fp in fps.items():
+                print(f"{ns}\t{len(fp.topics)} topics\t{' '.join(fp.groups)}")
+            print(f"{len(fps)} namespace(s), {sum(len(fp.topics) for fp in fps.values())} topics on "
+                  f"{settings.kafka_bootstrap}", file=sys.stderr)
+        else:
+            for ns, fp in fps.items():
+                for t, n in sorted(fp.topics.items()):
+                    print(f"{ns}\t{t}\t{_plural(n, 'partition')}")
+                for g in fp.groups:
+                    print(f"{ns}\t{g}\tconsumer group")
+        return 0
+    if not fps:
+        print(f"nothing to delete: no clickpulse topics or consumer groups for namespace {pattern!r} on "
+              f"{settings.kafka_bootstrap}")
+        return 0
+    for ns, fp in fps.items():
+        keys = redis_keys.get(ns, [])
+        print(f"namespace {ns}: {_plural(len(fp.topics), 'topic')}, {_plural(len(fp.groups), 'consumer group')}"
+              + (f", {_plural(len(keys), 'Redis key')}" if args.redis else ""))
+        for t, n in sorted(fp.topics.items()):
+            print(f"  topic {t} ({_plural(n, 'partition')})")
+        for g in fp.groups:
+            print(f"  consumer group {g}")
+    if not args.yes:
+        print("dry run: nothing deleted; run again with --yes to delete the above")
+        return 0
+    problems: list[str] = []
+    for ns, fp in fps.items():
+        found = asyncio.run(delete_namespace(settings, fp))
+        problems += [f"{ns}: {p}" for p in found]
+        keys = redis_keys.get(ns, [])
+        if keys and not any("has members" in p for p in found):
+            _redis_delete(settings, keys)
+        print(f"namespace {ns}: {'deleted' if not found else 'not fully deleted'}", flush=True)
+    if problems:
+        raise ServiceError("; ".join(problems))
+    return 0
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _redis_client(settings: Settings):  # noqa: ANN202 - redis.Redis
+    import redis
+    if not settings.redis_url:
+        raise ConfigError("--redis needs CLICKPULSE_REDIS_URL (it is empty: Redis disabled)")
+    return redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
+
+
+def _redis_keys(settings: Settings, pattern: str) -> dict[str, list[bytes]]:
+    """Namespace -> Redis keys ``<ns>:...`` of the namespaces matching the glob ``pattern``."""
+    import fnmatch
+    out: dict[str, list[bytes]] = {}
+    for key in _redis_client(settings).scan_iter(match=f"{pattern}:*", count=1000):
+        ns = key.split(b":", 1)[0].decode(errors="replace")
+        if fnmatch.fnmatchcase(ns, pattern):
+            out.setdefault(ns, []).append(key)
+    return out
+
+
+def _redis_delete(settings: Settings, keys: list[bytes]) -> None:
+    r = _redis_client(settings)
+    for i in range(0, len(keys), 1000):
+        r.unlink(*keys[i:i + 1000])
+
+
+def _log_level(value: str) -> str:
+    """argparse type of ``--log-level`` / ``--loglevel``: a :mod:`logging` level name, any case."""
+    name = value.strip().upper()
+    if name not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise argparse.ArgumentTypeError(f"unknown log level {value!r}: use debug, info, warning, error or critical")
+    return name.lower()
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("clickpulse")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        from . import __version__
+        return f"{__version__} (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="clickpulse", description=__doc__.split("\n")[0])
-    p.add_argument("--log-level", default="warning", help="logging level for this command (default warning)")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p = argparse.ArgumentParser(
+        prog="clickpulse", description=__doc__.split("\n")[0],
+        epilog="Settings are CLICKPULSE_* environment variables (README, Configuration). Errors are one line "
+               "'clickpulse: error: ...' with exit code 2 (invalid input), 3 (Kafka/Redis unreachable, port "
+               "in use) or 70 (a bug); CLICKPULSE_DEBUG=1 shows the traceback instead.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}",
+                   help="print the installed clickpulse version and exit")
+    p.add_argument("--log-level", default="warning", type=_log_level,
+                   help="logging level of this command: debug, info, warning, error or critical (default warning)")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     w = sub.add_parser("worker", help="run the stream worker (Faust) until SIGTERM/SIGINT")
     w.add_argument("--mode", choices=("live", "replay"), help="override CLICKPULSE_TIME_MODE")
-    w.add_argument("--loglevel", default="info")
+    w.add_argument("--loglevel", default="info", type=_log_level,
+                   help="the worker's logging level (Faust and clickpulse; default info)")
     w.set_defaults(func=cmd_worker)
 
     t = sub.add_parser("trainer", help="run the single model trainer (training topic -> model snapshots)")
-    t.add_argument("--loglevel", default="info")
+    t.add_argument("--loglevel", default="info", type=_log_level, help="the trainer's logging level (default info)")
     t.set_defaults(func=cmd_trainer)
 
     e = sub.add_parser("evaluate", help="progressive validation of a model on a public dataset")
-    e.add_argument("task", choices=("intent",))
+    e.add_argument("task", choices=("intent",), help="the model to evaluate (intent: purchase intent)")
     e.add_argument("--dataset", default="uci", help="uci (bundled UCI Online Shoppers Purchasing Intention)")
     e.add_argument("--pipeline", default="all", help="logreg | arf | hoeffding | all")
     e.add_argument("--limit", type=int, default=None, help="only the first N rows")
-    e.add_argument("--seed", type=int, default=42)
+    e.add_argument("--seed", type=int, default=42, help="seed of the pipelines (default 42)")
     e.set_defaults(func=cmd_evaluate)
 
     rp = sub.add_parser("report", help="offline reports over a dataset")
-    rsub = rp.add_subparsers(dest="report", required=True)
+    rsub = rp.add_subparsers(dest="report", required=True, metavar="REPORT")
     paths = rsub.add_parser("paths", help="most frequent session paths that lead to a purchase (REES46 CSV)")
-    paths.add_argument("--file", default=str(BUNDLED_SAMPLE))
-    paths.add_argument("--top", type=int, default=10)
-    paths.add_argument("--max-len", type=int, default=4)
+    paths.add_argument("--file", default=str(BUNDLED_SAMPLE), help="a REES46 CSV (default: the bundled sample)")
+    paths.add_argument("--top", type=int, default=10, help="how many openings to print (default 10)")
+    paths.add_argument("--max-len", type=int, default=4, help="events per session opening (default 4)")
     paths.set_defaults(func=cmd_report_paths)
 
     ru = sub.add_parser("rules", help="rules file tools")
-    rusub = ru.add_subparsers(dest="rules_cmd", required=True)
+    rusub = ru.add_subparsers(dest="rules_cmd", required=True, metavar="ACTION")
     chk = rusub.add_parser("check", help="validate a rules file and list its segments and triggers")
     chk.add_argument("file", nargs="?", help="default: CLICKPULSE_RULES_PATH (or the packaged default rules)")
     chk.set_defaults(func=cmd_rules_check)
 
     r = sub.add_parser("replay", help="publish a dataset to the raw topic, preserving event time")
-    r.add_argument("--format", choices=FORMATS, required=True)
-    r.add_argument("file")
+    r.add_argument("--format", choices=FORMATS, required=True,
+                   help="rees46 (REES46 e-commerce CSV) or jsonl (one raw event per line)")
+    r.add_argument("file", help="the dataset file")
     r.add_argument("--speed", type=float, default=0.0,
                    help="event-time speed-up (60 = an hour of data per minute); 0 = as fast as possible")
     r.add_argument("--flush", action="store_true",
                    help="end with end_of_input on every partition: close the file's event time so pending timers fire")
+    r.add_argument("--progress-s", type=float, default=2.0,
+                   help="seconds between progress lines on stderr (records sent, rate; default 2)")
+    r.add_argument("--quiet", action="store_true", help="no progress lines")
     r.set_defaults(func=cmd_replay)
 
     q = sub.add_parser("quarantine", help="users whose stored state could not be processed (moved aside by the "
                                           "worker; they continue from a fresh state)")
-    qsub = q.add_subparsers(dest="quarantine_cmd", required=True)
+    qsub = q.add_subparsers(dest="quarantine_cmd", required=True, metavar="ACTION")
     ql = qsub.add_parser("list", help="one line per quarantined user: key, when, stage, error")
-    ql.add_argument("--timeout", type=float, default=10.0)
+    ql.add_argument("--timeout", type=float, default=10.0, help="seconds to read the quarantine topic (default 10)")
     ql.set_defaults(func=cmd_quarantine)
     qs = qsub.add_parser("show", help="one quarantined user's record and its decoded state (as a profile)")
-    qs.add_argument("user_key")
-    qs.add_argument("--timeout", type=float, default=10.0)
+    qs.add_argument("user_key", help="the user's key (user_id, or anon:<anonymous_id>)")
+    qs.add_argument("--timeout", type=float, default=10.0, help="seconds to read the quarantine topic (default 10)")
     qs.set_defaults(func=cmd_quarantine)
 
     pv = sub.add_parser("privacy", help="erase or export one user's data")
-    pvsub = pv.add_subparsers(dest="privacy_cmd", required=True)
+    pvsub = pv.add_subparsers(dest="privacy_cmd", required=True, metavar="ACTION")
     pe = pvsub.add_parser("erase", help="erase a user everywhere clickpulse keeps state (state table, timers, "
                                         "predictions, segment sizes, Redis, quarantine); prints the audit record")
-    pe.add_argument("user_key")
+    pe.add_argument("user_key", help="the user's key (user_id, or anon:<anonymous_id>)")
     pe.add_argument("--no-wait", action="store_true", help="publish the request, do not wait for the audit record")
-    pe.add_argument("--timeout", type=float, default=120.0)
+    pe.add_argument("--timeout", type=float, default=120.0,
+                    help="seconds to wait for the worker's audit record (default 120)")
     pe.set_defaults(func=cmd_privacy)
     px = pvsub.add_parser("export", help="everything stored about a user, as JSON (state, profile, quarantine)")
-    px.add_argument("user_key")
+    px.add_argument("user_key", help="the user's key (user_id, or anon:<anonymous_id>)")
     px.set_defaults(func=cmd_privacy)
     dl = sub.add_parser("deliver", help="deliver <ns>.actions to a sink once per action_id (Redis de-duplication; "
                                         "undeliverable actions to <ns>.actions.dlq) until SIGTERM/SIGINT")
-    dl.add_argument("--sink", choices=("jsonl", "webhook"), required=True)
+    dl.add_argument("--sink", choices=("jsonl", "webhook"), required=True,
+                    help="jsonl: append to a file; webhook: POST each action to a URL")
     dl.add_argument("--out", help="jsonl: the file to append to (one action per line, fsynced per batch)")
     dl.add_argument("--url", help="webhook: the URL each action is POSTed to (JSON)")
     dl.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
@@ -371,30 +545,124 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where to start when the group <ns>-delivery has no committed offset (default earliest)")
     dl.set_defaults(func=cmd_deliver)
 
+    co = sub.add_parser("collector", help="serve the Segment/RudderStack HTTP tracking API (POST /v1/track, "
+                                          "/v1/batch, ...) into <ns>.events.raw until SIGTERM/SIGINT")
+    co.add_argument("--port", type=int, default=None, help="listen port (default CLICKPULSE_COLLECTOR_PORT, 8088)")
+    co.add_argument("--host", default=None, help="listen address (default CLICKPULSE_COLLECTOR_HOST, 127.0.0.1)")
+    co.add_argument("--no-create-topics", action="store_true", help="do not create missing topics at start")
+    co.add_argument("--loglevel", default="info", type=_log_level, help="the collector's logging level (default info)")
+    co.set_defaults(func=cmd_collector)
+    ap = sub.add_parser("api", help="serve the profile API (GET /v1/profiles/{id}, /v1/segments/{name}/members; "
+                                    "keys from CLICKPULSE_API_KEYS) until SIGTERM/SIGINT")
+    ap.add_argument("--host", help="override CLICKPULSE_API_HOST")
+    ap.add_argument("--port", type=int, help="override CLICKPULSE_API_PORT")
+    ap.set_defaults(func=cmd_api)
+
     d = sub.add_parser("demo", help="start local services and a worker, replay the bundled REES46 sample, "
                                     "write actions to OUT_DIR/actions.jsonl and print a summary")
-    d.add_argument("--file", default=str(BUNDLED_SAMPLE))
-    d.add_argument("--format", choices=FORMATS, default="rees46")
+    d.add_argument("--file", default=str(BUNDLED_SAMPLE), help="the dataset to replay (default: the bundled sample)")
+    d.add_argument("--format", choices=FORMATS, default="rees46", help="the dataset's format (default rees46)")
     d.add_argument("--flush", action="store_true", help="close the input's event time at the end (see replay)")
-    d.add_argument("--out-dir", default="./demo-output")
+    d.add_argument("--out-dir", default="./demo-output", help="where actions.jsonl and the logs go "
+                                                               "(default ./demo-output)")
     d.add_argument("--no-services", action="store_true", help="use already running Kafka/Redis (CLICKPULSE_* env)")
     d.add_argument("--keep-services", action="store_true", help="leave Kafka/Redis running afterwards")
     d.set_defaults(func=cmd_demo)
+
+    tp = sub.add_parser("topics", help="the Kafka topics and consumer groups of clickpulse namespaces")
+    tpsub = tp.add_subparsers(dest="topics_cmd", required=True, metavar="ACTION")
+    tl = tpsub.add_parser("list", help="every clickpulse namespace on the cluster (topics, consumer groups), or "
+                                       "one namespace's topics with --namespace")
+    tl.add_argument("--namespace", metavar="NS", help="a namespace or a glob (demo-*): list its topics and groups")
+    tl.set_defaults(func=cmd_topics)
+    tc = tpsub.add_parser("clean", help="delete a namespace's topics and consumer groups (dry run unless --yes); "
+                                        "refused while its worker, trainer or delivery is running")
+    tc.add_argument("--namespace", metavar="NS",
+                    help="a namespace or a glob such as 'demo-*' (default: CLICKPULSE_NAMESPACE)")
+    tc.add_argument("--yes", action="store_true", help="really delete (without it: only list what would go)")
+    tc.add_argument("--redis", action="store_true", help="also delete the namespace's Redis keys (<ns>:*: "
+                                                        "profiles, delivery de-duplication)")
+    tc.set_defaults(func=cmd_topics)
     return p
 
 
+#: exit codes of :func:`main` (argparse's own usage errors exit 2 too)
+EXIT_INVALID, EXIT_UNAVAILABLE, EXIT_BUG = 2, 3, 70
+
+
+def error_exit(err: BaseException) -> tuple[str, int]:
+    """The one-line message and exit code for an exception raised by a subcommand.
+
+    The project's errors (:mod:`clickpulse.errors`) carry their message; a few library errors
+    that mean the same things are recognised here too, so every subcommand — including ones
+    added later — reports them alike: Kafka or Redis unreachable, a port in use, a file that
+    cannot be read. Anything else is a bug: ``unexpected <type>: <message>``.
+    """
+    if isinstance(err, ServiceError):
+        return str(err), EXIT_UNAVAILABLE
+    if isinstance(err, ClickpulseError):
+        return str(err), EXIT_INVALID
+    from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError
+    if isinstance(err, (KafkaConnectionError, KafkaTimeoutError)):
+        return str(kafka_unreachable(_bootstrap(), err)), EXIT_UNAVAILABLE
+    if type(err).__module__.startswith("redis"):
+        import redis
+        if isinstance(err, (redis.ConnectionError, redis.TimeoutError)):
+            return (f"Redis is not reachable (CLICKPULSE_REDIS_URL): {err}; is it running? "
+                    "(locally: deploy/local/services.sh start)", EXIT_UNAVAILABLE)
+    if isinstance(err, OSError) and err.errno == errno.EADDRINUSE:
+        return f"a port is already in use: {err.strerror}", EXIT_UNAVAILABLE
+    if isinstance(err, OSError) and err.filename is not None:
+        return f"{err.filename}: {err.strerror}", EXIT_INVALID
+    return (f"unexpected {type(err).__name__}: {err} (a bug; CLICKPULSE_DEBUG=1 shows the traceback)",
+            EXIT_BUG)
+
+
+def _quiet_refused_connections(record: logging.LogRecord) -> bool:
+    """Logging filter: drop aiokafka's "Unable connect to ..." records (the command says it once)."""
+    return not str(record.msg).startswith("Unable connect to")
+
+
+def _log_refused_connections_again() -> None:
+    """For the long-running commands, once Kafka has answered: a broker lost later is logged."""
+    logging.getLogger("aiokafka").removeFilter(_quiet_refused_connections)
+
+
+async def _kafka_answers(settings: Settings) -> None:
+    """Raise :class:`ServiceError` unless a broker answers at ``CLICKPULSE_KAFKA_BOOTSTRAP``."""
+    from .topics import kafka_admin
+    async with kafka_admin(settings):
+        pass
+
+
+def _bootstrap() -> str:
+    try:
+        return Settings.from_env().kafka_bootstrap
+    except ClickpulseError:
+        return os.environ.get("CLICKPULSE_KAFKA_BOOTSTRAP", "?")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv``, run the subcommand, map its errors (:func:`error_exit`); the exit code."""
     args = build_parser().parse_args(argv)
     if args.cmd != "worker":
         logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.log_level == "warning":
+        # aiokafka logs every refused connection; the command's own error says it once
+        logging.getLogger("aiokafka").addFilter(_quiet_refused_connections)
     try:
         return args.func(args)
-    except ClickpulseError as err:
-        print(f"clickpulse: error: {err}", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # `clickpulse evaluate ... | head`
         sys.stderr.close()
         return 0
+    except KeyboardInterrupt:
+        return 130
+    except Exception as err:  # noqa: BLE001 - the one place errors become messages
+        if os.environ.get("CLICKPULSE_DEBUG", "").strip().lower() in ("1", "true", "yes", "on"):
+            raise
+        message, code = error_exit(err)
+        print(f"clickpulse: error: {message}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -528,7 +528,7 @@ async def ensure_dlq_topic(settings: Settings) -> None:
                                f"({settings.namespace}) the worker's?")
         if dlq_topic(settings) not in existing:
             with contextlib.suppress(TopicAlreadyExistsError):
-                await admin.create_topics([NewTopic(dlq_topic(settings), 1, 1, topic_configs={
+                await admin.create_topics([NewTopic(dlq_topic(settings), 1, settings.replication_factor, topic_configs={
                     "retention.ms": str(30 * 86400 * 1000)})])
         try:
             resp = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, settings.topic_actions)])

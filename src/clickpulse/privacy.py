@@ -39,8 +39,8 @@ def _now_rfc3339() -> str:
 
 async def _send(settings: Settings, topic: str, key: bytes, value: bytes) -> None:
     p = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", enable_idempotence=True)
-    await p.start()
     try:
+        await p.start()  # inside the try: a broker that does not answer must not leave it unclosed
         await (await p.send(topic, key=key, value=value))
     finally:
         await p.stop()

@@ -6,6 +6,7 @@ Used by ``clickpulse demo`` and by the integration tests; nothing here is on the
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import signal
@@ -14,9 +15,10 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Generic, TypeVar
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -64,6 +66,62 @@ def stop_process_group(proc: subprocess.Popen | None, sig: int = signal.SIGTERM,
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
     return proc.returncode
+
+
+def check_port_free(host: str, port: int, setting: str) -> None:
+    """Raise if a server cannot listen on ``host:port`` (bound as the servers bind: with
+    ``SO_REUSEADDR``, so a port in TIME_WAIT counts as free).
+
+    Raises
+    ------
+    ServiceError
+        The port is in use (another worker or program) or cannot be bound here; names
+        ``setting``, the variable that chooses it.
+    """
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            why = "is already in use (another clickpulse process?)" if err.errno == errno.EADDRINUSE \
+                else f"cannot be bound: {err.strerror}"
+            raise ServiceError(f"port {port} on {host} {why}; choose another with {setting}") from err
+
+
+T = TypeVar("T")
+
+
+class Progress(Generic[T]):
+    """Iterate ``items`` and print ``"<label>: N <unit> (R/s)"`` to ``out`` (stderr) at most
+    every ``every_s`` seconds, and a final line from :meth:`done`. ``every_s <= 0``: silent."""
+
+    def __init__(self, items: Iterable[T], label: str, unit: str = "records", every_s: float = 2.0,
+                 out: IO[str] | None = None, clock: Any = time.monotonic) -> None:
+        self.items, self.label, self.unit, self.every_s = items, label, unit, every_s
+        self.out = out if out is not None else sys.stderr
+        self.clock = clock
+        self.count = 0
+        self.t0 = clock()
+        self._next = self.t0 + every_s
+
+    def __iter__(self) -> Iterator[T]:
+        for item in self.items:
+            self.count += 1
+            if self.every_s > 0 and self.count % 256 == 0:
+                now = self.clock()
+                if now >= self._next:
+                    self._next = now + self.every_s
+                    self._print(now)
+            yield item
+
+    def _print(self, now: float) -> None:
+        rate = self.count / max(now - self.t0, 1e-9)
+        print(f"{self.label}: {self.count:,} {self.unit} ({rate:,.0f}/s, {now - self.t0:.0f} s)",
+              file=self.out, flush=True)
+
+    def done(self) -> None:
+        if self.every_s > 0:
+            self._print(self.clock())
 
 
 def free_port() -> int:
@@ -238,17 +296,20 @@ async def lag(settings: Settings) -> dict[str, int]:
 
 
 def wait_caught_up(worker: WorkerProcess, settings: Settings, timeout_s: float = 300.0,
-                   settle_s: float = 1.0) -> None:
+                   settle_s: float = 1.0, progress: IO[str] | None = None, every_s: float = 5.0) -> None:
     """Block until the worker's consumer group has committed everything on the raw and valid
     topics (checked twice, ``settle_s`` apart, so actions and Redis writes triggered by the last
-    events have been flushed).
+    events have been flushed). With ``progress``, prints the remaining lag there every
+    ``every_s`` seconds.
 
     Raises
     ------
     ServiceError
         Not caught up within ``timeout_s``, or the worker died.
     """
-    deadline = time.monotonic() + timeout_s
+    t0 = time.monotonic()
+    deadline = t0 + timeout_s
+    next_report = t0 + every_s
     confirmations = 0
     while time.monotonic() < deadline:
         if not worker.alive():
@@ -261,5 +322,9 @@ def wait_caught_up(worker: WorkerProcess, settings: Settings, timeout_s: float =
             time.sleep(settle_s)
             continue
         confirmations = 0
+        if progress is not None and time.monotonic() >= next_report:
+            next_report = time.monotonic() + every_s
+            print(f"  worker catching up: {sum(remaining.values()):,} messages to go "
+                  f"({time.monotonic() - t0:.0f} s)", file=progress, flush=True)
         time.sleep(0.3)
     raise ServiceError(f"worker did not catch up within {timeout_s:.0f} s (lag {remaining}); log: {worker.log_path}")

@@ -15,6 +15,8 @@ Examples
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,6 +25,92 @@ from typing import Any
 from .errors import ConfigError
 
 TIME_MODES = ("live", "replay")
+log = logging.getLogger(__name__)
+
+#: the spellings a boolean setting accepts (compared case-insensitively, surrounding blanks ignored)
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+FALSE_WORDS = frozenset({"0", "false", "no", "off"})
+
+#: ``CLICKPULSE_*`` variables that are not :class:`Settings` fields: read by the local services
+#: scripts (``deploy/local/``) or by the command line itself. Name -> (default, meaning).
+OTHER_ENV_VARS: dict[str, tuple[str, str]] = {
+    "CLICKPULSE_KAFKA_PORT": ("9092", "port of the local Kafka broker (deploy/local/services.sh); also the "
+                              "default CLICKPULSE_KAFKA_BOOTSTRAP when that is unset"),
+    "CLICKPULSE_KAFKA_CONTROLLER_PORT": ("9093", "port of the local broker's KRaft controller listener"),
+    "CLICKPULSE_REDIS_PORT": ("6379", "port of the local Redis; also the default CLICKPULSE_REDIS_URL when that "
+                              "is unset"),
+    "CLICKPULSE_LOCAL_DIR": (".local", "local scripts: folder of the Kafka jars, broker data and logs"),
+    "CLICKPULSE_KAFKA_HEAP": ("768m", "local scripts: the broker's JVM heap"),
+    "CLICKPULSE_DEBUG": ("empty", "1: the clickpulse command shows the Python traceback of an error instead of "
+                         "the one-line message"),
+}
+
+
+def parse_bool(raw: str, env_name: str) -> bool:
+    """``raw`` as a boolean: one of :data:`TRUE_WORDS` or :data:`FALSE_WORDS`, any case.
+
+    Raises
+    ------
+    ConfigError
+        Any other value (``ture``, ``2``, empty): a typo must not silently mean false.
+    """
+    word = raw.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise ConfigError(f"{env_name}={raw!r} is not a boolean: use true/false, 1/0, yes/no or on/off")
+
+
+def unknown_env_vars(environ: Mapping[str, str]) -> list[tuple[str, str | None]]:
+    """The ``CLICKPULSE_*`` names in ``environ`` that no setting or script reads, each with the
+    closest known name (:func:`difflib.get_close_matches` on the part after ``CLICKPULSE_``, ratio >= 0.6) or ``None``, sorted."""
+    known = set(ENV_VARS) | set(OTHER_ENV_VARS)
+    tails = {n.removeprefix("CLICKPULSE_"): n for n in known}  # the shared prefix would make all look close
+    out = []
+    for name in sorted(environ):
+        if name.startswith("CLICKPULSE_") and name not in known:
+            close = difflib.get_close_matches(name.removeprefix("CLICKPULSE_"), tails, n=1, cutoff=0.6)
+            out.append((name, tails[close[0]] if close else None))
+    return out
+
+
+_warned: set[str] = set()
+
+
+def warn_unknown_env_vars(environ: Mapping[str, str]) -> list[str]:
+    """Log a warning (once per process and name) for each unknown ``CLICKPULSE_*`` variable;
+    returns the warnings of this call."""
+    msgs = []
+    for name, close in unknown_env_vars(environ):
+        if name in _warned:
+            continue
+        _warned.add(name)
+        msgs.append(f"{name} is not a clickpulse setting and is ignored"
+                    + (f" (did you mean {close}?)" if close else ""))
+        log.warning("%s", msgs[-1])
+    return msgs
+
+
+def _check_redis_url(url: str) -> None:
+    from urllib.parse import urlsplit
+    parts = urlsplit(url)
+    ok = parts.scheme in ("redis", "rediss") and bool(parts.hostname) or parts.scheme == "unix" and bool(parts.path)
+    if not ok:
+        raise ConfigError(f"CLICKPULSE_REDIS_URL must be a URL such as redis://127.0.0.1:6379/0 (schemes redis://, "
+                          f"rediss://, unix://), or empty to disable Redis; got {url!r}")
+    try:
+        parts.port  # noqa: B018 - raises on a non-numeric or out-of-range port
+    except ValueError as err:
+        raise ConfigError(f"CLICKPULSE_REDIS_URL {url!r}: {err}") from err
+
+
+def _check_bootstrap(value: str) -> None:
+    for item in value.split(","):
+        host, sep, port = item.strip().rpartition(":")
+        if not sep or not host or "/" in host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"CLICKPULSE_KAFKA_BOOTSTRAP must be host:port[,host:port] (no scheme), e.g. "
+                              f"127.0.0.1:9092; got {value!r}")
 
 
 def _env(name: str) -> str:
@@ -76,7 +164,20 @@ class Settings:
     partitions : int
         ``CLICKPULSE_PARTITIONS``; partitions of the raw and valid topics and of the state
         table's changelog (they must be equal: the table is co-partitioned with the stream).
-        Default 4.
+        Also of the actions, segments and privacy topics. Default 4. An existing topic with another
+        count is refused at start (``ConfigError``): partitions cannot shrink, and growing them
+        would move users between partitions away from their state.
+    replication_factor : int
+        ``CLICKPULSE_REPLICATION_FACTOR``; copies of every partition kept by the brokers (every
+        clickpulse topic and the Faust table changelogs). 1 for a single local broker (the
+        default); 3 in production, so one broker can fail without losing data. Must not exceed
+        the number of brokers (``ConfigError`` when topics are created). Applies to topics
+        created from then on; existing topics keep theirs.
+    standby_replicas : int
+        ``CLICKPULSE_STANDBY_REPLICAS``; how many other workers keep a warm copy of each state
+        table partition (Faust ``table_standby_replicas``): when a worker dies, a standby takes
+        over without replaying the changelog from the start. Useful with 2 or more workers;
+        each standby costs that partition's state again in disk and memory. Default 0.
     time_mode : str
         ``CLICKPULSE_TIME_MODE``; ``live`` (an idle partition's watermark follows the wall clock)
         or ``replay`` (event time advances only with events). Default ``live``.
@@ -92,6 +193,12 @@ class Settings:
     session_gap_s : float
         ``CLICKPULSE_SESSION_GAP_S``; seconds of inactivity that end a session. Default 1800
         (30 min, the GA / Segment / Snowplow convention).
+    timezone : str
+        ``CLICKPULSE_TIMEZONE``; the site time zone, an IANA name (``America/New_York``). "Day"
+        windows (``count.X["7d"]``, ``count.X["today"]``), ``category_views``, ``local.*`` in
+        rules and ``once_per: day`` follow its local days, DST-correct (a local day can last 23 or
+        25 hours; :mod:`clickpulse.state.localtime`). Default ``UTC``. Changing it on a running
+        namespace re-labels the day buckets already stored (up to a day's shift in ``7d``).
     engagement_weights : str
         ``CLICKPULSE_ENGAGEMENT_WEIGHTS``; points per engagement signal overriding the defaults of
         :data:`clickpulse.features.engagement.DEFAULT_WEIGHTS`, as ``name=points`` pairs
@@ -155,6 +262,21 @@ class Settings:
     redis_max_pending : int
         ``CLICKPULSE_REDIS_MAX_PENDING``; profiles waiting for Redis; beyond it the oldest are
         dropped (and counted) rather than blocking the stream. Default 100000.
+    redis_refill_check_s : float
+        ``CLICKPULSE_REDIS_REFILL_CHECK_S``; seconds between the worker's checks that Redis still
+        holds its partitions' profiles (sentinel ``<namespace>:epoch:<partition>``); a partition
+        whose sentinel is gone has every profile rewritten from the state table
+        (:class:`clickpulse.serving.redis_sink.ProfileRefill`). Default 5.
+    redis_refill_rate : float
+        ``CLICKPULSE_REDIS_REFILL_RATE``; profiles per second a refill writes at most (it shares the
+        worker's event loop with the stream). Default 5000.
+    api_keys : str
+        ``CLICKPULSE_API_KEYS``; comma-separated keys accepted by ``clickpulse api`` (header
+        ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``), each at least 16 characters.
+        Empty (the default): ``clickpulse api`` refuses to start. Never logged or shown in ``repr``.
+    api_host, api_port : str, int
+        ``CLICKPULSE_API_HOST`` / ``CLICKPULSE_API_PORT``; where ``clickpulse api`` listens.
+        Defaults ``127.0.0.1``, 6068.
     web_port : int
         ``CLICKPULSE_WEB_PORT``; the worker's HTTP port serving ``/metrics``. Default 6066.
     web_host : str
@@ -165,6 +287,8 @@ class Settings:
         worker waits this long for them). Default 30.
     models_enabled : bool
         ``CLICKPULSE_MODELS_ENABLED``; score intent/churn and emit training examples. Default true.
+        Booleans accept ``true/false``, ``1/0``, ``yes/no``, ``on/off`` (any case); anything else
+        is refused (``ConfigError``).
     intent_pipeline, churn_pipeline : str
         ``CLICKPULSE_INTENT_PIPELINE`` / ``CLICKPULSE_CHURN_PIPELINE``; River pipeline names
         (:data:`clickpulse.models.online.PIPELINES`). Default ``logreg`` (scaler + logistic regression).
@@ -294,6 +418,37 @@ class Settings:
         ``CLICKPULSE_DELIVERY_WEBHOOK_BACKOFF_S`` (0.5) / ``CLICKPULSE_DELIVERY_WEBHOOK_BACKOFF_MAX_S``
         (30); seconds: the wait before the first retry, doubling (with jitter) up to the maximum;
         a ``Retry-After`` answer is honoured up to the maximum.
+    collector_host, collector_port : str, int
+        ``CLICKPULSE_COLLECTOR_HOST`` (``127.0.0.1``) / ``CLICKPULSE_COLLECTOR_PORT`` (8088): where
+        ``clickpulse collector`` (the Segment/RudderStack HTTP tracking API,
+        :mod:`clickpulse.collector`) listens.
+    collector_write_keys : str
+        ``CLICKPULSE_COLLECTOR_WRITE_KEYS``; comma-separated write keys the collector accepts (HTTP
+        Basic user name, or ``writeKey`` in the body); any other request gets 401. Empty (the
+        default): the collector refuses to start.
+    collector_max_event_bytes : int
+        ``CLICKPULSE_COLLECTOR_MAX_EVENT_BYTES``; bytes of one event as published (Segment's 32 KB,
+        32768); a bigger one fails its request with 400. At most ``CLICKPULSE_MAX_EVENT_BYTES``.
+    collector_max_batch_bytes : int
+        ``CLICKPULSE_COLLECTOR_MAX_BATCH_BYTES``; bytes of one request body after gzip decoding
+        (Segment's 500 KB, 512000); a bigger one gets 400.
+    collector_max_batch_events : int
+        ``CLICKPULSE_COLLECTOR_MAX_BATCH_EVENTS``; events in one batch (Segment's 2500); more get 400.
+    collector_ack_timeout_s : float
+        ``CLICKPULSE_COLLECTOR_ACK_TIMEOUT_S``; seconds a request waits for Kafka to acknowledge all
+        its events before it is answered 503 (then retried by the SDK). Default 10.
+    collector_retry_after_s : int
+        ``CLICKPULSE_COLLECTOR_RETRY_AFTER_S``; the ``Retry-After`` of a 503 (Kafka unavailable), in
+        seconds. Default 5.
+    collector_linger_ms : int
+        ``CLICKPULSE_COLLECTOR_LINGER_MS``; the producer's ``linger_ms``: how long it waits to fill
+        a batch of concurrent requests' events. Default 2.
+    collector_cors_origins : str
+        ``CLICKPULSE_COLLECTOR_CORS_ORIGINS``; ``Access-Control-Allow-Origin`` for browser SDKs:
+        ``*`` (the default), a comma-separated list of origins, or empty for no CORS headers.
+    collector_event_loop : str
+        ``CLICKPULSE_COLLECTOR_EVENT_LOOP``; ``auto`` (the default: uvloop when installed, the
+        ``collector`` extra), ``uvloop`` (required) or ``asyncio``.
     health_poll_s : float
         ``CLICKPULSE_HEALTH_POLL_S``; seconds between the worker's checks of Kafka (which also
         poll its consumer lag) and Redis for ``/ready`` and ``clickpulse_dependency_up``;
@@ -305,11 +460,14 @@ class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"
     namespace: str = "clickpulse"
     partitions: int = 4
+    replication_factor: int = 1
+    standby_replicas: int = 0
     time_mode: str = "live"
     allowed_lateness_s: float = 60.0
     idle_timeout_s: float = 5.0
     max_future_skew_s: float = 300.0
     session_gap_s: float = 1800.0
+    timezone: str = "UTC"
     rules_path: str = ""
     rules_poll_s: float = 5.0
     assume_consent: str = ""
@@ -326,6 +484,11 @@ class Settings:
     dormant_retention_s: float = 730 * 86400.0
     redis_flush_interval_s: float = 0.5
     redis_max_pending: int = 100_000
+    redis_refill_check_s: float = 5.0
+    redis_refill_rate: float = 5000.0
+    api_keys: str = field(default="", repr=False)
+    api_host: str = "127.0.0.1"
+    api_port: int = 6068
     web_port: int = 6066
     web_host: str = "127.0.0.1"
     kafka_session_timeout_s: float = 30.0
@@ -366,6 +529,17 @@ class Settings:
     delivery_webhook_timeout_s: float = 10.0
     delivery_webhook_backoff_s: float = 0.5
     delivery_webhook_backoff_max_s: float = 30.0
+    collector_host: str = "127.0.0.1"
+    collector_port: int = 8088
+    collector_write_keys: str = field(default="", repr=False)
+    collector_max_event_bytes: int = 32768
+    collector_max_batch_bytes: int = 512000
+    collector_max_batch_events: int = 2500
+    collector_ack_timeout_s: float = 10.0
+    collector_retry_after_s: int = 5
+    collector_linger_ms: int = 2
+    collector_cors_origins: str = "*"
+    collector_event_loop: str = "auto"
     health_poll_s: float = 5.0
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -379,7 +553,9 @@ class Settings:
                     "validation_window", "churn_horizon_days", "partitions", "session_gap_s", "max_event_bytes", "rules_poll_s",
                     "bot_max_cart_adds", "bot_cart_window_s", "bot_max_events", "bot_events_window_s",
                     "dedup_ids_per_user", "redis_flush_interval_s", "idle_timeout_s", "batch_max_events",
-                    "batch_within_s", "max_in_flight_batches", "max_money", "max_quantity", "health_poll_s")
+                    "batch_within_s", "max_in_flight_batches", "max_money", "max_quantity",
+                    "replication_factor", "redis_refill_check_s", "redis_refill_rate",
+                    "health_poll_s")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_env(name)} must be > 0, got {getattr(self, name)!r}")
@@ -390,6 +566,19 @@ class Settings:
         for name in ("delivery_webhook_backoff_s", "delivery_webhook_backoff_max_s"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{_env(name)} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("collector_port", "collector_max_event_bytes", "collector_max_batch_bytes",
+                     "collector_max_batch_events", "collector_ack_timeout_s", "collector_retry_after_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{_env(name)} must be > 0, got {getattr(self, name)!r}")
+        if self.collector_event_loop not in ("auto", "uvloop", "asyncio"):
+            raise ConfigError(f"{_env('collector_event_loop')} must be auto, uvloop or asyncio, "
+                              f"got {self.collector_event_loop!r}")
+        if self.collector_linger_ms < 0:
+            raise ConfigError(f"{_env('collector_linger_ms')} must be >= 0, got {self.collector_linger_ms!r}")
+        if self.collector_max_event_bytes > min(self.max_event_bytes, self.collector_max_batch_bytes):
+            raise ConfigError(f"{_env('collector_max_event_bytes')}={self.collector_max_event_bytes} must be at most "
+                              f"{_env('max_event_bytes')} ({self.max_event_bytes}, what the worker accepts) and "
+                              f"{_env('collector_max_batch_bytes')} ({self.collector_max_batch_bytes})")
         if not 0 < self.max_money < float("inf"):  # NaN or inf would disable the bound
             raise ConfigError(f"{_env('max_money')} must be a finite number > 0, got {self.max_money!r}")
         if self.kafka_session_timeout_s < 6:
@@ -405,11 +594,26 @@ class Settings:
             raise ConfigError(f"{_env('engagement_weights')}: {err}") from err
         if self.state_store not in ("rocksdb", "memory"):
             raise ConfigError(f"{_env('state_store')} must be 'rocksdb' or 'memory', got {self.state_store!r}")
+        if self.standby_replicas < 0:
+            raise ConfigError(f"{_env('standby_replicas')} must be >= 0, got {self.standby_replicas!r}")
+        for name in ("web_port", "trainer_web_port"):
+            if not 0 < getattr(self, name) < 65536:
+                raise ConfigError(f"{_env(name)} must be a TCP port in 1..65535, got {getattr(self, name)!r}")
+        _check_bootstrap(self.kafka_bootstrap)
+        if self.redis_url:
+            _check_redis_url(self.redis_url)
         if self.state_cache_users < 0:
             raise ConfigError(f"{_env('state_cache_users')} must be >= 0, got {self.state_cache_users!r}")
         if self.snapshot_key and len(self.snapshot_key.strip()) < 16:
             raise ConfigError(f"{_env('snapshot_key')} must be at least 16 characters (e.g. `openssl rand -hex 32`), "
                               f"got {len(self.snapshot_key.strip())}")
+        from .state.localtime import check_timezone
+        try:
+            check_timezone(self.timezone)
+        except ValueError as err:
+            raise ConfigError(f"{_env('timezone')}: {err}") from err
+        if any(len(k) < 16 for k in self.api_key_list):
+            raise ConfigError(f"{_env('api_keys')}: every key must be at least 16 characters (e.g. `openssl rand -hex 32`)")
         if not self.namespace or not all(c.isalnum() or c in "-_." for c in self.namespace):
             raise ConfigError(f"{_env('namespace')} must be non-empty [A-Za-z0-9._-], got {self.namespace!r}")
 
@@ -420,9 +624,14 @@ class Settings:
         Raises
         ------
         ConfigError
-            A variable cannot be converted to its field's type, or a value is out of range.
+            A variable cannot be converted to its field's type (a boolean must be one of
+            :data:`TRUE_WORDS` / :data:`FALSE_WORDS`), or a value is out of range.
+
+        Unknown ``CLICKPULSE_*`` variables (typos) are logged as warnings, with the closest
+        known name (:func:`warn_unknown_env_vars`).
         """
         env = os.environ if environ is None else environ
+        warn_unknown_env_vars(env)
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             if f.name == "extra":
@@ -431,12 +640,18 @@ class Settings:
             if raw is None:
                 continue
             kind = type(f.default)
+            if kind is bool:
+                values[f.name] = parse_bool(raw, _env(f.name))
+                continue
             try:
-                values[f.name] = kind(raw) if kind is not bool else raw.lower() in ("1", "true", "yes")
+                values[f.name] = kind(raw)
             except ValueError as err:
                 raise ConfigError(f"{_env(f.name)}={raw!r} is not a valid {kind.__name__}") from err
         # the local services scripts take CLICKPULSE_KAFKA_PORT / CLICKPULSE_REDIS_PORT; without an
         # explicit address, connect to where those scripts put the services
+        for name in ("CLICKPULSE_KAFKA_PORT", "CLICKPULSE_REDIS_PORT"):
+            if env.get(name) and not (env[name].strip().isdigit() and 0 < int(env[name]) < 65536):
+                raise ConfigError(f"{name} must be a TCP port in 1..65535, got {env[name]!r}")
         if "kafka_bootstrap" not in values and env.get("CLICKPULSE_KAFKA_PORT"):
             values["kafka_bootstrap"] = f"127.0.0.1:{env['CLICKPULSE_KAFKA_PORT']}"
         if "redis_url" not in values and env.get("CLICKPULSE_REDIS_PORT"):
@@ -538,8 +753,18 @@ class Settings:
         return f"{self.namespace}.privacy.audit"
 
     @property
+    def collector_keys(self) -> frozenset[str]:
+        """The accepted write keys (``CLICKPULSE_COLLECTOR_WRITE_KEYS``, blanks dropped)."""
+        return frozenset(k.strip() for k in self.collector_write_keys.split(",") if k.strip())
+
+    @property
     def user_retention_ms(self) -> int:
         return int(self.user_retention_s * 1000)
+
+    @property
+    def api_key_list(self) -> tuple[str, ...]:
+        """The keys of ``CLICKPULSE_API_KEYS`` (stripped, empty entries dropped)."""
+        return tuple(k.strip() for k in self.api_keys.split(",") if k.strip())
 
     def env(self) -> dict[str, str]:
         """These settings as ``CLICKPULSE_*`` env vars (to start a worker subprocess)."""

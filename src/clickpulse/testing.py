@@ -60,13 +60,15 @@ def default_rules() -> Ruleset:
 
 def memory_engine(*, lateness_s: float = 60, idle_s: float = 5, live: bool = False, gap_s: float = 1800,
                   dedup: int = 32, rules: Ruleset | str | None = "default",
-                  assume_consent: tuple[str, ...] = ("marketing",), bots: BotConfig | None = None) -> Engine:
+                  assume_consent: tuple[str, ...] = ("marketing",), bots: BotConfig | None = None,
+                  timezone: str = "UTC") -> Engine:
     """An :class:`Engine` over a plain dict table with its own metrics registry.
 
     ``rules``: ``"default"`` (the packaged default rules: cart abandonment after 30 min...), a
     :class:`Ruleset`, rules-file YAML text, or ``None`` for none. ``assume_consent``: purposes
     granted to users who sent no ``consent`` event (``marketing`` by default, so the default
-    rules' marketing triggers fire on test data without consent events).
+    rules' marketing triggers fire on test data without consent events). ``timezone``: the site
+    time zone (IANA name; it becomes the process's, see :mod:`clickpulse.state.localtime`).
     """
     if rules == "default":
         rules = default_rules()
@@ -74,5 +76,5 @@ def memory_engine(*, lateness_s: float = 60, idle_s: float = 5, live: bool = Fal
         rules = parse_rules(rules, "<test rules>")
     settings = Settings(allowed_lateness_s=lateness_s, idle_timeout_s=idle_s, time_mode="live" if live else "replay",
                         session_gap_s=gap_s, dedup_ids_per_user=dedup, assume_consent=",".join(assume_consent),
-                        models_enabled=False)
+                        models_enabled=False, timezone=timezone)
     return build_engine(settings, {}, metrics=Metrics(CollectorRegistry()), rules=rules, bots=bots)

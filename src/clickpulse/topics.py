@@ -20,27 +20,45 @@ topic                                  key        value
 Control messages carry the header ``clickpulse-control``, a ``schemas/control.v1.json`` value and,
 on the raw topic, the signature header ``clickpulse-control-sig`` (:mod:`clickpulse.events.control`);
 an unsigned one is dead-lettered as ``forged_control``.
+
+Partitions (``CLICKPULSE_PARTITIONS``) and the replication factor (``CLICKPULSE_REPLICATION_FACTOR``)
+are settings; the topics marked 1 partition above keep one whatever the setting. Consumer groups of a
+namespace: ``<ns>-worker`` (Faust app id), ``<ns>-trainer``, ``<ns>-delivery``.
+:func:`namespace_of` recognises every topic above (and Faust's ``<ns>-worker-__assignor-__leader``),
+so ``clickpulse topics list|clean`` can find what a namespace left on a cluster.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fnmatch
 import logging
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import KafkaConnectionError, KafkaError, for_code
+from aiokafka.protocol.api import Request, RequestStruct, Response
+from aiokafka.protocol.types import Array, Int16, Int32, Schema, String
 
-from .errors import ConfigError
+from .errors import ConfigError, ServiceError
 from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-from .events.control import CONTROL_HEADER, CONTROL_SIG_HEADER  # noqa: F401 - re-exported
+from .events.control import CONTROL_HEADER, CONTROL_SIG_HEADER  # noqa: F401,E402 - re-exported
+
+#: consumer groups of a namespace: ``<ns>`` + one of these
+GROUP_SUFFIXES = ("-worker", "-trainer", "-delivery")
+TOPIC_EXISTS = 36  # Kafka error code TOPIC_ALREADY_EXISTS
 
 
 def topic_specs(s: Settings) -> dict[str, dict]:
-    """Name -> {partitions, config} for every topic the app owns (the table changelog is Faust's)."""
+    """Name -> {partitions, replication, config} for every topic the app owns (the table
+    changelog is Faust's, created with the same replication factor)."""
     retention_7d = str(7 * 86400 * 1000)
-    return {
+    specs = {
         s.topic_raw: {"partitions": s.partitions, "config": {"retention.ms": retention_7d}},
         s.topic_valid: {"partitions": s.partitions, "config": {"retention.ms": retention_7d}},
         s.topic_dlq: {"partitions": 1, "config": {"retention.ms": str(30 * 86400 * 1000)}},
@@ -57,6 +75,73 @@ def topic_specs(s: Settings) -> dict[str, dict]:
         s.topic_privacy_audit: {"partitions": 1, "config": {"retention.ms": str(365 * 86400 * 1000)}},
         s.topic_models: {"partitions": 1, "config": {"cleanup.policy": "compact", "max.message.bytes": str(16 * 1024 * 1024)}},
     }
+    for spec in specs.values():
+        spec["replication"] = s.replication_factor
+    return specs
+
+
+def _dotted_suffixes() -> tuple[str, ...]:
+    """``.events.raw``, ``.actions`` ... : every ``<ns>.<suffix>`` topic name a namespace uses
+    (the ``topic_*`` properties of :class:`Settings`, and delivery's ``<ns>.actions.dlq``),
+    longest first."""
+    probe = Settings(namespace="ns")
+    names = {getattr(probe, a) for a in dir(Settings) if a.startswith("topic_")
+             and isinstance(getattr(Settings, a), property)}
+    names.add(f"{probe.topic_actions}.dlq")
+    return tuple(sorted((n[len("ns"):] for n in names if n.startswith("ns.")), key=len, reverse=True))
+
+
+_FAUST_TOPIC = re.compile(r"^(?P<ns>.+)-worker-(?:__assignor-__leader|[A-Za-z0-9_]+-changelog)$")
+
+
+def namespace_of(topic: str) -> str | None:
+    """The namespace a clickpulse topic belongs to, ``None`` for any other topic.
+
+    >>> namespace_of("demo-20261201.events.raw"), namespace_of("a.b-worker-users-changelog")
+    ('demo-20261201', 'a.b')
+    >>> namespace_of("__consumer_offsets") is None
+    True
+    """
+    for suffix in _dotted_suffixes():
+        if topic.endswith(suffix) and len(topic) > len(suffix):
+            return topic[:-len(suffix)]
+    m = _FAUST_TOPIC.match(topic)
+    return m.group("ns") if m else None
+
+
+def group_namespace(group: str) -> str | None:
+    """The namespace a consumer group belongs to (``<ns>-worker`` ...), else ``None``."""
+    for suffix in GROUP_SUFFIXES:
+        if group.endswith(suffix) and len(group) > len(suffix):
+            return group[:-len(suffix)]
+    return None
+
+
+@contextlib.asynccontextmanager
+async def kafka_admin(s: Settings, request_timeout_ms: int = 30000) -> AsyncIterator[AIOKafkaAdminClient]:
+    """A started admin client for ``s.kafka_bootstrap``, closed on exit.
+
+    Raises
+    ------
+    ServiceError
+        No broker answers at ``CLICKPULSE_KAFKA_BOOTSTRAP``.
+    """
+    admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap, request_timeout_ms=request_timeout_ms)
+    try:
+        await admin.start()
+    except KafkaConnectionError as err:
+        await admin.close()
+        raise kafka_unreachable(s.kafka_bootstrap, err) from err
+    try:
+        yield admin
+    finally:
+        await admin.close()
+
+
+def kafka_unreachable(bootstrap: str, err: BaseException) -> ServiceError:
+    """The error for a broker that does not answer (one wording for every command)."""
+    return ServiceError(f"Kafka is not reachable at {bootstrap} (CLICKPULSE_KAFKA_BOOTSTRAP): {err}; "
+                        "is the broker running? (locally: deploy/local/services.sh start)")
 
 
 async def ensure_topics(s: Settings) -> None:
@@ -65,11 +150,12 @@ async def ensure_topics(s: Settings) -> None:
     Raises
     ------
     ConfigError
-        An existing topic's partition count differs from the settings.
+        An existing topic's partition count differs from the settings, or the broker refused to
+        create a topic (e.g. a replication factor above the number of brokers).
+    ServiceError
+        Kafka is not reachable.
     """
-    admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap, request_timeout_ms=30000)
-    await admin.start()
-    try:
+    async with kafka_admin(s) as admin:
         existing = set(await admin.list_topics())
         specs = topic_specs(s)
         present = [name for name in specs if name in existing]
@@ -81,14 +167,137 @@ async def ensure_topics(s: Settings) -> None:
                     raise ConfigError(
                         f"topic {d['topic']} has {have} partitions but CLICKPULSE_PARTITIONS/settings want {want}; "
                         "the state table is co-partitioned with the stream, so they must match "
-                        "(use a new CLICKPULSE_NAMESPACE or set CLICKPULSE_PARTITIONS={have})")
-        new = [NewTopic(name, spec["partitions"], 1, topic_configs=spec["config"])
-               for name, spec in topic_specs(s).items() if name not in existing]
+                        f"(use a new CLICKPULSE_NAMESPACE or set CLICKPULSE_PARTITIONS={have})")
+                rf = len(d["partitions"][0]["replicas"]) if d["partitions"] else s.replication_factor
+                if rf != s.replication_factor:
+                    log.warning("topic %s has replication factor %d, CLICKPULSE_REPLICATION_FACTOR is %d "
+                                "(existing topics keep theirs)", d["topic"], rf, s.replication_factor)
+        new = [NewTopic(name, spec["partitions"], spec["replication"], topic_configs=spec["config"])
+               for name, spec in specs.items() if name not in existing]
         if new:
-            try:
-                await admin.create_topics(new)
-            except TopicAlreadyExistsError:
-                pass
+            resp = await admin.create_topics(new)
+            errors = {e[0]: (e[1], e[2] if len(e) > 2 else None) for e in resp.topic_errors
+                      if e[1] not in (0, TOPIC_EXISTS)}
+            if errors:
+                name, (code, msg) = next(iter(sorted(errors.items())))
+                raise ConfigError(f"Kafka refused to create topic {name} (and {len(errors) - 1} more) with "
+                                  f"{specs[name]['partitions']} partitions, replication factor "
+                                  f"{s.replication_factor} (CLICKPULSE_REPLICATION_FACTOR): "
+                                  f"{for_code(code).__name__}: {msg or ''}".rstrip(": "))
             log.info("created topics %s", [t.name for t in new])
-    finally:
-        await admin.close()
+
+
+# ---- clickpulse topics list | clean --------------------------------------------------------
+
+
+class _DeleteGroupsResponse_v0(Response):
+    API_KEY = 42
+    API_VERSION = 0
+    SCHEMA = Schema(("throttle_time_ms", Int32),
+                    ("results", Array(("group_id", String("utf-8")), ("error_code", Int16))))
+
+
+class _DeleteGroupsResponse_v1(Response):
+    API_KEY = 42
+    API_VERSION = 1
+    SCHEMA = _DeleteGroupsResponse_v0.SCHEMA
+
+
+class _DeleteGroupsRequest_v0(RequestStruct):
+    API_KEY = 42
+    API_VERSION = 0
+    RESPONSE_TYPE = _DeleteGroupsResponse_v0
+    SCHEMA = Schema(("groups_names", Array(String("utf-8"))))
+
+
+class _DeleteGroupsRequest_v1(RequestStruct):
+    API_KEY = 42
+    API_VERSION = 1
+    RESPONSE_TYPE = _DeleteGroupsResponse_v1
+    SCHEMA = _DeleteGroupsRequest_v0.SCHEMA
+
+
+class _DeleteGroupsRequest(Request[_DeleteGroupsRequest_v0 | _DeleteGroupsRequest_v1]):
+    """Kafka's DeleteGroups (API key 42, KIP-229; aiokafka 0.14's admin client has no call for it)."""
+
+    API_KEY = 42
+
+    def __init__(self, groups: list[str]) -> None:
+        self._groups = groups
+
+    def build(self, request_struct_class):  # type: ignore[no-untyped-def]
+        return request_struct_class(self._groups)
+
+
+@dataclass
+class NamespaceFootprint:
+    """What one namespace left on Kafka (and Redis): topic -> partitions, groups, key count."""
+
+    namespace: str
+    topics: dict[str, int] = field(default_factory=dict)
+    groups: list[str] = field(default_factory=list)
+    redis_keys: int | None = None
+
+
+async def footprints(s: Settings, pattern: str, *, describe: bool = True) -> dict[str, NamespaceFootprint]:
+    """Every clickpulse namespace on the cluster whose name matches the glob ``pattern``
+    (:func:`fnmatch.fnmatchcase`), with its topics (partition counts when ``describe``) and
+    consumer groups."""
+    out: dict[str, NamespaceFootprint] = {}
+    async with kafka_admin(s) as admin:
+        for t in await admin.list_topics():
+            ns = namespace_of(t)
+            if ns is not None and fnmatch.fnmatchcase(ns, pattern):
+                out.setdefault(ns, NamespaceFootprint(ns)).topics[t] = 0
+        for g, _proto in await admin.list_consumer_groups():
+            ns = group_namespace(g)
+            if ns is not None and fnmatch.fnmatchcase(ns, pattern):
+                out.setdefault(ns, NamespaceFootprint(ns)).groups.append(g)
+        if describe:
+            names = [t for fp in out.values() for t in fp.topics]
+            for i in range(0, len(names), 200):
+                for d in await admin.describe_topics(names[i:i + 200]):
+                    ns = namespace_of(d["topic"])
+                    if ns in out and d["error_code"] == 0:
+                        out[ns].topics[d["topic"]] = len(d["partitions"])
+    for fp in out.values():
+        fp.groups.sort()
+    return dict(sorted(out.items()))
+
+
+GROUP_NOT_FOUND, NON_EMPTY_GROUP = 69, 68  # Kafka error codes
+
+
+async def delete_namespace(s: Settings, fp: NamespaceFootprint) -> list[str]:
+    """Delete a namespace's consumer groups, then its topics; returns the problems (empty: all
+    gone).
+
+    The groups go first because Kafka refuses to delete a group that has members
+    (``NON_EMPTY_GROUP``): a worker, trainer or delivery process of the namespace is still
+    running, and it would recreate the topics. Then no topic is deleted either.
+    """
+    problems: list[str] = []
+    running: list[str] = []
+    async with kafka_admin(s) as admin:
+        for g in fp.groups:
+            try:
+                node = await admin.find_coordinator(g)
+                resp = await admin._send_request(_DeleteGroupsRequest([g]), node)  # noqa: SLF001
+            except KafkaError as err:
+                problems.append(f"group {g}: {type(err).__name__}: {err}")
+                continue
+            for gid, code in resp.results:
+                if code == NON_EMPTY_GROUP:
+                    running.append(gid)
+                elif code not in (0, GROUP_NOT_FOUND):
+                    problems.append(f"group {gid}: {for_code(code).__name__}")
+        if running:
+            return problems + [f"group {g} has members (its processes are running): stop them first; "
+                               "no topic of the namespace was deleted" for g in running]
+        names = sorted(fp.topics)
+        for i in range(0, len(names), 100):
+            resp = await admin.delete_topics(names[i:i + 100])
+            for e in resp.topic_error_codes:
+                if e[1] != 0:
+                    problems.append(f"topic {e[0]}: {for_code(e[1]).__name__}")
+    return problems

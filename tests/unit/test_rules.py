@@ -65,10 +65,10 @@ def ns():
 
 
 def test_namespace_values_from_a_real_state(ns):
-    assert ns["count"]["add_to_cart"] == {"5m": 1, "1h": 3, "24h": 3, "7d": 3}
+    assert ns["count"]["add_to_cart"] == {"5m": 1, "1h": 3, "24h": 3, "7d": 3, "today": 3}
     assert ns["count"]["product_view"]["7d"] == 2
     assert ns["count"]["purchase"]["7d"] == 1  # day buckets Oct 2..Oct 8
-    assert ns["count"]["checkout_start"] == {"5m": 0, "1h": 0, "24h": 0, "7d": 0}  # canonical types zero-filled
+    assert ns["count"]["checkout_start"] == {"5m": 0, "1h": 0, "24h": 0, "7d": 0, "today": 0}  # canonical types zero-filled
     s = ns["session"]
     assert s["duration_s"] == 360 and s["events"] == 5 and s["idle_s"] == 120
     assert s["counts"]["add_to_cart"] == 3 and s["counts"]["product_view"] == 2 and s["counts"]["purchase"] == 0
@@ -224,7 +224,7 @@ def _rules(body: str) -> str:
     ("triggers:\n  - name: t1\n    on: {timeout: {after: add_to_cart, within_s: 60}}\n    action: {type: x}\n",
      "t1", "on.timeout.no", (3, None, None), "missing field 'no'"),
     ("triggers:\n  - name: t1\n    on: product_view\n    once_per: week\n    action: {type: x}\n", "t1", "once_per",
-     (4, None, None), "once_per must be one of episode, session, lifetime"),
+     (4, None, None), "once_per must be one of episode, session, day, lifetime"),
     ("triggers:\n  - name: t1\n    on: product_view\n    cooldown: 60\n    action: {type: x}\n", "t1", "cooldown",
      (4, None, None), "unknown field 'cooldown'"),
     ("triggers:\n  - name: t1\n    on: product_view\n", "t1", "action", (2, None, None), "missing field 'action'"),

@@ -686,7 +686,7 @@ def test_a_malformed_rule_names_its_field(tmp_path):
     path.write_text(FILE_V1.replace("  - name: abandon", "  - name: abandon\n    once_per: week"))
     assert rf.poll() is False
     assert (rf.error.rule, rf.error.field) == ("abandon", "once_per")
-    assert "once_per must be one of episode, session, lifetime, got 'week'" in str(rf.error)
+    assert "once_per must be one of episode, session, day, lifetime, got 'week'" in str(rf.error)
     assert rf.failures == 2 and rf.current().file_version == "f1"
     path.write_text(FILE_V1)  # back to the active content: no reload, no error
     assert rf.poll() is False and rf.error is None and rf.reloads == 0

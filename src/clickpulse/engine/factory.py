@@ -15,6 +15,7 @@ from ..observability.metrics import Metrics
 from ..rules.bots import BotConfig
 from ..rules.ruleset import RulesFile
 from ..settings import Settings
+from ..state.localtime import set_site_timezone
 from ..state.user import StateConfig
 from .step import Engine
 
@@ -52,7 +53,8 @@ def build_engine(settings: Settings, table: MutableMapping[bytes, bytes] | None 
     Parameters
     ----------
     settings
-        Session gap, lateness, idle timeout, time mode, consent, bots, model settings, cache size.
+        Session gap, lateness, idle timeout, time mode, consent, bots, model settings, cache size,
+        site time zone (made the process's, :func:`clickpulse.state.localtime.set_site_timezone`).
     table
         The state table (``dict`` when omitted: an in-memory engine).
     metrics
@@ -65,6 +67,7 @@ def build_engine(settings: Settings, table: MutableMapping[bytes, bytes] | None 
     bots
         Bot thresholds (default: from ``settings``).
     """
+    set_site_timezone(settings.timezone)  # one site time zone per process: the local days
     if models is FROM_SETTINGS:
         models = build_models(settings)
     if rules is FROM_SETTINGS:

@@ -4,7 +4,10 @@
 
 1. checks size (``too_large``), decodes key and value as UTF-8 (``key_not_utf8``,
    ``not_utf8``) and JSON with orjson (``not_json``, ``not_object``);
-2. maps Segment spec messages (``{"type": "track", "event": "Product Added", "userId": ...}``)
+2. brings what the Segment/RudderStack libraries send into shape (:func:`map_real_payload`:
+   ``originalTimestamp`` without ``timestamp``, currency in any case, ``context.device`` and
+   other context objects, identify traits in ``context.traits``, ``products[]`` totals), then
+   maps Segment spec messages (``{"type": "track", "event": "Product Added", "userId": ...}``)
    and Segment event names onto canonical names and fields;
 3. requires ``user_id`` or ``anonymous_id`` (``missing_identity``), parses the event time
    (RFC 3339 with offset, or epoch milliseconds; ``bad_timestamp``) and clamps times further
@@ -336,6 +339,153 @@ def derive_event_id(obj: dict[str, Any], prefix: str = "d") -> str:
     return f"{prefix}-{digest[:24]}"
 
 
+#: Segment ``context.device.type`` values of phones and tablets (the mobile libraries send the OS).
+_MOBILE_OS = frozenset({"ios", "android", "ipados", "watchos", "tvos", "harmonyos", "fireos"})
+#: ``context.device`` classes the features know (:mod:`clickpulse.features.extract`).
+_DEVICE_CLASSES = frozenset({"desktop", "mobile", "tablet"})
+#: Canonical types whose ``properties.products[]`` give the money total (``revenue`` of a
+#: purchase, ``value`` of the others) when the producer sent none.
+_PRODUCT_LIST_TYPES = {"purchase": "revenue", "cart_view": "value", "checkout_start": "value"}
+_CURRENCY_LETTERS = re.compile(r"[A-Za-z]{3}")
+_TABLET_WORD = re.compile(r"\btab(let)?\b")
+
+
+def device_class(device: dict[str, Any]) -> str | None:
+    """The device class (``desktop``, ``mobile``, ``tablet`` or the type as sent, lower case) of a
+    Segment/RudderStack ``context.device`` object, ``None`` when it has no string ``type``.
+
+    The mobile libraries send the OS as ``type`` (``"ios"``, ``"android"``); a model or name
+    containing ``ipad``, or the word ``tablet`` or ``tab`` (``Galaxy Tab S9``), makes it a tablet.
+
+    >>> device_class({"type": "ios", "model": "iPad13,4"}), device_class({"type": "android"})
+    ('tablet', 'mobile')
+    """
+    kind = device.get("type")
+    if not isinstance(kind, str) or not kind.strip():
+        return None
+    kind = kind.strip().lower()[:64]
+    if kind in _DEVICE_CLASSES:
+        return kind
+    if kind in _MOBILE_OS:
+        hint = " ".join(v for v in (device.get("model"), device.get("name")) if isinstance(v, str)).lower()
+        return "tablet" if "ipad" in hint or _TABLET_WORD.search(hint) else "mobile"
+    return kind
+
+
+def _final_type(obj: dict[str, Any]) -> Any:
+    """The canonical ``type`` :func:`_normalize` will give ``obj`` (a Segment ``event`` name wins)."""
+    t = obj.get("type")
+    name = obj.get("event")
+    if isinstance(name, str):
+        t = name
+    elif isinstance(t, str) and t in SEGMENT_CALL_TYPES:
+        t = SEGMENT_CALL_TYPES[t]
+    return SEGMENT_EVENT_NAMES.get(t, t) if isinstance(t, str) else None
+
+
+def _products_total(products: list[Any]) -> float | None:
+    """Sum of ``price * quantity`` (quantity 1 when absent) over the products with a numeric,
+    finite ``price`` and an integer ``quantity`` >= 0 (others are left out); ``None`` when no
+    product has a price. Rounded to 1/100 of the currency unit."""
+    total, priced = 0.0, False
+    for item in products[:1000]:
+        if not isinstance(item, dict):
+            continue
+        price = item.get("price")
+        if price.__class__ is bool or not isinstance(price, int | float) or not math.isfinite(price):
+            continue
+        qty = item.get("quantity", 1)
+        if qty.__class__ is bool or not isinstance(qty, int | float) or qty != qty or qty < 0 or qty != int(qty):
+            continue
+        total += price * qty
+        priced = True
+    return round(total, 2) if priced and math.isfinite(total) else None
+
+
+def map_real_payload(obj: dict[str, Any]) -> dict[str, Any]:
+    """Bring what the Segment and RudderStack libraries send into the shape the contract reads:
+    ``obj`` itself when there is nothing to do, else a new dict (``obj`` is left unchanged; nested
+    dicts that change are copied). Applied first by :func:`normalize`/:func:`parse`.
+
+    * **Time**: a message with ``originalTimestamp`` and no ``timestamp`` (RudderStack's
+      libraries, Segment's before its server sets ``timestamp``) takes ``originalTimestamp`` as
+      its client time; ``sentAt``/``receivedAt`` then correct the client clock (Segment's
+      ``timestamp = receivedAt - (sentAt - originalTimestamp)``).
+    * **Currency**: three ASCII letters in any case become upper case (``"eur"`` -> ``"EUR"``).
+    * **Context objects**: ``context.device`` as an object (mobile libraries) moves to
+      ``context.device_info`` and ``context.device`` becomes its class (:func:`device_class`;
+      absent when it has no ``type``), so the PII policy's ``device`` allowance keeps a class,
+      never the advertising id; ``context.location.country`` becomes ``context.country`` when
+      that is absent. ``os``, ``app``, ``page``, ``campaign``, ``library``, ``screen`` and
+      ``network`` objects pass as sent (the PII policy decides what is kept).
+    * **Traits**: an ``identify`` whose traits are in ``context.traits`` (RudderStack) and not
+      at the top level has them moved to the top level (then to ``properties.traits``).
+    * **Products**: a purchase (``Order Completed``), ``Cart Viewed`` or ``Checkout Started``
+      with a ``properties.products`` list and no money total gets one from the list
+      (:func:`_products_total`): ``revenue`` of a purchase when neither ``revenue`` nor
+      ``total`` is set (so lifetime revenue counts the order), ``value`` of the others.
+
+    >>> map_real_payload({"type": "track", "event": "Order Completed", "userId": "u1",
+    ...                   "originalTimestamp": "2019-10-01T10:00:00Z",
+    ...                   "properties": {"currency": "eur", "products": [{"price": 5, "quantity": 2}]}})
+    ... # doctest: +NORMALIZE_WHITESPACE
+    {'type': 'track', 'event': 'Order Completed', 'userId': 'u1', 'properties': {'currency': 'EUR',
+     'products': [{'price': 5, 'quantity': 2}], 'revenue': 10.0}, 'timestamp': '2019-10-01T10:00:00Z'}
+    """
+    out = obj
+    if obj.get("timestamp") is None:
+        for name in ("original_timestamp", "originalTimestamp"):
+            if obj.get(name) is not None:
+                out = dict(obj)
+                out["timestamp"] = out[name]
+                out.pop("original_timestamp", None)
+                out.pop("originalTimestamp", None)
+                break
+    props = out.get("properties")
+    if isinstance(props, dict):
+        new_props = props
+        cur = props.get("currency")
+        if isinstance(cur, str) and not cur.isupper() and _CURRENCY_LETTERS.fullmatch(cur):
+            new_props = {**new_props, "currency": cur.upper()}
+        products = props.get("products")
+        if isinstance(products, list) and products:
+            field_name = _PRODUCT_LIST_TYPES.get(_final_type(out))
+            taken = ("revenue", "total") if field_name == "revenue" else (field_name,)
+            if field_name is not None and all(props.get(k) is None for k in taken):
+                total = _products_total(products)
+                if total is not None:
+                    new_props = {**new_props, field_name: total}
+        if new_props is not props:
+            out = dict(out) if out is obj else out
+            out["properties"] = new_props
+    ctx = out.get("context")
+    if isinstance(ctx, dict):
+        new_ctx = ctx
+        device = ctx.get("device")
+        if isinstance(device, dict):
+            new_ctx = dict(ctx)
+            new_ctx.setdefault("device_info", device)
+            kind = device_class(device)
+            if kind is None:
+                del new_ctx["device"]
+            else:
+                new_ctx["device"] = kind
+        loc = ctx.get("location")
+        if isinstance(loc, dict) and isinstance(loc.get("country"), str) and loc["country"] and ctx.get("country") is None:
+            new_ctx = dict(new_ctx) if new_ctx is ctx else new_ctx
+            new_ctx["country"] = loc["country"]
+        traits = ctx.get("traits")
+        if (out.get("type") == "identify" and isinstance(traits, dict) and out.get("traits") is None):
+            new_ctx = dict(new_ctx) if new_ctx is ctx else new_ctx
+            del new_ctx["traits"]
+            out = dict(out) if out is obj else out
+            out["traits"] = traits
+        if new_ctx is not ctx:
+            out = dict(out) if out is obj else out
+            out["context"] = new_ctx
+    return out
+
+
 def _map_segment(obj: dict[str, Any]) -> dict[str, Any]:
     """Rename Segment fields and names; ``obj`` itself when there is nothing to map, else a new
     dict (``obj`` is left unchanged)."""
@@ -448,7 +598,7 @@ def normalize(obj: dict[str, Any], *, received_ms: int | None = None,
 
 def _normalize(obj: dict[str, Any], received_ms: int | None, max_future_skew_ms: int,
                max_money: float, max_quantity: int, reference: bool) -> dict[str, Any]:
-    ev = _map_segment(obj)
+    ev = _map_segment(map_real_payload(obj))
     ev.pop("user_key", None)
     for idf in ("user_id", "anonymous_id"):
         v = ev.get(idf)

@@ -13,8 +13,10 @@ two: compare an ``int`` with ``2`` and a ``double`` with ``50.0`` (or convert wi
 
 count : map<string, map<string, int>>
     Events per type per window, as of ``at_ms``: ``count.add_to_cart["7d"]``. Windows ``"5m"``,
-    ``"1h"``, ``"24h"``, ``"7d"`` (:data:`clickpulse.state.windows.SPANS`; "last 5 min" = the
-    current minute plus the 4 before it, and so on). A span name starts with a digit, so it is
+    ``"1h"``, ``"24h"``, ``"7d"``, ``"today"`` (:data:`clickpulse.state.windows.SPANS`; "last 5
+    min" = the current minute plus the 4 before it, and so on; ``"7d"`` = the current local day
+    and the 6 before it, ``"today"`` = the current local day, in the site time zone
+    ``CLICKPULSE_TIMEZONE``, 23 or 25 hours long on a daylight-saving transition day). A span name starts with a digit, so it is
     indexed with ``["7d"]``: ``count.add_to_cart.7d`` is a syntax error in CEL. Every canonical
     type is present (0 when unseen), plus any other type the user sent; an absent type is a
     runtime error (the condition is then false). Late events are not counted.
@@ -79,8 +81,16 @@ traits : map<string, dyn>
     Traits from ``identify`` events (string, int, double or bool values) plus ``device`` and
     ``country`` from the events' context: ``traits.country == "DE"``; test a trait that may be
     absent with ``has(traits.age_band)``.
+local.date : string
+    The local date of the evaluation in the site time zone (``CLICKPULSE_TIMEZONE``, IANA name,
+    default UTC), ``"YYYY-MM-DD"``: ``local.date == "2025-12-24"``.
+local.hour : int
+    The local hour of the evaluation, 0–23 (the skipped hour of a spring-forward day never
+    occurs; the repeated hour of a fall-back day occurs twice).
+local.weekday : int
+    The local weekday of the evaluation, 0 (Monday) to 6 (Sunday).
 category_views : map<string, int>
-    Product views per ``properties.category`` over the UTC day of the evaluation and the 6 days
+    Product views per ``properties.category`` over the local day of the evaluation and the 6 days
     before it (16 most recently viewed categories per user; late events not counted):
     ``category_views["electronics.smartphone"] >= 3``.
 consent : map<string, bool>
@@ -145,6 +155,7 @@ from typing import Any
 
 from ..events.contract import CANONICAL_TYPES
 from ..events.contract import to_rfc3339
+from ..state.localtime import local_clock
 from ..state.user import UserState, cart_items, category_views
 from ..state.windows import DAY_MS, SPANS
 
@@ -176,6 +187,9 @@ VARIABLES: dict[str, str] = {
     "lifetime.days_since_last_order": "int",
     "lifetime.days_since_first_seen": "int",
     "traits": "map<string, dyn>",
+    "local.date": "string",
+    "local.hour": "int",
+    "local.weekday": "int",
     "category_views": "map<string, int>",
     "consent": "map<string, bool>",
     "scores.intent": "double",
@@ -261,7 +275,7 @@ def namespace(state: UserState, at_ms: int, scores: Mapping[str, float] | None =
     -------
     dict
         ``{"count": ..., "session": {...}, "cart": {...}, "lifetime": {...}, "traits": ...,
-        "category_views": ..., "consent": ..., "scores": {...}, "tier": ..., "conversion": {...},
+        "local": {...}, "category_views": ..., "consent": ..., "scores": {...}, "tier": ..., "conversion": {...},
         "segments": [...], "event": {...}}``; every name
         of :data:`VARIABLES` (a dotted name ``a.b`` is ``ns["a"]["b"]``), with exactly its type
         (``int`` for CEL int, ``float`` for CEL double). See the module docstring for units.
@@ -317,6 +331,7 @@ def namespace(state: UserState, at_ms: int, scores: Mapping[str, float] | None =
             "days_since_first_seen": max(0, _days(at_ms, life.first_ms)),
         },
         "traits": _plain(state.traits),
+        "local": dict(zip(("date", "hour", "weekday"), local_clock(at_ms), strict=True)),
         "category_views": category_views(state, at_ms),
         "consent": {str(k): bool(v[0]) for k, v in state.consent.items()},
         "scores": {**{k: float(raw_scores.get(k, DEFAULT_SCORE)) for k in SCORE_NAMES},
@@ -625,6 +640,9 @@ _BUILDERS: dict[str, _Builder] = {
     else max(0, at - st.cart.closed_ms) // DAY_MS,  # _days(at, closed_ms), inlined
     "lifetime.days_since_first_seen": lambda st, at, *_: max(0, _days(at, st.life.first_ms)),
     "traits": lambda st, *_: _plain(st.traits),
+    "local.date": lambda st, at, *_: local_clock(at)[0],
+    "local.hour": lambda st, at, *_: local_clock(at)[1],
+    "local.weekday": lambda st, at, *_: local_clock(at)[2],
     "category_views": lambda st, at, *_: category_views(st, at),
     "consent": lambda st, *_: {str(k): bool(v[0]) for k, v in st.consent.items()},
     "scores.intent": lambda st, at, s, sc, *_: float(sc["intent"]) if sc is not None and "intent" in sc

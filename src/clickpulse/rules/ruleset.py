@@ -18,7 +18,7 @@ A rules file is YAML::
             value: cart.value
             offer: '"FREESHIP"'        # a constant string is a CEL string literal
         cooldown_s: 86400              # default 0
-        once_per: episode              # episode | session | lifetime (default: none)
+        once_per: episode              # episode | session | day (local) | lifetime (default: none)
         requires_consent: marketing    # default: none
 
 ``on`` is an event type (``product_view``), ``{segment_enter: NAME}``, ``{segment_exit: NAME}``
@@ -66,7 +66,7 @@ from .namespace import ALL, NONE, VARIABLES, Deps
 
 log = logging.getLogger(__name__)
 
-ONCE_PER = ("episode", "session", "lifetime")
+ONCE_PER = ("episode", "session", "day", "lifetime")
 DEFAULT_MIN_SIZE = 50
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 _CEL_ERROR_RE = re.compile(r"ERROR: <input>:(\d+):(\d+): (.*)")

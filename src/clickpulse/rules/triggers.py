@@ -39,7 +39,8 @@ Semantics (stated once, applied the same way live and in a replay)
   with none, the purposes of ``assumed_consent`` count as granted, no other); ``cooldown_s`` of
   event time has not passed since the trigger last fired for the user (``cooldown``);
   ``once_per`` (``episode``: a timeout's episode, ``session``: the session the decision's event
-  time falls in, ``lifetime``) already used (``once_per``).
+  time falls in, ``day``: the local day of the site time zone the decision's event time falls
+  in, DST-correct, see :mod:`clickpulse.state.localtime`, ``lifetime``) already used (``once_per``).
 * **Held marketing decisions.** A bot is only recognised by its rate once it has been fast for a
   while (the 21st add within 10 s), but an ``on: add_to_cart`` trigger could fire at its 3rd
   add. So a decision of a trigger with ``requires_consent`` that is not a timeout (an event or
@@ -103,6 +104,7 @@ from typing import Any
 
 from ..events.contract import CANONICAL_TYPES, to_rfc3339
 from ..state.user import ACTION_NAMESPACE, UserState, action_id
+from ..state.localtime import local_day
 from ..state.windows import SPANS
 from .bots import BotConfig, is_bot
 from .bots import observe as observe_bot
@@ -309,7 +311,7 @@ def _count_key(types: frozenset[str] | None, spans: frozenset[str] | None) -> Ca
                     if not buckets:
                         counts.append(0)
                         continue
-                    hi = at // width
+                    hi = at // width if ring != "d" else local_day(at)
                     lo = hi - n
                     counts.append(sum([c for b, c in buckets.items() if lo < b <= hi]))
                 out.append((t, tuple(counts)))
@@ -899,6 +901,8 @@ def _gate(st: UserState, trig: Trigger, at_ms: int, ctx: RuleContext) -> str | N
     if once == "lifetime" and ts.get("n"):
         return "once_per"
     if once == "session" and ts.get("n") and ts.get("ls") == _session_id(st, at_ms):
+        return "once_per"
+    if once == "day" and ts.get("lf") is not None and local_day(ts["lf"]) == local_day(at_ms):
         return "once_per"
     if once == "episode" and ts.get("e") is not None and ts.get("fe") == ts.get("e"):
         return "once_per"

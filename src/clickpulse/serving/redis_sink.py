@@ -8,11 +8,29 @@ counted beyond it) and are retried on the next flush.
 
 Key: ``<namespace>:profile:<user_key>``; value: JSON per ``schemas/profile.v1.json``;
 TTL: ``CLICKPULSE_USER_RETENTION_S``.
+
+Segment membership follows the profile written in the same pipeline: ``<namespace>:segment:<name>``
+is a sorted set (every score 0, so members are ordered by user key: exact cursor paging with
+``ZRANGE ... BYLEX``) holding the users whose newest profile lists the segment; each profile write
+adds the user to its segments and removes it from every other known segment, so expiry, bot
+flagging, quarantine and erasure (which leave segments without a segment-change record) are
+followed too. ``<namespace>:segments`` (a set) names the segments of the rules file and those seen
+in profiles. Served by :mod:`clickpulse.serving.api`.
+
+Refill (:class:`ProfileRefill`): when Redis comes back empty (a restart without persistence), the
+worker rewrites the profile of every user of its partitions from the state table, not only of
+users who send new events. A per-partition sentinel ``<namespace>:epoch:<partition>`` is set once
+a partition's profiles are all in Redis; the worker checks its partitions' sentinels every
+``CLICKPULSE_REDIS_REFILL_CHECK_S`` and refills those that are missing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
@@ -24,6 +42,26 @@ log = logging.getLogger(__name__)
 
 def profile_key(namespace: str, user_key: str) -> str:
     return f"{namespace}:profile:{user_key}"
+
+
+def segment_key(namespace: str, segment: str) -> str:
+    """The sorted set of ``segment``'s members (user keys, score 0)."""
+    return f"{namespace}:segment:{segment}"
+
+
+def segments_index_key(namespace: str) -> str:
+    """The set of segment names known to the workers."""
+    return f"{namespace}:segments"
+
+
+def alias_key(namespace: str, guest_user_key: str) -> str:
+    """Written by identity stitching: a guest's user key -> its customer's user key (a string)."""
+    return f"{namespace}:alias:{guest_user_key}"
+
+
+def epoch_key(namespace: str, partition: int) -> str:
+    """Refill sentinel of one partition of the valid topic (see :class:`ProfileRefill`)."""
+    return f"{namespace}:epoch:{partition}"
 
 
 class ProfileWriter:
@@ -49,7 +87,28 @@ class ProfileWriter:
         self.metrics = metrics
         self.pending: dict[str, dict[str, Any]] = {}
         self.forgotten: set[str] = set()  # erased users whose profile key must be deleted
+        #: segment names whose sorted sets a profile write keeps in step (grows, never shrinks)
+        self.known_segments: set[str] = set()
+        #: serialises pipelines of the flush and of the refill, so an older refilled profile is never
+        #: written after a newer flushed one
+        self.lock = asyncio.Lock()
         self._failing = False
+
+    def segment_names(self, names: Iterable[str]) -> None:
+        """Declare the rules file's segment names (their sets are kept in step from now on)."""
+        self.known_segments.update(names)
+
+    def write(self, pipe: Any, user_key: str, prof: dict[str, Any]) -> None:
+        """Queue on ``pipe`` the commands that store one profile and its segment memberships."""
+        ns = self.namespace
+        pipe.set(profile_key(ns, user_key), orjson.dumps(prof), ex=self.ttl_s)
+        segs = prof.get("segments") or ()
+        if segs:
+            self.known_segments.update(segs)
+        for seg in segs:
+            pipe.zadd(segment_key(ns, seg), {user_key: 0})
+        for seg in self.known_segments.difference(segs):
+            pipe.zrem(segment_key(ns, seg), user_key)
 
     def forget(self, user_key: str) -> None:
         """An erased user: drop its pending profile and delete its key at the next flush (retried
@@ -75,7 +134,11 @@ class ProfileWriter:
         if self.forgotten:
             gone, self.forgotten = self.forgotten, set()
             try:
-                await self.client.delete(*(profile_key(self.namespace, k) for k in gone))
+                async with self.lock, self.client.pipeline(transaction=False) as pipe:
+                    pipe.delete(*(profile_key(self.namespace, k) for k in gone))
+                    for seg in self.known_segments:
+                        pipe.zrem(segment_key(self.namespace, seg), *gone)
+                    await pipe.execute()
             except Exception as err:  # noqa: BLE001 - retried at the next flush
                 self.forgotten |= gone
                 self.metrics.redis_errors.inc()
@@ -84,9 +147,11 @@ class ProfileWriter:
             return 0
         batch, self.pending = self.pending, {}
         try:
-            async with self.client.pipeline(transaction=False) as pipe:
+            async with self.lock, self.client.pipeline(transaction=False) as pipe:
                 for user_key, prof in batch.items():
-                    pipe.set(profile_key(self.namespace, user_key), orjson.dumps(prof), ex=self.ttl_s)
+                    self.write(pipe, user_key, prof)
+                if self.known_segments:
+                    pipe.sadd(segments_index_key(self.namespace), *sorted(self.known_segments))
                 await pipe.execute()
         except Exception as err:  # noqa: BLE001 - Redis outage must not stop the stream
             self.metrics.redis_errors.inc()
@@ -106,3 +171,159 @@ class ProfileWriter:
         self.metrics.redis_writes.inc(len(batch))
         self.metrics.redis_pending.set(len(self.pending))
         return len(batch)
+
+
+def engine_profile(engine: Any) -> Callable[[bytes], dict[str, Any] | None]:
+    """``raw state -> profile`` as the worker's flush builds it (``UserState.profile`` with the
+    engine's extra fields), for :class:`ProfileRefill`."""
+    from ..state.user import UserState
+
+    ecfg = engine.cfg.engagement
+
+    def build(raw: bytes) -> dict[str, Any] | None:
+        st = UserState.from_bytes(raw)
+        return st.profile(engagement=ecfg, extra=engine.profile_extra(st))
+    return build
+
+
+class ProfileRefill:
+    """Rewrites every profile of the worker's partitions after Redis lost them.
+
+    Detection: one sentinel per partition, ``<namespace>:epoch:<partition>``. :meth:`check` reads
+    the sentinels of the partitions the worker owns (one ``MGET``); a partition whose sentinel is
+    missing (Redis restarted empty, or the namespace is new) or still says ``refilling`` (its
+    refill did not finish, e.g. the worker died) is refilled: the sentinel is set to
+    ``refilling:<token>``, every user of the partition in the state table is written (profile and
+    segment sets, :meth:`ProfileWriter.write`) in batches of ``batch``, at most ``rate_per_s``
+    profiles per second so the stream keeps running, and the sentinel is then set to ``done`` only
+    if it still exists (``SET ... XX``): if Redis lost its data again meanwhile, the next check
+    refills again. A user with a profile pending in the writer is skipped (the pending, newer
+    profile is written by the next flush; the writer's lock orders the two).
+
+    The keys of the partitions are listed first (``O(users)`` key bytes in memory), then each batch
+    reads the users' *current* states from the table, so a user deleted or changed meanwhile is
+    not written stale. A state that cannot be decoded or profiled is skipped and counted in
+    ``clickpulse_profile_errors_total``.
+
+    Metrics: ``clickpulse_redis_refills_total`` (partitions refilled),
+    ``clickpulse_redis_profiles_refilled_total``, ``clickpulse_redis_refill_in_progress``.
+    """
+
+    def __init__(self, writer: ProfileWriter, *, rate_per_s: float = 5000.0, batch: int = 500) -> None:
+        from prometheus_client import Counter, Gauge
+
+        if not rate_per_s > 0 or batch < 1:
+            raise ValueError(f"rate_per_s must be > 0 and batch >= 1, got {rate_per_s!r}, {batch!r}")
+        self.writer = writer
+        self.rate_per_s = float(rate_per_s)
+        self.batch = int(batch)
+        self.busy = False
+        r = writer.metrics.registry
+        self.refills = Counter("clickpulse_redis_refills_total",
+                               "Partitions whose profiles were all rewritten to Redis because its sentinel "
+                               "<ns>:epoch:<partition> was missing (Redis lost its data, or first start)", registry=r)
+        self.refilled = Counter("clickpulse_redis_profiles_refilled_total",
+                                "Profiles rewritten to Redis by refills", registry=r)
+        self.in_progress = Gauge("clickpulse_redis_refill_in_progress", "1 while a refill runs", registry=r)
+
+    async def missing(self, partitions: list[int]) -> list[int]:
+        """The partitions among ``partitions`` whose sentinel is missing or unfinished."""
+        client, ns = self.writer.client, self.writer.namespace
+        if client is None or not partitions:
+            return []
+        values = await client.mget([epoch_key(ns, p) for p in partitions])
+        return [p for p, v in zip(partitions, values, strict=True) if v is None or v.startswith(b"refilling")]
+
+    async def check(self, partitions: Callable[[], Iterable[int]], table: Any,
+                    partition_of: Callable[[bytes], int], build: Callable[[bytes], dict[str, Any] | None],
+                    skip_key: Callable[[bytes], bool] = lambda k: False) -> dict[int, int]:
+        """Refill the owned partitions whose sentinel is missing; returns ``{partition: profiles
+        written}`` (empty when nothing was missing, Redis is unreachable or a refill is running).
+
+        ``partitions()``: the partitions this worker owns now (asked again before each batch: a
+        partition revoked meanwhile is no longer written). ``table``: the state table (a mapping
+        ``bytes -> bytes``); ``partition_of(key)``: a key's partition; ``build(raw)``: its
+        profile; ``skip_key(key)``: keys that are not users (the clock logs). Redis errors are
+        logged and counted (``clickpulse_redis_errors_total``); the next check retries.
+        """
+        if self.busy or self.writer.client is None:
+            return {}
+        self.busy = True
+        try:
+            todo = await self.missing(sorted(set(partitions())))
+            if not todo:
+                return {}
+            return await self._refill(todo, partitions, table, partition_of, build, skip_key)
+        except Exception as err:  # noqa: BLE001 - Redis unavailable: retried at the next check
+            self.writer.metrics.redis_errors.inc()
+            log.warning("redis profile refill check failed (%s: %s); retrying later", type(err).__name__, err)
+            return {}
+        finally:
+            self.busy = False
+            self.in_progress.set(0)
+
+    async def _refill(self, todo: list[int], partitions: Callable[[], Iterable[int]], table: Any,
+                      partition_of: Callable[[bytes], int], build: Callable[[bytes], dict[str, Any] | None],
+                      skip_key: Callable[[bytes], bool]) -> dict[int, int]:
+        w, ns, client = self.writer, self.writer.namespace, self.writer.client
+        self.in_progress.set(1)
+        token = uuid.uuid4().hex
+        async with client.pipeline(transaction=False) as pipe:
+            for p in todo:
+                pipe.set(epoch_key(ns, p), f"refilling:{token}")
+            await pipe.execute()
+        want = set(todo)
+        keys: dict[int, list[bytes]] = {p: [] for p in todo}
+        for k in list(table.keys()):
+            if skip_key(k):
+                continue
+            p = partition_of(k)
+            if p in want:
+                keys[p].append(k)
+        log.warning("redis lost the profiles of partitions %s (sentinel missing): refilling %d users at <= %.0f/s",
+                    todo, sum(len(v) for v in keys.values()), self.rate_per_s)
+        written = {p: 0 for p in todo}
+        started = time.monotonic()
+        total = 0
+        for p in todo:
+            ks = keys[p]
+            for i in range(0, len(ks), self.batch):
+                if p not in set(partitions()):
+                    log.info("partition %d revoked during its refill; stopped", p)
+                    break
+                profiles: dict[str, dict[str, Any]] = {}
+                for k in ks[i:i + self.batch]:
+                    user = k.decode(errors="replace")
+                    if user in w.pending:
+                        continue  # a newer profile is waiting for the next flush
+                    raw = table.get(k)
+                    if raw is None:
+                        continue  # deleted meanwhile
+                    try:
+                        prof = build(raw)
+                    except Exception as err:  # noqa: BLE001 - one bad state never stops the refill
+                        w.metrics.profile_errors.inc()
+                        log.warning("profile of %r could not be built for the refill (%s)", user, err)
+                        continue
+                    if prof is not None:
+                        profiles[user] = prof
+                if profiles:
+                    async with w.lock, client.pipeline(transaction=False) as pipe:
+                        for user, prof in profiles.items():
+                            w.write(pipe, user, prof)
+                        if w.known_segments:
+                            pipe.sadd(segments_index_key(ns), *sorted(w.known_segments))
+                        await pipe.execute()
+                    written[p] += len(profiles)
+                    total += len(profiles)
+                    self.refilled.inc(len(profiles))
+                # rate limit: never ahead of rate_per_s since the start (also yields to the stream)
+                await asyncio.sleep(max(0.0, total / self.rate_per_s - (time.monotonic() - started)))
+            else:
+                ok = await client.set(epoch_key(ns, p), f"done:{token}", xx=True)
+                if ok:
+                    self.refills.inc()
+                    log.warning("partition %d: %d profiles refilled to redis", p, written[p])
+                else:
+                    log.warning("partition %d: redis lost its data again during the refill; will refill again", p)
+        return written

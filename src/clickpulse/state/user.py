@@ -96,6 +96,7 @@ from ..events.contract import to_rfc3339
 from ..features.engagement import EngagementConfig, top_contributors
 from ..features.engagement import update as engagement_update
 from ..features.engagement import value as engagement_value
+from .localtime import local_day
 from .windows import CODE, NAME, VOCABULARY, Windows  # noqa: F401 - VOCABULARY: part of this format
 
 ACTION_NAMESPACE = uuid.UUID("6f0b1b0e-8a53-4c3e-9d3f-3c1c6a1c9e01")
@@ -1135,7 +1136,7 @@ def apply(st: UserState, event: dict[str, Any], watermark_ms: int | None, cfg: S
 
 
 def _count_category(cats: dict[str, list[list[int]]], category: str, t: int) -> None:
-    day = t // 86_400_000
+    day = local_day(t)
     days = cats.get(category)
     if days is None:
         days = cats[category] = []
@@ -1152,13 +1153,14 @@ def _count_category(cats: dict[str, list[list[int]]], category: str, t: int) -> 
 
 
 def category_views(st: UserState, at_ms: int, days: int = 7) -> dict[str, int]:
-    """Product views per category over the UTC day of ``at_ms`` and the ``days - 1`` before it.
+    """Product views per category over the local day (site time zone) of ``at_ms`` and the
+    ``days - 1`` before it.
 
     >>> st = UserState("u"); _count_category(st.categories, "shoes", 0); _count_category(st.categories, "shoes", 1)
     >>> category_views(st, 3 * 86_400_000), category_views(st, 7 * 86_400_000)
     ({'shoes': 2}, {})
     """
-    today = at_ms // 86_400_000
+    today = local_day(at_ms)
     out = {}
     for cat, buckets in st.categories.items():
         n = sum(c for d, c in buckets if today - days < d <= today)

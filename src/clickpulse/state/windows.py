@@ -1,11 +1,17 @@
-"""Bucketed event-time window counters ("how many X in the last 5 min / 1 h / 24 h / 7 d").
+"""Bucketed event-time window counters ("how many X in the last 5 min / 1 h / 24 h / 7 d / today").
 
 Counts are kept in sparse rings of fixed buckets: minutes (last 60), hours (last 24) and days
 (last 7), per event type. A query "last N units as of time t" sums the buckets whose index is
 in ``(b(t) - N, b(t)]`` with ``b(t) = floor(t / unit)``: the current, partly elapsed bucket plus
 the N - 1 whole buckets before it (the usual tumbling-bucket approximation of a sliding window,
 as in Redis/Prometheus-style rate counters). Spans: ``5m`` and ``1h`` use minute buckets,
-``24h`` hour buckets, ``7d`` day buckets.
+``24h`` hour buckets, ``7d`` and ``today`` day buckets.
+
+Day buckets are **local days of the site time zone** (:mod:`clickpulse.state.localtime`,
+``CLICKPULSE_TIMEZONE``): ``b(t) = local_day(t)``, local midnight to local midnight, 23 or 25
+hours on a daylight-saving transition day; in UTC (the default) that is ``t // 86 400 000``.
+Minute and hour buckets are absolute (UTC) in every zone, so a transition neither merges nor
+repeats an hour.
 
 Buckets older than their ring's length before the newest bucket of the user are pruned, so a
 record holds at most 60 + 24 + 7 buckets per event type; queries at or after the newest event
@@ -13,7 +19,7 @@ are exact under the rule above.
 
 Layout in memory (it is also the serialized form, see :mod:`clickpulse.state.user`):
 ``types[code] = [minutes, hours, days]``, three dicts ``{bucket: count}`` with absolute bucket
-indexes (epoch ms // 60 000, // 3 600 000, // 86 400 000), in ascending order. ``code`` is the
+indexes (epoch ms // 60 000, // 3 600 000, and the local epoch day), in ascending order. ``code`` is the
 type's index in :data:`VOCABULARY` (the type itself when not listed), so the serialized record
 names a known type in one byte. :attr:`Windows.rings` gives the same dicts by ring and type name.
 
@@ -34,6 +40,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .localtime import local_day
+
 MINUTE_MS = 60_000
 HOUR_MS = 3_600_000
 DAY_MS = 86_400_000
@@ -44,6 +52,7 @@ SPANS: dict[str, tuple[str, int, int]] = {
     "1h": ("m", MINUTE_MS, 60),
     "24h": ("h", HOUR_MS, 24),
     "7d": ("d", DAY_MS, 7),
+    "today": ("d", DAY_MS, 1),
 }
 #: ring name -> (bucket width in ms, buckets kept)
 RINGS: dict[str, tuple[int, int]] = {"m": (MINUTE_MS, 60), "h": (HOUR_MS, 24), "d": (DAY_MS, 7)}
@@ -123,7 +132,7 @@ class Windows:
     @property
     def rings(self) -> dict[str, dict[str, dict[int, int]]]:
         """The counts by ring and type name: ``{ring: {type: {bucket: n}}}`` for rings ``m``
-        (bucket = epoch ms // 60 000), ``h`` (// 3 600 000) and ``d`` (// 86 400 000), types with
+        (bucket = epoch ms // 60 000), ``h`` (// 3 600 000) and ``d`` (the local epoch day), types with
         buckets in that ring. The outer dicts are built for each call; the bucket dicts are the
         counters themselves (read them, do not change them)."""
         m: dict[str, dict[int, int]] = {}
@@ -144,14 +153,14 @@ class Windows:
         code = CODE.get(etype, etype)
         per = self.types.get(code)
         if per is None:
-            self.types[code] = [{ts_ms // MINUTE_MS: n}, {ts_ms // HOUR_MS: n}, {ts_ms // DAY_MS: n}]
+            self.types[code] = [{ts_ms // MINUTE_MS: n}, {ts_ms // HOUR_MS: n}, {local_day(ts_ms): n}]
         else:
             _bump(per[0], ts_ms // MINUTE_MS, n, 60)
             _bump(per[1], ts_ms // HOUR_MS, n, 24)
-            _bump(per[2], ts_ms // DAY_MS, n, 7)
+            _bump(per[2], local_day(ts_ms), n, 7)
 
     def count(self, etype: str, span: str, at_ms: int) -> int:
-        """Events of ``etype`` in the last ``span`` (``5m``, ``1h``, ``24h``, ``7d``) as of ``at_ms``.
+        """Events of ``etype`` in the last ``span`` (``5m``, ``1h``, ``24h``, ``7d``, ``today``) as of ``at_ms``.
 
         Raises
         ------
@@ -165,7 +174,7 @@ class Windows:
         buckets = per[pos]
         if not buckets:
             return 0
-        hi = at_ms // width
+        hi = at_ms // width if pos < 2 else local_day(at_ms)
         lo = hi - n
         return sum(c for b, c in buckets.items() if lo < b <= hi)
 
