@@ -29,10 +29,6 @@ CRDS = K8S / "crds"
 #: newest kubernetes-validate ships)
 K8S_VERSIONS = ("1.30.0", kubernetes_validate.utils.latest_version())
 
-#: settings of ``clickpulse collector`` and ``clickpulse api``, which other branches add to
-#: settings.py; remove this once they are in ``ENV_VARS``
-PENDING_ENV = {"CLICKPULSE_COLLECTOR_HOST", "CLICKPULSE_COLLECTOR_PORT", "CLICKPULSE_COLLECTOR_WRITE_KEYS",
-               "CLICKPULSE_API_HOST", "CLICKPULSE_API_PORT", "CLICKPULSE_API_KEYS"}
 
 
 def docs(path: Path) -> list[dict[str, Any]]:
@@ -160,9 +156,9 @@ def settings_env() -> dict[str, str]:
 
 def test_settings_configmap_names_real_settings() -> None:
     env = settings_env()
-    unknown = set(env) - set(ENV_VARS) - PENDING_ENV
+    unknown = set(env) - set(ENV_VARS)
     assert not unknown, f"not clickpulse settings: {unknown}"
-    s = Settings.from_env({k: v for k, v in env.items() if k in ENV_VARS})  # parses (types, ranges)
+    s = Settings.from_env(env)  # parses (types, ranges)
     assert s.namespace == "clickpulse" and s.web_host == "0.0.0.0"
 
 
@@ -170,7 +166,7 @@ def test_kafka_topics_are_the_codes_topics() -> None:
     """Every topic of clickpulse.topics.topic_specs (names, partitions, configs) for the
     ConfigMap's namespace and partitions, plus Faust's changelog and leader topics."""
     env = settings_env()
-    s = Settings.from_env({k: v for k, v in env.items() if k in ENV_VARS})
+    s = Settings.from_env(env)
     want = {name: (spec["partitions"], spec["config"]) for name, spec in topic_specs(s).items()}
     topics = {t["spec"]["topicName"]: t for t in by_kind("KafkaTopic")}
     got = {name: (t["spec"]["partitions"], t["spec"].get("config", {})) for name, t in topics.items()
@@ -188,6 +184,7 @@ def test_kafka_topics_are_the_codes_topics() -> None:
     min_isr = int(kafka["spec"]["kafka"]["config"]["min.insync.replicas"])
     for t in topics.values():
         assert t["metadata"]["labels"]["strimzi.io/cluster"] == cluster
+        assert t["spec"]["replicas"] == s.replication_factor, t["metadata"]["name"]
         assert min_isr < t["spec"]["replicas"] <= pool["spec"]["replicas"], t["metadata"]["name"]
     plain = [lst for lst in kafka["spec"]["kafka"]["listeners"] if not lst["tls"]][0]
     assert s.kafka_bootstrap == f"{cluster}-kafka-bootstrap:{plain['port']}"
@@ -224,7 +221,7 @@ def test_components(kind: str, name: str, command: str, port_name: str, port_env
     for e in c.get("env", []):  # every secret a pod reads is in the documented secret
         ref = e["valueFrom"]["secretKeyRef"]
         assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["stringData"], e
-        assert e["name"] in set(ENV_VARS) | PENDING_ENV
+        assert e["name"] in ENV_VARS
     assert c["resources"]["requests"]["cpu"] and c["resources"]["limits"]["memory"]
     # the PodMonitor scrapes it: its labels are selected and its metrics port is an endpoint
     [pm] = by_kind("PodMonitor")
