@@ -57,6 +57,8 @@ from .events.control import CONTROL_HEADER, CONTROL_SIG_HEADER, verify_control
 from .events.dlq import dlq_record
 from .events.pii import PiiPolicy
 from .models.trainer import metric_samples
+from .observability.health import KafkaProbe, Readiness, redis_ping
+from .observability.latency import observe_step
 from .observability.metrics import Metrics, type_label
 from .serving.redis_sink import ProfileRefill, ProfileWriter, engine_profile
 from .settings import Settings
@@ -137,12 +139,13 @@ class Publisher:
         self.max_in_flight = max_in_flight
         self.in_flight: collections.deque[list[Any]] = collections.deque()
 
-    async def send(self, records: Sequence[tuple[str, bytes | None, bytes, int | None, Any]]) -> None:
-        """``records``: ``(topic, key, value, partition or None, headers or None)``."""
+    async def send(self, records: Sequence[tuple[Any, ...]]) -> None:
+        """``records``: ``(topic, key, value, partition or None, headers or None[, timestamp])``;
+        the optional timestamp (epoch seconds, float) becomes the record's Kafka timestamp."""
         if not records:
             return
         producer = self.app.producer
-        futs = [await producer.send(t, k, v, p, None, h) for t, k, v, p, h in records]
+        futs = [await producer.send(r[0], r[1], r[2], r[3], r[5] if len(r) > 5 else None, r[4]) for r in records]
         self.in_flight.append(futs)
         while len(self.in_flight) > self.max_in_flight:
             await self._settle(self.in_flight.popleft())
@@ -455,6 +458,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
         _wire_models(w, registry)
     _wire_web(w, rules, registry)
     _wire_business(w)
+    _wire_health(w)
     return app
 
 
@@ -498,8 +502,9 @@ def _wire_ingest(w: Worker) -> None:
             out: list[Any] = []
             for event in batch:
                 ev = w.ingest_one(event.message, out)
-                if ev is not None:
-                    out.append((s.topic_valid, ev["user_key"].encode(), orjson.dumps(ev), None, None))
+                if ev is not None:  # the raw record's timestamp (producer publish) carried over
+                    out.append((s.topic_valid, ev["user_key"].encode(), orjson.dumps(ev), None, None,
+                                event.message.timestamp or None))
             await w.publisher.send(out)
 
 
@@ -516,7 +521,8 @@ def _wire_process(w: Worker) -> None:
         if not items:
             return
         started = time.perf_counter()
-        em = engine.step(items, _now_ms())
+        wall_ms = _now_ms()
+        em = engine.step(items, wall_ms)
         for f in em.failed:  # rolled back alone; the rest of the batch stands
             msg = msgs[f.index]
             log.error("processing failed at %s[%d]@%d: %s", msg.topic, msg.partition, msg.offset, f.error)
@@ -524,6 +530,7 @@ def _wire_process(w: Worker) -> None:
         elapsed = time.perf_counter() - started
         w.metrics.process_latency.observe(elapsed / len(items))
         w.metrics.batch_size.observe(len(items))
+        observe_step(w.metrics, em.actions, items, msgs, wall_ms)  # produce -> processed / -> action
         last: dict[int, dict[str, int]] = {}
         for msg in msgs:  # the input position each partition's clock has now seen
             last.setdefault(msg.partition, {})[msg.topic] = msg.offset
@@ -547,7 +554,7 @@ def _wire_process(w: Worker) -> None:
                         continue
                     key = ev["user_key"].encode()
                     if msg.key != key or key_partition(key, s.partitions) != msg.partition:
-                        out.append((s.topic_valid, key, orjson.dumps(ev), None, None))
+                        out.append((s.topic_valid, key, orjson.dumps(ev), None, None, msg.timestamp or None))
                         continue
                     items.append((msg.partition, ev))
                     msgs.append(msg)
@@ -889,3 +896,73 @@ def _wire_web(w: Worker, rules: Any, registry: Any) -> None:
                          "models": registry.snapshot_versions if registry is not None else {},
                          "pending_timers": engine.pending_timers(),
                          "redis_pending": len(w.writer.pending)})
+
+
+def _wire_health(w: Worker) -> None:
+    """Every ``health_poll_s``: Kafka (the consumer lag of this worker's input partitions, which
+    also proves the broker answers) and Redis (PING); ``/ready`` answers from the last results
+    (HTTP 503 until the first recovery is done and while a check fails), ``/health`` is liveness
+    (200 while the event loop answers). See docs/operations.md."""
+    app, s, metrics = w.app, w.settings, w.metrics
+    required = ["kafka"] + (["redis"] if s.redis_url else [])
+    readiness = Readiness(required, max_age_s=max(15.0, 3 * s.health_poll_s), recovered=False)
+    app.clickpulse["readiness"] = readiness  # type: ignore[attr-defined]
+    probe = KafkaProbe(s.kafka_bootstrap, s.app_id, timeout_s=max(2.0, min(10.0, s.health_poll_s)))
+    inputs = {s.topic_raw, s.topic_valid, s.topic_privacy}
+    reported: set[tuple[str, int]] = set()
+    redis_client: list[Any] = []
+
+    def record(name: str, error: str | None) -> None:
+        readiness.record(name, error)
+        metrics.dependency_up.labels(name).set(0 if error else 1)
+        metrics.dependency_checks.labels(name, "error" if error else "ok").inc()
+
+    lock = asyncio.Lock()
+
+    @app.on_rebalance_complete.connect
+    async def health_recovered(sender: Any = None, **kwargs: Any) -> None:
+        readiness.recovered = True
+        asyncio.ensure_future(check())  # ready without waiting a whole period
+
+    @app.timer(interval=s.health_poll_s)
+    async def check_dependencies() -> None:
+        await check()
+
+    async def check() -> None:
+        async with lock:
+            await _check()
+
+    async def _check() -> None:
+        tps = sorted((tp.topic, tp.partition) for tp in app.assignor.assigned_actives() if tp.topic in inputs)
+        try:
+            lags = await probe.lag(tps)
+        except Exception as err:  # noqa: BLE001 - a failed check is a result, never a crash
+            record("kafka", f"{type(err).__name__}: {err}"[:300] or type(err).__name__)
+        else:
+            record("kafka", None)
+            for (topic, part), n in lags.items():
+                metrics.consumer_lag.labels(topic, str(part)).set(n)
+            for topic, part in reported - set(lags):  # partitions that moved to another worker
+                metrics.consumer_lag.remove(topic, str(part))
+            reported.clear()
+            reported.update(lags)
+        if s.redis_url:
+            try:
+                if not redis_client:
+                    import redis.asyncio as aioredis
+                    redis_client.append(aioredis.from_url(s.redis_url, socket_timeout=2.0,
+                                                          socket_connect_timeout=2.0))
+                await redis_ping(redis_client[0], 3.0)
+            except Exception as err:  # noqa: BLE001
+                record("redis", f"{type(err).__name__}: {err}"[:300])
+            else:
+                record("redis", None)
+
+    @app.page("/ready")
+    async def ready_page(web: Any, request: Any) -> Any:
+        body = readiness.report()
+        return web.json(body, status=200 if body["ready"] else 503)
+
+    @app.page("/health")
+    async def health_page(web: Any, request: Any) -> Any:
+        return web.json({"status": "ok"})

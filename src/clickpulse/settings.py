@@ -478,6 +478,11 @@ class Settings:
         latest counts to its own, so ``min_size`` applies to a segment's global size. With
         several workers the gate therefore lags the other workers' counts by up to about this
         long (docs/scaling.md). Default 2.
+    health_poll_s : float
+        ``CLICKPULSE_HEALTH_POLL_S``; seconds between the worker's checks of Kafka (which also
+        poll its consumer lag) and Redis for ``/ready`` and ``clickpulse_dependency_up``;
+        ``/ready`` fails when a check failed or none succeeded for 3 periods (at least 15 s).
+        Default 5.
     """
 
     kafka_bootstrap: str = "127.0.0.1:9092"
@@ -572,6 +577,7 @@ class Settings:
     recs_k: int = 5
     recs_triggers: str = "cart_abandonment,browse_abandonment"
     segment_sizes_interval_s: float = 2.0
+    health_poll_s: float = 5.0
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -586,7 +592,7 @@ class Settings:
                     "dedup_ids_per_user", "redis_flush_interval_s", "idle_timeout_s", "batch_max_events",
                     "batch_within_s", "max_in_flight_batches", "max_money", "max_quantity",
                     "replication_factor", "redis_refill_check_s", "redis_refill_rate",
-                    "segment_sizes_interval_s")
+                    "segment_sizes_interval_s", "health_poll_s")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_env(name)} must be > 0, got {getattr(self, name)!r}")

@@ -12,6 +12,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from ..events.contract import CANONICAL_TYPES
 
 LATENCY_BUCKETS_S = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+#: end-to-end (producer publish -> worker) latencies, seconds: milliseconds on an idle worker up to
+#: minutes behind a backlog
+END_TO_END_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+                        600.0)
 
 
 def type_label(etype: str) -> str:
@@ -146,6 +150,27 @@ class Metrics:
         self.pii_fields = Counter("clickpulse_pii_fields_total",
                                   "Event fields the PII policy changed at ingest, by action (dropped: a key "
                                   "not allowed; hashed: a value replaced by its keyed hash)", ["action"], registry=r)
+        # -- operations (docs/operations.md) ------------------------------------------------------
+        self.consumer_lag = Gauge("clickpulse_consumer_lag_messages",
+                                  "Records on an input partition assigned to this worker that its consumer group "
+                                  "has not committed yet (log-end offset - committed offset; polled every "
+                                  "CLICKPULSE_HEALTH_POLL_S)", ["topic", "partition"], registry=r)
+        self.dependency_up = Gauge("clickpulse_dependency_up",
+                                   "1 when the last check of a dependency (kafka, redis) succeeded, else 0; "
+                                   "/ready answers 503 while one is 0", ["dependency"], registry=r)
+        self.dependency_checks = Counter("clickpulse_dependency_checks_total",
+                                         "Dependency checks by dependency and result (ok, error)",
+                                         ["dependency", "result"], registry=r)
+        self.action_latency = Histogram("clickpulse_action_latency_seconds",
+                                        "Produce -> action: the action's created_at (wall clock) minus the Kafka "
+                                        "timestamp of the input record that triggered it (the producer's publish "
+                                        "to the raw topic), by action type; actions fired by idle-time timers "
+                                        "have no triggering record and are not observed", ["type"],
+                                        buckets=END_TO_END_BUCKETS_S, registry=r)
+        self.event_latency = Histogram("clickpulse_event_latency_seconds",
+                                       "Produce -> processed, once per engine step: wall time at the step minus "
+                                       "the Kafka timestamp of the step's oldest input record (its worst event)",
+                                       buckets=END_TO_END_BUCKETS_S, registry=r)
 
 
 class ExperimentGauges:
