@@ -69,6 +69,24 @@ def header(headers: Any, name: str) -> bytes | None:
     return None
 
 
+#: header of an event the ingest stage forwarded to the valid topic: ``b"<raw partition>:<raw
+#: offset>"``, so the process stage recognises the events the ingest forwards again after a
+#: restart (:meth:`clickpulse.engine.Engine.redelivered`)
+SOURCE_HEADER = "clickpulse-src"
+
+
+def source_of(headers: Any) -> tuple[int, int] | None:
+    """``(raw partition, raw offset)`` from a forwarded event's :data:`SOURCE_HEADER`; ``None``
+    when absent or malformed (the valid topic is internal, but nothing read is trusted blindly)."""
+    v = header(headers, SOURCE_HEADER)
+    if v is None or len(v) > 40:
+        return None
+    part, _, off = v.partition(b":")
+    if not (part.isdigit() and off.isdigit()):
+        return None
+    return int(part), int(off)
+
+
 #: how old (or how far ahead, wall clock) a signed control message may be: a captured one cannot
 #: be replayed later
 CONTROL_MAX_AGE_MS = 600_000
@@ -214,7 +232,9 @@ class Worker:
             changelog.append((topic, k, blob, p, None))
         if out:
             await self.publisher.send(out)
-            await self.publisher.drain()
+        # everything sent before (this step's output and earlier forwards or dead letters whose
+        # input the clock records below mark as done) is acknowledged before the changelog goes
+        await self.publisher.drain()
         await self.publisher.send(changelog)
 
     def clock_key(self, partition: int) -> bytes:
@@ -437,9 +457,11 @@ def _wire_ingest(w: Worker) -> None:
         async for batch in stream.take_events(s.batch_max_events, within=s.batch_within_s):
             out: list[Any] = []
             for event in batch:
-                ev = w.ingest_one(event.message, out)
+                msg = event.message
+                ev = w.ingest_one(msg, out)
                 if ev is not None:
-                    out.append((s.topic_valid, ev["user_key"].encode(), orjson.dumps(ev), None, None))
+                    out.append((s.topic_valid, ev["user_key"].encode(), orjson.dumps(ev), None,
+                                [(SOURCE_HEADER, f"{msg.partition}:{msg.offset}".encode())]))
             await w.publisher.send(out)
 
 
@@ -451,7 +473,18 @@ def _wire_process(w: Worker) -> None:
     names = (s.topic_raw, s.topic_valid, s.topic_privacy) if s.raw_keyed else (s.topic_valid, s.topic_privacy)
     source = w.app.topic(*names, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
 
+    # messages handled since the last step, per partition: {topic: offset of the last one}; the
+    # step's checkpoint records them as done (their dead letters and forwards are in ``out``,
+    # acknowledged before the checkpoint is sent)
+    seen: dict[int, dict[str, int]] = {}
+    # events per user in the batch being built: kept within the de-duplication depth, so the
+    # events of a batch whose states were only partly saved at a crash are all recognised as
+    # duplicates by the users that were saved (Engine.restore)
+    per_user: collections.Counter[str] = collections.Counter()
+    per_user_max = max(1, s.dedup_ids_per_user)
+
     async def run_step(items: list[tuple[int, dict[str, Any]]], msgs: list[Any], out: list[Any]) -> None:
+        per_user.clear()
         if not items:
             return
         started = time.perf_counter()
@@ -463,14 +496,20 @@ def _wire_process(w: Worker) -> None:
         elapsed = time.perf_counter() - started
         w.metrics.process_latency.observe(elapsed / len(items))
         w.metrics.batch_size.observe(len(items))
-        last: dict[int, dict[str, int]] = {}
-        for msg in msgs:  # the input position each partition's clock has now seen
-            last.setdefault(msg.partition, {})[msg.topic] = msg.offset
-        clocks = {p: engine.checkpoint(p, offs) for p, offs in last.items()}
+        # the input position each partition's states and clock now include
+        clocks = {p: engine.checkpoint(p, offs) for p, offs in seen.items()}
+        seen.clear()
         await w.emit(em, out, clocks)
         out.clear()
         items.clear()
         msgs.clear()
+
+    def handled(msg: Any) -> None:
+        seen.setdefault(msg.partition, {})[msg.topic] = msg.offset
+
+    def skipped(msg: Any) -> None:
+        w.metrics.redelivered.labels(msg.topic).inc()
+        handled(msg)
 
     @w.app.agent(source, name="process")
     async def process(stream: faust.StreamT) -> None:
@@ -478,18 +517,37 @@ def _wire_process(w: Worker) -> None:
             items: list[tuple[int, dict[str, Any]]] = []
             msgs: list[Any] = []
             out: list[Any] = []
+
+            async def admit(msg: Any, ev: Any, source: tuple[int, int] | None = None) -> None:
+                key = ev.get("user_key") if isinstance(ev, dict) else None
+                if isinstance(key, str) and per_user[key] >= per_user_max:
+                    await run_step(items, msgs, out)  # before the source is recorded as applied
+                if source is not None and engine.redelivered(msg.partition, msg.topic, msg.offset, source):
+                    skipped(msg)
+                    return
+                if isinstance(key, str):
+                    per_user[key] += 1
+                items.append((msg.partition, ev))
+                msgs.append(msg)
+                handled(msg)
+
             for event in batch:
                 msg = event.message
                 if msg.topic == s.topic_raw:  # one hop: validate here, re-key only what must be
+                    if engine.redelivered(msg.partition, msg.topic, msg.offset):
+                        skipped(msg)
+                        continue
                     ev = w.ingest_one(msg, out)
                     if ev is None:
+                        handled(msg)
                         continue
                     key = ev["user_key"].encode()
                     if msg.key != key or key_partition(key, s.partitions) != msg.partition:
-                        out.append((s.topic_valid, key, orjson.dumps(ev), None, None))
+                        out.append((s.topic_valid, key, orjson.dumps(ev), None,
+                                    [(SOURCE_HEADER, f"{msg.partition}:{msg.offset}".encode())]))
+                        handled(msg)
                         continue
-                    items.append((msg.partition, ev))
-                    msgs.append(msg)
+                    await admit(msg, ev)
                     continue
                 if msg.topic == s.topic_privacy:  # internal topic: trusted
                     await run_step(items, msgs, out)
@@ -501,9 +559,10 @@ def _wire_process(w: Worker) -> None:
                         body = orjson.loads(msg.value)
                         await w.emit(engine.end_of_input_step(msg.partition, int(body["source_partition"]),
                                                               int(body["source_partitions"]), _now_ms()))
+                    elif engine.redelivered(msg.partition, msg.topic, msg.offset):  # re-read: in the state
+                        skipped(msg)
                     else:
-                        items.append((msg.partition, orjson.loads(msg.value)))
-                        msgs.append(msg)
+                        await admit(msg, orjson.loads(msg.value), source_of(msg.headers))
                 except Exception as err:  # noqa: BLE001 - one message never stops the stream
                     log.exception("processing failed at %s[%d]@%d", msg.topic, msg.partition, msg.offset)
                     out.append(w.dead_letter(InvalidEvent("internal", f"{type(err).__name__}: {err}"), msg))
@@ -571,16 +630,11 @@ def _wire_timers(w: Worker, users: Any) -> None:
     @app.on_rebalance_complete.connect
     async def on_rebalance_complete(sender: Any = None, **kwargs: Any) -> None:
         parts = _valid_partitions(w)
-        # the group's committed offsets, from the broker (Faust learns them only later, when it
-        # seeks the streams): where the re-read starts, so where each partition's clock restarts
-        try:
-            from .runtime import committed_offsets
-            committed: dict[tuple[str, int], int | None] | None = await committed_offsets(s.kafka_bootstrap, s.app_id)
-        except Exception:  # noqa: BLE001 - fall back to the newest event time in the states
-            log.warning("could not read the committed offsets; clocks restart from the states", exc_info=True)
-            committed = None
-        n = engine.restore(parts, list(users.data.items()), _now_ms(), committed)
-        log.info("clickpulse ready: partitions %s of %s recovered, %d pending timers", parts, s.topic_valid, n)
+        # clocks, positions and timers from the recovered table (its clock logs): see
+        # Engine.restore; the re-read up to each partition's position is skipped
+        n = engine.restore(parts, list(users.data.items()), _now_ms())
+        log.info("clickpulse ready: partitions %s of %s recovered, %d pending timers; positions %s", parts,
+                 s.topic_valid, n, {p: engine.positions.get(p) for p in parts})
 
 
 def _wire_rules(w: Worker, rules: Any) -> None:

@@ -34,6 +34,10 @@ class Metrics:
                                  "Events applied to user state (after de-duplication), by type", ["type"], registry=r)
         self.duplicates = Counter("clickpulse_events_duplicate_total", "Events dropped as duplicates (same event_id)",
                                   registry=r)
+        self.redelivered = Counter("clickpulse_events_redelivered_total",
+                                   "Input messages skipped after a restart because the saved state already holds "
+                                   "them (re-read below the restored position, or forwarded again by the ingest)",
+                                   ["topic"], registry=r)
         self.late = Counter("clickpulse_events_late_total",
                             "Events behind the watermark (not counted in windows; lifetime still updated)", registry=r)
         self.clock_corrected = Counter("clickpulse_events_clock_corrected_total",
