@@ -268,11 +268,14 @@ class Worker:
         s = self.settings
         try:
             req = orjson.loads(msg.value)
-            if not isinstance(req, dict) or req.get("request") != "erase" or not isinstance(req.get("user_key"), str) \
-                    or not req["user_key"]:
-                raise ValueError("not an erase request with a user_key")
+            if not isinstance(req, dict) or req.get("request") not in ("erase", "repair") \
+                    or not isinstance(req.get("user_key"), str) or not req["user_key"]:
+                raise ValueError("not an erase or repair request with a user_key")
         except (orjson.JSONDecodeError, ValueError) as err:
             await self.publisher.send([self.dead_letter(InvalidEvent("schema", f"privacy request: {err}"), msg)])
+            return
+        if req["request"] == "repair":
+            await self.repair(req, msg)
             return
         key = req["user_key"]
         em = self.engine.erase_step(key, _now_ms())
@@ -286,6 +289,46 @@ class Worker:
         log.info("erased user (sha256 %s…): %s", audit["user_key_sha256"][:12], audit["removed"])
         await self.emit(em, [(s.topic_quarantine, key.encode(), None, None, None),  # tombstone
                              (s.topic_privacy_audit, audit["request_id"].encode(), orjson.dumps(audit), None, None)])
+        self.progress.setdefault(s.topic_privacy, {})[msg.partition] = msg.offset
+
+    async def repair(self, req: dict[str, Any], msg: Any) -> None:
+        """Put a quarantined user back (``clickpulse quarantine repair``; a ``repair`` request on
+        the privacy topic, so the worker that owns the user applies it in order with its events):
+        :meth:`clickpulse.engine.Engine.repair_step` over the quarantined state the request
+        carries; on success the user's quarantine record is tombstoned. Either way an audit record
+        goes to the privacy audit topic."""
+        import base64
+        import binascii
+        import hashlib
+        s = self.settings
+        key = req["user_key"]
+        drop = req.get("drop_fields") or []
+        try:
+            if not isinstance(drop, list) or not all(isinstance(f, str) for f in drop):
+                raise ValueError("drop_fields must be a list of field names")
+            blob = base64.b64decode(str(req.get("state_b64") or ""), validate=True)
+            if not blob:
+                raise ValueError("the request carries no quarantined state (state_b64)")
+            em, summary = self.engine.repair_step(key, msg.partition, blob, str(req.get("mode", "retry")), drop,
+                                                  _now_ms())
+        except (ValueError, binascii.Error) as err:
+            em, summary = Emitted(), {"outcome": "failed", "mode": str(req.get("mode", "retry"))[:16],
+                                      "drop_fields": [str(f)[:64] for f in drop][:16] if isinstance(drop, list) else [],
+                                      "error": f"{type(err).__name__}: {err}"[:1000], "merged_with_current": False}
+            em.count("users_repaired", "failed")
+        summary["quarantined_at"] = str(req.get("quarantined_at") or "")[:64] or None
+        audit = {"schema_version": 1, "request": "repair", "request_id": str(req.get("request_id", ""))[:128],
+                 "user_key_sha256": hashlib.sha256(key.encode()).hexdigest(),
+                 "completed_at": datetime.now(tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                 "repair": summary}
+        if summary["outcome"] == "repaired":
+            log.info("quarantined user (sha256 %s…) repaired: %s", audit["user_key_sha256"][:12], summary)
+        else:
+            log.warning("quarantined user (sha256 %s…) not repaired: %s", audit["user_key_sha256"][:12], summary)
+        extra = [(s.topic_privacy_audit, audit["request_id"].encode(), orjson.dumps(audit), None, None)]
+        if summary["outcome"] == "repaired":
+            extra.insert(0, (s.topic_quarantine, key.encode(), None, None, None))  # tombstone: back in service
+        await self.emit(em, extra)
         self.progress.setdefault(s.topic_privacy, {})[msg.partition] = msg.offset
 
     # -- raw input -----------------------------------------------------------------------------

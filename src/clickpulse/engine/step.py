@@ -37,6 +37,7 @@ import collections
 import copy
 import functools
 import logging
+import math
 from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -48,6 +49,7 @@ from ..models.labels import after_event, before_event, next_due, on_watermark
 from ..models.labels import Outcome as ModelOutcome
 from ..models.tiers import session_features
 from ..observability.metrics import Metrics, type_label
+from ..quarantine import REPAIRABLE_FIELDS
 from ..records import ActionRecord
 from ..rules import triggers
 from ..rules.bots import BotConfig, is_bot
@@ -98,6 +100,31 @@ def dormant(st: UserState) -> UserState:
     """The durable record of ``st``: identifiers, consent decisions and lifetime totals only."""
     return UserState(key=st.key, partition=st.partition, user_id=st.user_id, anonymous_id=st.anonymous_id,
                      life=st.life, consent=st.consent)
+
+
+def merge_lifetimes(a: Any, b: Any) -> Any:
+    """Totals over two disjoint parts of a user's history (before and after a quarantine):
+    counts and revenue summed, first/last seen the extremes (``last_wall_ms`` follows last seen)."""
+    out = copy.copy(a)
+    firsts = [t for t in (a.first_ms, b.first_ms) if t is not None]
+    out.first_ms = min(firsts) if firsts else None
+    if b.last_ms is not None and (a.last_ms is None or b.last_ms > a.last_ms):
+        out.last_ms, out.last_wall_ms = b.last_ms, b.last_wall_ms
+    for name in ("events", "sessions", "orders", "converted_sessions"):
+        setattr(out, name, getattr(a, name) + getattr(b, name))
+    out.revenue = a.revenue + b.revenue
+    return out
+
+
+def merge_consent(a: dict[str, list[Any]], b: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """Consent decisions of both: per purpose, the one with the later event time (``[granted,
+    time ms]``; ``b`` wins a tie: it is the newer history)."""
+    out = {k: list(v) for k, v in a.items()}
+    for purpose, dec in b.items():
+        mine = out.get(purpose)
+        if mine is None or not isinstance(mine[1], int) or (isinstance(dec[1], int) and dec[1] >= mine[1]):
+            out[purpose] = list(dec)
+    return out
 
 
 @functools.lru_cache(maxsize=4)
@@ -965,6 +992,111 @@ class Engine:
             self._rollback(tx)
             raise
         return em
+
+    def repair_step(self, user_key: str, partition: int, quarantined: bytes, mode: str = "retry",
+                    drop_fields: Iterable[str] = (), wall_ms: int = 0) -> tuple[Emitted, dict[str, Any]]:
+        """Put a quarantined user's state back (``clickpulse quarantine repair``).
+
+        ``quarantined`` is the state moved aside (the quarantine record's ``state_b64``). It is
+        decoded with the running code, then:
+
+        * ``mode="retry"`` (after a code fix): used as it is, minus the parts named in
+          ``drop_fields`` (each reset to empty: one of :data:`REPAIRABLE_FIELDS`);
+        * ``mode="reset"``: only its durable record is kept (identifiers, consent decisions,
+          lifetime totals; :func:`dormant`).
+
+        The result must survive what failed before: a round trip through the codec, the profile,
+        its timers (:meth:`_due`) and the engine's profile fields; otherwise nothing changes.
+        It is then merged with the state the user went on with since the quarantine (the
+        current one): with ``retry`` the repaired behavioral state replaces the current one,
+        with ``reset`` the current one stays; in both, consent decisions (the later one per
+        purpose) and lifetime totals (summed: the two histories are disjoint) of both are kept.
+
+        Returns ``(Emitted, summary)``; ``summary["outcome"]`` is ``"repaired"`` (the step holds
+        the new state) or ``"failed"`` (``summary["error"]`` says why; the step is empty).
+        """
+        drop = sorted(set(drop_fields))
+        summary: dict[str, Any] = {"outcome": "failed", "mode": mode, "drop_fields": drop, "error": None,
+                                   "merged_with_current": False}
+        em = Emitted()
+        try:
+            if mode not in ("retry", "reset"):
+                raise ValueError(f"unknown repair mode {mode!r} (retry, reset)")
+            unknown = [f for f in drop if f not in REPAIRABLE_FIELDS]
+            if unknown:
+                raise ValueError(f"cannot drop {unknown}: one of {sorted(REPAIRABLE_FIELDS)}")
+            old = UserState.from_bytes(quarantined)
+            if old.key != user_key:
+                raise ValueError(f"the quarantined state is user {old.key!r}'s, not {user_key!r}'s")
+            fixed = dormant(old) if mode == "reset" else old
+            blank = UserState(key=user_key)
+            for name in drop:
+                setattr(fixed, name, copy.deepcopy(getattr(blank, name)))
+            fixed.partition = partition
+            self._check(fixed)                                # what failed before, tried now
+            fixed = UserState.from_bytes(fixed.to_bytes())
+        except Exception as err:  # noqa: BLE001 - the reason goes to the audit record
+            summary["error"] = f"{type(err).__name__}: {err}"[:1000]
+            em.count("users_repaired", "failed")
+            return em, summary
+        tx = _Tx(self)
+        try:
+            try:
+                current = self._get(tx, user_key)
+            except Exception:  # noqa: BLE001 - the current state is broken too: the repaired one replaces it
+                current = None
+            if current is not None:
+                summary["merged_with_current"] = True
+                self._count_population(current, -1)
+                members = self.segment_members.setdefault(current.partition, {})
+                for seg in current.rules.get("seg", []):
+                    members[seg] = max(0, members.get(seg, 0) - 1)
+                self.pending_predictions = max(0, self.pending_predictions - len(current.ml.get("pi", [])))
+                base, other = (current, fixed) if mode == "reset" else (fixed, current)
+                merged = copy.deepcopy(base)
+                merged.life = merge_lifetimes(fixed.life, current.life)
+                merged.consent = merge_consent(fixed.consent, current.consent)
+                for attr in ("user_id", "anonymous_id"):
+                    if getattr(merged, attr) is None:
+                        setattr(merged, attr, getattr(other, attr))
+                merged.partition = partition
+                fixed = UserState.from_bytes(merged.to_bytes())
+                self._check(fixed)
+            self._count_population(fixed, +1)
+            members = self.segment_members.setdefault(partition, {})
+            for seg in fixed.rules.get("seg", []):
+                members[seg] = members.get(seg, 0) + 1
+            self.pending_predictions += len(fixed.ml.get("pi", []))
+            tx.users[user_key] = fixed
+            tx.dirty.add(user_key)
+            tx.deleted.discard(user_key)
+            self.timers.setdefault(partition, TimerIndex()).set(user_key, self._due(fixed))
+            self._finish(tx, em)
+        except Exception as err:  # noqa: BLE001
+            self._rollback(tx)
+            summary["error"] = f"{type(err).__name__}: {err}"[:1000]
+            em = Emitted()
+            em.count("users_repaired", "failed")
+            return em, summary
+        summary["outcome"] = "repaired"
+        em.count("users_repaired", "repaired")
+        log.info("user %s repaired from quarantine (%s%s)", user_key, mode,
+                 f", dropped {', '.join(drop)}" if drop else "")
+        return em, summary
+
+    def _check(self, st: UserState) -> None:
+        """Raise when ``st`` cannot be processed: codec round trip, profile, timers, profile fields,
+        finite lifetime totals (what the quarantined states failed at)."""
+        UserState.from_bytes(st.to_bytes())
+        st.profile(engagement=self.cfg.engagement, extra=self.profile_extra(st))
+        self._due(st)
+        life = st.life
+        for name in ("events", "sessions", "orders", "converted_sessions"):
+            v = getattr(life, name)
+            if not isinstance(v, int) or v < 0:
+                raise ValueError(f"lifetime {name} is {v!r}")
+        if not isinstance(life.revenue, int | float) or not math.isfinite(life.revenue):
+            raise ValueError(f"lifetime revenue is {life.revenue!r}")
 
     def pending_timers(self) -> int:
         return sum(len(t) for t in self.timers.values())

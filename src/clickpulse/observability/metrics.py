@@ -119,6 +119,10 @@ class Metrics:
         self.users_quarantined = Counter("clickpulse_users_quarantined_total",
                                          "Users whose stored state could not be processed: moved to the quarantine "
                                          "topic, continuing from a fresh state", registry=r)
+        self.users_repaired = Counter("clickpulse_users_repaired_total",
+                                      "clickpulse quarantine repair requests carried out, by outcome (repaired: the "
+                                      "state is back; failed: it still cannot be processed, nothing changed)",
+                                      ["outcome"], registry=r)
         self.profile_errors = Counter("clickpulse_profile_errors_total",
                                       "Redis profiles that could not be built (skipped)", registry=r)
         self.users_deleted = Counter("clickpulse_users_deleted_total",
