@@ -27,7 +27,7 @@ from typing import Any
 
 import orjson
 
-from clickpulse.engine import clock_key
+from clickpulse.engine import CLOCK_KEY_PREFIX, clock_key
 from clickpulse.events.contract import parse
 from clickpulse.ingest.datasets import BUNDLED_SAMPLE, read_rees46
 from clickpulse.store import key_partition
@@ -61,11 +61,12 @@ class Life:
 
     partitions: int
     table: dict[bytes, bytes]
+    dedup: int = 32
     actions: list[dict[str, Any]] = field(default_factory=list)
     changelog: list[list[tuple[bytes, bytes | None]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.engine = memory_engine(live=False)
+        self.engine = memory_engine(live=False, dedup=self.dedup)
         self.engine.table = self.table
         if not self.changelog:
             self.changelog = [[] for _ in range(self.partitions)]
@@ -148,9 +149,14 @@ def end_of_input(life: Life) -> None:
             life.actions += em.actions
 
 
-@functools.lru_cache(maxsize=2)
-def crash_free(partitions: int) -> list[dict[str, Any]]:
-    eng = memory_engine(live=False)
+def crash_free(partitions: int, dedup: int = 32) -> list[dict[str, Any]]:
+    return crash_free_run(partitions, dedup)[0]
+
+
+@functools.lru_cache(maxsize=4)
+def crash_free_run(partitions: int, dedup: int = 32) -> tuple[list[dict[str, Any]], dict[bytes, bytes]]:
+    """The actions and the final user states of a run without a crash."""
+    eng = memory_engine(live=False, dedup=dedup)
     out = []
     for raw in read_rees46(BUNDLED_SAMPLE):
         ev = parse(orjson.dumps(raw), None)
@@ -158,12 +164,14 @@ def crash_free(partitions: int) -> list[dict[str, Any]]:
     for p in range(partitions):
         for src in range(partitions):
             out += eng.end_of_input(p, src, partitions, 0)
-    return out
+    return out, {k: v for k, v in eng.table.items() if not k.startswith(CLOCK_KEY_PREFIX)}
 
 
-def run(seed: int, hops: int = 2, partitions: int = 4, chunk: int = 400, batch: int = 300) -> tuple[list, list]:
+def run(seed: int, hops: int = 2, partitions: int = 4, chunk: int = 400, batch: int = 300,
+        dedup: int = 32) -> tuple[list, list]:
     """Kill one worker at a random point, restart, flush; returns ``(published, crash_free)``
-    actions (published over both lives, in order)."""
+    actions (published over both lives, in order). ``dedup``: the engine's de-duplication depth
+    (``CLICKPULSE_DEDUP_IDS_PER_USER``; the worker keeps a user's events per batch within it)."""
     rng = random.Random(seed)
     events = sample(partitions)
     topic = VALID if hops == 2 else RAW
@@ -176,10 +184,10 @@ def run(seed: int, hops: int = 2, partitions: int = 4, chunk: int = 400, batch: 
         valid = {p: [Msg(RAW, p, i, ev) for i, ev in enumerate(events[p])] for p in range(partitions)}
     stream = interleave(valid, rng, chunk)
     stream = stream[:rng.randint(len(stream) // 10, len(stream) * 9 // 10)]
-    bs = batches(stream, rng, batch)
-    one = Life(partitions, {})
+    bs = batches(stream, rng, batch, dedup)
+    one = Life(partitions, {}, dedup)
     kill = len(bs) - 1
-    commit_at = rng.randint(max(0, kill - 5), kill) if kill > 0 else 0  # batches before this one committed
+    commit_at = rng.randint(max(0, kill - 30), kill) if kill > 0 else 0  # batches before this one committed
     committed: dict[tuple[str, int], int] = {}
     for i, b in enumerate(bs):
         one.batch(b, cut=rng.random() if i == kill else None)
@@ -188,7 +196,7 @@ def run(seed: int, hops: int = 2, partitions: int = 4, chunk: int = 400, batch: 
                 committed[(m.topic, m.partition)] = m.offset + 1
     # -- second life: recovered table, re-read from the committed offsets ----------------------
     table = recovered(one.changelog)
-    two = Life(partitions, table, changelog=[list(c) for c in one.changelog])
+    two = Life(partitions, table, dedup, changelog=[list(c) for c in one.changelog])
     two.engine.restore(range(partitions), list(table.items()), 0, committed)
     if hops == 2:  # the ingest forwards again from its committed raw offsets, then the rest
         for p in range(partitions):
@@ -197,7 +205,13 @@ def run(seed: int, hops: int = 2, partitions: int = 4, chunk: int = 400, batch: 
             base = len(valid[p])
             valid[p] = valid[p] + [Msg(VALID, p, base + j, ev, (p, ingest_committed + j)) for j, ev in enumerate(again)]
     rest = {p: [m for m in q if m.offset >= committed.get((topic, p), 0)] for p, q in valid.items()}
-    for b in batches(interleave(rest, rng, chunk), rng, batch):
+    for b in batches(interleave(rest, rng, chunk), rng, batch, dedup):
         two.batch(b)
     end_of_input(two)
-    return one.actions + two.actions, crash_free(partitions)
+    global last_states
+    last_states = {k: v for k, v in two.table.items() if not k.startswith(CLOCK_KEY_PREFIX)}
+    return one.actions + two.actions, crash_free(partitions, dedup)
+
+
+#: the user states at the end of the last :func:`run` (after the restart and the flush)
+last_states: dict[bytes, bytes] = {}
