@@ -17,11 +17,13 @@ never waits behind an unbounded producer backlog).
               ``rules_poll_s``: reload the rules file when it changed; every 5 min: expire users
 * web         ``/metrics``, ``/progress``, ``/segments``, ``/rules``
 
-Delivery: at least once. A batch's actions are acknowledged by the broker before its users'
-changelog records are sent, and an input offset is committed only after Faust flushed the
-producer, so a crash re-processes the uncommitted tail: an action may be published again (the
-same ``action_id``, deterministic; consumers de-duplicate by it, e.g. ``clickpulse deliver``).
-A SIGKILL test still saw actions lost in one run of six (docs/delivery.md): a known gap.
+Delivery: at least once, none lost (docs/delivery.md). A batch's actions are acknowledged by
+the broker before its users' changelog records are sent, then each partition's clock log (its
+input position, the raw positions of forwarded events, its clock) is written after them; a
+restarted worker resumes each partition there and skips the re-read input up to it
+(:meth:`clickpulse.engine.Engine.restore`, :meth:`~clickpulse.engine.Engine.redelivered`). Only
+the batch a crash cut is processed again: its actions may be published again (the same
+``action_id``, deterministic; consumers de-duplicate by it, e.g. ``clickpulse deliver``).
 """
 
 from __future__ import annotations
@@ -209,10 +211,10 @@ class Worker:
         user; ``None``: a tombstone), which Faust flushes before it commits the input offsets.
 
         This order is the at-least-once guarantee: the changelog never holds a state whose
-        actions are not on the broker, so a crash at any point either re-processes the events
-        (their actions are published again, with the same ids) or finds them applied *and*
-        their actions published. (A SIGKILL test still lost actions in one run of six: see
-        docs/delivery.md, a known gap.)"""
+        actions are not on the broker, and ``clocks`` (the partitions' clock logs, marking the
+        input position the batch reached) go after the users' records, so a crash at any point
+        either re-processes the events (their actions are published again, with the same ids)
+        or finds them applied *and* their actions published (docs/delivery.md)."""
         self.engine.commit(em)
         mark = self.writer.mark
         for key, st in em.states.items():
@@ -288,8 +290,14 @@ class Worker:
                              "segments": len(done["segments"]), "redis_profile": True, "quarantine": True}}
         log.info("erased user (sha256 %s…): %s", audit["user_key_sha256"][:12], audit["removed"])
         await self.emit(em, [(s.topic_quarantine, key.encode(), None, None, None),  # tombstone
-                             (s.topic_privacy_audit, audit["request_id"].encode(), orjson.dumps(audit), None, None)])
+                             (s.topic_privacy_audit, audit["request_id"].encode(), orjson.dumps(audit), None, None)],
+                        self.done(msg))
         self.progress.setdefault(s.topic_privacy, {})[msg.partition] = msg.offset
+
+    def done(self, msg: Any) -> dict[int, bytes]:
+        """The clock log recording ``msg`` (a privacy request) as applied, for :meth:`emit`: after
+        a restart it is skipped, not applied twice (a repair merges lifetime totals)."""
+        return {msg.partition: self.engine.checkpoint(msg.partition, {msg.topic: msg.offset})}
 
     async def repair(self, req: dict[str, Any], msg: Any) -> None:
         """Put a quarantined user back (``clickpulse quarantine repair``; a ``repair`` request on
@@ -328,7 +336,7 @@ class Worker:
         extra = [(s.topic_privacy_audit, audit["request_id"].encode(), orjson.dumps(audit), None, None)]
         if summary["outcome"] == "repaired":
             extra.insert(0, (s.topic_quarantine, key.encode(), None, None, None))  # tombstone: back in service
-        await self.emit(em, extra)
+        await self.emit(em, extra, self.done(msg))
         self.progress.setdefault(s.topic_privacy, {})[msg.partition] = msg.offset
 
     # -- raw input -----------------------------------------------------------------------------
@@ -594,7 +602,10 @@ def _wire_process(w: Worker) -> None:
                     continue
                 if msg.topic == s.topic_privacy:  # internal topic: trusted
                     await run_step(items, msgs, out)
-                    await w.privacy(msg)
+                    if engine.redelivered(msg.partition, msg.topic, msg.offset):  # applied before a restart
+                        skipped(msg)
+                    else:
+                        await w.privacy(msg)
                     continue
                 try:
                     if header(msg.headers, CONTROL_HEADER) is not None:  # internal topic: trusted
