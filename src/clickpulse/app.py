@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -141,7 +142,12 @@ class Publisher:
 
     Keeps the acknowledgement futures of the last ``max_in_flight`` batches; when a new batch
     would exceed that, waits for the oldest (backpressure). A failed send is logged and counted
-    (``clickpulse_publish_errors_total``) — it never crashes the agent.
+    (``clickpulse_publish_errors_total``). A send that failed for a reason a restart can get
+    past — the broker unreachable or timing out after the producer's own retries
+    (:func:`transient`) — **ends the process at once** (exit code 75, ``on_fatal``), before Faust
+    can commit the input it came from: the successor processes that input again (at least
+    once). A record the broker can never take (too large, not authorized) is counted and logged
+    and the worker goes on: restarting would fail on it forever.
     """
 
     def __init__(self, app: faust.App, metrics: Metrics, max_in_flight: int) -> None:
@@ -149,6 +155,7 @@ class Publisher:
         self.metrics = metrics
         self.max_in_flight = max_in_flight
         self.in_flight: collections.deque[list[Any]] = collections.deque()
+        self.on_fatal: Any = os._exit
 
     async def send(self, records: Sequence[tuple[str, bytes | None, bytes, int | None, Any]]) -> None:
         """``records``: ``(topic, key, value, partition or None, headers or None)``."""
@@ -156,6 +163,8 @@ class Publisher:
             return
         producer = self.app.producer
         futs = [await producer.send(t, k, v, p, None, h) for t, k, v, p, h in records]
+        for fut in futs:  # runs as soon as the broker answers, before a flush (and commit) resumes
+            fut.add_done_callback(self._check)
         self.in_flight.append(futs)
         while len(self.in_flight) > self.max_in_flight:
             await self._settle(self.in_flight.popleft())
@@ -170,6 +179,24 @@ class Publisher:
             if isinstance(res, BaseException):
                 self.metrics.publish_errors.inc()
                 log.error("publish failed: %s: %s", type(res).__name__, res)
+
+    def _check(self, fut: Any) -> None:
+        if fut.cancelled():
+            return
+        err = fut.exception()
+        if err is not None and transient(err):
+            log.critical("publish failed after the producer's retries (%s: %s): exiting before the input is "
+                         "committed, so that it is processed again", type(err).__name__, err)
+            logging.shutdown()
+            self.on_fatal(75)
+
+
+def transient(err: BaseException) -> bool:
+    """True for a publish failure a restart can get past: aiokafka's retriable errors (no
+    leader, not enough replicas...), connection errors and the delivery timeout."""
+    from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError
+    return bool(getattr(err, "retriable", False)) or isinstance(err, KafkaConnectionError | KafkaTimeoutError
+                                                                 | asyncio.TimeoutError)
 
 
 @dataclass
@@ -680,6 +707,28 @@ def _wire_timers(w: Worker, users: Any) -> None:
         rs = engine.ruleset()
         for seg in (rs.segments if rs is not None else ()):
             metrics.segment_members.labels(seg.name).set(engine.segment_size(seg.name))
+
+    @app.timer(interval=30.0)
+    async def commit_gap_check() -> None:
+        """Log (and count) input partitions whose commits cannot advance: the oldest offset not
+        yet committed was never acknowledged by the stream while later ones were (Faust commits
+        the contiguous acknowledged run only). A diagnostic for a stall seen after restarts under
+        heavy load (docs/delivery.md)."""
+        consumer = app.consumer
+        try:
+            acked, committed = consumer._acked, consumer._committed_offset
+            unacked = consumer._unacked_messages
+        except AttributeError:  # another Faust version: nothing to look at
+            return
+        for tp, offs in list(acked.items()):
+            c = committed.get(tp)
+            if not offs or c is None or min(offs) - c <= 1:
+                continue
+            pending = sorted(m.offset for m in list(unacked) if m.tp == tp)[:5]
+            metrics.commit_stalls.inc()
+            log.warning("commits of %s[%d] cannot advance: committed %d, oldest acknowledged %d, %d acknowledged "
+                        "waiting; delivered but not acknowledged: %s; read offset %s", tp.topic, tp.partition, c,
+                        min(offs), len(offs), pending or "none", consumer._read_offset.get(tp))
 
     @app.on_rebalance_complete.connect
     async def on_rebalance_complete(sender: Any = None, **kwargs: Any) -> None:

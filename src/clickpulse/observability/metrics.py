@@ -119,6 +119,9 @@ class Metrics:
         self.users_quarantined = Counter("clickpulse_users_quarantined_total",
                                          "Users whose stored state could not be processed: moved to the quarantine "
                                          "topic, continuing from a fresh state", registry=r)
+        self.commit_stalls = Counter("clickpulse_commit_stalls_total",
+                                     "Checks (every 30 s) that found an input partition whose offset commits cannot "
+                                     "advance (its oldest uncommitted message never acknowledged)", registry=r)
         self.users_repaired = Counter("clickpulse_users_repaired_total",
                                       "clickpulse quarantine repair requests carried out, by outcome (repaired: the "
                                       "state is back; failed: it still cannot be processed, nothing changed)",
