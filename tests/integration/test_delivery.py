@@ -123,6 +123,23 @@ def lost_where(s, lost: list[dict], committed: dict) -> str:
     return ", ".join(f"{n} {k}" for k, n in where.items())
 
 
+def processed_everything(w, s) -> bool:
+    """The worker has handled every message on the input topics (its /progress offsets, not its
+    commits)."""
+    try:
+        prog = w.progress()["topics"]
+    except OSError:
+        return False
+    for topic in (s.topic_raw, s.topic_valid):
+        ends = asyncio.run(end_offsets(s.kafka_bootstrap, topic))
+        done = prog.get(topic, {})
+        if topic == s.topic_raw and not s.raw_keyed:
+            continue  # two hops: the raw topic is the ingest's (forwarded to valid, checked there)
+        if any(end > 0 and done.get(str(p), -1) < end - 1 for p, end in ends.items()):
+            return False
+    return True
+
+
 def processed(w) -> int:
     try:
         return int(sum(v for k, v in w.metrics().items() if k.startswith("clickpulse_events_processed_total{")))
@@ -160,14 +177,22 @@ def test_sigkill_mid_replay_duplicates_identical_none_lost_adapter_delivers_once
         end_of_input(s)
         adapter = Adapter(s, out, tmp_path / "deliver-2.log").start()
         adapters.append(adapter)
+        stalled = None
         try:
             wait_caught_up(w2, s)
         except ServiceError as err:
             if "did not catch up" not in str(err):
                 raise
-            # KNOWN GAP: now and then the restarted worker stops consuming part of the valid topic
-            # right after its recovery (lag stays put; it still answers and stops on SIGTERM).
-            pytest.xfail(f"worker stalled after the SIGKILL restart: {err}")
+            # KNOWN LIVENESS GAP (docs/delivery.md): now and then the restarted worker processes a
+            # partition to its end but cannot commit it (its first messages after the restart were
+            # never acknowledged to Faust's consumer). Nothing is lost: check everything below all
+            # the same, once the worker has processed every input message, and xfail at the end.
+            stalled = str(err)
+            wait_for(lambda: processed_everything(w2, s), 120, "the stalled worker to process every input message")
+            seen: list[dict] = []  # then the actions topic unchanged over 3 polls a second apart
+            wait_for(lambda: seen.append(asyncio.run(end_offsets(s.kafka_bootstrap, s.topic_actions))) or
+                     (len(seen) >= 3 and seen[-1] == seen[-2] == seen[-3]), 60, "the last actions published",
+                     poll_s=1.0)
         w2_metrics = w2.metrics()
         w2_duplicates = w2_metrics.get("clickpulse_events_duplicate_total", 0)
         wait_for(lambda: adapter_caught_up(s), 180, "the adapter to commit the whole actions topic")
@@ -241,6 +266,9 @@ def test_sigkill_mid_replay_duplicates_identical_none_lost_adapter_delivers_once
     print(f"restarted worker: {redelivered:g} input messages skipped as already in the saved state, "
           f"{w2_duplicates:g} duplicate events")
     assert not gaps, "worker recovery after SIGKILL: " + " | ".join(gaps)
+    if stalled:
+        pytest.xfail(f"after the SIGKILL restart the worker could not commit part of its input (nothing lost: "
+                     f"every check above passed): {stalled}")
 
 
 def test_webhook_delivers_duplicates_once_and_dead_letters_refusals(make_settings):

@@ -70,3 +70,19 @@ def test_the_check_sees_a_re_read_applied_twice(monkeypatch):
     states no longer hold are applied a second time, and the check reports it."""
     monkeypatch.setattr(Engine, "redelivered", lambda self, p, topic, off, source=None: False)
     assert any(gaps(seed, 1, dedup=2) for seed in range(3))
+
+
+def test_an_action_is_the_same_bytes_in_another_process():
+    """A re-published action comes from another process (the restarted worker): its bytes must
+    not depend on the process's hash seed (CEL maps iterate in hash order; payload maps are
+    sorted)."""
+    import os
+    import subprocess
+    import sys
+    code = ("import orjson\nfrom clickpulse.testing import memory_engine, event\neng = memory_engine()\n"
+            "eng.process(0, event('add_to_cart', user='x', product_id='p', price=5.0, category='c',"
+            " at='2019-10-01T10:00:00Z'), 0)\n"
+            "a = eng.end_of_input(0, 0, 1, 0)[0]\nprint(orjson.dumps(a['payload']).decode())")
+    outs = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": seed},
+                           capture_output=True, text=True, check=True).stdout for seed in ("1", "4", "7")}
+    assert len(outs) == 1, outs
