@@ -156,11 +156,16 @@ class Publisher:
         self.max_in_flight = max_in_flight
         self.in_flight: collections.deque[list[Any]] = collections.deque()
         self.on_fatal: Any = os._exit
+        #: output (not changelog) records were sent since the last :meth:`drain`
+        self.output_in_flight = False
 
-    async def send(self, records: Sequence[tuple[str, bytes | None, bytes, int | None, Any]]) -> None:
-        """``records``: ``(topic, key, value, partition or None, headers or None)``."""
+    async def send(self, records: Sequence[tuple[str, bytes | None, bytes, int | None, Any]],
+                   output: bool = True) -> None:
+        """``records``: ``(topic, key, value, partition or None, headers or None)``; ``output``:
+        False for the state changelog."""
         if not records:
             return
+        self.output_in_flight = self.output_in_flight or output
         producer = self.app.producer
         futs = [await producer.send(t, k, v, p, None, h) for t, k, v, p, h in records]
         for fut in futs:  # runs as soon as the broker answers, before a flush (and commit) resumes
@@ -171,6 +176,7 @@ class Publisher:
 
     async def drain(self) -> None:
         """Wait for every in-flight batch."""
+        self.output_in_flight = False
         while self.in_flight:
             await self._settle(self.in_flight.popleft())
 
@@ -261,10 +267,11 @@ class Worker:
             changelog.append((topic, k, blob, p, None))
         if out:
             await self.publisher.send(out)
-        # everything sent before (this step's output and earlier forwards or dead letters whose
-        # input the clock records below mark as done) is acknowledged before the changelog goes
-        await self.publisher.drain()
-        await self.publisher.send(changelog)
+        # every output sent before (this step's, and earlier forwards or dead letters whose input
+        # the clock records below mark as done) is acknowledged before the changelog goes
+        if self.publisher.output_in_flight:
+            await self.publisher.drain()
+        await self.publisher.send(changelog, output=False)
 
     def clock_key(self, partition: int) -> bytes:
         """The table key of ``partition``'s clock log (cached)."""
