@@ -90,6 +90,58 @@ def source_of(headers: Any) -> tuple[int, int] | None:
     return int(part), int(off)
 
 
+class InputGaps:
+    """Detects input messages the consumer never delivered, and stops the worker before they can
+    be committed.
+
+    The raw and valid topics are neither compacted nor written in transactions, so a partition's
+    offsets are contiguous: after offset ``n`` (or, first, after the committed offset the consumer
+    resumed from; a partition never committed starts at 0) the next message must be ``n + 1``.
+    A jump means the consumer skipped messages — seen with Faust under load, which then takes the
+    hole for a compaction gap and commits past it once a later message is acknowledged, losing
+    those events. :meth:`see` logs it as an ERROR, counts it
+    (``clickpulse_input_gaps_total{topic}``) and returns False: the agent must end the process
+    before acknowledging anything after the hole (exit code 75), so the commit stays before it and
+    the successor reads the skipped messages. A hole seen again at the same place after a restart
+    (a marker file in the data directory) is real — e.g. records deleted by retention — and is
+    accepted with a WARNING, so a restart never loops on it."""
+
+    def __init__(self, metrics: Metrics, committed: Any, data_dir: str) -> None:
+        self.metrics = metrics
+        self.committed = committed  # (topic, partition) -> committed offset or None
+        self.marks = Path(data_dir) / "input-gaps"
+        self.next: dict[tuple[str, int], int] = {}
+
+    def reset(self) -> None:
+        self.next.clear()
+
+    def see(self, msg: Any) -> bool:
+        key = (msg.topic, msg.partition)
+        nxt = self.next.get(key)
+        if nxt is None:
+            c = self.committed(msg.topic, msg.partition)
+            nxt = c if isinstance(c, int) and c >= 0 else 0
+        if msg.offset > nxt:
+            self.metrics.input_gaps.labels(msg.topic).inc()
+            mark = self.marks / f"{msg.topic}-{msg.partition}-{nxt}-{msg.offset}"
+            if mark.exists():
+                log.warning("input gap: %s[%d] offsets %d-%d are missing again after a restart: taken as a real "
+                            "hole in the log", msg.topic, msg.partition, nxt, msg.offset - 1)
+            else:
+                log.error("input gap: %s[%d] offsets %d-%d never reached this worker (the consumer skipped them); "
+                          "the next message is %d: exiting before it is acknowledged, so that they are read again",
+                          msg.topic, msg.partition, nxt, msg.offset - 1, msg.offset)
+                try:
+                    self.marks.mkdir(parents=True, exist_ok=True)
+                    mark.touch()
+                except OSError:
+                    pass
+                return False
+        if msg.offset >= nxt:
+            self.next[key] = msg.offset + 1
+        return True
+
+
 #: how old (or how far ahead, wall clock) a signed control message may be: a captured one cannot
 #: be replayed later
 CONTROL_MAX_AGE_MS = 600_000
@@ -537,12 +589,18 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
 def _wire_ingest(w: Worker) -> None:
     s = w.settings
 
+    gaps = InputGaps(w.metrics, lambda topic, p: _committed(w, topic, p), s.data_dir)
+    w.__dict__.setdefault("input_gaps", []).append(gaps)  # reset at each rebalance
+
     @w.app.agent(w.topics["raw"], name="ingest")
     async def ingest(stream: faust.StreamT) -> None:
         async for batch in stream.take_events(s.batch_max_events, within=s.batch_within_s):
             out: list[Any] = []
             for event in batch:
                 msg = event.message
+                if not gaps.see(msg):
+                    w.publisher.on_fatal(75)
+                    return
                 ev = w.ingest_one(msg, out)
                 if ev is not None:
                     out.append((s.topic_valid, ev["user_key"].encode(), orjson.dumps(ev), None,
@@ -592,6 +650,9 @@ def _wire_process(w: Worker) -> None:
     def handled(msg: Any) -> None:
         seen.setdefault(msg.partition, {})[msg.topic] = msg.offset
 
+    gaps = InputGaps(w.metrics, lambda topic, p: _committed(w, topic, p), s.data_dir)
+    w.__dict__.setdefault("input_gaps", []).append(gaps)  # reset at each rebalance
+
     def skipped(msg: Any) -> None:
         w.metrics.redelivered.labels(msg.topic).inc()
         handled(msg)
@@ -618,6 +679,9 @@ def _wire_process(w: Worker) -> None:
 
             for event in batch:
                 msg = event.message
+                if msg.topic != s.topic_privacy and not gaps.see(msg):
+                    w.publisher.on_fatal(75)
+                    return
                 if msg.topic == s.topic_raw:  # one hop: validate here, re-key only what must be
                     if engine.redelivered(msg.partition, msg.topic, msg.offset):
                         skipped(msg)
@@ -658,6 +722,15 @@ def _wire_process(w: Worker) -> None:
                     w.progress[s.topic_valid][msg.partition] = msg.offset
             await run_step(items, msgs, out)
             await w.publisher.send(out)
+
+
+def _committed(w: Worker, topic: str, partition: int) -> int | None:
+    """The offset Faust's consumer resumed ``topic[partition]`` from (its committed offset)."""
+    from faust.types import TP
+    try:
+        return w.app.consumer._committed_offset.get(TP(topic, partition))
+    except AttributeError:  # another Faust version
+        return None
 
 
 def _valid_partitions(w: Worker) -> list[int]:
@@ -743,6 +816,8 @@ def _wire_timers(w: Worker, users: Any) -> None:
         # clocks, positions and timers from the recovered table (its clock logs): see
         # Engine.restore; the re-read up to each partition's position is skipped
         n = engine.restore(parts, list(users.data.items()), _now_ms())
+        for gaps in w.__dict__.get("input_gaps", ()):
+            gaps.reset()
         log.info("clickpulse ready: partitions %s of %s recovered, %d pending timers; positions %s", parts,
                  s.topic_valid, n, {p: engine.positions.get(p) for p in parts})
 

@@ -161,8 +161,16 @@ def test_sigkill_mid_replay_duplicates_identical_none_lost_adapter_delivers_once
             s.kafka_bootstrap, s.topic_raw, messages("rees46", BUNDLED_SAMPLE), control_key=s.control_key))))
         t.start()
         # kill mid-replay: once some events (and so some actions) are processed, before all are
-        at_kill = wait_for(lambda: processed(w) >= 800 and processed(w), 180, "the worker to process events",
-                           poll_s=0.05)
+        current = [w]
+
+        def progressed() -> int:
+            if not current[0].alive() and current[0].proc.returncode == 75:  # see below: a supervisor
+                current[0] = workers(s)
+                return 0
+            n = processed(current[0])
+            return n >= 800 and n
+        at_kill = wait_for(progressed, 180, "the worker to process events", poll_s=0.05)
+        w = current[0]
         w.kill()
         committed_at_kill = asyncio.run(committed_offsets(s.kafka_bootstrap, s.app_id))
         t.join(120)
@@ -178,16 +186,28 @@ def test_sigkill_mid_replay_duplicates_identical_none_lost_adapter_delivers_once
         adapter = Adapter(s, out, tmp_path / "deliver-2.log").start()
         adapters.append(adapter)
         stalled = None
-        try:
-            wait_caught_up(w2, s)
-        except ServiceError as err:
-            if "did not catch up" not in str(err):
-                raise
-            # KNOWN LIVENESS GAP (docs/delivery.md): now and then the restarted worker processes a
-            # partition to its end but cannot commit it (its first messages after the restart were
-            # never acknowledged to Faust's consumer). Nothing is lost: check everything below all
-            # the same, once the worker has processed every input message, and xfail at the end.
-            stalled = str(err)
+        supervised = 0
+        while True:
+            try:
+                wait_caught_up(w2, s)
+                break
+            except ServiceError as err:
+                # a worker that saw its consumer skip input exits 75 before committing past it
+                # (docs/delivery.md): a supervisor restarts it, as this does
+                if "worker died" in str(err) and w2.proc.returncode == 75 and supervised < 3:
+                    supervised += 1
+                    print("the restarted worker exited 75 (input skipped by the consumer); restarted again")
+                    w2 = workers(s)
+                    continue
+                if "did not catch up" not in str(err):
+                    raise
+                # KNOWN LIVENESS GAP (docs/delivery.md): now and then the restarted worker processes
+                # a partition to its end but cannot commit it (its first messages after the restart
+                # were never acknowledged to Faust's consumer). Nothing is lost: check everything
+                # below all the same, once the worker has processed every input message, and xfail.
+                stalled = str(err)
+                break
+        if stalled:
             wait_for(lambda: processed_everything(w2, s), 120, "the stalled worker to process every input message")
             seen: list[dict] = []  # then the actions topic unchanged over 3 polls a second apart
             wait_for(lambda: seen.append(asyncio.run(end_offsets(s.kafka_bootstrap, s.topic_actions))) or

@@ -51,3 +51,19 @@ def test_a_record_the_broker_can_never_take_is_counted_and_the_worker_goes_on():
 def test_which_failures_are_transient():
     assert transient(KafkaTimeoutError()) and transient(NotEnoughReplicasError())
     assert not transient(MessageSizeTooLargeError()) and not transient(ValueError())
+
+
+def test_input_gaps_are_detected_from_the_restored_position():
+    from clickpulse.app import InputGaps
+    m = Metrics(CollectorRegistry())
+    gaps = InputGaps(m, lambda topic, p: {0: 9}.get(p))
+    msg = lambda p, o: SimpleNamespace(topic="t", partition=p, offset=o)  # noqa: E731
+    for p, o in ((0, 5), (0, 10), (0, 11), (1, 3), (1, 4)):   # a re-read, then contiguous
+        gaps.see(msg(p, o))
+    assert m.input_gaps.labels("t")._value.get() == 0
+    gaps.see(msg(0, 15))                                         # 12-14 never delivered
+    gaps.see(msg(1, 4))                                          # an older one again: not a gap
+    assert m.input_gaps.labels("t")._value.get() == 1
+    fresh = InputGaps(m, lambda topic, p: 9)
+    fresh.see(msg(0, 20))                                        # committed ahead of the saved position
+    assert m.input_gaps.labels("t")._value.get() == 2

@@ -119,6 +119,10 @@ class Metrics:
         self.users_quarantined = Counter("clickpulse_users_quarantined_total",
                                          "Users whose stored state could not be processed: moved to the quarantine "
                                          "topic, continuing from a fresh state", registry=r)
+        self.input_gaps = Counter("clickpulse_input_gaps_total",
+                                  "Runs of input offsets the consumer never delivered to the worker (a jump in "
+                                  "a partition's offsets; Faust may commit past them: those events are lost)",
+                                  ["topic"], registry=r)
         self.commit_stalls = Counter("clickpulse_commit_stalls_total",
                                      "Checks (every 30 s) that found an input partition whose offset commits cannot "
                                      "advance (its oldest uncommitted message never acknowledged)", registry=r)
