@@ -96,7 +96,7 @@ class InputGaps:
 
     The raw and valid topics are neither compacted nor written in transactions, so a partition's
     offsets are contiguous: after offset ``n`` (or, first, after the committed offset the consumer
-    resumed from; a partition never committed starts at 0) the next message must be ``n + 1``.
+    resumed from, when it knows one) the next message must be ``n + 1``.
     A jump means the consumer skipped messages — seen with Faust under load, which then takes the
     hole for a compaction gap and commits past it once a later message is acknowledged, losing
     those events. :meth:`see` logs it as an ERROR, counts it
@@ -120,7 +120,7 @@ class InputGaps:
         nxt = self.next.get(key)
         if nxt is None:
             c = self.committed(msg.topic, msg.partition)
-            nxt = c if isinstance(c, int) and c >= 0 else 0
+            nxt = c if isinstance(c, int) and c >= 0 else msg.offset  # unknown: from the first message
         if msg.offset > nxt:
             self.metrics.input_gaps.labels(msg.topic).inc()
             mark = self.marks / f"{msg.topic}-{msg.partition}-{nxt}-{msg.offset}"
