@@ -96,7 +96,7 @@ class InputGaps:
 
     The raw and valid topics are neither compacted nor written in transactions, so a partition's
     offsets are contiguous: after offset ``n`` (or, first, after the committed offset the consumer
-    resumed from, when it knows one) the next message must be ``n + 1``.
+    resumed from, else after the saved position) the next message must be ``n + 1``.
     A jump means the consumer skipped messages — seen with Faust under load, which then takes the
     hole for a compaction gap and commits past it once a later message is acknowledged, losing
     those events. :meth:`see` logs it as an ERROR, counts it
@@ -106,9 +106,10 @@ class InputGaps:
     (a marker file in the data directory) is real — e.g. records deleted by retention — and is
     accepted with a WARNING, so a restart never loops on it."""
 
-    def __init__(self, metrics: Metrics, committed: Any, data_dir: str) -> None:
+    def __init__(self, metrics: Metrics, committed: Any, data_dir: str, saved: Any = None) -> None:
         self.metrics = metrics
         self.committed = committed  # (topic, partition) -> committed offset or None
+        self.saved = saved  # (topic, partition) -> last offset the saved state holds, or None
         self.marks = Path(data_dir) / "input-gaps"
         self.next: dict[tuple[str, int], int] = {}
 
@@ -120,6 +121,9 @@ class InputGaps:
         nxt = self.next.get(key)
         if nxt is None:
             c = self.committed(msg.topic, msg.partition)
+            if not (isinstance(c, int) and c >= 0) and self.saved is not None:
+                pos = self.saved(msg.topic, msg.partition)
+                c = pos + 1 if isinstance(pos, int) else None
             nxt = c if isinstance(c, int) and c >= 0 else msg.offset  # unknown: from the first message
         if msg.offset > nxt:
             self.metrics.input_gaps.labels(msg.topic).inc()
@@ -650,7 +654,8 @@ def _wire_process(w: Worker) -> None:
     def handled(msg: Any) -> None:
         seen.setdefault(msg.partition, {})[msg.topic] = msg.offset
 
-    gaps = InputGaps(w.metrics, lambda topic, p: _committed(w, topic, p), s.data_dir)
+    gaps = InputGaps(w.metrics, lambda topic, p: _committed(w, topic, p), s.data_dir,
+                     lambda topic, p: engine.positions.get(p, {}).get(topic))
     w.__dict__.setdefault("input_gaps", []).append(gaps)  # reset at each rebalance
 
     def skipped(msg: Any) -> None:

@@ -53,17 +53,15 @@ def test_which_failures_are_transient():
     assert not transient(MessageSizeTooLargeError()) and not transient(ValueError())
 
 
-def test_input_gaps_are_detected_from_the_restored_position():
+def test_input_gaps_stop_the_worker_once_and_accept_a_real_hole(tmp_path):
     from clickpulse.app import InputGaps
     m = Metrics(CollectorRegistry())
-    gaps = InputGaps(m, lambda topic, p: {0: 9}.get(p))
     msg = lambda p, o: SimpleNamespace(topic="t", partition=p, offset=o)  # noqa: E731
-    for p, o in ((0, 5), (0, 10), (0, 11), (1, 3), (1, 4)):   # a re-read, then contiguous
-        gaps.see(msg(p, o))
-    assert m.input_gaps.labels("t")._value.get() == 0
-    gaps.see(msg(0, 15))                                         # 12-14 never delivered
-    gaps.see(msg(1, 4))                                          # an older one again: not a gap
+    gaps = InputGaps(m, lambda topic, p: {0: 10}.get(p), str(tmp_path), lambda topic, p: {1: 2}.get(p))
+    assert all(gaps.see(msg(p, o)) for p, o in ((0, 10), (0, 11), (1, 3), (1, 4), (0, 11), (2, 7), (2, 8)))
+    assert m.input_gaps.labels("t")._value.get() == 0     # from committed, saved position, first message
+    assert gaps.see(msg(0, 15)) is False                   # 12-14 never delivered: stop
     assert m.input_gaps.labels("t")._value.get() == 1
-    fresh = InputGaps(m, lambda topic, p: 9)
-    fresh.see(msg(0, 20))                                        # committed ahead of the saved position
-    assert m.input_gaps.labels("t")._value.get() == 2
+    again = InputGaps(m, lambda topic, p: 12, str(tmp_path))   # the successor, same hole again
+    assert again.see(msg(0, 15)) is True                   # a real hole: accepted
+    assert again.see(msg(0, 16)) is True
