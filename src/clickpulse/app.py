@@ -95,8 +95,9 @@ class InputGaps:
     be committed.
 
     The raw and valid topics are neither compacted nor written in transactions, so a partition's
-    offsets are contiguous: after offset ``n`` (or, first, after the committed offset the consumer
-    resumed from, else after the saved position) the next message must be ``n + 1``.
+    offsets are contiguous: after offset ``n`` the next message must be ``n + 1``, and the first
+    one at most the later of the committed offset and the saved position + 1 (messages up to the
+    saved position are in the state already; a re-read of them is fine).
     A jump means the consumer skipped messages — seen with Faust under load, which then takes the
     hole for a compaction gap and commits past it once a later message is acknowledged, losing
     those events. :meth:`see` logs it as an ERROR, counts it
@@ -119,12 +120,15 @@ class InputGaps:
     def see(self, msg: Any) -> bool:
         key = (msg.topic, msg.partition)
         nxt = self.next.get(key)
-        if nxt is None:
+        if nxt is None:  # the first message of this partition: where must it be at most?
+            starts = []
             c = self.committed(msg.topic, msg.partition)
-            if not (isinstance(c, int) and c >= 0) and self.saved is not None:
-                pos = self.saved(msg.topic, msg.partition)
-                c = pos + 1 if isinstance(pos, int) else None
-            nxt = c if isinstance(c, int) and c >= 0 else msg.offset  # unknown: from the first message
+            if isinstance(c, int) and c >= 0:
+                starts.append(c)
+            pos = None if self.saved is None else self.saved(msg.topic, msg.partition)
+            if isinstance(pos, int):
+                starts.append(pos + 1)  # what the saved state holds needs no reading
+            nxt = self.next[key] = max(starts) if starts else msg.offset
         if msg.offset > nxt:
             self.metrics.input_gaps.labels(msg.topic).inc()
             mark = self.marks / f"{msg.topic}-{msg.partition}-{nxt}-{msg.offset}"
