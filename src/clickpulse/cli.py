@@ -30,8 +30,8 @@ import orjson
 from .errors import ClickpulseError, ConfigError, ServiceError
 from .ingest.datasets import BUNDLED_SAMPLE
 from .ingest.replay import FORMATS, messages, publish
-from .runtime import Progress, check_port_free
 from .quarantine import REPAIRABLE_FIELDS
+from .runtime import Progress, check_port_free
 from .settings import Settings
 from .topics import ensure_topics, kafka_unreachable
 
@@ -650,14 +650,14 @@ def build_parser() -> argparse.ArgumentParser:
     qr = qsub.add_parser("repair", help="put a quarantined user back: the owning worker re-tries its quarantined "
                                         "state with the running code (or --reset / --drop-field), merges it with the "
                                         "state it went on with, and publishes an audit record; prints it")
-    qr.add_argument("user_key")
+    qr.add_argument("user_key", help="the quarantined user's key (as in quarantine list)")
     qr.add_argument("--reset", action="store_true",
                     help="keep only the durable record (identifiers, consent decisions, lifetime totals)")
     qr.add_argument("--drop-field", action="append", default=[], metavar="FIELD",
                     help="reset this part of the quarantined state to empty (repeatable): " + ", ".join(
                         sorted(REPAIRABLE_FIELDS)))
     qr.add_argument("--no-wait", action="store_true", help="publish the request, do not wait for the audit record")
-    qr.add_argument("--timeout", type=float, default=120.0)
+    qr.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the audit record (default 120)")
     qr.set_defaults(func=cmd_quarantine_repair)
 
     pv = sub.add_parser("privacy", help="erase or export one user's data")
