@@ -26,6 +26,7 @@ from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,11 @@ class _Protocol(RequestHandler):
         srv: _Server | None = self._manager  # type: ignore[assignment]
         if srv is None:
             return resp
-        if status >= 500 or not message:
+        if isinstance(exc, LineTooLong):  # its message quotes the request: not echoed back
+            text = "request line or a header is longer than the server's limit (8190 bytes)"
+        elif status == 400:
+            text = "malformed HTTP request"
+        elif status >= 500 or not message:
             text = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "error"
         else:
             text = str(message).splitlines()[0][:200]
