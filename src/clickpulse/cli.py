@@ -27,7 +27,7 @@ from typing import Any
 
 import orjson
 
-from .errors import ClickpulseError, ConfigError, ServiceError
+from .errors import ClickpulseError, ConfigError, DatasetError, ServiceError
 from .ingest.datasets import BUNDLED_SAMPLE
 from .ingest.replay import FORMATS, messages, publish
 from .runtime import Progress, check_port_free
@@ -104,8 +104,20 @@ def cmd_report_experiments(args: argparse.Namespace) -> int:
     from .experiments.report import aggregate, analyze, format_table, set_gauges
 
     if args.file:
+        records = []
         with open(args.file, "rb") as fh:
-            records = [orjson.loads(line) for line in fh if line.strip()]
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = orjson.loads(line)
+                except orjson.JSONDecodeError as err:
+                    raise DatasetError(f"{args.file}: not a JSONL file of experiment records: line {lineno} is "
+                                      f"not JSON ({err})") from None
+                if not isinstance(rec, dict):
+                    raise DatasetError(f"{args.file}: not a JSONL file of experiment records: line {lineno} is "
+                                      f"a JSON {type(rec).__name__}, not an object")
+                records.append(rec)
         source = args.file
     else:
         from .runtime import read_topic
@@ -118,7 +130,8 @@ def cmd_report_experiments(args: argparse.Namespace) -> int:
             except orjson.JSONDecodeError:
                 records.append({})  # counted as malformed below
     data, bad = aggregate(records)
-    results = analyze(data, alpha=args.alpha, tau2=args.tau2, baseline=args.baseline)
+    results = analyze(data, alpha=args.alpha, tau2=args.tau2, baseline=args.baseline,
+                      declared=_declared_shares())
     if args.json:
         print(orjson.dumps(results, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY).decode())
     else:
@@ -132,6 +145,21 @@ def cmd_report_experiments(args: argparse.Namespace) -> int:
         set_gauges(m, results)
         write_to_textfile(args.textfile, m.registry)
     return 0
+
+
+def _declared_shares() -> dict[str, dict[str, float]]:
+    """Experiment -> arm -> share of the configured rules (CLICKPULSE_RULES_PATH), to name the arms
+    that have no exposure in the SRM check; empty when the rules cannot be read (the records'
+    own shares still count)."""
+    from .rules.ruleset import load_rules
+    try:
+        path = Settings.from_env().rules_file
+        rs = load_rules(path) if path is not None else None
+    except ClickpulseError as err:
+        log.info("experiment shares from the records only (rules not read: %s)", err)
+        return {}
+    return {t.experiment.name: t.experiment.expected_shares() for t in (rs.triggers if rs else ())
+            if t.experiment is not None}
 
 
 def cmd_rules_check(args: argparse.Namespace) -> int:

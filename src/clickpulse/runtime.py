@@ -214,13 +214,18 @@ async def _stop(consumer: AIOKafkaConsumer) -> None:
 
 
 async def partitions_of(bootstrap: str, topic: str) -> list[int]:
-    """Partition numbers of ``topic`` (empty when it does not exist)."""
+    """Partition numbers of ``topic`` (empty when it does not exist). Never creates it: the
+    metadata request says ``allow_auto_topic_creation=False`` (aiokafka's ``describe_topics``
+    lets a broker with ``auto.create.topics.enable`` create the topic it is asked about)."""
+    from aiokafka.protocol.metadata import MetadataRequest
+
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        desc = await admin.describe_topics([topic])
+        resp = await admin._send_request(MetadataRequest([topic], allow_auto_topic_creation=False))
     finally:
         await admin.close()
+    desc = resp.to_object()["topics"]
     return sorted(p["partition"] for d in desc if d["error_code"] == 0 for p in d["partitions"])
 
 
