@@ -283,6 +283,9 @@ def cmd_collector(args: argparse.Namespace) -> int:
         settings = settings.replace(collector_host=args.host)
     logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         force=True)
+    # a port in use or an address not of this host: one line naming the setting, before any producer
+    check_port_free(settings.collector_host, settings.collector_port,
+                    "--port or CLICKPULSE_COLLECTOR_PORT" if args.host is None else "--host/--port")
     if not args.no_create_topics:
         try:
             asyncio.run(ensure_topics(settings))
@@ -295,7 +298,10 @@ def cmd_api(args: argparse.Namespace) -> int:
     """Serve the profile API (see clickpulse.serving.api) until SIGTERM/SIGINT."""
     from .serving.api import run
 
-    run(Settings.from_env(), host=args.host, port=args.port)
+    settings = Settings.from_env()
+    host, port = args.host or settings.api_host, args.port or settings.api_port
+    check_port_free(host, port, "--port or CLICKPULSE_API_PORT" if args.host is None else "--host/--port")
+    run(settings, host=host, port=port)
     return 0
 
 
@@ -551,6 +557,17 @@ def _redis_delete(settings: Settings, keys: list[bytes]) -> None:
         r.unlink(*keys[i:i + 1000])
 
 
+def _port(value: str) -> int:
+    """argparse type of ``--port``: a TCP port in 1..65535."""
+    try:
+        port = int(value)
+    except ValueError:
+        port = 0
+    if not 0 < port < 65536:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a TCP port (1..65535)")
+    return port
+
+
 def _log_level(value: str) -> str:
     """argparse type of ``--log-level`` / ``--loglevel``: a :mod:`logging` level name, any case."""
     name = value.strip().upper()
@@ -673,14 +690,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="jsonl: append to a file; webhook: POST each action to a URL")
     dl.add_argument("--out", help="jsonl: the file to append to (one action per line, fsynced per batch)")
     dl.add_argument("--url", help="webhook: the URL each action is POSTed to (JSON)")
-    dl.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
+    dl.add_argument("--metrics-port", type=_port, default=None, help="serve Prometheus /metrics on this port")
     dl.add_argument("--from", dest="start_from", choices=("earliest", "latest"), default="earliest",
                     help="where to start when the group <ns>-delivery has no committed offset (default earliest)")
     dl.set_defaults(func=cmd_deliver)
 
     co = sub.add_parser("collector", help="serve the Segment/RudderStack HTTP tracking API (POST /v1/track, "
                                           "/v1/batch, ...) into <ns>.events.raw until SIGTERM/SIGINT")
-    co.add_argument("--port", type=int, default=None, help="listen port (default CLICKPULSE_COLLECTOR_PORT, 8088)")
+    co.add_argument("--port", type=_port, default=None, help="listen port (default CLICKPULSE_COLLECTOR_PORT, 8088)")
     co.add_argument("--host", default=None, help="listen address (default CLICKPULSE_COLLECTOR_HOST, 127.0.0.1)")
     co.add_argument("--no-create-topics", action="store_true", help="do not create missing topics at start")
     co.add_argument("--loglevel", default="info", type=_log_level, help="the collector's logging level (default info)")
@@ -688,7 +705,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = sub.add_parser("api", help="serve the profile API (GET /v1/profiles/{id}, /v1/segments/{name}/members; "
                                     "keys from CLICKPULSE_API_KEYS) until SIGTERM/SIGINT")
     ap.add_argument("--host", help="override CLICKPULSE_API_HOST")
-    ap.add_argument("--port", type=int, help="override CLICKPULSE_API_PORT")
+    ap.add_argument("--port", type=_port, help="override CLICKPULSE_API_PORT")
     ap.set_defaults(func=cmd_api)
 
     d = sub.add_parser("demo", help="start local services and a worker, replay the bundled REES46 sample, "

@@ -302,7 +302,11 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
                            handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, settings.collector_host, settings.collector_port, backlog=1024)
-    await site.start()
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()  # stops the producer started on setup (no "Unclosed AIOKafkaProducer")
+        raise
     log.info("collector listening on http://%s:%d (topic %s)", settings.collector_host, settings.collector_port,
              settings.topic_raw)
     stop = asyncio.Event()

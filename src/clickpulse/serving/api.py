@@ -300,7 +300,7 @@ def run(settings: Settings, host: str | None = None, port: int | None = None) ->
     """Serve the API until SIGTERM/SIGINT (``clickpulse api``)."""
     app = create_api(settings)
     host, port = host or settings.api_host, port or settings.api_port
-    log.info("clickpulse api on http://%s:%d (namespace %s)", host, port, settings.namespace)
+    print(f"clickpulse api listening on http://{host}:{port} (namespace {settings.namespace})", flush=True)
     loop = None
     if os.environ.get("CLICKPULSE_API_UVLOOP", "1") != "0":
         try:
