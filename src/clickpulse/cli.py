@@ -186,7 +186,42 @@ def cmd_rules_check(args: argparse.Namespace) -> int:
             print(f"    experiment {t.experiment.name}: {shares}; window {t.experiment.window_s:g} s")
     for w in rs.warnings:
         print(f"  warning: {w}")
+    for w in _pii_dropped_reads(path):
+        print(f"  warning: {w}")
     return 0
+
+
+def _pii_dropped_reads(path: str) -> list[str]:
+    """One warning per ``event.properties.<k>`` / ``event.context.<k>`` the rules file reads that
+    the configured PII policy (CLICKPULSE_PII_POLICY_PATH) drops at ingest: such a condition is
+    valid but never sees the key (it is always absent)."""
+    import re
+
+    import yaml
+
+    from .events.pii import PiiPolicy
+    policy = PiiPolicy.from_settings(Settings.from_env())
+    kept = {sec: getattr(policy, sec) | {h.name for h in policy.hash if h.section == sec}
+            for sec in ("properties", "context")}
+    ref = re.compile(r"""\bevent\.(properties|context)(?:\.([A-Za-z_][A-Za-z0-9_]*)|\[\s*["']([^"']+)["']\s*\])""")
+    found: set[tuple[str, str]] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, str):
+            for m in ref.finditer(node):
+                found.add((m.group(1), m.group(2) or m.group(3)))
+        elif isinstance(node, dict):
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+    with open(path, "rb") as fh:
+        walk(yaml.safe_load(fh))
+    return [f"event.{sec}.{key} is read by a rule but the PII policy {policy.source} drops {sec}.{key} at "
+            f"ingest, so the rule never sees it: add it to {sec}.allow of a policy of your own "
+            "(CLICKPULSE_PII_POLICY_PATH; README, Custom event properties)"
+            for sec, key in sorted(found) if key not in kept[sec]]
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -475,8 +510,9 @@ def cmd_topics(args: argparse.Namespace) -> int:
     from .topics import delete_namespace, footprints
 
     settings = Settings.from_env()
-    # list: every namespace unless one (or a glob) is named; clean: CLICKPULSE_NAMESPACE by default
-    pattern = args.namespace or ("*" if args.topics_cmd == "list" else settings.namespace)
+    # list: every namespace unless one (or a glob) is named; clean: only the one(s) named (--namespace
+    # is required: a default would delete whatever CLICKPULSE_NAMESPACE happens to be)
+    pattern = args.namespace or "*"
     fps = asyncio.run(footprints(settings, pattern, describe=args.topics_cmd == "clean" or args.namespace is not None))
     redis_keys: dict[str, list[bytes]] = {}
     if getattr(args, "redis", False):
@@ -516,6 +552,11 @@ def cmd_topics(args: argparse.Namespace) -> int:
     if not args.yes:
         print("dry run: nothing deleted; run again with --yes to delete the above")
         return 0
+    from .topics import groups_with_members
+    active = asyncio.run(groups_with_members(settings, [g for fp in fps.values() for g in fp.groups]))
+    if active:  # every namespace's groups are checked before anything of any namespace is deleted
+        raise ServiceError("; ".join(f"group {g} has members (its processes are running): stop them first"
+                                     for g in sorted(active)) + "; nothing was deleted")
     problems: list[str] = []
     for ns, fp in fps.items():
         found = asyncio.run(delete_namespace(settings, fp))
@@ -726,9 +767,12 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--namespace", metavar="NS", help="a namespace or a glob (demo-*): list its topics and groups")
     tl.set_defaults(func=cmd_topics)
     tc = tpsub.add_parser("clean", help="delete a namespace's topics and consumer groups (dry run unless --yes); "
-                                        "refused while its worker, trainer or delivery is running")
-    tc.add_argument("--namespace", metavar="NS",
-                    help="a namespace or a glob such as 'demo-*' (default: CLICKPULSE_NAMESPACE)")
+                                        "refused while its worker, trainer or delivery is running (a consumer "
+                                        "group with members); a running collector or api cannot be detected: "
+                                        "stop them first")
+    tc.add_argument("--namespace", metavar="NS", required=True,
+                    help="a namespace or a glob such as 'demo-*' (required; on a shared cluster a glob also "
+                         "matches other people's namespaces: check the dry run)")
     tc.add_argument("--yes", action="store_true", help="really delete (without it: only list what would go)")
     tc.add_argument("--redis", action="store_true", help="also delete the namespace's Redis keys (<ns>:*: "
                                                         "profiles, delivery de-duplication)")

@@ -105,7 +105,7 @@ KAFKA_COMMANDS = [
     ["worker"], ["trainer"], ["replay", "--format", "rees46", "src/clickpulse/data/rees46-2019-oct-sample.csv"],
     ["quarantine", "list"], ["quarantine", "show", "u1"], ["privacy", "erase", "u1", "--timeout", "5"],
     ["privacy", "export", "u1"], ["deliver", "--sink", "jsonl", "--out", "{tmp}/out.jsonl"],
-    ["demo", "--no-services", "--out-dir", "{tmp}/demo"], ["topics", "list"], ["topics", "clean"],
+    ["demo", "--no-services", "--out-dir", "{tmp}/demo"], ["topics", "list"], ["topics", "clean", "--namespace", "x"],
     ["topics", "clean", "--namespace", "x", "--yes"],
 ]
 
@@ -403,3 +403,10 @@ def test_an_address_that_cannot_be_bound_is_one_line_exit_2(cmd, port, monkeypat
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert err.startswith(f"clickpulse: error: port {port} on 999.1.1.1 cannot be bound: ") and "--host/--port" in err
+
+
+def test_topics_clean_needs_an_explicit_namespace(monkeypatch, capsys):
+    monkeypatch.setenv("CLICKPULSE_NAMESPACE", "mine")
+    with pytest.raises(SystemExit) as exc:
+        main(["topics", "clean", "--yes"])
+    assert exc.value.code == 2 and "--namespace" in capsys.readouterr().err
