@@ -43,3 +43,31 @@ def test_the_default_rules_read_nothing_the_default_policy_drops(monkeypatch, ca
     monkeypatch.delenv("CLICKPULSE_RULES_PATH", raising=False)
     assert main(["rules", "check"]) == 0
     assert "warning" not in capsys.readouterr().out
+
+
+def test_deliver_says_where_it_delivers(tmp_path: Path, monkeypatch, capsys) -> None:
+    import clickpulse.delivery as delivery
+    from clickpulse.settings import Settings
+
+    async def no_run(*_a, **_k) -> None:
+        return None
+    monkeypatch.setattr(delivery, "run", no_run)
+    s = Settings(namespace="shop")
+    assert delivery.run_cli("jsonl", out=str(tmp_path / "a.jsonl"), url=None, metrics_port=None, settings=s) == 0
+    assert capsys.readouterr().out == f"delivering shop.actions to jsonl {tmp_path / 'a.jsonl'} (group shop-delivery)\n"
+    delivery.run_cli("webhook", out=None, url="https://user:secret@hooks.example.com:8443/in?token=t", metrics_port=None,
+                     settings=s)
+    out = capsys.readouterr().out
+    assert out == "delivering shop.actions to webhook https://hooks.example.com:8443/in (group shop-delivery)\n"
+    assert "secret" not in out and "token" not in out
+
+
+def test_api_says_where_it_listens(monkeypatch, capsys) -> None:
+    import clickpulse.serving.api as api
+    from clickpulse.settings import Settings
+
+    seen = {}
+    monkeypatch.setattr(api.web, "run_app", lambda app, **kw: seen.update(kw))
+    api.run(Settings(namespace="shop", api_keys="k" * 20), host="127.0.0.1", port=6123)
+    assert capsys.readouterr().out == "clickpulse api listening on http://127.0.0.1:6123 (namespace shop)\n"
+    assert seen["port"] == 6123
