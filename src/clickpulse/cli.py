@@ -225,8 +225,13 @@ def _pii_dropped_reads(path: str) -> list[str]:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
+    from .ingest.replay import JsonlStats
     settings = Settings.from_env()
-    records = messages(args.format, args.file)
+    if args.strict and args.format == "jsonl":
+        for _ in messages(args.format, args.file, strict=True):  # the whole file, before touching Kafka
+            pass
+    stats = JsonlStats()
+    records = messages(args.format, args.file, stats)
     first = next(records, None)  # reads the header: a bad file fails before touching Kafka
     records = itertools.chain([first] if first is not None else [], records)
     asyncio.run(ensure_topics(settings))
@@ -240,6 +245,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
     progress.done()
     print(f"published {res.published} records from {args.file} to {settings.topic_raw} in {res.seconds:.2f} s"
           f"{' + end_of_input on every partition' if res.flushed else ''}")
+    if stats.not_objects:
+        print(f"clickpulse replay: warning: {stats.not_objects} of {stats.lines} lines of {args.file} are not JSON "
+              f"objects (the first: line {stats.first_bad}); the worker dead-letters them (reason not_json or "
+              f"not_object, topic {settings.topic_dlq}); --strict refuses such a file before publishing",
+              file=sys.stderr)
     return 0
 
 
@@ -700,6 +710,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--progress-s", type=float, default=2.0,
                    help="seconds between progress lines on stderr (records sent, rate; default 2)")
     r.add_argument("--quiet", action="store_true", help="no progress lines")
+    r.add_argument("--strict", action="store_true",
+                   help="jsonl: refuse the file (exit 2, nothing published) if a line is not a JSON object "
+                        "(default: publish it, the worker dead-letters it, and warn with the count)")
     r.set_defaults(func=cmd_replay)
 
     q = sub.add_parser("quarantine", help="users whose stored state could not be processed (moved aside by the "

@@ -71,3 +71,32 @@ def test_api_says_where_it_listens(monkeypatch, capsys) -> None:
     api.run(Settings(namespace="shop", api_keys="k" * 20), host="127.0.0.1", port=6123)
     assert capsys.readouterr().out == "clickpulse api listening on http://127.0.0.1:6123 (namespace shop)\n"
     assert seen["port"] == 6123
+
+
+def test_replay_of_a_file_that_is_not_jsonl_warns_or_refuses(monkeypatch, tmp_path: Path, capsys) -> None:
+    import clickpulse.cli as cli
+    from clickpulse.ingest.replay import ReplayResult
+
+    sent: list[int] = []
+
+    async def fake_publish(_bootstrap, _topic, records, **_kw):
+        n = sum(1 for _ in records)
+        sent.append(n)
+        return ReplayResult(n, None, None, 0.1, False)
+
+    async def no_topics(_s):
+        return None
+    monkeypatch.setattr(cli, "publish", fake_publish)
+    monkeypatch.setattr(cli, "ensure_topics", no_topics)
+    f = tmp_path / "README.md"
+    f.write_text('# title\n\n{"type":"page_view","user_id":"u1","timestamp":1569888000000}\n[1]\ntext\n')
+    assert main(["replay", "--format", "jsonl", str(f), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert sent == [4] and "warning: 3 of 4 lines of" in err and "(the first: line 1)" in err and "--strict" in err
+    assert main(["replay", "--format", "jsonl", str(f), "--quiet", "--strict"]) == 2
+    err = capsys.readouterr().err
+    assert sent == [4] and err.count("\n") == 1 and "line 1 (non-empty lines counted) is not a JSON object" in err
+    good = tmp_path / "e.jsonl"
+    good.write_text('{"type":"page_view","user_id":"u1","timestamp":1569888000000}\n')
+    assert main(["replay", "--format", "jsonl", str(good), "--quiet", "--strict"]) == 0
+    assert capsys.readouterr().err == "" and sent == [4, 1]
