@@ -27,7 +27,7 @@ from typing import Any
 
 import orjson
 
-from .errors import ClickpulseError, ConfigError, DatasetError, ServiceError
+from .errors import ClickpulseError, ConfigError, DatasetError, ServiceError, error_text
 from .ingest.datasets import BUNDLED_SAMPLE
 from .ingest.replay import FORMATS, messages, publish
 from .runtime import Progress, check_port_free
@@ -335,7 +335,7 @@ def cmd_collector(args: argparse.Namespace) -> int:
         try:
             asyncio.run(ensure_topics(settings))
         except Exception as err:  # noqa: BLE001 - Kafka may be down: the collector answers 503 until it is back
-            log.warning("could not check/create topics (%s: %s); starting anyway", type(err).__name__, err)
+            log.warning("could not check/create topics (%s); starting anyway", error_text(err))
     run(settings)
 
 
@@ -638,7 +638,7 @@ def _version() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="clickpulse", description=__doc__.split("\n")[0],
+        prog="clickpulse", description=__doc__.split("\n")[0].replace("``", ""),
         epilog="Settings are CLICKPULSE_* environment variables (README, Configuration). Errors are one line "
                "'clickpulse: error: ...' with exit code 2 (invalid input), 3 (Kafka/Redis unreachable, port "
                "in use) or 70 (a bug); CLICKPULSE_DEBUG=1 shows the traceback instead.")
@@ -821,7 +821,7 @@ def error_exit(err: BaseException) -> tuple[str, int]:
         return f"a port is already in use: {err.strerror}", EXIT_UNAVAILABLE
     if isinstance(err, OSError) and err.filename is not None:
         return f"{err.filename}: {err.strerror}", EXIT_INVALID
-    return (f"unexpected {type(err).__name__}: {err} (a bug; CLICKPULSE_DEBUG=1 shows the traceback)",
+    return (f"unexpected {error_text(err)} (a bug; CLICKPULSE_DEBUG=1 shows the traceback)",
             EXIT_BUG)
 
 

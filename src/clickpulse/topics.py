@@ -46,7 +46,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaError, for_code
 from aiokafka.protocol.api import Request, RequestStruct, Response
 from aiokafka.protocol.types import Array, Bytes, Int16, Int32, Schema, String
 
-from .errors import ConfigError, ServiceError
+from .errors import ConfigError, ServiceError, error_text
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -287,7 +287,7 @@ async def groups_with_members(s: Settings, groups: list[str]) -> dict[str, int]:
                 node = await admin.find_coordinator(g)
                 resp = await admin._send_request(_DescribeGroupsRequest([g]), node)  # noqa: SLF001
             except KafkaError as err:
-                raise ServiceError(f"cannot read the members of consumer group {g}: {type(err).__name__}: {err}; "
+                raise ServiceError(f"cannot read the members of consumer group {g}: {error_text(err)}; "
                                    "nothing was deleted") from err
             for code, gid, _state, _ptype, _proto, members in resp.groups:
                 if code == GROUP_NOT_FOUND:
@@ -361,7 +361,7 @@ async def delete_namespace(s: Settings, fp: NamespaceFootprint) -> list[str]:
                 node = await admin.find_coordinator(g)
                 resp = await admin._send_request(_DeleteGroupsRequest([g]), node)  # noqa: SLF001
             except KafkaError as err:
-                problems.append(f"group {g}: {type(err).__name__}: {err}")
+                problems.append(f"group {g}: {error_text(err)}")
                 continue
             for gid, code in resp.results:
                 if code == NON_EMPTY_GROUP:

@@ -21,7 +21,10 @@ def dlq_record(err: InvalidEvent, *, key: bytes | None, value: bytes | None, top
 
     The value is copied base64-encoded up to ``max_payload_bytes`` (``value_truncated`` says
     whether it was cut; ``value_sha256`` identifies the full value, which stays readable at
-    ``source.topic/partition/offset`` for the raw topic's retention).
+    ``source.topic/partition/offset`` for the raw topic's retention). The PII policy's
+    :meth:`~clickpulse.events.pii.PiiPolicy.redact_dead_letter` may then leave the payload out
+    (``value_b64`` null): ``value_truncated`` stays true for a non-empty value, meaning "the
+    record does not hold the whole value" in both cases (``schemas/dlq.v1.json``).
 
     >>> r = dlq_record(InvalidEvent("not_json", "x"), key=None, value=b"{", topic="t", partition=0,
     ...                offset=7, timestamp_ms=None, max_payload_bytes=10)

@@ -40,6 +40,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from ..errors import error_text
 from ..observability.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -293,7 +294,7 @@ class ProfileRefill:
             return await self._refill(todo, partitions, table, partition_of, build, skip_key)
         except Exception as err:  # noqa: BLE001 - Redis unavailable: retried at the next check
             self.writer.metrics.redis_errors.inc()
-            log.warning("redis profile refill check failed (%s: %s); retrying later", type(err).__name__, err)
+            log.warning("redis profile refill check failed (%s); retrying later", error_text(err))
             return {}
         finally:
             self.busy = False
