@@ -779,10 +779,10 @@ def build_parser() -> argparse.ArgumentParser:
                                        "one namespace's topics with --namespace")
     tl.add_argument("--namespace", metavar="NS", help="a namespace or a glob (demo-*): list its topics and groups")
     tl.set_defaults(func=cmd_topics)
-    tc = tpsub.add_parser("clean", help="delete a namespace's topics and consumer groups (dry run unless --yes); "
-                                        "refused while its worker, trainer or delivery is running (a consumer "
-                                        "group with members); a running collector or api cannot be detected: "
-                                        "stop them first")
+    clean_help = ("delete a namespace's topics and consumer groups (dry run unless --yes); refused while its "
+                  "worker, trainer or delivery is running (a consumer group with members); a running collector "
+                  "or api cannot be detected: stop them first")
+    tc = tpsub.add_parser("clean", help=clean_help, description=clean_help)
     tc.add_argument("--namespace", metavar="NS", required=True,
                     help="a namespace or a glob such as 'demo-*' (required; on a shared cluster a glob also "
                          "matches other people's namespaces: check the dry run)")
