@@ -162,12 +162,12 @@ class Publisher:
                 log.error("publish failed: %s: %s", type(res).__name__, res)
 
 
-@dataclass
 def _dead_letter_log() -> Any:
     from .events.dlq import DeadLetterLog
     return DeadLetterLog(log)
 
 
+@dataclass
 class Worker:
     """What the wiring functions share."""
 
