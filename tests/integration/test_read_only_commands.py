@@ -33,3 +33,25 @@ def test_report_experiments_on_an_empty_namespace_creates_no_topic(local_service
     assert f"0 records from {ns}.experiments" in capsys.readouterr().out
     assert main(["quarantine", "list", "--timeout", "10"]) == 0
     assert not {t for t in asyncio.run(_topics(local_services.kafka_bootstrap)) if t.startswith(ns)}
+
+
+def test_a_collector_whose_port_is_taken_closes_its_producer(local_services: Settings) -> None:
+    """The site fails to bind after the producer started connecting: no unclosed producer is left
+    (aiokafka warns "Unclosed AIOKafkaProducer" from its finalizer)."""
+    import gc
+    import socket
+    import warnings
+
+    from clickpulse.collector.server import serve
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        s = local_services.replace(namespace=f"it-ro-{uuid.uuid4().hex[:10]}", collector_port=busy.getsockname()[1],
+                                   collector_write_keys="k" * 20)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(OSError):
+                asyncio.run(serve(s))
+            gc.collect()
+    assert not [w for w in caught if "Unclosed AIOKafkaProducer" in str(w.message)]

@@ -23,6 +23,7 @@ answers a metadata request, else 503), ``GET /metrics`` (Prometheus text), ``OPT
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import signal
@@ -125,6 +126,10 @@ class Collector:
             p = self._factory()
             try:
                 await p.start()
+            except asyncio.CancelledError:  # stopped while connecting (e.g. the port was taken)
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(p.stop())
+                raise
             except Exception as err:  # noqa: BLE001 - any failure: Kafka is not there yet
                 log.warning("Kafka at %s unavailable (%s: %s); answering 503, retrying in %.1f s",
                             self.settings.kafka_bootstrap, type(err).__name__, err, delay)
