@@ -654,7 +654,7 @@ class Settings:
             raise ConfigError(f"{_env('state_store')} must be 'rocksdb' or 'memory', got {self.state_store!r}")
         if self.standby_replicas < 0:
             raise ConfigError(f"{_env('standby_replicas')} must be >= 0, got {self.standby_replicas!r}")
-        for name in ("web_port", "trainer_web_port"):
+        for name in ("web_port", "trainer_web_port", "collector_port", "api_port"):
             if not 0 < getattr(self, name) < 65536:
                 raise ConfigError(f"{_env(name)} must be a TCP port in 1..65535, got {getattr(self, name)!r}")
         _check_bootstrap(self.kafka_bootstrap)

@@ -41,6 +41,7 @@ answers a metadata request, else 503), ``GET /metrics`` (Prometheus text), ``OPT
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import signal
@@ -153,6 +154,10 @@ class Collector:
             p = self._factory()
             try:
                 await p.start()
+            except asyncio.CancelledError:  # stopped while connecting (e.g. the port was taken)
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(p.stop())
+                raise
             except Exception as err:  # noqa: BLE001 - any failure: Kafka is not there yet
                 log.warning("Kafka at %s unavailable (%s: %s); answering 503, retrying in %.1f s",
                             self.settings.kafka_bootstrap, type(err).__name__, err, delay)
@@ -392,7 +397,11 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     if (warning := fd_headroom_warning(settings.collector_max_connections)) is not None:
         log.warning("CLICKPULSE_COLLECTOR_MAX_CONNECTIONS: %s", warning)
     site = web.TCPSite(runner, settings.collector_host, settings.collector_port, backlog=1024)
-    await site.start()
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()  # stops the producer started on setup (no "Unclosed AIOKafkaProducer")
+        raise
     log.info("collector listening on http://%s:%d (topic %s)", settings.collector_host, settings.collector_port,
              settings.topic_raw)
     stop = asyncio.Event()

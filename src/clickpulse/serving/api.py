@@ -7,7 +7,10 @@ Redis round trips and no JSON parsing of the stored profile (its bytes are sent 
   id resolves to its customer: when identity stitching wrote ``<ns>:alias:<id>`` (the customer's
   user key), the customer's profile is served (aliases are followed up to
   :data:`MAX_ALIAS_HOPS` hops, cycles stop); if the customer has no profile yet, the guest's own
-  profile is served. ``404`` when neither exists. The header ``Content-Location`` names the
+  profile is served. An id with no profile that does not start with ``anon:`` is looked up
+  again as ``anon:<id>`` (a raw anonymous id, as the SDKs send it: its user key is
+  ``anon:<id>``); a user_id wins over an anonymous id spelled alike. ``404`` when nothing
+  exists (the detail names the ``anon:`` form). The header ``Content-Location`` names the
   profile served.
 * ``GET /v1/segments/{name}/members?limit=&cursor=`` — the members of a segment, ordered by user
   key, ``limit`` (1–1000, default 100) per page; ``next_cursor`` (opaque; ``null`` on the last
@@ -217,6 +220,20 @@ class ProfileApi:
         why = check_id(user_id)
         if why is not None:
             return _error(400, "bad_request", why)
+        served, body = await self._resolve(user_id)
+        if body is None and not user_id.startswith("anon:") and check_id("anon:" + user_id) is None:
+            # a raw anonymous id (the SDK's anonymousId): its user key is anon:<id>
+            served, body = await self._resolve("anon:" + user_id)
+        if body is None:
+            hint = "" if user_id.startswith("anon:") else \
+                " (looked up as a user_id and as the anonymous id anon:<id>)"
+            return _error(404, "not_found", "no profile for this id" + hint)
+        from urllib.parse import quote
+        return web.Response(body=body, content_type="application/json",
+                            headers={"Content-Location": "/v1/profiles/" + quote(served, safe="")})
+
+    async def _resolve(self, user_id: str) -> tuple[str, bytes | None]:
+        """(user key served, profile bytes or None) for ``user_id``, following guest aliases."""
         ns, client = self.ns, self.client
         alias, own = await client.mget([alias_key(ns, user_id), profile_key(ns, user_id)])
         served, body = user_id, own
@@ -231,11 +248,7 @@ class ProfileApi:
             alias, prof = await client.mget([alias_key(ns, target), profile_key(ns, target)])
             if prof is not None:
                 served, body = target, prof
-        if body is None:
-            return _error(404, "not_found", "no profile for this id")
-        from urllib.parse import quote
-        return web.Response(body=body, content_type="application/json",
-                            headers={"Content-Location": "/v1/profiles/" + quote(served, safe="")})
+        return served, body
 
     async def members(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
@@ -334,7 +347,7 @@ async def serve(settings: Settings, host: str, port: int) -> None:
     await runner.setup()
     harden_api(runner)
     await web.TCPSite(runner, host, port).start()
-    log.info("clickpulse api on http://%s:%d (namespace %s)", host, port, settings.namespace)
+    print(f"clickpulse api listening on http://{host}:{port} (namespace {settings.namespace})", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
