@@ -62,15 +62,33 @@ def test_deliver_says_where_it_delivers(tmp_path: Path, monkeypatch, capsys) -> 
     assert "secret" not in out and "token" not in out
 
 
-def test_api_says_where_it_listens(monkeypatch, capsys) -> None:
+def test_api_says_where_it_listens(capsys) -> None:
+    """One line once the listener is bound (the real serve(), on a free loopback port)."""
+    import asyncio
+
     import clickpulse.serving.api as api
+    from clickpulse.runtime import free_port
     from clickpulse.settings import Settings
 
-    seen = {}
-    monkeypatch.setattr(api.web, "run_app", lambda app, **kw: seen.update(kw))
-    api.run(Settings(namespace="shop", api_keys="k" * 20), host="127.0.0.1", port=6123)
-    assert capsys.readouterr().out == "clickpulse api listening on http://127.0.0.1:6123 (namespace shop)\n"
-    assert seen["port"] == 6123
+    port = free_port()
+
+    async def go() -> str:
+        task = asyncio.create_task(api.serve(Settings(namespace="shop", api_keys="k" * 20), "127.0.0.1", port))
+        out = ""
+        try:
+            for _ in range(400):  # up to 20 s on a loaded machine
+                await asyncio.sleep(0.05)
+                out += capsys.readouterr().out
+                if out or task.done():
+                    break
+        finally:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        return out
+    assert asyncio.run(go()) == f"clickpulse api listening on http://127.0.0.1:{port} (namespace shop)\n"
 
 
 def test_replay_of_a_file_that_is_not_jsonl_warns_or_refuses(monkeypatch, tmp_path: Path, capsys) -> None:
