@@ -54,7 +54,8 @@ from ..rules import triggers
 from ..rules.bots import BotConfig, is_bot
 from ..rules.ruleset import Ruleset
 from ..rules.smoothing import PopulationPrior, fit_prior, posterior_mean
-from ..state.clock import END_OF_TIME, PartitionClock, TimerIndex
+from ..events.control import CONTROL_MAX_AGE_MS
+from ..state.clock import END_OF_TIME, PartitionClock, TimerIndex, clock_candidate
 from ..state.user import Applied, RecentIds, StateConfig, UserState, apply, id_hash, is_duplicate
 from .emitted import Emitted, Failed
 from .identity import LINK_TYPES, already_merged, link_keys, merge_into, stub, unsupported_alias
@@ -92,6 +93,13 @@ def _committed_checkpoint(entries: list[dict[str, Any]], partition: int,
                         for topic, off in offs.items()):
             return entry
     return None
+
+
+def _control_ids(obj: Any) -> dict[str, int]:
+    """The accepted control ids of a clock log (``{"ctl": {id: issued_at_ms}}``; a broken one: none)."""
+    if not isinstance(obj, dict):
+        return {}
+    return {str(k): v for k, v in obj.items() if isinstance(v, int) and not isinstance(v, bool)}
 
 
 def is_dormant(st: UserState) -> bool:
@@ -227,7 +235,7 @@ class Engine:
 
     # ------------------------------------------------------------------ the step
     def step(self, batch: Sequence[tuple[int, dict[str, Any]]], wall_ms: int, *,
-             tick: Iterable[int] = ()) -> Emitted:
+             tick: Iterable[int] = (), received: Sequence[int | None] | None = None) -> Emitted:
         """Process a batch of canonical events, then fire the due timers of ``tick`` partitions.
 
         Parameters
@@ -240,6 +248,12 @@ class Engine:
             clocks' idle advance.
         tick
             Partitions whose due timers should fire after the batch (live mode: idle advance).
+        received
+            Receive time of each event of ``batch`` (epoch ms: the Kafka record timestamp capped
+            at the wall clock; ``None`` or no list: unknown). An event moves its partition's
+            watermark to ``min(event time, receive time)`` at most
+            (:func:`clickpulse.state.clock.clock_candidate`): no producer can move the engine's
+            time ahead of real time.
 
         Returns
         -------
@@ -255,8 +269,8 @@ class Engine:
         tx = _Tx(self)
         em = Emitted()
         try:
-            for p, ev in batch:
-                em.applied.append(self._event(tx, p, ev, wall_ms, em))
+            for i, (p, ev) in enumerate(batch):
+                em.applied.append(self._event(tx, p, ev, wall_ms, em, None if received is None else received[i]))
             for p in tick:
                 self._fire(tx, p, wall_ms, em)
             self._finish(tx, em)
@@ -270,7 +284,7 @@ class Engine:
                 log.exception("event %s of user %s failed; rolled back", batch[0][1].get("event_id"),
                               batch[0][1].get("user_key"))
         if len(batch) == 1:
-            em = self._retry_fresh(batch[0], wall_ms, failure)
+            em = self._retry_fresh(batch[0], wall_ms, failure, None if received is None else received[0])
             if em is None:  # the event fails on a fresh state too: the event is at fault
                 em = Emitted(applied=[None])
                 em.failed.append(Failed(0, str(batch[0][1].get("user_key")), failure))
@@ -281,7 +295,7 @@ class Engine:
         # one event of the batch raised: re-run them one by one, each its own unit of work
         out = Emitted()
         for i, item in enumerate(batch):
-            one = self.step([item], wall_ms)
+            one = self.step([item], wall_ms, received=None if received is None else [received[i]])
             for f in one.failed:
                 f.index = i
             out.merge(one)
@@ -289,7 +303,8 @@ class Engine:
             out.merge(self.step([], wall_ms, tick=tick))
         return out
 
-    def _retry_fresh(self, item: tuple[int, dict[str, Any]], wall_ms: int, failure: str) -> Emitted | None:
+    def _retry_fresh(self, item: tuple[int, dict[str, Any]], wall_ms: int, failure: str,
+                     received_ms: int | None = None) -> Emitted | None:
         """An event failed over its user's stored state: try it on a fresh state. If that works,
         the stored state is what is broken: it is quarantined (kept in
         :attr:`Emitted.quarantined` for the quarantine topic, counted, logged) and the user goes
@@ -307,7 +322,7 @@ class Engine:
         em = Emitted()
         try:
             tx.users[key] = UserState(key=key, partition=p)
-            em.applied.append(self._event(tx, p, ev, wall_ms, em))
+            em.applied.append(self._event(tx, p, ev, wall_ms, em, received_ms))
             self._quarantine(tx, key, old, failure, "event", wall_ms, em)
             tx.users[key] = tx.users.get(key) or UserState(key=key, partition=p)
             tx.dirty.add(key)
@@ -357,7 +372,8 @@ class Engine:
     def _aggregates(self) -> tuple[Any, ...]:
         if self.recs is not None:  # a new unit of work: journal the model's changes
             self.recs.begin()
-        clocks = {p: (c.max_ts, c.last_event_wall, c.wm, set(c.eoi_sources), c.closed) for p, c in self.clocks.items()}
+        clocks = {p: (c.max_ts, c.last_event_wall, c.wm, set(c.eoi_sources), c.closed, dict(c.controls))
+                  for p, c in self.clocks.items()}
         return (clocks, {p: dict(m) for p, m in self.segment_members.items()}, dict(self.segment_entries),
                 dict(self.segment_conversions), {p: copy.copy(pp) for p, pp in self.population.items()},
                 copy.copy(self.population_total), self.pending_predictions, self.rule_errors,
@@ -370,9 +386,10 @@ class Engine:
             if p not in clocks:
                 del self.clocks[p]
                 self.timers.pop(p, None)
-        for p, (max_ts, last_wall, wm, eoi, closed) in clocks.items():
+        for p, (max_ts, last_wall, wm, eoi, closed, controls) in clocks.items():
             c = self.clocks[p]
             c.max_ts, c.last_event_wall, c.wm, c.eoi_sources, c.closed = max_ts, last_wall, wm, eoi, closed
+            c.controls = controls
         self.segment_members, self.segment_entries, self.segment_conversions = members, entries, conversions
         self.population, self.population_total = population, total
         self.pending_predictions, self.rule_errors = pending, errors
@@ -754,8 +771,11 @@ class Engine:
             self.timers.setdefault(partition, TimerIndex())
         return c
 
-    def _event(self, tx: _Tx, partition: int, event: dict[str, Any], wall_ms: int, em: Emitted) -> Applied:
-        """Apply one canonical event, then fire the partition's due timers."""
+    def _event(self, tx: _Tx, partition: int, event: dict[str, Any], wall_ms: int, em: Emitted,
+               received_ms: int | None = None) -> Applied:
+        """Apply one canonical event, then fire the partition's due timers. The event moves the
+        watermark to its :func:`~clickpulse.state.clock.clock_candidate` at most (its own
+        timestamp stays the event time of its state)."""
         clock = self.clock(partition)
         wm_before = clock.watermark(wall_ms)
         key = event["user_key"]
@@ -768,7 +788,7 @@ class Engine:
                 em.count("identity_links", "unsupported")
         st = self._get(tx, key)
         if st is not None and st.merged_into is not None:
-            return self._forward(tx, partition, st, event, link, wall_ms, em)
+            return self._forward(tx, partition, st, event, link, wall_ms, em, received_ms)
         if st is None:
             st = tx.users[key] = UserState(key=key, partition=partition)
             em.count("users_new")
@@ -791,7 +811,8 @@ class Engine:
             # The watermark this event moves the partition to: the user's own timers it passes
             # fire first, over the state before the event (so "after A, no B within T" does not
             # depend on whether another user's event moved the watermark a moment earlier).
-            wm_after = t - self.lateness if wm_before is None else max(wm_before, t - self.lateness)
+            cand = clock_candidate(t, received_ms) - self.lateness
+            wm_after = cand if wm_before is None else max(wm_before, cand)
             due = triggers.next_due(st)
             if due is not None and due < wm_after:
                 actions += self._take_rules(st, triggers.on_timers(st, wm_after, ctx), partition, em)
@@ -834,7 +855,7 @@ class Engine:
             em.count("late")
         if res.session_started:
             em.count("sessions")
-        clock.observe(t, wall_ms)
+        clock.observe(t, wall_ms, received_ms)
         self.timers[partition].set(key, self._due(st))
         if link is not None:
             self._link(tx, partition, st, event, link[1], em)
@@ -871,7 +892,7 @@ class Engine:
         em.count("identity_links", "linked")
 
     def _forward(self, tx: _Tx, partition: int, st: UserState, event: dict[str, Any],
-                 link: tuple[str, str] | None, wall_ms: int, em: Emitted) -> Applied:
+                 link: tuple[str, str] | None, wall_ms: int, em: Emitted, received_ms: int | None = None) -> Applied:
         """An event that reached a guest's stub: re-keyed to the stub's customer (a link event to
         another customer: a conflict, first link wins; it goes to its own ``user_id`` as a plain
         event and moves no state)."""
@@ -896,7 +917,7 @@ class Engine:
         em.forwards.append({**event, "user_key": target})
         em.aliases[st.key] = st.merged_into
         em.count("identity_forwarded")
-        self.clock(partition).observe(t, wall_ms)
+        self.clock(partition).observe(t, wall_ms, received_ms)
         self._fire(tx, partition, wall_ms, em)
         return Applied()
 
@@ -999,14 +1020,28 @@ class Engine:
 
     # ------------------------------------------------------------------ control, recovery, retention
     def end_of_input_step(self, partition: int, source_partition: int, source_partitions: int,
-                          wall_ms: int) -> Emitted:
+                          wall_ms: int, *, control: str | None = None, issued_at_ms: int | None = None) -> Emitted:
         """A bounded input ended on one source partition; when all have, close the partition's
-        event time (watermark = end of time) and fire every pending timer. Not persisted: after
-        a restart the partition's time is open again (a closed time is never permanent)."""
+        event time (watermark = end of time) and fire every pending timer. The closed time is not
+        persisted: after a restart the partition's time is open again (a closed time is never
+        permanent).
+
+        ``control`` (:func:`clickpulse.events.control.control_id`) and ``issued_at_ms``: the
+        control's identity. Each is accepted once per partition: the ids accepted in the last
+        :data:`~clickpulse.events.control.CONTROL_MAX_AGE_MS` are remembered in the clock
+        (written durably with :meth:`checkpoint`, restored by :meth:`restore`), so a replayed
+        control — also after a restart — changes nothing and is counted (``control_forged``)."""
         tx = _Tx(self)
         em = Emitted()
         try:
-            if self.clock(partition).end_of_input(source_partition, source_partitions):
+            clock = self.clock(partition)
+            if control is not None and not clock.accept_control(
+                    control, issued_at_ms if issued_at_ms is not None else wall_ms, wall_ms, CONTROL_MAX_AGE_MS):
+                log.warning("partition %d: end of input %r was already accepted (replayed); ignored", partition, control)
+                em.count("control_forged")
+                self._finish(tx, em)
+                return em
+            if clock.end_of_input(source_partition, source_partitions):
                 log.info("partition %d: end of input from all %d source partitions; watermark closed",
                          partition, source_partitions)
                 self._fire(tx, partition, wall_ms, em)
@@ -1015,6 +1050,12 @@ class Engine:
             self._rollback(tx)
             raise
         return em
+
+    def control_seen(self, control: str) -> bool:
+        """True when an end-of-input control with id ``control`` was accepted on any partition this
+        engine holds (in the last :data:`~clickpulse.events.control.CONTROL_MAX_AGE_MS`;
+        restored from the clock logs after a restart)."""
+        return any(control in c.controls for c in self.clocks.values())
 
     def restore(self, partitions: Iterable[int], items: Iterable[tuple[bytes, bytes]], wall_ms: int,
                 committed: Mapping[tuple[str, int], int | None] | None = None) -> int:
@@ -1054,11 +1095,13 @@ class Engine:
         max_wall: dict[int, int | None] = {}
         due: dict[int, list[tuple[str, int]]] = {p: [] for p in keep}
         logs: dict[int, list[dict[str, Any]]] = {}
+        ctl: dict[int, dict[str, int]] = {}
         for key, raw in items:
             if key.startswith(CLOCK_KEY_PREFIX):
                 try:
                     log_p = orjson.loads(raw)
                     logs[int(log_p["p"])] = list(log_p["log"])
+                    ctl[int(log_p["p"])] = _control_ids(log_p.get("ctl"))
                 except Exception:  # noqa: BLE001 - a broken clock log: restore from the states
                     log.warning("ignoring an undecodable clock log under %r", key)
                 continue
@@ -1074,9 +1117,11 @@ class Engine:
                 members[seg] = members.get(seg, 0) + 1
             self._count_population(st, +1)
             self._count_arms(st, +1)
-            if st.life.last_ms is not None and st.life.last_ms >= max_ts.get(st.partition, st.life.last_ms):
-                max_ts[st.partition] = st.life.last_ms
-                max_wall[st.partition] = st.life.last_wall_ms
+            if st.life.last_ms is not None:  # the clock candidate: never past the time it was processed
+                cand = clock_candidate(st.life.last_ms, st.life.last_wall_ms)
+                if cand >= max_ts.get(st.partition, cand):
+                    max_ts[st.partition] = cand
+                    max_wall[st.partition] = st.life.last_wall_ms
             d = self._due(st)
             if d is not None:
                 due[st.partition].append((st.key, d))
@@ -1093,6 +1138,7 @@ class Engine:
                     clock.restore(entry["t"], wall_ms, entry.get("w"))
             else:
                 clock.restore(max_ts.get(p), wall_ms, max_wall.get(p))
+            clock.controls = {**ctl.get(p, {}), **clock.controls}  # the accepted controls (durable)
             self.timers[p].rebuild(due[p])
         return sum(len(v) for v in due.values())
 
@@ -1103,7 +1149,7 @@ class Engine:
         c = self.clock(partition)
         q = self.clock_log.setdefault(partition, collections.deque(maxlen=CLOCK_LOG_LEN))
         q.append({"o": dict(offsets), "t": c.max_ts, "w": c.last_event_wall})
-        return orjson.dumps({"p": partition, "log": list(q)})
+        return orjson.dumps({"p": partition, "log": list(q), "ctl": c.controls})
 
     def expire_step(self, partition: int, retention_ms: int, wall_ms: int, limit: int = 10_000,
                     dormant_retention_ms: int | None = None) -> Emitted:
