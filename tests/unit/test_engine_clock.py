@@ -108,18 +108,6 @@ def test_historical_replay_is_unchanged_by_receive_times():
     assert out[0] == out[1]
 
 
-def test_restore_without_a_clock_log_caps_the_clock_at_the_processing_time():
-    eng = memory_engine(rules=RULES, lateness_s=5)
-    eng.commit(eng.step([(0, _add("u1", T0))], T0, received=[T0]))
-    eng.commit(eng.step([(0, event("page_view", user="skewed", at=T0 + 295_000))], T0 + 1_000,
-                        received=[T0 + 1_000]))
-    again = memory_engine(rules=RULES, lateness_s=5)
-    again.restore([0], list(eng.table.items()), T0 + 2_000)           # the states only (old tables)
-    assert again.clock(0).watermark() == T0 + 1_000 - 5_000
-    em = again.step([(0, event("page_view", user="u3", at=T0 + 2_000))], T0 + 2_000, received=[T0 + 2_000])
-    assert em.actions == [] and not em.applied[0].late
-
-
 # ---------------------------------------------------------------------- end-of-input controls
 def _closing(eng, part: int, src: int, control: str | None, issued: int = T0, wall: int = T0):
     em = eng.end_of_input_step(part, src, 1, wall, control=control, issued_at_ms=issued)

@@ -1117,11 +1117,9 @@ class Engine:
                 members[seg] = members.get(seg, 0) + 1
             self._count_population(st, +1)
             self._count_arms(st, +1)
-            if st.life.last_ms is not None:  # the clock candidate: never past the time it was processed
-                cand = clock_candidate(st.life.last_ms, st.life.last_wall_ms)
-                if cand >= max_ts.get(st.partition, cand):
-                    max_ts[st.partition] = cand
-                    max_wall[st.partition] = st.life.last_wall_ms
+            if st.life.last_ms is not None and st.life.last_ms >= max_ts.get(st.partition, st.life.last_ms):
+                max_ts[st.partition] = st.life.last_ms
+                max_wall[st.partition] = st.life.last_wall_ms
             d = self._due(st)
             if d is not None:
                 due[st.partition].append((st.key, d))
