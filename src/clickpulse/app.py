@@ -56,7 +56,14 @@ from .engine.factory import build_models, build_rules
 from .engine.identity import route
 from .errors import InvalidEvent
 from .events.contract import parse
-from .events.control import CONTROL_HEADER, CONTROL_SIG_HEADER, verify_control
+from .events.control import (
+    CONTROL_HEADER,
+    CONTROL_MAX_AGE_MS,
+    CONTROL_SIG_HEADER,
+    control_id,
+    control_problem,
+    verify_control,
+)
 from .events.dlq import dlq_record
 from .events.pii import PiiPolicy
 from .models.trainer import metric_samples
@@ -157,11 +164,6 @@ class InputGaps:
         if msg.offset >= nxt:
             self.next[key] = msg.offset + 1
         return True
-
-
-#: how old (or how far ahead, wall clock) a signed control message may be: a captured one cannot
-#: be replayed later
-CONTROL_MAX_AGE_MS = 600_000
 
 
 def _now_ms() -> int:
@@ -292,8 +294,9 @@ class Worker:
     topics: dict[str, Any]
     progress: dict[str, dict[int, int]]
     pii: PiiPolicy | None = None
-    #: (run id, source partition, raw partition) of the end-of-input messages accepted so far
-    controls_seen: set[tuple[str, Any, int]] = field(default_factory=set)
+    #: ids (events.control.control_id) of the end-of-input messages accepted in the last
+    #: CONTROL_MAX_AGE_MS -> their issue time (epoch ms); durably: Engine.control_seen
+    controls_seen: dict[str, int] = field(default_factory=dict)
     #: business metrics fed by every step (clickpulse.metrics.business; see _wire_business)
     business: Any = None
     #: dead letters logged at DEBUG, summarized at most every 10 s (clickpulse.events.dlq.DeadLetterLog)
@@ -485,26 +488,26 @@ class Worker:
         if kind != b"end_of_input" or not isinstance(body, dict) or body.get("control") != "end_of_input":
             out.append(self.dead_letter(InvalidEvent("schema", f"unknown control message {kind[:64]!r}"), msg))
             return
-        # a genuine signature on a captured message: bound to this namespace, fresh, used once
-        issued = body.get("issued_at_ms")
-        once = (str(body.get("run_id", "")), body.get("source_partition"), msg.partition)
-        problem = None
-        if body.get("namespace") != s.namespace:
-            problem = f"signed for namespace {str(body.get('namespace'))[:64]!r}, not {s.namespace!r}"
-        elif not isinstance(issued, int) or abs(_now_ms() - issued) > CONTROL_MAX_AGE_MS:
-            problem = f"issued_at_ms {issued!r} is not within {CONTROL_MAX_AGE_MS // 1000} s of now (stale or replayed)"
-        elif once in self.controls_seen:
-            problem = f"run {once[0]!r} already ended source partition {once[1]!r} on this partition (replayed)"
+        # a genuine signature on a captured message: bound to this namespace, this raw partition,
+        # fresh, used once (remembered in memory and, durably, in the partitions' clock logs)
+        now = _now_ms()
+        problem = control_problem(body, namespace=s.namespace, partition=msg.partition, now_ms=now)
+        cid = control_id(body)
+        if problem is None:
+            for old in [c for c, t in self.controls_seen.items() if now - t > CONTROL_MAX_AGE_MS]:
+                del self.controls_seen[old]
+            if cid in self.controls_seen or (self.engine is not None and self.engine.control_seen(cid)):
+                problem = f"control {cid!r} was already accepted (replayed)"
         if problem is not None:
             self.metrics.control_forged.inc()
             out.append(self.dead_letter(InvalidEvent("forged_control", problem), msg))
             return
-        self.controls_seen.add(once)
+        self.controls_seen[cid] = int(body["issued_at_ms"])
         n_src = body.get("source_partitions")
         if not isinstance(n_src, int) or n_src < 1:
             n_src = s.partitions  # the raw topic is created with this many partitions
         fwd = {"schema_version": 1, "control": "end_of_input", "source_partition": msg.partition,
-               "source_partitions": n_src}
+               "source_partitions": n_src, "issued_at_ms": int(body["issued_at_ms"])}
         if body.get("run_id"):
             fwd["run_id"] = str(body["run_id"])
         value = orjson.dumps(fwd)
@@ -710,7 +713,11 @@ def _wire_process(w: Worker) -> None:
             return
         started = time.perf_counter()
         wall_ms = _now_ms()
-        em = engine.step(items, wall_ms)
+        # each event's receive time (its Kafka timestamp, never past the wall clock): how far it
+        # may move the watermark (Engine.step: no producer moves the engine's time ahead)
+        received = [min(int(m.timestamp * 1000), wall_ms) if m.timestamp and m.timestamp > 0 else wall_ms
+                    for m in msgs]
+        em = engine.step(items, wall_ms, received=received)
         for f in em.failed:  # rolled back alone; the rest of the batch stands
             msg = msgs[f.index]
             log.error("processing failed at %s[%d]@%d: %s", msg.topic, msg.partition, msg.offset, f.error)
@@ -801,8 +808,20 @@ def _wire_process(w: Worker) -> None:
                     if header(msg.headers, CONTROL_HEADER) is not None:  # internal topic: trusted
                         await run_step(items, msgs, out)
                         body = orjson.loads(msg.value)
-                        await w.emit(engine.end_of_input_step(msg.partition, int(body["source_partition"]),
-                                                              int(body["source_partitions"]), _now_ms()))
+                        if engine.redelivered(msg.partition, msg.topic, msg.offset):  # re-read: in the state
+                            skipped(msg)
+                            continue
+                        issued = body.get("issued_at_ms")
+                        em = engine.end_of_input_step(msg.partition, int(body["source_partition"]),
+                                                      int(body["source_partitions"]), _now_ms(),
+                                                      control=control_id(body) if isinstance(issued, int) else None,
+                                                      issued_at_ms=issued if isinstance(issued, int) else None)
+                        if em.counters.get(("control_forged", ())):  # accepted here before (a replay)
+                            out.append(w.dead_letter(InvalidEvent(
+                                "forged_control", f"control {control_id(body)!r} was already accepted on "
+                                                  f"partition {msg.partition} (replayed)"), msg))
+                        # the accepted control's id goes to the clock log (durable: refused after a restart)
+                        await w.emit(em, None, {msg.partition: engine.checkpoint(msg.partition, {msg.topic: msg.offset})})
                     elif engine.redelivered(msg.partition, msg.topic, msg.offset):  # re-read: in the state
                         skipped(msg)
                     else:

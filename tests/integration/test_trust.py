@@ -168,3 +168,108 @@ async def _produce_to(bootstrap: str, topic: str, key: bytes, value: bytes, part
         await (await p.send(topic, key=key, value=value, partition=partition))
     finally:
         await p.stop()
+
+
+# ---------------------------------------------------------------------- issue 10: time is no producer's
+def _send_on(s, body: bytes, headers: list, parts) -> None:
+    """The same record (value and headers, byte for byte) on each raw partition of ``parts``."""
+    from aiokafka import AIOKafkaProducer
+
+    async def go() -> None:
+        p = AIOKafkaProducer(bootstrap_servers=s.kafka_bootstrap, acks="all")
+        await p.start()
+        try:
+            for part in parts:
+                await (await p.send(s.topic_raw, value=body, headers=headers, partition=part))
+        finally:
+            await p.stop()
+    asyncio.run(go())
+
+
+def _signed_eoi(s, part: int, run: str) -> tuple[bytes, list]:
+    from clickpulse.events.control import control_headers
+    body = orjson.dumps({"schema_version": 1, "control": "end_of_input", "source_partition": part,
+                         "source_partitions": s.partitions, "run_id": run, "namespace": s.namespace,
+                         "issued_at_ms": int(time.time() * 1000)})
+    return body, control_headers(s.control_key, body)
+
+
+def _forged(s) -> list[dict]:
+    return [r for r in topic_values(s, s.topic_dlq) if r["reason"] == "forged_control"]
+
+
+def test_a_captured_end_of_input_ends_no_other_partition_and_not_again_after_a_restart(make_settings, workers):
+    """One validly signed end_of_input for raw partition 0, captured and re-published with the same
+    body and headers on the other raw partitions, then again on partition 0 after a restart: every
+    copy but the first is dead-lettered as forged_control and event time stays open."""
+    from clickpulse.runtime import wait_caught_up
+    s = make_settings(time_mode="replay", cart_abandon_after_s=600)
+    n = s.partitions
+    assert n >= 2
+    w = workers(s)
+    t0 = int(time.time() * 1000)
+    produce(s, [("u1", {"event_id": "add-1", "type": "add_to_cart", "user_id": "u1", "timestamp": t0,
+                        "properties": {"product_id": "p1", "price": 20.0, "currency": "EUR"}})])
+    wait_for(lambda: w.metrics().get("clickpulse_timers_pending") == 1, 30, "the cart's pending timer")
+    body, headers = _signed_eoi(s, 0, "captured")
+    _send_on(s, body, headers, range(1, n))                        # cross-partition replay
+    dlq = wait_for(lambda: len(_forged(s)) >= n - 1 and _forged(s), 60, "the cross-partition copies dead-lettered")
+    assert len(dlq) == n - 1 and all("arrived on raw partition" in r["detail"] for r in dlq)
+    _send_on(s, body, headers, [0])                                # where it belongs: one source of n ends
+    wait_caught_up(w, s, timeout_s=120)
+    assert cart_actions(s) == [] and w.metrics().get("clickpulse_timers_pending") == 1
+    assert len(_forged(s)) == n - 1
+
+    w.stop()                                                       # restart: in-memory ids are gone
+    w2 = workers(s)
+    wait_for(lambda: w2.metrics().get("clickpulse_timers_pending") == 1, 60, "the cart's timer restored")
+    _send_on(s, body, headers, [0])                                # the captured one, again
+    again = wait_for(lambda: _forged(s)[n - 1:], 60, "the replay after the restart dead-lettered")
+    assert all("already accepted" in r["detail"] for r in again), again
+    # had the replay been accepted, a genuine end of input from the other partitions would close time
+    for p in range(1, n):
+        _send_on(s, *_signed_eoi(s, p, "run-b"), [p])
+    wait_caught_up(w2, s, timeout_s=120)
+    assert cart_actions(s) == [] and w2.metrics().get("clickpulse_timers_pending") == 1
+    assert w2.metrics().get("clickpulse_control_forged_total", 0) >= 1
+    _send_on(s, *_signed_eoi(s, 0, "run-b"), [0])                 # the genuine last one closes it
+    actions = wait_for(lambda: cart_actions(s), 60, "cart_abandoned after the genuine end of input")
+    assert [a["user_key"] for a in actions] == ["u1"]
+
+
+def test_a_future_skewed_event_does_not_move_event_time_ahead(make_settings, workers):
+    """An event stamped 295 s ahead (inside CLICKPULSE_MAX_FUTURE_SKEW_S, so not clamped) on the
+    partition of an open cart: the 20 s cart timer does not fire early, the honest events that
+    follow are not late, and the cart fires when real time has passed its due time."""
+    from clickpulse.runtime import wait_caught_up
+    # 10 s allowed lateness: an honest event reaching the broker a few seconds after its timestamp
+    # (a slow producer start on a loaded machine) is not late; 295 s of skew would still make it so
+    s = make_settings(time_mode="live", cart_abandon_after_s=20, allowed_lateness_s=10, idle_timeout_s=1,
+                      partitions=1)
+    w = workers(s)
+    t0 = int(time.time() * 1000)
+    produce(s, [("u1", {"event_id": "add-1", "type": "add_to_cart", "user_id": "u1", "timestamp": t0,
+                        "properties": {"product_id": "p1", "price": 20.0, "currency": "EUR"}})])
+    wait_for(lambda: w.metrics().get("clickpulse_timers_pending") == 1, 30, "the cart's pending timer")
+    honest = int(time.time() * 1000)
+    produce(s, [("skewed", {"event_id": "sk-1", "type": "page_view", "user_id": "skewed",
+                            "timestamp": honest + 295_000}),
+                ("u3", {"event_id": "h-1", "type": "page_view", "user_id": "u3", "timestamp": honest}),
+                ("u4", {"event_id": "h-2", "type": "page_view", "user_id": "u4", "timestamp": honest + 1})])
+    wait_caught_up(w, s, timeout_s=120)
+    m = w.metrics()
+    assert m.get("clickpulse_events_processed_total{type=page_view}") == 3
+    assert m.get("clickpulse_events_late_total", 0) == 0            # the honest events count
+    assert m.get("clickpulse_events_clock_corrected_total", 0) == 0        # the skewed one was not clamped
+    wm = m.get("clickpulse_watermark_seconds")
+    assert wm is not None and wm <= time.time() + 1, (wm, time.time())  # never ahead of real time
+    early = [a for a in cart_actions(s) if ms_of(a["created_at"]) < t0 + 20_000]
+    assert early == [], early
+    actions = wait_for(lambda: cart_actions(s), 90, "cart_abandoned once real time passed its due time")
+    assert [a["user_key"] for a in actions] == ["u1"] and actions[0]["event_time_ms"] == t0 + 20_000
+    assert ms_of(actions[0]["created_at"]) >= t0 + 20_000
+
+
+def ms_of(rfc3339: str) -> int:
+    from datetime import datetime
+    return int(datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp() * 1000)

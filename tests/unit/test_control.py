@@ -17,7 +17,7 @@ from clickpulse.settings import Settings
 
 import time
 
-BODY = orjson.dumps({"schema_version": 1, "control": "end_of_input", "source_partition": 0, "source_partitions": 2,
+BODY = orjson.dumps({"schema_version": 1, "control": "end_of_input", "source_partition": 1, "source_partitions": 2,
                      "run_id": "r1", "namespace": "clickpulse", "issued_at_ms": int(time.time() * 1000)})
 
 
@@ -32,9 +32,9 @@ class Msg:
     timestamp: float = 1_700_000_000.0
 
 
-def _worker(key: str = "k" * 32) -> Worker:
-    s = Settings(control_key=key, partitions=2)
-    return Worker(None, s, Metrics(CollectorRegistry()), None, None, None, {},  # type: ignore[arg-type]
+def _worker(key: str = "k" * 32, partitions: int = 2, engine=None) -> Worker:
+    s = Settings(control_key=key, partitions=partitions)
+    return Worker(None, s, Metrics(CollectorRegistry()), engine, None, None, {},  # type: ignore[arg-type]
                   {s.topic_raw: {}, s.topic_valid: {}})
 
 
@@ -80,6 +80,7 @@ def test_signed_control_is_forwarded_to_every_valid_partition():
     assert [(t, p) for t, _k, _v, p, _h in out] == [(w.settings.topic_valid, 0), (w.settings.topic_valid, 1)]
     fwd = orjson.loads(out[0][2])
     assert fwd["source_partition"] == 1 and fwd["source_partitions"] == 2   # the raw partition it came on
+    assert fwd["run_id"] == "r1" and fwd["issued_at_ms"] == orjson.loads(BODY)["issued_at_ms"]
 
 
 @pytest.mark.parametrize("change,why", [
@@ -100,3 +101,72 @@ def test_the_same_signed_control_is_accepted_once():
     msg = Msg(BODY, control_headers(w.settings.control_key, BODY))
     assert _reasons(_ingest(w, msg)) == []
     assert _reasons(_ingest(w, msg)) == ["forged_control"]
+
+
+def _body(**change) -> bytes:
+    return orjson.dumps({**orjson.loads(BODY), **change})
+
+
+def test_a_control_signed_for_one_partition_is_refused_on_every_other():
+    """The report's replay: one captured control for raw partition 0, re-published with the same
+    body and headers on partitions 1-3, ended the input of every partition."""
+    w = _worker(partitions=4)
+    body = _body(source_partition=0, source_partitions=4)
+    headers = control_headers(w.settings.control_key, body)
+    for p in (1, 2, 3):
+        out = _ingest(w, Msg(body, headers, partition=p))
+        assert _reasons(out) == ["forged_control"]
+        assert "source partition 0, arrived on raw partition" in orjson.loads(out[0][2])["detail"]
+    assert w.metrics.control_forged._value.get() == 3
+    out = _ingest(w, Msg(body, headers, partition=0))          # where it was signed for: accepted
+    assert _reasons(out) == [] and len(out) == 4
+
+
+@pytest.mark.parametrize("src", [None, "1", True, 1.0, -1], ids=["missing", "string", "bool", "float", "negative"])
+def test_a_control_must_name_the_partition_it_arrives_on(src):
+    w = _worker()
+    body = _body(source_partition=src) if src is not None else orjson.dumps(
+        {k: v for k, v in orjson.loads(BODY).items() if k != "source_partition"})
+    out = _ingest(w, Msg(body, control_headers(w.settings.control_key, body), partition=1))
+    assert _reasons(out) == ["forged_control"]
+
+
+def test_a_control_replayed_after_a_restart_is_refused():
+    """The accepted control's id is in the partition's clock log (the changelog): a worker that
+    restarts (new process, in-memory memory gone) refuses the captured message all the same."""
+    from clickpulse.engine import clock_key
+    from clickpulse.events.control import control_id
+    from clickpulse.testing import memory_engine
+
+    def valid_side(w: Worker, out: list) -> None:  # what the process agent does with the forwards
+        for _t, _k, value, p, _h in out:
+            fwd = orjson.loads(value)
+            em = w.engine.end_of_input_step(p, fwd["source_partition"], fwd["source_partitions"], int(time.time() * 1000),
+                                            control=control_id(fwd), issued_at_ms=fwd["issued_at_ms"])
+            w.engine.commit(em)
+            w.engine.table[clock_key(p, lambda k, p=p: p)] = w.engine.checkpoint(p, {"valid": 0})
+
+    first = _worker(engine=memory_engine())
+    msg = Msg(BODY, control_headers(first.settings.control_key, BODY))
+    out = _ingest(first, msg)
+    assert _reasons(out) == []
+    valid_side(first, out)
+    table = dict(first.engine.table)
+
+    restarted = _worker(engine=memory_engine())
+    restarted.engine.restore([0, 1], list(table.items()), int(time.time() * 1000))
+    out = _ingest(restarted, msg)
+    assert _reasons(out) == ["forged_control"] and "already accepted" in orjson.loads(out[0][2])["detail"]
+
+    fresh = _worker(engine=memory_engine())     # negative control: without the clock log it passes
+    assert _reasons(_ingest(fresh, msg)) == []
+
+
+def test_the_in_memory_ids_are_bounded_by_the_freshness_window(monkeypatch):
+    import clickpulse.app as app_mod
+    w = _worker()
+    now = int(time.time() * 1000)
+    w.controls_seen.update({f"old:{i}:0": now - 700_000 for i in range(50)})
+    assert _reasons(_ingest(w, Msg(BODY, control_headers(w.settings.control_key, BODY)))) == []
+    assert list(w.controls_seen) == [f"r1:1:{orjson.loads(BODY)['issued_at_ms']}"]
+    assert app_mod.CONTROL_MAX_AGE_MS == 600_000

@@ -56,7 +56,8 @@ from ..rules import triggers
 from ..rules.bots import BotConfig, is_bot
 from ..rules.ruleset import Ruleset
 from ..rules.smoothing import PopulationPrior, fit_prior, posterior_mean
-from ..state.clock import END_OF_TIME, PartitionClock, TimerIndex
+from ..events.control import CONTROL_MAX_AGE_MS
+from ..state.clock import END_OF_TIME, PartitionClock, TimerIndex, clock_candidate
 from ..state.user import Applied, RecentIds, StateConfig, UserState, apply, id_hash, is_duplicate
 from .emitted import Emitted, Failed
 from .identity import LINK_TYPES, already_merged, link_keys, merge_into, stub, unsupported_alias
@@ -91,6 +92,13 @@ def _int_map(obj: Any) -> dict[Any, int]:
     if not isinstance(obj, dict):
         return {}
     return {k: v for k, v in obj.items() if isinstance(v, int) and not isinstance(v, bool)}
+
+
+def _control_ids(obj: Any) -> dict[str, int]:
+    """The accepted control ids of a clock log (``{"ctl": {id: issued_at_ms}}``; a broken one: none)."""
+    if not isinstance(obj, dict):
+        return {}
+    return {str(k): v for k, v in obj.items() if isinstance(v, int) and not isinstance(v, bool)}
 
 
 def is_dormant(st: UserState) -> bool:
@@ -256,7 +264,7 @@ class Engine:
 
     # ------------------------------------------------------------------ the step
     def step(self, batch: Sequence[tuple[int, dict[str, Any]]], wall_ms: int, *,
-             tick: Iterable[int] = ()) -> Emitted:
+             tick: Iterable[int] = (), received: Sequence[int | None] | None = None) -> Emitted:
         """Process a batch of canonical events, then fire the due timers of ``tick`` partitions.
 
         Parameters
@@ -269,6 +277,12 @@ class Engine:
             clocks' idle advance.
         tick
             Partitions whose due timers should fire after the batch (live mode: idle advance).
+        received
+            Receive time of each event of ``batch`` (epoch ms: the Kafka record timestamp capped
+            at the wall clock; ``None`` or no list: unknown). An event moves its partition's
+            watermark to ``min(event time, receive time)`` at most
+            (:func:`clickpulse.state.clock.clock_candidate`): no producer can move the engine's
+            time ahead of real time.
 
         Returns
         -------
@@ -284,8 +298,8 @@ class Engine:
         tx = _Tx(self)
         em = Emitted()
         try:
-            for p, ev in batch:
-                em.applied.append(self._event(tx, p, ev, wall_ms, em))
+            for i, (p, ev) in enumerate(batch):
+                em.applied.append(self._event(tx, p, ev, wall_ms, em, None if received is None else received[i]))
             for p in tick:
                 self._fire(tx, p, wall_ms, em)
             self._finish(tx, em)
@@ -299,7 +313,7 @@ class Engine:
                 log.exception("event %s of user %s failed; rolled back", batch[0][1].get("event_id"),
                               batch[0][1].get("user_key"))
         if len(batch) == 1:
-            em = self._retry_fresh(batch[0], wall_ms, failure)
+            em = self._retry_fresh(batch[0], wall_ms, failure, None if received is None else received[0])
             if em is None:  # the event fails on a fresh state too: the event is at fault
                 em = Emitted(applied=[None])
                 em.failed.append(Failed(0, str(batch[0][1].get("user_key")), failure))
@@ -310,7 +324,7 @@ class Engine:
         # one event of the batch raised: re-run them one by one, each its own unit of work
         out = Emitted()
         for i, item in enumerate(batch):
-            one = self.step([item], wall_ms)
+            one = self.step([item], wall_ms, received=None if received is None else [received[i]])
             for f in one.failed:
                 f.index = i
             out.merge(one)
@@ -318,7 +332,8 @@ class Engine:
             out.merge(self.step([], wall_ms, tick=tick))
         return out
 
-    def _retry_fresh(self, item: tuple[int, dict[str, Any]], wall_ms: int, failure: str) -> Emitted | None:
+    def _retry_fresh(self, item: tuple[int, dict[str, Any]], wall_ms: int, failure: str,
+                     received_ms: int | None = None) -> Emitted | None:
         """An event failed over its user's stored state: try it on a fresh state. If that works,
         the stored state is what is broken: it is quarantined (kept in
         :attr:`Emitted.quarantined` for the quarantine topic, counted, logged) and the user goes
@@ -336,7 +351,7 @@ class Engine:
         em = Emitted()
         try:
             tx.users[key] = UserState(key=key, partition=p)
-            em.applied.append(self._event(tx, p, ev, wall_ms, em))
+            em.applied.append(self._event(tx, p, ev, wall_ms, em, received_ms))
             self._quarantine(tx, key, old, failure, "event", wall_ms, em)
             tx.users[key] = tx.users.get(key) or UserState(key=key, partition=p)
             tx.dirty.add(key)
@@ -386,7 +401,8 @@ class Engine:
     def _aggregates(self) -> tuple[Any, ...]:
         if self.recs is not None:  # a new unit of work: journal the model's changes
             self.recs.begin()
-        clocks = {p: (c.max_ts, c.last_event_wall, c.wm, set(c.eoi_sources), c.closed) for p, c in self.clocks.items()}
+        clocks = {p: (c.max_ts, c.last_event_wall, c.wm, set(c.eoi_sources), c.closed, dict(c.controls))
+                  for p, c in self.clocks.items()}
         return (clocks, {p: dict(m) for p, m in self.segment_members.items()}, dict(self.segment_entries),
                 dict(self.segment_conversions), {p: copy.copy(pp) for p, pp in self.population.items()},
                 copy.copy(self.population_total), self.pending_predictions, self.rule_errors,
@@ -399,9 +415,10 @@ class Engine:
             if p not in clocks:
                 del self.clocks[p]
                 self.timers.pop(p, None)
-        for p, (max_ts, last_wall, wm, eoi, closed) in clocks.items():
+        for p, (max_ts, last_wall, wm, eoi, closed, controls) in clocks.items():
             c = self.clocks[p]
             c.max_ts, c.last_event_wall, c.wm, c.eoi_sources, c.closed = max_ts, last_wall, wm, eoi, closed
+            c.controls = controls
         self.segment_members, self.segment_entries, self.segment_conversions = members, entries, conversions
         self.population, self.population_total = population, total
         self.pending_predictions, self.rule_errors = pending, errors
@@ -783,8 +800,11 @@ class Engine:
             self.timers.setdefault(partition, TimerIndex())
         return c
 
-    def _event(self, tx: _Tx, partition: int, event: dict[str, Any], wall_ms: int, em: Emitted) -> Applied:
-        """Apply one canonical event, then fire the partition's due timers."""
+    def _event(self, tx: _Tx, partition: int, event: dict[str, Any], wall_ms: int, em: Emitted,
+               received_ms: int | None = None) -> Applied:
+        """Apply one canonical event, then fire the partition's due timers. The event moves the
+        watermark to its :func:`~clickpulse.state.clock.clock_candidate` at most (its own
+        timestamp stays the event time of its state)."""
         clock = self.clock(partition)
         wm_before = clock.watermark(wall_ms)
         key = event["user_key"]
@@ -797,7 +817,7 @@ class Engine:
                 em.count("identity_links", "unsupported")
         st = self._get(tx, key)
         if st is not None and st.merged_into is not None:
-            return self._forward(tx, partition, st, event, link, wall_ms, em)
+            return self._forward(tx, partition, st, event, link, wall_ms, em, received_ms)
         if st is None:
             st = tx.users[key] = UserState(key=key, partition=partition)
             em.count("users_new")
@@ -805,8 +825,9 @@ class Engine:
             em.count("duplicates")
             # it moves the clock as its first copy did: after a crash, the re-read events of a
             # batch whose states were partly saved are duplicates for the users saved, and the
-            # watermark must advance through them as it did the first time (see restore)
-            clock.observe(int(event["timestamp_ms"]), wall_ms)
+            # watermark must advance through them as it did the first time (see restore; the
+            # re-read copy has the same record timestamp, so the same receive time)
+            clock.observe(int(event["timestamp_ms"]), wall_ms, received_ms)
             self._fire(tx, partition, wall_ms, em)
             return Applied(duplicate=True)
         tx.dirty.add(key)
@@ -822,7 +843,8 @@ class Engine:
             # The watermark this event moves the partition to: the user's own timers it passes
             # fire first, over the state before the event (so "after A, no B within T" does not
             # depend on whether another user's event moved the watermark a moment earlier).
-            wm_after = t - self.lateness if wm_before is None else max(wm_before, t - self.lateness)
+            cand = clock_candidate(t, received_ms) - self.lateness
+            wm_after = cand if wm_before is None else max(wm_before, cand)
             due = triggers.next_due(st)
             if due is not None and due < wm_after:
                 actions += self._take_rules(st, triggers.on_timers(st, wm_after, ctx), partition, em)
@@ -865,7 +887,7 @@ class Engine:
             em.count("late")
         if res.session_started:
             em.count("sessions")
-        clock.observe(t, wall_ms)
+        clock.observe(t, wall_ms, received_ms)
         self.timers[partition].set(key, self._due(st))
         if link is not None:
             self._link(tx, partition, st, event, link[1], em)
@@ -902,7 +924,7 @@ class Engine:
         em.count("identity_links", "linked")
 
     def _forward(self, tx: _Tx, partition: int, st: UserState, event: dict[str, Any],
-                 link: tuple[str, str] | None, wall_ms: int, em: Emitted) -> Applied:
+                 link: tuple[str, str] | None, wall_ms: int, em: Emitted, received_ms: int | None = None) -> Applied:
         """An event that reached a guest's stub: re-keyed to the stub's customer (a link event to
         another customer: a conflict, first link wins; it goes to its own ``user_id`` as a plain
         event and moves no state)."""
@@ -927,7 +949,7 @@ class Engine:
         em.forwards.append({**event, "user_key": target})
         em.aliases[st.key] = st.merged_into
         em.count("identity_forwarded")
-        self.clock(partition).observe(t, wall_ms)
+        self.clock(partition).observe(t, wall_ms, received_ms)
         self._fire(tx, partition, wall_ms, em)
         return Applied()
 
@@ -1030,14 +1052,28 @@ class Engine:
 
     # ------------------------------------------------------------------ control, recovery, retention
     def end_of_input_step(self, partition: int, source_partition: int, source_partitions: int,
-                          wall_ms: int) -> Emitted:
+                          wall_ms: int, *, control: str | None = None, issued_at_ms: int | None = None) -> Emitted:
         """A bounded input ended on one source partition; when all have, close the partition's
-        event time (watermark = end of time) and fire every pending timer. Not persisted: after
-        a restart the partition's time is open again (a closed time is never permanent)."""
+        event time (watermark = end of time) and fire every pending timer. The closed time is not
+        persisted: after a restart the partition's time is open again (a closed time is never
+        permanent).
+
+        ``control`` (:func:`clickpulse.events.control.control_id`) and ``issued_at_ms``: the
+        control's identity. Each is accepted once per partition: the ids accepted in the last
+        :data:`~clickpulse.events.control.CONTROL_MAX_AGE_MS` are remembered in the clock
+        (written durably with :meth:`checkpoint`, restored by :meth:`restore`), so a replayed
+        control — also after a restart — changes nothing and is counted (``control_forged``)."""
         tx = _Tx(self)
         em = Emitted()
         try:
-            if self.clock(partition).end_of_input(source_partition, source_partitions):
+            clock = self.clock(partition)
+            if control is not None and not clock.accept_control(
+                    control, issued_at_ms if issued_at_ms is not None else wall_ms, wall_ms, CONTROL_MAX_AGE_MS):
+                log.warning("partition %d: end of input %r was already accepted (replayed); ignored", partition, control)
+                em.count("control_forged")
+                self._finish(tx, em)
+                return em
+            if clock.end_of_input(source_partition, source_partitions):
                 log.info("partition %d: end of input from all %d source partitions; watermark closed",
                          partition, source_partitions)
                 self._fire(tx, partition, wall_ms, em)
@@ -1046,6 +1082,12 @@ class Engine:
             self._rollback(tx)
             raise
         return em
+
+    def control_seen(self, control: str) -> bool:
+        """True when an end-of-input control with id ``control`` was accepted on any partition this
+        engine holds (in the last :data:`~clickpulse.events.control.CONTROL_MAX_AGE_MS`;
+        restored from the clock logs after a restart)."""
+        return any(control in c.controls for c in self.clocks.values())
 
     def restore(self, partitions: Iterable[int], items: Iterable[tuple[bytes, bytes]], wall_ms: int,
                 committed: Mapping[tuple[str, int], int | None] | None = None) -> int:
@@ -1089,10 +1131,12 @@ class Engine:
         max_wall: dict[int, int | None] = {}
         due: dict[int, list[tuple[str, int]]] = {p: [] for p in keep}
         logs: dict[int, list[dict[str, Any]]] = {}
+        ctl: dict[int, dict[str, int]] = {}
         for key, raw in items:
             if key.startswith(CLOCK_KEY_PREFIX):
                 try:
                     log_p = orjson.loads(raw)
+                    ctl[int(log_p["p"])] = _control_ids(log_p.get("ctl"))
                     entries = [e for e in log_p["log"] if isinstance(e, dict)]
                     if entries:
                         logs[int(log_p["p"])] = entries
@@ -1139,6 +1183,7 @@ class Engine:
                 clock.restore(None if logs else max_ts.get(p), wall_ms, None if logs else max_wall.get(p))
                 self.positions[p] = {}
                 self.sources[p] = {}
+            clock.controls = {**ctl.get(p, {}), **clock.controls}  # the accepted controls (durable)
             self.timers[p].rebuild(due[p])
         return sum(len(v) for v in due.values())
 
@@ -1184,7 +1229,8 @@ class Engine:
         q = self.clock_log.setdefault(partition, collections.deque(maxlen=CLOCK_LOG_LEN))
         q.append({"o": dict(pos), "s": {str(k): v for k, v in self.sources.get(partition, {}).items()},
                   "t": c.max_ts, "w": c.last_event_wall})
-        return orjson.dumps({"p": partition, "log": list(q)})
+        # "ctl": the end-of-input controls accepted (end_of_input_step), refused when replayed
+        return orjson.dumps({"p": partition, "log": list(q), "ctl": c.controls})
 
     def expire_step(self, partition: int, retention_ms: int, wall_ms: int, limit: int = 10_000,
                     dormant_retention_ms: int | None = None) -> Emitted:

@@ -1,7 +1,14 @@
 """Per-partition event-time clocks (watermarks) and the event-time timer index.
 
-Watermark of a partition = highest event time seen on it − allowed lateness (never moves
-back). In ``live`` mode, once the partition has had no event for ``idle_timeout_ms`` of wall
+Watermark of a partition = highest *clock candidate* seen on it − allowed lateness (never moves
+back). An event's clock candidate is ``min(event time, receive time)`` (:func:`clock_candidate`;
+the receive time is the Kafka record timestamp capped at the worker's wall clock, the same time
+the contract clamps future-skewed event times against): an event may advance the partition's
+event time only up to when it arrived, so no single producer — a skewed client clock within
+``CLICKPULSE_MAX_FUTURE_SKEW_S``, or a hostile one — can move the engine's time ahead of real
+time and make the honest events that follow late. The event itself keeps its timestamp (its
+state, its own timers). Historical data (replay: receive time far after event time) is
+unaffected: there the candidate is the event time. In ``live`` mode, once the partition has had no event for ``idle_timeout_ms`` of wall
 clock, its event time advances with the wall clock from its newest event: ``max event time +
 (wall now − wall time that event arrived)``, so timers fire without further traffic (SCENARIOS
 S1). Anchoring on the partition's own newest event (not on the wall clock itself) keeps client
@@ -23,6 +30,18 @@ Examples
 >>> c.observe(95_000, wall_ms=2_000_000)
 >>> c.watermark(wall_ms=2_000_000)
 85000
+>>> c.observe(400_000, wall_ms=2_000_100, received_ms=100_000)  # 300 s ahead of its arrival
+>>> c.watermark(wall_ms=2_000_100)                              # moves time to the arrival only
+90000
+
+End-of-input controls accepted on the partition are remembered by id (:meth:`PartitionClock.accept_control`),
+durably (the clock log, see :meth:`clickpulse.engine.Engine.checkpoint`), so a captured control
+replayed — even after a restart — is refused:
+
+>>> c.accept_control("run-1:0:1000", issued_ms=1_000, wall_ms=2_000, max_age_ms=600_000)
+True
+>>> c.accept_control("run-1:0:1000", issued_ms=1_000, wall_ms=3_000, max_age_ms=600_000)
+False
 """
 
 from __future__ import annotations
@@ -31,6 +50,16 @@ import heapq
 from collections.abc import Iterable
 
 END_OF_TIME = 2**62
+
+
+def clock_candidate(ts_ms: int, received_ms: int | None) -> int:
+    """How far an event may move its partition's event time: ``min(event time, receive time)``
+    (epoch ms; the event time alone when the receive time is unknown).
+
+    >>> clock_candidate(1_000, 900), clock_candidate(1_000, 5_000), clock_candidate(1_000, None)
+    (900, 1000, 1000)
+    """
+    return ts_ms if received_ms is None or received_ms >= ts_ms else received_ms
 
 
 class PartitionClock:
@@ -46,7 +75,7 @@ class PartitionClock:
         ``True`` for live mode (idle advance), ``False`` for replay mode.
     """
 
-    __slots__ = ("lateness", "idle", "live", "max_ts", "last_event_wall", "wm", "eoi_sources", "closed")
+    __slots__ = ("lateness", "idle", "live", "max_ts", "last_event_wall", "wm", "eoi_sources", "closed", "controls")
 
     def __init__(self, allowed_lateness_ms: int, idle_timeout_ms: int, live: bool) -> None:
         self.lateness = allowed_lateness_ms
@@ -57,11 +86,16 @@ class PartitionClock:
         self.wm: int | None = None
         self.eoi_sources: set[int] = set()
         self.closed = False
+        #: ids of the end-of-input controls accepted (:meth:`accept_control`) -> their issue time (epoch ms)
+        self.controls: dict[str, int] = {}
 
-    def observe(self, ts_ms: int, wall_ms: int) -> None:
-        """Record an event with event time ``ts_ms`` received at wall time ``wall_ms``."""
-        if self.max_ts is None or ts_ms > self.max_ts:
-            self.max_ts = ts_ms
+    def observe(self, ts_ms: int, wall_ms: int, received_ms: int | None = None) -> None:
+        """Record an event with event time ``ts_ms`` processed at wall time ``wall_ms``; it moves
+        the clock to :func:`clock_candidate` ``(ts_ms, received_ms)`` at most (``received_ms``:
+        when it reached the broker, epoch ms; ``None``: unknown, the event time counts)."""
+        cand = clock_candidate(ts_ms, received_ms)
+        if self.max_ts is None or cand > self.max_ts:
+            self.max_ts = cand
         self.last_event_wall = wall_ms
         self._raise(self.max_ts - self.lateness)
 
@@ -81,6 +115,18 @@ class PartitionClock:
             self.closed = True
             self.wm = END_OF_TIME
         return self.closed
+
+    def accept_control(self, control_id: str, issued_ms: int, wall_ms: int, max_age_ms: int) -> bool:
+        """True the first time the end-of-input control ``control_id`` is seen on this partition
+        (then it is remembered), False for a replay. Ids issued more than ``max_age_ms`` before
+        ``wall_ms`` are forgotten: a control that old is refused as stale before it gets here
+        (``CONTROL_MAX_AGE_MS``), so the memory stays bounded by the controls of one window."""
+        for cid in [c for c, t in self.controls.items() if wall_ms - t > max_age_ms]:
+            del self.controls[cid]
+        if control_id in self.controls:
+            return False
+        self.controls[control_id] = issued_ms
+        return True
 
     def _raise(self, candidate: int) -> None:
         if self.wm is None or candidate > self.wm:
