@@ -207,6 +207,9 @@ class Engine:
                  max_state_bytes: int = 262_144) -> None:
         self.table = table
         self.max_state_bytes = max_state_bytes
+        #: while a failed batch is re-run event by event: the states its earlier events wrote
+        #: (not committed to the table yet), read before the table (see :meth:`_stored`)
+        self._overlay: dict[str, bytes | None] | None = None
         self.cfg = cfg
         self.lateness = allowed_lateness_ms
         self.idle = idle_timeout_ms
@@ -315,15 +318,29 @@ class Engine:
                 em.merge(self.step([], wall_ms, tick=tick))
             return em
         # one event of the batch raised: re-run them one by one, each its own unit of work
+        # (later events of a user see the states its earlier ones wrote: the overlay, because a
+        # failing event's rollback reloads its user from the stored state)
         out = Emitted()
-        for i, item in enumerate(batch):
-            one = self.step([item], wall_ms)
-            for f in one.failed:
-                f.index = i
-            out.merge(one)
-        if tick:
-            out.merge(self.step([], wall_ms, tick=tick))
+        self._overlay = {}
+        try:
+            for i, item in enumerate(batch):
+                one = self.step([item], wall_ms)
+                self._overlay.update(one.changed)
+                for f in one.failed:
+                    f.index = i
+                out.merge(one)
+            if tick:
+                out.merge(self.step([], wall_ms, tick=tick))
+        finally:
+            self._overlay = None
         return out
+
+    def _stored(self, key: str) -> bytes | None:
+        """The stored state of ``key``: the re-run overlay's, else the table's."""
+        ov = self._overlay
+        if ov is not None and key in ov:
+            return ov[key]
+        return self.table.get(key.encode())
 
     def _retry_fresh(self, item: tuple[int, dict[str, Any]], wall_ms: int, failure: str) -> Emitted | None:
         """An event failed over its user's stored state: try it on a fresh state. If that works,
@@ -336,7 +353,7 @@ class Engine:
         key = ev.get("user_key")
         if not isinstance(key, str):
             return None
-        old = self.table.get(key.encode())
+        old = self._stored(key)
         if old is None:
             return None
         if not self._state_at_fault(p, ev, wall_ms):
@@ -469,7 +486,7 @@ class Engine:
         if st is None:
             st = self._cache.get(key)
             if st is None:
-                raw = self.table.get(key.encode())
+                raw = self._stored(key)
                 if raw is None:
                     return None
                 st = UserState.from_bytes(raw)
@@ -478,7 +495,7 @@ class Engine:
 
     def load(self, user_key: str) -> UserState | None:
         """The committed state of ``user_key`` (a fresh copy decoded from the table)."""
-        raw = self.table.get(user_key.encode())
+        raw = self._stored(user_key)
         return None if raw is None else UserState.from_bytes(raw)
 
     # ------------------------------------------------------------------ rules
@@ -1041,7 +1058,7 @@ class Engine:
                 self.timers[partition].set(key, self._due(st, closed=wm == END_OF_TIME))
             except Exception as err:  # noqa: BLE001 - one user's broken state never stops the timers
                 del em.actions[mark[0]:], em.examples[mark[1]:], em.segment_changes[mark[2]:], out[mark[3]:]
-                self._quarantine(tx, key, self.table.get(key.encode()), f"{type(err).__name__}: {err}", "timer",
+                self._quarantine(tx, key, self._stored(key), f"{type(err).__name__}: {err}", "timer",
                                  wall_ms, em)
                 tx.users[key] = UserState(key=key, partition=partition)
                 tx.dirty.add(key)
