@@ -76,7 +76,7 @@ class StateTooLarge(Exception):
     """A step would write a user's state larger than the engine's ``max_state_bytes``."""
 
     def __init__(self, key: str, size: int, limit: int) -> None:
-        super().__init__(f"the state of user {key} would be {size} bytes, above the limit of {limit} "
+        super().__init__(f"the user's state would be {size} bytes, above the limit of {limit} "
                          "(CLICKPULSE_MAX_STATE_BYTES); the event was not applied")
         self.key, self.size, self.limit = key, size, limit
 
