@@ -264,3 +264,15 @@ def expected_actions_by_type(flush: bool, partition_of=partition_mod4, lateness_
     """Action type -> sorted ``[(user, event_time_ms)]`` (``cart_abandoned``, ``assistance_offer``)."""
     exp = expected_timeout_actions(flush, partition_of, lateness_s)
     return {DEFAULT_TIMEOUT_TRIGGERS[name][0]: v for name, v in exp.items()}
+
+
+def comparable_action(action: dict) -> dict:
+    """An action without its two fields that legitimately differ between publications of the
+    same decision (the stated at-least-once guarantee, docs/delivery.md): ``created_at`` (the
+    wall-clock publication time) and ``payload.recommendations`` (computed from the publishing
+    worker's in-memory item-to-item model at publication, docs/recommendations.md)."""
+    out = {k: v for k, v in action.items() if k != "created_at"}
+    payload = out.get("payload")
+    if isinstance(payload, dict) and "recommendations" in payload:
+        out["payload"] = {k: v for k, v in payload.items() if k != "recommendations"}
+    return out

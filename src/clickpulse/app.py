@@ -23,11 +23,13 @@ never waits behind an unbounded producer backlog).
               for the other partitions' counts (global ``min_size``, docs/scaling.md)
 * web         ``/metrics``, ``/progress``, ``/segments``, ``/rules``, ``/business`` (business metrics, clickpulse.metrics.business), ``/recs``
 
-Delivery: at least once. A batch's actions are acknowledged by the broker before its users'
-changelog records are sent, and an input offset is committed only after Faust flushed the
-producer, so a crash re-processes the uncommitted tail: an action may be published again (the
-same ``action_id``, deterministic; consumers de-duplicate by it, e.g. ``clickpulse deliver``).
-A SIGKILL test still saw actions lost in one run of six (docs/delivery.md): a known gap.
+Delivery: at least once, none lost (docs/delivery.md). A batch's actions are acknowledged by
+the broker before its users' changelog records are sent, then each partition's clock log (its
+input position, the raw positions of forwarded events, its clock) is written after them; a
+restarted worker resumes each partition there and skips the re-read input up to it
+(:meth:`clickpulse.engine.Engine.restore`, :meth:`~clickpulse.engine.Engine.redelivered`). Only
+the batch a crash cut is processed again: its actions may be published again (the same
+``action_id``, deterministic; consumers de-duplicate by it, e.g. ``clickpulse deliver``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -76,6 +79,84 @@ def header(headers: Any, name: str) -> bytes | None:
         if k == name:
             return v if isinstance(v, bytes) else str(v).encode()
     return None
+
+
+#: header of an event the ingest stage forwarded to the valid topic: ``b"<raw partition>:<raw
+#: offset>"``, so the process stage recognises the events the ingest forwards again after a
+#: restart (:meth:`clickpulse.engine.Engine.redelivered`)
+SOURCE_HEADER = "clickpulse-src"
+
+
+def source_of(headers: Any) -> tuple[int, int] | None:
+    """``(raw partition, raw offset)`` from a forwarded event's :data:`SOURCE_HEADER`; ``None``
+    when absent or malformed (the valid topic is internal, but nothing read is trusted blindly)."""
+    v = header(headers, SOURCE_HEADER)
+    if v is None or len(v) > 40:
+        return None
+    part, _, off = v.partition(b":")
+    if not (part.isdigit() and off.isdigit()):
+        return None
+    return int(part), int(off)
+
+
+class InputGaps:
+    """Detects input messages the consumer never delivered, and stops the worker before they can
+    be committed.
+
+    The raw and valid topics are neither compacted nor written in transactions, so a partition's
+    offsets are contiguous: after offset ``n`` the next message must be ``n + 1``, and the first
+    one at most the later of the committed offset and the saved position + 1 (messages up to the
+    saved position are in the state already; a re-read of them is fine).
+    A jump means the consumer skipped messages — seen with Faust under load, which then takes the
+    hole for a compaction gap and commits past it once a later message is acknowledged, losing
+    those events. :meth:`see` logs it as an ERROR, counts it
+    (``clickpulse_input_gaps_total{topic}``) and returns False: the agent must end the process
+    before acknowledging anything after the hole (exit code 75), so the commit stays before it and
+    the successor reads the skipped messages. A hole seen again at the same place after a restart
+    (a marker file in the data directory) is real — e.g. records deleted by retention — and is
+    accepted with a WARNING, so a restart never loops on it."""
+
+    def __init__(self, metrics: Metrics, committed: Any, data_dir: str, saved: Any = None) -> None:
+        self.metrics = metrics
+        self.committed = committed  # (topic, partition) -> committed offset or None
+        self.saved = saved  # (topic, partition) -> last offset the saved state holds, or None
+        self.marks = Path(data_dir) / "input-gaps"
+        self.next: dict[tuple[str, int], int] = {}
+
+    def reset(self) -> None:
+        self.next.clear()
+
+    def see(self, msg: Any) -> bool:
+        key = (msg.topic, msg.partition)
+        nxt = self.next.get(key)
+        if nxt is None:  # the first message of this partition: where must it be at most?
+            starts = []
+            c = self.committed(msg.topic, msg.partition)
+            if isinstance(c, int) and c >= 0:
+                starts.append(c)
+            pos = None if self.saved is None else self.saved(msg.topic, msg.partition)
+            if isinstance(pos, int):
+                starts.append(pos + 1)  # what the saved state holds needs no reading
+            nxt = self.next[key] = max(starts) if starts else msg.offset
+        if msg.offset > nxt:
+            self.metrics.input_gaps.labels(msg.topic).inc()
+            mark = self.marks / f"{msg.topic}-{msg.partition}-{nxt}-{msg.offset}"
+            if mark.exists():
+                log.warning("input gap: %s[%d] offsets %d-%d are missing again after a restart: taken as a real "
+                            "hole in the log", msg.topic, msg.partition, nxt, msg.offset - 1)
+            else:
+                log.error("input gap: %s[%d] offsets %d-%d never reached this worker (the consumer skipped them); "
+                          "the next message is %d: exiting before it is acknowledged, so that they are read again",
+                          msg.topic, msg.partition, nxt, msg.offset - 1, msg.offset)
+                try:
+                    self.marks.mkdir(parents=True, exist_ok=True)
+                    mark.touch()
+                except OSError:
+                    pass
+                return False
+        if msg.offset >= nxt:
+            self.next[key] = msg.offset + 1
+        return True
 
 
 #: how old (or how far ahead, wall clock) a signed control message may be: a captured one cannot
@@ -130,7 +211,12 @@ class Publisher:
 
     Keeps the acknowledgement futures of the last ``max_in_flight`` batches; when a new batch
     would exceed that, waits for the oldest (backpressure). A failed send is logged and counted
-    (``clickpulse_publish_errors_total``) — it never crashes the agent.
+    (``clickpulse_publish_errors_total``). A send that failed for a reason a restart can get
+    past — the broker unreachable or timing out after the producer's own retries
+    (:func:`transient`) — **ends the process at once** (exit code 75, ``on_fatal``), before Faust
+    can commit the input it came from: the successor processes that input again (at least
+    once). A record the broker can never take (too large, not authorized) is counted and logged
+    and the worker goes on: restarting would fail on it forever.
     """
 
     def __init__(self, app: faust.App, metrics: Metrics, max_in_flight: int) -> None:
@@ -138,20 +224,28 @@ class Publisher:
         self.metrics = metrics
         self.max_in_flight = max_in_flight
         self.in_flight: collections.deque[list[Any]] = collections.deque()
+        self.on_fatal: Any = os._exit
+        #: output (not changelog) records were sent since the last :meth:`drain`
+        self.output_in_flight = False
 
-    async def send(self, records: Sequence[tuple[Any, ...]]) -> None:
+    async def send(self, records: Sequence[tuple[Any, ...]], output: bool = True) -> None:
         """``records``: ``(topic, key, value, partition or None, headers or None[, timestamp])``;
-        the optional timestamp (epoch seconds, float) becomes the record's Kafka timestamp."""
+        the optional timestamp (epoch seconds, float) becomes the record's Kafka timestamp;
+        ``output``: False for the state changelog."""
         if not records:
             return
+        self.output_in_flight = self.output_in_flight or output
         producer = self.app.producer
         futs = [await producer.send(r[0], r[1], r[2], r[3], r[5] if len(r) > 5 else None, r[4]) for r in records]
+        for fut in futs:  # runs as soon as the broker answers, before a flush (and commit) resumes
+            fut.add_done_callback(self._check)
         self.in_flight.append(futs)
         while len(self.in_flight) > self.max_in_flight:
             await self._settle(self.in_flight.popleft())
 
     async def drain(self) -> None:
         """Wait for every in-flight batch."""
+        self.output_in_flight = False
         while self.in_flight:
             await self._settle(self.in_flight.popleft())
 
@@ -160,6 +254,24 @@ class Publisher:
             if isinstance(res, BaseException):
                 self.metrics.publish_errors.inc()
                 log.error("publish failed: %s: %s", type(res).__name__, res)
+
+    def _check(self, fut: Any) -> None:
+        if fut.cancelled():
+            return
+        err = fut.exception()
+        if err is not None and transient(err):
+            log.critical("publish failed after the producer's retries (%s: %s): exiting before the input is "
+                         "committed, so that it is processed again", type(err).__name__, err)
+            logging.shutdown()
+            self.on_fatal(75)
+
+
+def transient(err: BaseException) -> bool:
+    """True for a publish failure a restart can get past: aiokafka's retriable errors (no
+    leader, not enough replicas...), connection errors and the delivery timeout."""
+    from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError
+    return bool(getattr(err, "retriable", False)) or isinstance(err, KafkaConnectionError | KafkaTimeoutError
+                                                                 | asyncio.TimeoutError)
 
 
 @dataclass
@@ -209,10 +321,10 @@ class Worker:
         user; ``None``: a tombstone), which Faust flushes before it commits the input offsets.
 
         This order is the at-least-once guarantee: the changelog never holds a state whose
-        actions are not on the broker, so a crash at any point either re-processes the events
-        (their actions are published again, with the same ids) or finds them applied *and*
-        their actions published. (A SIGKILL test still lost actions in one run of six: see
-        docs/delivery.md, a known gap.)"""
+        actions are not on the broker, and ``clocks`` (the partitions' clock logs, marking the
+        input position the batch reached) go after the users' records, so a crash at any point
+        either re-processes the events (their actions are published again, with the same ids)
+        or finds them applied *and* their actions published (docs/delivery.md)."""
         if self.business is not None:
             self.business.observe_emitted(em)
         self.engine.commit(em)
@@ -237,8 +349,11 @@ class Worker:
             changelog.append((topic, k, blob, p, None))
         if out:
             await self.publisher.send(out)
+        # every output sent before (this step's, and earlier forwards or dead letters whose input
+        # the clock records below mark as done) is acknowledged before the changelog goes
+        if self.publisher.output_in_flight:
             await self.publisher.drain()
-        await self.publisher.send(changelog)
+        await self.publisher.send(changelog, output=False)
 
     def clock_key(self, partition: int) -> bytes:
         """The table key of ``partition``'s clock log (cached)."""
@@ -271,11 +386,14 @@ class Worker:
         s = self.settings
         try:
             req = orjson.loads(msg.value)
-            if not isinstance(req, dict) or req.get("request") != "erase" or not isinstance(req.get("user_key"), str) \
-                    or not req["user_key"]:
-                raise ValueError("not an erase request with a user_key")
+            if not isinstance(req, dict) or req.get("request") not in ("erase", "repair") \
+                    or not isinstance(req.get("user_key"), str) or not req["user_key"]:
+                raise ValueError("not an erase or repair request with a user_key")
         except (orjson.JSONDecodeError, ValueError) as err:
             await self.publisher.send([self.dead_letter(InvalidEvent("schema", f"privacy request: {err}"), msg)])
+            return
+        if req["request"] == "repair":
+            await self.repair(req, msg)
             return
         key = req["user_key"]
         em = self.engine.erase_step(key, _now_ms())
@@ -294,7 +412,52 @@ class Worker:
             sub = {"schema_version": 1, "request": "erase", "user_key": guest, "requested_at": audit["completed_at"],
                    "request_id": f"{audit['request_id'][:80]}/link-{hashlib.sha256(guest.encode()).hexdigest()[:16]}"}
             extra.append((s.topic_privacy, guest.encode(), orjson.dumps(sub), None, None))
-        await self.emit(em, extra)
+        await self.emit(em, extra, self.done(msg))
+        self.progress.setdefault(s.topic_privacy, {})[msg.partition] = msg.offset
+
+    def done(self, msg: Any) -> dict[int, bytes]:
+        """The clock log recording ``msg`` (a privacy request) as applied, for :meth:`emit`: after
+        a restart it is skipped, not applied twice (a repair merges lifetime totals)."""
+        return {msg.partition: self.engine.checkpoint(msg.partition, {msg.topic: msg.offset})}
+
+    async def repair(self, req: dict[str, Any], msg: Any) -> None:
+        """Put a quarantined user back (``clickpulse quarantine repair``; a ``repair`` request on
+        the privacy topic, so the worker that owns the user applies it in order with its events):
+        :meth:`clickpulse.engine.Engine.repair_step` over the quarantined state the request
+        carries; on success the user's quarantine record is tombstoned. Either way an audit record
+        goes to the privacy audit topic."""
+        import base64
+        import binascii
+        import hashlib
+        s = self.settings
+        key = req["user_key"]
+        drop = req.get("drop_fields") or []
+        try:
+            if not isinstance(drop, list) or not all(isinstance(f, str) for f in drop):
+                raise ValueError("drop_fields must be a list of field names")
+            blob = base64.b64decode(str(req.get("state_b64") or ""), validate=True)
+            if not blob:
+                raise ValueError("the request carries no quarantined state (state_b64)")
+            em, summary = self.engine.repair_step(key, msg.partition, blob, str(req.get("mode", "retry")), drop,
+                                                  _now_ms())
+        except (ValueError, binascii.Error) as err:
+            em, summary = Emitted(), {"outcome": "failed", "mode": str(req.get("mode", "retry"))[:16],
+                                      "drop_fields": [str(f)[:64] for f in drop][:16] if isinstance(drop, list) else [],
+                                      "error": f"{type(err).__name__}: {err}"[:1000], "merged_with_current": False}
+            em.count("users_repaired", "failed")
+        summary["quarantined_at"] = str(req.get("quarantined_at") or "")[:64] or None
+        audit = {"schema_version": 1, "request": "repair", "request_id": str(req.get("request_id", ""))[:128],
+                 "user_key_sha256": hashlib.sha256(key.encode()).hexdigest(),
+                 "completed_at": datetime.now(tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                 "repair": summary}
+        if summary["outcome"] == "repaired":
+            log.info("quarantined user (sha256 %s…) repaired: %s", audit["user_key_sha256"][:12], summary)
+        else:
+            log.warning("quarantined user (sha256 %s…) not repaired: %s", audit["user_key_sha256"][:12], summary)
+        extra = [(s.topic_privacy_audit, audit["request_id"].encode(), orjson.dumps(audit), None, None)]
+        if summary["outcome"] == "repaired":
+            extra.insert(0, (s.topic_quarantine, key.encode(), None, None, None))  # tombstone: back in service
+        await self.emit(em, extra, self.done(msg))
         self.progress.setdefault(s.topic_privacy, {})[msg.partition] = msg.offset
 
     # -- raw input -----------------------------------------------------------------------------
@@ -496,15 +659,22 @@ def _wire_business(w: Worker) -> None:
 def _wire_ingest(w: Worker) -> None:
     s = w.settings
 
+    gaps = InputGaps(w.metrics, lambda topic, p: _committed(w, topic, p), s.data_dir)
+    w.__dict__.setdefault("input_gaps", []).append(gaps)  # reset at each rebalance
+
     @w.app.agent(w.topics["raw"], name="ingest")
     async def ingest(stream: faust.StreamT) -> None:
         async for batch in stream.take_events(s.batch_max_events, within=s.batch_within_s):
             out: list[Any] = []
             for event in batch:
-                ev = w.ingest_one(event.message, out)
+                msg = event.message
+                if not gaps.see(msg):
+                    w.publisher.on_fatal(75)
+                    return
+                ev = w.ingest_one(msg, out)
                 if ev is not None:  # the raw record's timestamp (producer publish) carried over
-                    out.append((s.topic_valid, ev["user_key"].encode(), orjson.dumps(ev), None, None,
-                                event.message.timestamp or None))
+                    out.append((s.topic_valid, ev["user_key"].encode(), orjson.dumps(ev), None,
+                                [(SOURCE_HEADER, f"{msg.partition}:{msg.offset}".encode())], msg.timestamp or None))
             await w.publisher.send(out)
 
 
@@ -517,7 +687,18 @@ def _wire_process(w: Worker) -> None:
         else (s.topic_valid, s.topic_privacy, s.topic_identity)
     source = w.app.topic(*names, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
 
+    # messages handled since the last step, per partition: {topic: offset of the last one}; the
+    # step's checkpoint records them as done (their dead letters and forwards are in ``out``,
+    # acknowledged before the checkpoint is sent)
+    seen: dict[int, dict[str, int]] = {}
+    # events per user in the batch being built: kept within the de-duplication depth, so the
+    # events of a batch whose states were only partly saved at a crash are all recognised as
+    # duplicates by the users that were saved (Engine.restore)
+    per_user: collections.Counter[str] = collections.Counter()
+    per_user_max = max(1, s.dedup_ids_per_user)
+
     async def run_step(items: list[tuple[int, dict[str, Any]]], msgs: list[Any], out: list[Any]) -> None:
+        per_user.clear()
         if not items:
             return
         started = time.perf_counter()
@@ -531,14 +712,24 @@ def _wire_process(w: Worker) -> None:
         w.metrics.process_latency.observe(elapsed / len(items))
         w.metrics.batch_size.observe(len(items))
         observe_step(w.metrics, em.actions, items, msgs, wall_ms)  # produce -> processed / -> action
-        last: dict[int, dict[str, int]] = {}
-        for msg in msgs:  # the input position each partition's clock has now seen
-            last.setdefault(msg.partition, {})[msg.topic] = msg.offset
-        clocks = {p: engine.checkpoint(p, offs) for p, offs in last.items()}
+        # the input position each partition's states and clock now include
+        clocks = {p: engine.checkpoint(p, offs) for p, offs in seen.items()}
+        seen.clear()
         await w.emit(em, out, clocks)
         out.clear()
         items.clear()
         msgs.clear()
+
+    def handled(msg: Any) -> None:
+        seen.setdefault(msg.partition, {})[msg.topic] = msg.offset
+
+    gaps = InputGaps(w.metrics, lambda topic, p: _committed(w, topic, p), s.data_dir,
+                     lambda topic, p: engine.positions.get(p, {}).get(topic))
+    w.__dict__.setdefault("input_gaps", []).append(gaps)  # reset at each rebalance
+
+    def skipped(msg: Any) -> None:
+        w.metrics.redelivered.labels(msg.topic).inc()
+        handled(msg)
 
     @w.app.agent(source, name="process")
     async def process(stream: faust.StreamT) -> None:
@@ -546,22 +737,47 @@ def _wire_process(w: Worker) -> None:
             items: list[tuple[int, dict[str, Any]]] = []
             msgs: list[Any] = []
             out: list[Any] = []
+
+            async def admit(msg: Any, ev: Any, source: tuple[int, int] | None = None) -> None:
+                key = ev.get("user_key") if isinstance(ev, dict) else None
+                if isinstance(key, str) and per_user[key] >= per_user_max:
+                    await run_step(items, msgs, out)  # before the source is recorded as applied
+                if source is not None and engine.redelivered(msg.partition, msg.topic, msg.offset, source):
+                    skipped(msg)
+                    return
+                if isinstance(key, str):
+                    per_user[key] += 1
+                items.append((msg.partition, ev))
+                msgs.append(msg)
+                handled(msg)
+
             for event in batch:
                 msg = event.message
+                if msg.topic != s.topic_privacy and not gaps.see(msg):
+                    w.publisher.on_fatal(75)
+                    return
                 if msg.topic == s.topic_raw:  # one hop: validate here, re-key only what must be
+                    if engine.redelivered(msg.partition, msg.topic, msg.offset):
+                        skipped(msg)
+                        continue
                     ev = w.ingest_one(msg, out)
                     if ev is None:
+                        handled(msg)
                         continue
                     key = ev["user_key"].encode()
                     if msg.key != key or key_partition(key, s.partitions) != msg.partition:
-                        out.append((s.topic_valid, key, orjson.dumps(ev), None, None, msg.timestamp or None))
+                        out.append((s.topic_valid, key, orjson.dumps(ev), None,
+                                    [(SOURCE_HEADER, f"{msg.partition}:{msg.offset}".encode())], msg.timestamp or None))
+                        handled(msg)
                         continue
-                    items.append((msg.partition, ev))
-                    msgs.append(msg)
+                    await admit(msg, ev)
                     continue
                 if msg.topic == s.topic_privacy:  # internal topic: trusted
                     await run_step(items, msgs, out)
-                    await w.privacy(msg)
+                    if engine.redelivered(msg.partition, msg.topic, msg.offset):  # applied before a restart
+                        skipped(msg)
+                    else:
+                        await w.privacy(msg)
                     continue
                 if msg.topic == s.topic_identity:  # internal topic: a guest's state for its customer
                     await run_step(items, msgs, out)
@@ -580,9 +796,10 @@ def _wire_process(w: Worker) -> None:
                         body = orjson.loads(msg.value)
                         await w.emit(engine.end_of_input_step(msg.partition, int(body["source_partition"]),
                                                               int(body["source_partitions"]), _now_ms()))
+                    elif engine.redelivered(msg.partition, msg.topic, msg.offset):  # re-read: in the state
+                        skipped(msg)
                     else:
-                        items.append((msg.partition, orjson.loads(msg.value)))
-                        msgs.append(msg)
+                        await admit(msg, orjson.loads(msg.value), source_of(msg.headers))
                 except Exception as err:  # noqa: BLE001 - one message never stops the stream
                     log.exception("processing failed at %s[%d]@%d", msg.topic, msg.partition, msg.offset)
                     out.append(w.dead_letter(InvalidEvent("internal", f"{type(err).__name__}: {err}"), msg))
@@ -590,6 +807,15 @@ def _wire_process(w: Worker) -> None:
                     w.progress[s.topic_valid][msg.partition] = msg.offset
             await run_step(items, msgs, out)
             await w.publisher.send(out)
+
+
+def _committed(w: Worker, topic: str, partition: int) -> int | None:
+    """The offset Faust's consumer resumed ``topic[partition]`` from (its committed offset)."""
+    from faust.types import TP
+    try:
+        return w.app.consumer._committed_offset.get(TP(topic, partition))
+    except AttributeError:  # another Faust version
+        return None
 
 
 def _valid_partitions(w: Worker) -> list[int]:
@@ -650,19 +876,38 @@ def _wire_timers(w: Worker, users: Any) -> None:
         for seg in (rs.segments if rs is not None else ()):
             metrics.segment_members.labels(seg.name).set(engine.segment_size(seg.name))
 
+    @app.timer(interval=30.0)
+    async def commit_gap_check() -> None:
+        """Log (and count) input partitions whose commits cannot advance: the oldest offset not
+        yet committed was never acknowledged by the stream while later ones were (Faust commits
+        the contiguous acknowledged run only). A diagnostic for a stall seen after restarts under
+        heavy load (docs/delivery.md)."""
+        consumer = app.consumer
+        try:
+            acked, committed = consumer._acked, consumer._committed_offset
+            unacked = consumer._unacked_messages
+        except AttributeError:  # another Faust version: nothing to look at
+            return
+        for tp, offs in list(acked.items()):
+            c = committed.get(tp)
+            if not offs or c is None or min(offs) - c <= 1:
+                continue
+            pending = sorted(m.offset for m in list(unacked) if m.tp == tp)[:5]
+            metrics.commit_stalls.inc()
+            log.warning("commits of %s[%d] cannot advance: committed %d, oldest acknowledged %d, %d acknowledged "
+                        "waiting; delivered but not acknowledged: %s; read offset %s", tp.topic, tp.partition, c,
+                        min(offs), len(offs), pending or "none", consumer._read_offset.get(tp))
+
     @app.on_rebalance_complete.connect
     async def on_rebalance_complete(sender: Any = None, **kwargs: Any) -> None:
         parts = _valid_partitions(w)
-        # the group's committed offsets, from the broker (Faust learns them only later, when it
-        # seeks the streams): where the re-read starts, so where each partition's clock restarts
-        try:
-            from .runtime import committed_offsets
-            committed: dict[tuple[str, int], int | None] | None = await committed_offsets(s.kafka_bootstrap, s.app_id)
-        except Exception:  # noqa: BLE001 - fall back to the newest event time in the states
-            log.warning("could not read the committed offsets; clocks restart from the states", exc_info=True)
-            committed = None
-        n = engine.restore(parts, list(users.data.items()), _now_ms(), committed)
-        log.info("clickpulse ready: partitions %s of %s recovered, %d pending timers", parts, s.topic_valid, n)
+        # clocks, positions and timers from the recovered table (its clock logs): see
+        # Engine.restore; the re-read up to each partition's position is skipped
+        n = engine.restore(parts, list(users.data.items()), _now_ms())
+        for gaps in w.__dict__.get("input_gaps", ()):
+            gaps.reset()
+        log.info("clickpulse ready: partitions %s of %s recovered, %d pending timers; positions %s", parts,
+                 s.topic_valid, n, {p: engine.positions.get(p) for p in parts})
 
 
 def _wire_refill(w: Worker) -> None:

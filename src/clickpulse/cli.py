@@ -31,6 +31,7 @@ from .errors import ClickpulseError, ConfigError, ServiceError
 from .ingest.datasets import BUNDLED_SAMPLE
 from .ingest.replay import FORMATS, messages, publish
 from .runtime import Progress, check_port_free
+from .quarantine import REPAIRABLE_FIELDS
 from .settings import Settings
 from .topics import ensure_topics, kafka_unreachable
 
@@ -214,6 +215,26 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
             out["state_error"] = f"{type(err).__name__}: {err}"
     print(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
     return 0
+
+
+def cmd_quarantine_repair(args: argparse.Namespace) -> int:
+    """Ask the owning worker to repair a quarantined user (see :mod:`clickpulse.quarantine`); exit
+    0 when repaired, 1 when not quarantined or the worker could not repair it."""
+    from .quarantine import quarantined, request_repair
+    bad = [f for f in args.drop_field if f not in REPAIRABLE_FIELDS]
+    if bad:
+        print(f"clickpulse quarantine repair: cannot drop {bad}; fields: {', '.join(sorted(REPAIRABLE_FIELDS))}",
+              file=sys.stderr)
+        return 2
+    settings = Settings.from_env()
+    rec = quarantined(settings, min(args.timeout, 30.0)).get(args.user_key)
+    if rec is None:
+        print(f"{args.user_key}: not quarantined", file=sys.stderr)
+        return 1
+    out = request_repair(settings, args.user_key, rec, mode="reset" if args.reset else "retry",
+                         drop_fields=args.drop_field, wait=not args.no_wait, timeout_s=args.timeout)
+    print(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
+    return 0 if args.no_wait or out.get("repair", {}).get("outcome") == "repaired" else 1
 
 
 def cmd_privacy(args: argparse.Namespace) -> int:
@@ -626,6 +647,18 @@ def build_parser() -> argparse.ArgumentParser:
     qs.add_argument("user_key", help="the user's key (user_id, or anon:<anonymous_id>)")
     qs.add_argument("--timeout", type=float, default=10.0, help="seconds to read the quarantine topic (default 10)")
     qs.set_defaults(func=cmd_quarantine)
+    qr = qsub.add_parser("repair", help="put a quarantined user back: the owning worker re-tries its quarantined "
+                                        "state with the running code (or --reset / --drop-field), merges it with the "
+                                        "state it went on with, and publishes an audit record; prints it")
+    qr.add_argument("user_key")
+    qr.add_argument("--reset", action="store_true",
+                    help="keep only the durable record (identifiers, consent decisions, lifetime totals)")
+    qr.add_argument("--drop-field", action="append", default=[], metavar="FIELD",
+                    help="reset this part of the quarantined state to empty (repeatable): " + ", ".join(
+                        sorted(REPAIRABLE_FIELDS)))
+    qr.add_argument("--no-wait", action="store_true", help="publish the request, do not wait for the audit record")
+    qr.add_argument("--timeout", type=float, default=120.0)
+    qr.set_defaults(func=cmd_quarantine_repair)
 
     pv = sub.add_parser("privacy", help="erase or export one user's data")
     pvsub = pv.add_subparsers(dest="privacy_cmd", required=True, metavar="ACTION")

@@ -123,6 +123,23 @@ def lost_where(s, lost: list[dict], committed: dict) -> str:
     return ", ".join(f"{n} {k}" for k, n in where.items())
 
 
+def processed_everything(w, s) -> bool:
+    """The worker has handled every message on the input topics (its /progress offsets, not its
+    commits)."""
+    try:
+        prog = w.progress()["topics"]
+    except OSError:
+        return False
+    for topic in (s.topic_raw, s.topic_valid):
+        ends = asyncio.run(end_offsets(s.kafka_bootstrap, topic))
+        done = prog.get(topic, {})
+        if topic == s.topic_raw and not s.raw_keyed:
+            continue  # two hops: the raw topic is the ingest's (forwarded to valid, checked there)
+        if any(end > 0 and done.get(str(p), -1) < end - 1 for p, end in ends.items()):
+            return False
+    return True
+
+
 def processed(w) -> int:
     try:
         return int(sum(v for k, v in w.metrics().items() if k.startswith("clickpulse_events_processed_total{")))
@@ -137,15 +154,35 @@ def test_sigkill_mid_replay_duplicates_identical_none_lost_adapter_delivers_once
     adapter = Adapter(s, out, tmp_path / "deliver-1.log").start()
     adapters = [adapter]
     scraped: list[dict[str, float]] = []
+    def start() -> object:
+        """A worker, restarted when it exits 75 (it saw its consumer skip input: docs/delivery.md),
+        as a supervisor does."""
+        for _ in range(3):
+            try:
+                return workers(s)
+            except ServiceError as err:
+                if "exited with 75" not in str(err):
+                    raise
+                print("a worker exited 75 (input skipped by the consumer) while starting; restarted")
+        return workers(s)
+
     try:
-        w = workers(s)
+        w = start()
         replayed = {}
         t = threading.Thread(target=lambda: replayed.update(res=asyncio.run(publish(
             s.kafka_bootstrap, s.topic_raw, messages("rees46", BUNDLED_SAMPLE), control_key=s.control_key))))
         t.start()
         # kill mid-replay: once some events (and so some actions) are processed, before all are
-        at_kill = wait_for(lambda: processed(w) >= 800 and processed(w), 180, "the worker to process events",
-                           poll_s=0.05)
+        current = [w]
+
+        def progressed() -> int:
+            if not current[0].alive() and current[0].proc.returncode == 75:  # see start()
+                current[0] = start()
+                return 0
+            n = processed(current[0])
+            return n >= 800 and n
+        at_kill = wait_for(progressed, 180, "the worker to process events", poll_s=0.05)
+        w = current[0]
         w.kill()
         committed_at_kill = asyncio.run(committed_offsets(s.kafka_bootstrap, s.app_id))
         t.join(120)
@@ -156,19 +193,40 @@ def test_sigkill_mid_replay_duplicates_identical_none_lost_adapter_delivers_once
         wait_for(lambda: adapter_caught_up(s), 180, "the adapter to commit what the first worker published")
         scraped.append(adapter.metrics())
         assert adapter.stop() == 0
-        w2 = workers(s)
+        w2 = start()
         end_of_input(s)
         adapter = Adapter(s, out, tmp_path / "deliver-2.log").start()
         adapters.append(adapter)
-        try:
-            wait_caught_up(w2, s)
-        except ServiceError as err:
-            if "did not catch up" not in str(err):
-                raise
-            # KNOWN GAP: now and then the restarted worker stops consuming part of the valid topic
-            # right after its recovery (lag stays put; it still answers and stops on SIGTERM).
-            pytest.xfail(f"worker stalled after the SIGKILL restart: {err}")
-        w2_duplicates = w2.metrics().get("clickpulse_events_duplicate_total")
+        stalled = None
+        supervised = 0
+        while True:
+            try:
+                wait_caught_up(w2, s)
+                break
+            except ServiceError as err:
+                # a worker that saw its consumer skip input exits 75 before committing past it
+                # (docs/delivery.md): a supervisor restarts it, as this does
+                if "worker died" in str(err) and w2.proc.returncode == 75 and supervised < 3:
+                    supervised += 1
+                    print("the restarted worker exited 75 (input skipped by the consumer); restarted again")
+                    w2 = start()
+                    continue
+                if "did not catch up" not in str(err):
+                    raise
+                # KNOWN LIVENESS GAP (docs/delivery.md): now and then the restarted worker processes
+                # a partition to its end but cannot commit it (its first messages after the restart
+                # were never acknowledged to Faust's consumer). Nothing is lost: check everything
+                # below all the same, once the worker has processed every input message, and xfail.
+                stalled = str(err)
+                break
+        if stalled:
+            wait_for(lambda: processed_everything(w2, s), 120, "the stalled worker to process every input message")
+            seen: list[dict] = []  # then the actions topic unchanged over 3 polls a second apart
+            wait_for(lambda: seen.append(asyncio.run(end_offsets(s.kafka_bootstrap, s.topic_actions))) or
+                     (len(seen) >= 3 and seen[-1] == seen[-2] == seen[-3]), 60, "the last actions published",
+                     poll_s=1.0)
+        w2_metrics = w2.metrics()
+        w2_duplicates = w2_metrics.get("clickpulse_events_duplicate_total", 0)
         wait_for(lambda: adapter_caught_up(s), 180, "the adapter to commit the whole actions topic")
         scraped.append(adapter.metrics())
         assert adapter.stop() == 0
@@ -239,13 +297,15 @@ def test_sigkill_mid_replay_duplicates_identical_none_lost_adapter_delivers_once
         if got != oracle[typ]:
             gaps.append(f"{typ}: {len(set(oracle[typ]) - set(got))} of the oracle's missing, "
                         f"{len(set(got) - set(oracle[typ]))} not the oracle's")
-    if gaps:
-        # KNOWN GAP (docs/delivery.md): actions are now acknowledged before their users' changelog
-        # records and clocks restart from the committed input position, and 5 of 6 runs on the
-        # development machine were clean; one CI run under load still lost 54 actions (and fired
-        # 5 timers early) after the SIGKILL. Until that is found, a gap is reported as an expected
-        # failure with its counts; duplicates and the adapter's exactly-once are asserted above.
-        pytest.xfail("worker recovery gap after SIGKILL: " + " | ".join(gaps))
+    # none lost, nothing a crash-free run does not produce, every action as in the crash-free run
+    # (created_at aside): the stated at-least-once guarantee, on every run
+    redelivered = sum(v for k, v in w2_metrics.items() if k.startswith("clickpulse_events_redelivered_total{"))
+    print(f"restarted worker: {redelivered:g} input messages skipped as already in the saved state, "
+          f"{w2_duplicates:g} duplicate events")
+    assert not gaps, "worker recovery after SIGKILL: " + " | ".join(gaps)
+    if stalled:
+        pytest.xfail(f"after the SIGKILL restart the worker could not commit part of its input (nothing lost: "
+                     f"every check above passed): {stalled}")
 
 
 def test_webhook_delivers_duplicates_once_and_dead_letters_refusals(make_settings):

@@ -219,8 +219,10 @@ def test_refill_after_redis_restarts_empty(make_settings, workers, tmp_path: Pat
         wait_for(lambda: sorted(m.decode() for m in client.zrange(seg, 0, -1)) == hesitant, 60, "the segment set refilled")
         wait_for(lambda: all((client.get(epoch_key(s.namespace, p)) or b"").startswith(b"done:")
                              for p in range(s.partitions)), 60, "every partition's sentinel")
+        # first start + after the loss (the counter follows the sentinel's SET: waited for, not raced)
+        wait_for(lambda: w.metrics().get("clickpulse_redis_refills_total", 0) >= 2 * s.partitions, 60,
+                 "a refill counted per partition, twice")
         metrics = w.metrics()
-        assert metrics.get("clickpulse_redis_refills_total", 0) >= 2 * s.partitions  # first start + after the loss
         assert metrics.get("clickpulse_redis_profiles_refilled_total", 0) >= n
         processed = sum(v for k, v in metrics.items() if k.startswith("clickpulse_events_processed_total{"))
         assert processed == len(records)  # no new event was needed

@@ -162,7 +162,7 @@ def test_replication_factor_is_used_and_checked_against_the_brokers(make_setting
         if any(d["error_code"] != 0 or not d["partitions"] for d in desc):
             return None
         return {len(p["replicas"]) for d in desc for p in d["partitions"]}
-    assert wait_for(lambda: asyncio.run(replicas()), 60, "the new topics' metadata") == {1}
+    assert wait_for(lambda: asyncio.run(replicas()), 180, "the new topics' metadata") == {1}
     # the local cluster has one broker: three copies cannot be placed, and the error says why
     bad = s.replace(namespace=s.namespace + "-rf3", replication_factor=3)
     with pytest.raises(ConfigError, match=r"replication factor 3 \(CLICKPULSE_REPLICATION_FACTOR\): "

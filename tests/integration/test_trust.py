@@ -9,6 +9,7 @@ import orjson
 import pytest
 
 from clickpulse.events.control import CONTROL_HEADER, CONTROL_SIG_HEADER
+from clickpulse.runtime import read_topic
 from tests.integration.conftest import _produce_partitioned, cart_actions, end_of_input, produce, topic_values, wait_for
 
 pytestmark = pytest.mark.integration
@@ -91,10 +92,7 @@ def test_no_user_can_outgrow_a_kafka_message_or_take_others_down(make_settings, 
     contract refuses them (``schema``, too long), and the engine's last-resort cap refuses any
     event that would still take a state past CLICKPULSE_MAX_STATE_BYTES (``state_too_large``),
     so nothing oversized reaches the changelog and every other event is processed."""
-    import asyncio
-
     from clickpulse.engine.step import CLOCK_KEY_PREFIX
-    from clickpulse.runtime import read_topic
     from clickpulse.state.user import UserState
     cap = 8000
     s = make_settings(time_mode="replay", cart_abandon_after_s=600, max_state_bytes=cap)
@@ -145,3 +143,87 @@ def test_no_user_can_outgrow_a_kafka_message_or_take_others_down(make_settings, 
     assert len(grower.cart.items) + len(refused) == 40
     assert list(UserState.from_bytes(last["victim"]).cart.items) == ["p1"]
     assert w.proc.poll() is None                                       # the worker is alive
+
+
+def test_a_poisoned_user_is_quarantined_then_repaired_by_its_worker(make_settings, workers):
+    """The issue's poisoned user (lifetime revenue stored as null, as an overflow left it) on the
+    real broker: its next purchase quarantines the state and it goes on from a fresh one (which
+    forgot its opt-out); ``clickpulse quarantine repair`` first re-tries the state as it is (it
+    still fails: nothing changes, the audit record says why), then drops the broken totals: the
+    owning worker puts the opt-out back, merges the totals, tombstones the quarantine record and
+    audits; the user's next events are processed."""
+    import os
+    import subprocess
+    import sys
+
+    from clickpulse.events.schemas import validation_errors
+    from clickpulse.privacy import export_user
+    from clickpulse.quarantine import quarantined
+    from clickpulse.state.user import UserState
+    from clickpulse.store import key_partition
+    s = make_settings(time_mode="replay")
+    w = workers(s)
+    t0 = int(time.time() * 1000)
+
+    def ev(eid: str, etype: str, at: int, **props) -> tuple[str, dict]:
+        return ("rich", {"event_id": eid, "type": etype, "user_id": "rich", "timestamp": at, "properties": props})
+    produce(s, [ev("c1", "consent", t0, consent={"marketing": False}),
+                ev("p1", "purchase", t0 + 1000, revenue=250.0, order_id="o1", currency="EUR"),
+                ev("p2", "purchase", t0 + 2000, revenue=250.0, order_id="o2", currency="EUR")])
+    wait_for(lambda: (export_user(s, "rich")["state"] or {}).get("life", {}).get("orders") == 2, 60,
+             "the user's two orders in the changelog")
+    w.stop()
+    # the poisoned record, as the last changelog value of the user (the previous release's format)
+    state = UserState.from_bytes(next(v for k, v, _m in reversed(asyncio.run(read_topic(s.kafka_bootstrap,
+                                                                                        s.changelog_topic)))
+                                      if k == b"rich"))
+    raw = orjson.loads(state.to_bytes_json())
+    raw["l"][5] = None
+    asyncio.run(_produce_to(s.kafka_bootstrap, s.changelog_topic, b"rich", orjson.dumps(raw),
+                            key_partition(b"rich", s.partitions)))
+    w2 = workers(s)
+    produce(s, [ev("p3", "purchase", t0 + 3000, revenue=5.0, order_id="o3", currency="EUR")])
+    rec = wait_for(lambda: quarantined(s).get("rich"), 60, "the user quarantined")
+    assert rec["stage"] == "event" and "NoneType" in rec["error"]
+    wait_for(lambda: export_user(s, "rich")["state"]["consent"] == {}, 30,
+             "the fresh state (it forgot the opt-out) in the changelog")
+
+    env = {**os.environ, **s.env()}
+
+    def repair(*args: str) -> tuple[int, dict]:
+        res = subprocess.run([sys.executable, "-m", "clickpulse.cli", "quarantine", "repair", "rich", *args,
+                              "--timeout", "90"], env=env, capture_output=True, text=True, timeout=150)
+        return res.returncode, orjson.loads(res.stdout)
+
+    code, audit = repair()                                               # as it is: still broken
+    assert code == 1 and audit["request"] == "repair" and audit["repair"]["outcome"] == "failed"
+    assert "__round__" in audit["repair"]["error"] and validation_errors("privacy_audit", audit) == []
+    assert "rich" in quarantined(s)                                      # still quarantined
+    code, audit = repair("--drop-field", "life")
+    assert code == 0, audit
+    assert audit["repair"] == {"outcome": "repaired", "mode": "retry", "drop_fields": ["life"], "error": None,
+                               "merged_with_current": True, "quarantined_at": rec["quarantined_at"]}
+    assert validation_errors("privacy_audit", audit) == [] and "rich" not in orjson.dumps(audit).decode()
+    wait_for(lambda: "rich" not in quarantined(s), 30, "the quarantine record tombstoned")
+    st = wait_for(lambda: (x := export_user(s, "rich")["state"]) and x["consent"] and x, 30, "the repaired state")
+    assert st["consent"]["marketing"][0] is False                        # the opt-out is back
+    assert st["life"]["orders"] == 1 and st["life"]["revenue"] == 5.0    # the totals since the quarantine
+    assert w2.metrics().get("clickpulse_users_repaired_total{outcome=repaired}") == 1
+    assert w2.metrics().get("clickpulse_users_repaired_total{outcome=failed}") == 1
+    # its next events are processed, over the repaired state
+    produce(s, [ev("v1", "page_view", t0 + 4000), ev("p4", "purchase", t0 + 5000, revenue=7.0, order_id="o4",
+                                                      currency="EUR")])
+    st = wait_for(lambda: (x := export_user(s, "rich")["state"]) and x["life"]["orders"] == 2 and x, 60,
+                  "the next purchase applied")
+    assert st["life"]["revenue"] == 12.0 and st["consent"]["marketing"][0] is False
+    assert "rich" not in quarantined(s)
+
+
+async def _produce_to(bootstrap: str, topic: str, key: bytes, value: bytes, partition: int) -> None:
+    from aiokafka import AIOKafkaProducer
+    p = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await p.start()
+    try:
+        await (await p.send(topic, key=key, value=value, partition=partition))
+    finally:
+        await p.stop()

@@ -192,36 +192,44 @@ def test_erase_removes_state_timers_and_segment_counts():
     assert eng.erase("nobody", 0)["state"] is False
 
 
-def test_restore_takes_the_clock_from_the_committed_input_position():
-    """After a crash the saved states can be ahead of the committed offsets; the watermark must
-    restart where the re-read begins, or timers fire before events that cancel them."""
+def test_restore_resumes_at_the_saved_position_and_skips_what_the_states_hold():
+    """After a crash the changelog holds every batch up to the newest clock-log entry (written
+    after the batch's states) and maybe part of the next batch. The clock restarts at that entry,
+    the re-read up to it is skipped, and the partly saved batch's events, duplicates for the users
+    saved, move the clock as they did the first time: the watermark, the states and the timers
+    agree with a run without the crash."""
     from clickpulse.engine import CLOCK_KEY_PREFIX, clock_key
     eng = _engine(models=False)
     t0 = 1_569_924_000_000                                  # 2019-10-01T10:00:00Z
-    eng.step([(0, event("add_to_cart", user="a", product_id="p", at=t0))], 0)
+    eng.commit(eng.step([(0, event("add_to_cart", user="a", product_id="p", at=t0))], 0))
+    saved_a = eng.table[b"a"]                               # a as saved with its cart timer pending
     eng.commit(eng.step([(0, event("page_view", user="b", at=t0 + 1_700_000))], 0))
-    log1 = eng.checkpoint(0, {"valid": 1})                  # offsets 0-1 seen: clock at t0 + 1700 s
-    eng.commit(eng.step([(0, event("page_view", user="c", at=t0 + 1_900_000))], 0))
-    log2 = eng.checkpoint(0, {"valid": 2})                  # offset 2 seen too
+    log1 = eng.checkpoint(0, {"valid": 1})                  # offsets 0-1 saved: clock at t0 + 1700 s
+    c_event = event("page_view", user="c", at=t0 + 1_900_000)
+    em = eng.step([(0, c_event)], 0)                        # offset 2: fires a's cart timer (due t0 + 1800 s)
+    assert [x["type"] for x in em.actions] == ["cart_abandoned"]
+    eng.commit(em)
     key = clock_key(0, lambda k: 0)
     assert key.startswith(CLOCK_KEY_PREFIX)
+    # the SIGKILL came after c's new state reached the changelog, before a's and the clock log did
     table = dict(eng.table)
-    table[key] = log2
-    # 'a' is saved with its cart timer pending; 'c' (offset 2) is saved too but not committed
+    table[b"a"] = saved_a
+    table[key] = log1
     fresh = _engine(models=False)
     fresh.table = table
-    fresh.restore([0], table.items(), 0, committed={("valid", 0): 2})
-    assert fresh.clocks[0].watermark(0) == t0 + 1_700_000 - 60_000   # not t0 + 1900 s - 60 s
-    assert fresh.step([], 0, tick=[0]).actions == []        # a's timer (due t0 + 1800 s) waits
-    # nothing committed at all: the clock waits for the re-read events
-    fresh2 = _engine(models=False)
-    fresh2.restore([0], table.items(), 0, committed={("valid", 0): None})
-    assert fresh2.clocks[0].watermark(0) is None
-    # no committed offsets known: the newest event time in the states (the previous behaviour)
-    fresh3 = _engine(models=False)
-    fresh3.restore([0], table.items(), 0)
-    assert fresh3.clocks[0].watermark(0) == t0 + 1_900_000 - 60_000
-    assert orjson.loads(log1)["log"][0]["t"] == t0 + 1_700_000
+    assert fresh.restore([0], table.items(), 0, committed={("valid", 0): 0}) == 1   # a's timer
+    assert fresh.clocks[0].watermark(0) == t0 + 1_700_000 - 60_000
+    assert fresh.positions[0] == {"valid": 1}
+    assert [fresh.redelivered(0, "valid", o) for o in (0, 1, 2)] == [True, True, False]
+    again = fresh.step([(0, c_event)], 0)                   # a duplicate for c: moves the clock all the same
+    assert again.applied[0].duplicate
+    assert [(x["type"], x["user_key"]) for x in again.actions] == [("cart_abandoned", "a")]
+    assert again.actions[0]["action_id"] == em.actions[0]["action_id"]      # the same action, again
+    # without a clock log (an older table): the newest event time in the states
+    old = _engine(models=False)
+    old.restore([0], [(k, v) for k, v in table.items() if k != key], 0)
+    assert old.clocks[0].watermark(0) == t0 + 1_900_000 - 60_000 and old.positions[0] == {}
+    assert orjson.loads(log1)["log"][-1]["t"] == t0 + 1_700_000
 
 
 # ------------------------------------------------------------------ with identity stitching
@@ -285,3 +293,24 @@ def test_identity_stitching_gives_the_same_carts_for_any_batch_size_and_partitio
     plain, _t, _x = _run(500, 4)
     assert _cart(ref.actions) == _cart(plain)
     assert not any(k.startswith("anon:") for _id, k, _t in _cart(ref.actions))
+
+
+def test_events_forwarded_again_by_the_ingest_are_recognised_by_their_raw_position():
+    """Two hops: after a restart the ingest forwards again from its committed raw offsets, so the
+    valid topic holds some events twice, at new offsets; the raw position each carries tells."""
+    from clickpulse.engine import clock_key
+    eng = _engine(models=False)
+    assert [eng.redelivered(0, "valid", o, (3, r)) for o, r in ((0, 10), (1, 11), (2, 9), (3, 11), (4, 12))] \
+        == [False, False, True, True, False]
+    assert eng.redelivered(0, "valid", 5, (2, 0)) is False          # another raw partition
+    blob = eng.checkpoint(0, {"valid": 5})
+    assert orjson.loads(blob)["log"][-1]["s"] == {"3": 12, "2": 0}
+    fresh = _engine(models=False)
+    fresh.restore([0], [(clock_key(0, lambda k: 0), blob)], 0)
+    assert fresh.redelivered(0, "valid", 6, (3, 12)) is True and fresh.redelivered(0, "valid", 7, (3, 13)) is False
+    assert fresh.redelivered(0, "valid", 5) is True and fresh.redelivered(0, "valid", 6) is False
+    # a broken clock log never stops a restore
+    broken = _engine(models=False)
+    broken.restore([0], [(clock_key(0, lambda k: 0),
+                          b'{"p": 0, "log": [{"o": {"valid": "x"}, "s": [1], "t": "y"}]}')], 0)
+    assert broken.positions[0] == {} and broken.sources[0] == {} and broken.clocks[0].watermark(0) is None

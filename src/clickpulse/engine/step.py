@@ -47,6 +47,7 @@ import collections
 import copy
 import functools
 import logging
+import math
 from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -59,6 +60,7 @@ from ..models.labels import after_event, before_event, next_due, on_watermark
 from ..models.labels import Outcome as ModelOutcome
 from ..models.tiers import session_features
 from ..observability.metrics import Metrics, type_label
+from ..quarantine import REPAIRABLE_FIELDS
 from ..records import ActionRecord
 from ..rules import triggers
 from ..rules.bots import BotConfig, is_bot
@@ -90,8 +92,9 @@ MODEL_ACTION_TASKS = {"high_intent": "intent", "churn_risk": "churn"}
 #: table keys of the partitions' clock logs start with this byte string: never valid UTF-8, so
 #: never a user key (user keys are encoded strings)
 CLOCK_KEY_PREFIX = b"\xffclock:"
-#: batches a partition's clock log remembers
-CLOCK_LOG_LEN = 64
+#: batches a partition's clock log remembers (only the newest is used by :meth:`Engine.restore`;
+#: the others are kept for inspection)
+CLOCK_LOG_LEN = 4
 
 
 def clock_key(partition: int, place: Callable[[bytes], int]) -> bytes:
@@ -106,15 +109,11 @@ def clock_key(partition: int, place: Callable[[bytes], int]) -> bytes:
         n += 1
 
 
-def _committed_checkpoint(entries: list[dict[str, Any]], partition: int,
-                          committed: Mapping[tuple[str, int], int | None]) -> dict[str, Any] | None:
-    """The newest clock-log entry whose offsets are all below the committed offsets."""
-    for entry in reversed(entries):
-        offs = entry.get("o") or {}
-        if offs and all((c := committed.get((topic, partition))) is not None and off < c
-                        for topic, off in offs.items()):
-            return entry
-    return None
+def _int_map(obj: Any) -> dict[Any, int]:
+    """A clock-log position map with its integer values only (a broken entry never raises)."""
+    if not isinstance(obj, dict):
+        return {}
+    return {k: v for k, v in obj.items() if isinstance(v, int) and not isinstance(v, bool)}
 
 
 def is_dormant(st: UserState) -> bool:
@@ -128,6 +127,31 @@ def dormant(st: UserState) -> UserState:
     return UserState(key=st.key, partition=st.partition, user_id=st.user_id, anonymous_id=st.anonymous_id,
                      life=st.life, consent=st.consent, merged_into=st.merged_into, merged=st.merged,
                      recent_ids=st.recent_ids if st.merged_into is not None else RecentIds())
+
+
+def merge_lifetimes(a: Any, b: Any) -> Any:
+    """Totals over two disjoint parts of a user's history (before and after a quarantine):
+    counts and revenue summed, first/last seen the extremes (``last_wall_ms`` follows last seen)."""
+    out = copy.copy(a)
+    firsts = [t for t in (a.first_ms, b.first_ms) if t is not None]
+    out.first_ms = min(firsts) if firsts else None
+    if b.last_ms is not None and (a.last_ms is None or b.last_ms > a.last_ms):
+        out.last_ms, out.last_wall_ms = b.last_ms, b.last_wall_ms
+    for name in ("events", "sessions", "orders", "converted_sessions"):
+        setattr(out, name, getattr(a, name) + getattr(b, name))
+    out.revenue = a.revenue + b.revenue
+    return out
+
+
+def merge_consent(a: dict[str, list[Any]], b: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """Consent decisions of both: per purpose, the one with the later event time (``[granted,
+    time ms]``; ``b`` wins a tie: it is the newer history)."""
+    out = {k: list(v) for k, v in a.items()}
+    for purpose, dec in b.items():
+        mine = out.get(purpose)
+        if mine is None or not isinstance(mine[1], int) or (isinstance(dec[1], int) and dec[1] >= mine[1]):
+            out[purpose] = list(dec)
+    return out
 
 
 @functools.lru_cache(maxsize=4)
@@ -244,6 +268,11 @@ class Engine:
         self.rule_errors = 0
         self._logged_rule_errors: set[str] = set()
         self.clock_log: dict[int, collections.deque[dict[str, Any]]] = {}
+        #: per partition: {input topic: offset of the newest event whose effect the saved states
+        #: hold} (restored from the clock log; see :meth:`redelivered`)
+        self.positions: dict[int, dict[str, int]] = {}
+        #: per partition: {raw partition: highest raw offset of a forwarded event applied}
+        self.sources: dict[int, dict[int, int]] = {}
         self.cache_users = cache_users
         self._cache: dict[str, UserState] = {}
         #: when set (``UserState -> view``, e.g. :func:`clickpulse.metrics.business.user_view`),
@@ -848,8 +877,10 @@ class Engine:
             em.count("users_new")
         if is_duplicate(st, event):
             em.count("duplicates")
-            # a re-read event (after a crash) does not move the clock: with two hops, events the
-            # first ingest never forwarded come back behind it and must not be taken as late
+            # it moves the clock as its first copy did: after a crash, the re-read events of a
+            # batch whose states were partly saved are duplicates for the users saved, and the
+            # watermark must advance through them as it did the first time (see restore)
+            clock.observe(int(event["timestamp_ms"]), wall_ms)
             self._fire(tx, partition, wall_ms, em)
             return Applied(duplicate=True)
         tx.dirty.add(key)
@@ -1092,17 +1123,23 @@ class Engine:
 
     def restore(self, partitions: Iterable[int], items: Iterable[tuple[bytes, bytes]], wall_ms: int,
                 committed: Mapping[tuple[str, int], int | None] | None = None) -> int:
-        """Rebuild clocks, timer indexes and aggregates of ``partitions`` from the recovered table.
+        """Rebuild clocks, timer indexes, positions and aggregates of ``partitions`` from the
+        recovered table.
 
-        ``committed``: the consumer group's committed offsets ``{(topic, partition): offset}``.
-        With them, a partition's clock restarts from its clock log (:meth:`checkpoint`, stored in
-        the table under :func:`clock_key`) at the newest checkpoint whose events are all
-        committed — the watermark as it was at the input position the worker resumes from; the
-        re-read events already in the states (duplicates) do not move it, the others do, so no
-        timer fires early because the saved states ran ahead of the committed offsets, and events
-        the first ingest never forwarded are not taken as late when they come back. Without a usable
-        checkpoint the watermark waits for the re-read events (never early); without
-        ``committed`` (or a clock log) it is the newest event time in the partition's states.
+        A partition's clock log (:meth:`checkpoint`, stored in the table under
+        :func:`clock_key`) is written after the state records of its batch, in the same changelog
+        partition, so the newest entry recovered marks an input position whose effects **all**
+        saved states hold: the clock restarts there (the watermark as it was at that position),
+        and :meth:`redelivered` skips the input up to it when it is read again — the states, the
+        timers and the watermark agree, whatever the committed offsets. Only the records of the
+        one batch the crash interrupted can be ahead of it (some of its users saved, others
+        not); re-read, their events are duplicates for the saved users (the worker keeps a
+        user's events per batch within the de-duplication depth) and move the clock as they did
+        the first time. A partition without a clock log restarts without a watermark (the re-read
+        sets it); a table without any clock log (written before they existed) restarts from the
+        newest event time in the partition's states.
+
+        ``committed`` (the consumer group's offsets) is accepted for compatibility and not used.
 
         Returns the number of pending timers restored.
         """
@@ -1113,12 +1150,10 @@ class Engine:
             if p not in keep:
                 del self.clocks[p]
                 self.timers.pop(p, None)
-        for p in list(self.segment_members):
-            if p not in keep:
-                del self.segment_members[p]
-        for p in list(self.population):
-            if p not in keep:
-                del self.population[p]
+        for per in (self.segment_members, self.population, self.positions, self.sources, self.clock_log):
+            for p in list(per):
+                if p not in keep:
+                    del per[p]
         self.arms = {p: {} for p in keep}
         for p in keep:  # rebuilt below from the recovered table
             self.segment_members[p] = {}
@@ -1132,7 +1167,9 @@ class Engine:
             if key.startswith(CLOCK_KEY_PREFIX):
                 try:
                     log_p = orjson.loads(raw)
-                    logs[int(log_p["p"])] = list(log_p["log"])
+                    entries = [e for e in log_p["log"] if isinstance(e, dict)]
+                    if entries:
+                        logs[int(log_p["p"])] = entries
                 except Exception:  # noqa: BLE001 - a broken clock log: restore from the states
                     log.warning("ignoring an undecodable clock log under %r", key)
                 continue
@@ -1157,26 +1194,70 @@ class Engine:
             self.pending_predictions += len(st.ml.get("pi", []))
         for p in keep:
             clock = self.clock(p)
-            self.clock_log[p] = collections.deque(logs.get(p, ()), maxlen=CLOCK_LOG_LEN)
-            entry = None
-            if committed is not None and p in logs:
-                entry = _committed_checkpoint(logs[p], p, committed)
-                if entry is None:  # nothing known to be committed: the re-read events set the clock
-                    clock.restore(None, wall_ms, None)
-                else:
-                    clock.restore(entry["t"], wall_ms, entry.get("w"))
+            if not clock.closed:  # restarts from the recovered table alone (a closed time stays closed)
+                clock.max_ts = clock.wm = clock.last_event_wall = None
+            entries = logs.get(p)
+            self.clock_log[p] = collections.deque(entries or (), maxlen=CLOCK_LOG_LEN)
+            if entries:
+                newest = entries[-1]
+                t = newest.get("t")
+                clock.restore(t if isinstance(t, int) else None, wall_ms,
+                              newest.get("w") if isinstance(newest.get("w"), int) else None)
+                self.positions[p] = {str(k): v for k, v in _int_map(newest.get("o")).items()}
+                self.sources[p] = {int(k): v for k, v in _int_map(newest.get("s")).items()
+                                   if str(k).lstrip("-").isdigit()}
             else:
-                clock.restore(max_ts.get(p), wall_ms, max_wall.get(p))
+                # no clock log: nothing of this partition was saved completely (the crash cut its
+                # first batch: the re-read events set the clock), or the table predates clock
+                # logs (none at all: the newest event time in the states, as before them)
+                clock.restore(None if logs else max_ts.get(p), wall_ms, None if logs else max_wall.get(p))
+                self.positions[p] = {}
+                self.sources[p] = {}
             self.timers[p].rebuild(due[p])
         return sum(len(v) for v in due.values())
 
+    def redelivered(self, partition: int, topic: str, offset: int, source: tuple[int, int] | None = None) -> bool:
+        """True when an input message must be skipped because its effect is already in the state:
+
+        * ``offset`` is at or before the partition's restored position on ``topic`` (a re-read
+          after a restart: the saved states hold it, see :meth:`restore`);
+        * ``source`` (``(raw partition, raw offset)`` of an event the ingest stage forwarded) is
+          at or before the highest raw offset of that raw partition applied on this partition:
+          the ingest forwarded it again after a restart (it resumes from its own committed
+          offsets). A raw partition's events reach a valid partition in raw-offset order, so
+          this is exact.
+
+        Otherwise records ``source`` as applied and returns False. Not transactional: call it
+        for the messages of a batch right before :meth:`step`, and checkpoint after it.
+        """
+        pos = self.positions.get(partition)
+        if pos:
+            done = pos.get(topic)
+            if done is not None and offset <= done:
+                return True
+        if source is not None:
+            hw = self.sources.setdefault(partition, {})
+            src_p, src_off = source
+            if src_off <= hw.get(src_p, -1):
+                return True
+            hw[src_p] = src_off
+        return False
+
     def checkpoint(self, partition: int, offsets: Mapping[str, int]) -> bytes:
-        """Record the partition's clock as of the input ``offsets`` (``{topic: offset of the last
-        event of the batch}``) in its clock log (the last :data:`CLOCK_LOG_LEN` batches); returns
-        the log serialized, for the table under :func:`clock_key` (see :meth:`restore`)."""
+        """Record the partition's input position after a batch: ``offsets`` (``{topic: offset of
+        the last message of the batch}``, merged into the previous position), the raw positions
+        of the forwarded events applied (:meth:`redelivered`) and the clock, in its clock log (the
+        last :data:`CLOCK_LOG_LEN` batches). Returns the log serialized, for the table under
+        :func:`clock_key`, to be written **after** the batch's state records of this partition
+        (see :meth:`restore`)."""
         c = self.clock(partition)
+        pos = self.positions.setdefault(partition, {})
+        for topic, off in offsets.items():
+            if off > pos.get(topic, -1):
+                pos[topic] = off
         q = self.clock_log.setdefault(partition, collections.deque(maxlen=CLOCK_LOG_LEN))
-        q.append({"o": dict(offsets), "t": c.max_ts, "w": c.last_event_wall})
+        q.append({"o": dict(pos), "s": {str(k): v for k, v in self.sources.get(partition, {}).items()},
+                  "t": c.max_ts, "w": c.last_event_wall})
         return orjson.dumps({"p": partition, "log": list(q)})
 
     def expire_step(self, partition: int, retention_ms: int, wall_ms: int, limit: int = 10_000,
@@ -1299,6 +1380,111 @@ class Engine:
             self._rollback(tx)
             raise
         return em
+
+    def repair_step(self, user_key: str, partition: int, quarantined: bytes, mode: str = "retry",
+                    drop_fields: Iterable[str] = (), wall_ms: int = 0) -> tuple[Emitted, dict[str, Any]]:
+        """Put a quarantined user's state back (``clickpulse quarantine repair``).
+
+        ``quarantined`` is the state moved aside (the quarantine record's ``state_b64``). It is
+        decoded with the running code, then:
+
+        * ``mode="retry"`` (after a code fix): used as it is, minus the parts named in
+          ``drop_fields`` (each reset to empty: one of :data:`REPAIRABLE_FIELDS`);
+        * ``mode="reset"``: only its durable record is kept (identifiers, consent decisions,
+          lifetime totals; :func:`dormant`).
+
+        The result must survive what failed before: a round trip through the codec, the profile,
+        its timers (:meth:`_due`) and the engine's profile fields; otherwise nothing changes.
+        It is then merged with the state the user went on with since the quarantine (the
+        current one): with ``retry`` the repaired behavioral state replaces the current one,
+        with ``reset`` the current one stays; in both, consent decisions (the later one per
+        purpose) and lifetime totals (summed: the two histories are disjoint) of both are kept.
+
+        Returns ``(Emitted, summary)``; ``summary["outcome"]`` is ``"repaired"`` (the step holds
+        the new state) or ``"failed"`` (``summary["error"]`` says why; the step is empty).
+        """
+        drop = sorted(set(drop_fields))
+        summary: dict[str, Any] = {"outcome": "failed", "mode": mode, "drop_fields": drop, "error": None,
+                                   "merged_with_current": False}
+        em = Emitted()
+        try:
+            if mode not in ("retry", "reset"):
+                raise ValueError(f"unknown repair mode {mode!r} (retry, reset)")
+            unknown = [f for f in drop if f not in REPAIRABLE_FIELDS]
+            if unknown:
+                raise ValueError(f"cannot drop {unknown}: one of {sorted(REPAIRABLE_FIELDS)}")
+            old = UserState.from_bytes(quarantined)
+            if old.key != user_key:
+                raise ValueError(f"the quarantined state is user {old.key!r}'s, not {user_key!r}'s")
+            fixed = dormant(old) if mode == "reset" else old
+            blank = UserState(key=user_key)
+            for name in drop:
+                setattr(fixed, name, copy.deepcopy(getattr(blank, name)))
+            fixed.partition = partition
+            self._check(fixed)                                # what failed before, tried now
+            fixed = UserState.from_bytes(fixed.to_bytes())
+        except Exception as err:  # noqa: BLE001 - the reason goes to the audit record
+            summary["error"] = f"{type(err).__name__}: {err}"[:1000]
+            em.count("users_repaired", "failed")
+            return em, summary
+        tx = _Tx(self)
+        try:
+            try:
+                current = self._get(tx, user_key)
+            except Exception:  # noqa: BLE001 - the current state is broken too: the repaired one replaces it
+                current = None
+            if current is not None:
+                summary["merged_with_current"] = True
+                self._count_population(current, -1)
+                members = self.segment_members.setdefault(current.partition, {})
+                for seg in current.rules.get("seg", []):
+                    members[seg] = max(0, members.get(seg, 0) - 1)
+                self.pending_predictions = max(0, self.pending_predictions - len(current.ml.get("pi", [])))
+                base, other = (current, fixed) if mode == "reset" else (fixed, current)
+                merged = copy.deepcopy(base)
+                merged.life = merge_lifetimes(fixed.life, current.life)
+                merged.consent = merge_consent(fixed.consent, current.consent)
+                for attr in ("user_id", "anonymous_id"):
+                    if getattr(merged, attr) is None:
+                        setattr(merged, attr, getattr(other, attr))
+                merged.partition = partition
+                fixed = UserState.from_bytes(merged.to_bytes())
+                self._check(fixed)
+            self._count_population(fixed, +1)
+            members = self.segment_members.setdefault(partition, {})
+            for seg in fixed.rules.get("seg", []):
+                members[seg] = members.get(seg, 0) + 1
+            self.pending_predictions += len(fixed.ml.get("pi", []))
+            tx.users[user_key] = fixed
+            tx.dirty.add(user_key)
+            tx.deleted.discard(user_key)
+            self.timers.setdefault(partition, TimerIndex()).set(user_key, self._due(fixed))
+            self._finish(tx, em)
+        except Exception as err:  # noqa: BLE001
+            self._rollback(tx)
+            summary["error"] = f"{type(err).__name__}: {err}"[:1000]
+            em = Emitted()
+            em.count("users_repaired", "failed")
+            return em, summary
+        summary["outcome"] = "repaired"
+        em.count("users_repaired", "repaired")
+        log.info("user %s repaired from quarantine (%s%s)", user_key, mode,
+                 f", dropped {', '.join(drop)}" if drop else "")
+        return em, summary
+
+    def _check(self, st: UserState) -> None:
+        """Raise when ``st`` cannot be processed: codec round trip, profile, timers, profile fields,
+        finite lifetime totals (what the quarantined states failed at)."""
+        UserState.from_bytes(st.to_bytes())
+        st.profile(engagement=self.cfg.engagement, extra=self.profile_extra(st))
+        self._due(st)
+        life = st.life
+        for name in ("events", "sessions", "orders", "converted_sessions"):
+            v = getattr(life, name)
+            if not isinstance(v, int) or v < 0:
+                raise ValueError(f"lifetime {name} is {v!r}")
+        if not isinstance(life.revenue, int | float) or not math.isfinite(life.revenue):
+            raise ValueError(f"lifetime revenue is {life.revenue!r}")
 
     def pending_timers(self) -> int:
         return sum(len(t) for t in self.timers.values())

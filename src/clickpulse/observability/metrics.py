@@ -38,6 +38,10 @@ class Metrics:
                                  "Events applied to user state (after de-duplication), by type", ["type"], registry=r)
         self.duplicates = Counter("clickpulse_events_duplicate_total", "Events dropped as duplicates (same event_id)",
                                   registry=r)
+        self.redelivered = Counter("clickpulse_events_redelivered_total",
+                                   "Input messages skipped after a restart because the saved state already holds "
+                                   "them (re-read below the restored position, or forwarded again by the ingest)",
+                                   ["topic"], registry=r)
         self.late = Counter("clickpulse_events_late_total",
                             "Events behind the watermark (not counted in windows; lifetime still updated)", registry=r)
         self.clock_corrected = Counter("clickpulse_events_clock_corrected_total",
@@ -120,6 +124,17 @@ class Metrics:
         self.users_quarantined = Counter("clickpulse_users_quarantined_total",
                                          "Users whose stored state could not be processed: moved to the quarantine "
                                          "topic, continuing from a fresh state", registry=r)
+        self.input_gaps = Counter("clickpulse_input_gaps_total",
+                                  "Runs of input offsets the consumer never delivered to the worker (a jump in "
+                                  "a partition's offsets; Faust may commit past them: those events are lost)",
+                                  ["topic"], registry=r)
+        self.commit_stalls = Counter("clickpulse_commit_stalls_total",
+                                     "Checks (every 30 s) that found an input partition whose offset commits cannot "
+                                     "advance (its oldest uncommitted message never acknowledged)", registry=r)
+        self.users_repaired = Counter("clickpulse_users_repaired_total",
+                                      "clickpulse quarantine repair requests carried out, by outcome (repaired: the "
+                                      "state is back; failed: it still cannot be processed, nothing changed)",
+                                      ["outcome"], registry=r)
         self.profile_errors = Counter("clickpulse_profile_errors_total",
                                       "Redis profiles that could not be built (skipped)", registry=r)
         self.users_deleted = Counter("clickpulse_users_deleted_total",

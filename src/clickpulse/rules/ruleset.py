@@ -570,9 +570,12 @@ def _to_activation(act: Any) -> Any:
 
 
 def _json(v: Any) -> Any:
-    """A CEL result as JSON-friendly Python (str keys, RFC 3339 timestamps, seconds, base64)."""
+    """A CEL result as JSON-friendly Python (str keys, RFC 3339 timestamps, seconds, base64).
+    Map keys are sorted: the CEL runtime's maps iterate in an order that differs between
+    processes, and an action re-published by a restarted worker must be byte-identical to its
+    first copy (docs/delivery.md)."""
     if isinstance(v, Mapping):
-        return {str(_json(k)): _json(x) for k, x in v.items()}
+        return dict(sorted((str(_json(k)), _json(x)) for k, x in v.items()))
     if isinstance(v, list | tuple):
         return [_json(x) for x in v]
     if v is None or isinstance(v, str | bool | int):

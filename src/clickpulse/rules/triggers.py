@@ -190,7 +190,8 @@ class RuleContext:
     bots
         Bot-detection thresholds.
     created_at
-        Wall-clock publication time of the actions (RFC 3339), their only non-deterministic field.
+        Wall-clock publication time of the actions (RFC 3339); with ``payload.recommendations`` (from
+        the worker's in-memory model) their only fields that can differ when a decision is re-published.
     incremental
         Reuse unchanged conditions' results (module docstring); ``None``: :data:`INCREMENTAL`.
     recommend

@@ -1,0 +1,67 @@
+"""The worker's Publisher: a publish the broker refused for a transient reason ends the process
+before the input can be committed; one it can never take is counted and the worker goes on."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError, NotEnoughReplicasError
+from prometheus_client import CollectorRegistry
+
+from clickpulse.app import Publisher, transient
+from clickpulse.observability.metrics import Metrics
+
+
+def _publisher(outcomes: list[BaseException | None]):
+    async def run():
+        loop = asyncio.get_running_loop()
+        futs = []
+
+        async def send(*args):
+            fut = loop.create_future()
+            futs.append(fut)
+            return fut
+        pub = Publisher(SimpleNamespace(producer=SimpleNamespace(send=send)), Metrics(CollectorRegistry()), 4)
+        exits: list[int] = []
+        pub.on_fatal = exits.append
+        await pub.send([("t", b"k", b"v", None, None)] * len(outcomes))
+        for fut, err in zip(futs, outcomes, strict=True):
+            if err is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(err)
+        await asyncio.sleep(0)  # the done callbacks
+        exited = list(exits)
+        await pub.drain()
+        return exited, pub.metrics.publish_errors._value.get()
+    return asyncio.run(run())
+
+
+def test_a_transient_failure_ends_the_process_before_anything_else_runs():
+    exited, errors = _publisher([None, KafkaTimeoutError()])
+    assert exited == [75] and errors == 1
+
+
+def test_a_record_the_broker_can_never_take_is_counted_and_the_worker_goes_on():
+    exited, errors = _publisher([MessageSizeTooLargeError(), None])
+    assert exited == [] and errors == 1
+
+
+def test_which_failures_are_transient():
+    assert transient(KafkaTimeoutError()) and transient(NotEnoughReplicasError())
+    assert not transient(MessageSizeTooLargeError()) and not transient(ValueError())
+
+
+def test_input_gaps_stop_the_worker_once_and_accept_a_real_hole(tmp_path):
+    from clickpulse.app import InputGaps
+    m = Metrics(CollectorRegistry())
+    msg = lambda p, o: SimpleNamespace(topic="t", partition=p, offset=o)  # noqa: E731
+    gaps = InputGaps(m, lambda topic, p: {0: 10}.get(p), str(tmp_path), lambda topic, p: {1: 2}.get(p))
+    assert all(gaps.see(msg(p, o)) for p, o in ((0, 10), (0, 11), (1, 3), (1, 4), (0, 11), (2, 7), (2, 8)))
+    assert m.input_gaps.labels("t")._value.get() == 0     # from committed, saved position, first message
+    assert gaps.see(msg(0, 15)) is False                   # 12-14 never delivered: stop
+    assert m.input_gaps.labels("t")._value.get() == 1
+    again = InputGaps(m, lambda topic, p: 12, str(tmp_path))   # the successor, same hole again
+    assert again.see(msg(0, 15)) is True                   # a real hole: accepted
+    assert again.see(msg(0, 16)) is True
