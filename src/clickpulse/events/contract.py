@@ -9,8 +9,11 @@
    other context objects, identify traits in ``context.traits``, ``products[]`` totals), then
    maps Segment spec messages (``{"type": "track", "event": "Product Added", "userId": ...}``)
    and Segment event names onto canonical names and fields;
-3. requires ``user_id`` or ``anonymous_id`` (``missing_identity``), parses the event time
-   (RFC 3339 with offset, or epoch milliseconds; ``bad_timestamp``) and clamps times further
+3. strips surrounding whitespace from the ids (a blank id is absent), requires ``user_id`` or
+   ``anonymous_id`` (``missing_identity``), checks them (:func:`check_identity`: printable, at
+   most 128 characters, no ``user_id`` in the guest key space ``anon:``; ``bad_identity``),
+   parses the event time (RFC 3339 with offset, or epoch milliseconds, any number below 1e11
+   refused as epoch seconds; ``bad_timestamp``) and clamps times further
    than ``max_future_skew_ms`` past the receive time (``sent_at``/``received_at`` correct the
    client clock when present, as in Segment's timestamp correction);
 4. derives a deterministic ``event_id`` from the content when there is none;
@@ -20,7 +23,14 @@
    checking), whose first error (by field path) is the detail and whose verdict is final;
 6. bounds money and quantities (``out_of_range``): the numeric money fields of ``properties``
    (:data:`MONEY_FIELDS`) must be finite with ``abs(x) <= max_money`` and ``quantity`` at most
-   ``max_quantity``, so no event can push a user's lifetime revenue to ``inf``.
+   ``max_quantity``, so no event can push a user's lifetime revenue to ``inf``; then any integer
+   anywhere in the event outside ``[-2**53, 2**53]`` (:data:`MAX_JSON_INT`) is ``out_of_range``
+   (found by a byte scan for 16 digits in a row, walked only when there is one).
+
+Every string the state keeps has a schema limit (``schema``, ``... is too long (maxLength N)``;
+listed in the README, *Topics and schemas*), and schema details are built from the failed rule,
+never from the value (:func:`describe_error`). A key repeated in one JSON object is not
+detected: the last value wins (orjson's reading).
 
 JSON numbers beyond the double range (``1e400``) and ``NaN``/``Infinity`` are refused by the JSON
 decoder (``not_json``); :func:`normalize`, which takes already-decoded objects, rejects any
