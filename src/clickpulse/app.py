@@ -274,6 +274,11 @@ def transient(err: BaseException) -> bool:
                                                                  | asyncio.TimeoutError)
 
 
+def _dead_letter_log() -> Any:
+    from .events.dlq import DeadLetterLog
+    return DeadLetterLog(log)
+
+
 @dataclass
 class Worker:
     """What the wiring functions share."""
@@ -291,6 +296,8 @@ class Worker:
     controls_seen: set[tuple[str, Any, int]] = field(default_factory=set)
     #: business metrics fed by every step (clickpulse.metrics.business; see _wire_business)
     business: Any = None
+    #: dead letters logged at DEBUG, summarized at most every 10 s (clickpulse.events.dlq.DeadLetterLog)
+    dead_letters: Any = field(default_factory=lambda: _dead_letter_log())
 
     # -- output ------------------------------------------------------------------------------
     def records(self, em: Emitted) -> list[tuple[str, bytes | None, bytes, int | None, Any]]:
@@ -375,7 +382,7 @@ class Worker:
             rec = self.pii.redact_dead_letter(rec)
             if not self.pii.keep_dlq_payload:
                 key = None
-        log.info("dead-letter %s at %s[%d]@%d: %s", err.reason, msg.topic, msg.partition, msg.offset, rec["detail"])
+        self.dead_letters.record(err.reason, f"{msg.topic}[{msg.partition}]@{msg.offset}", rec["detail"])
         return (self.settings.topic_dlq, key, orjson.dumps(rec), None, None)
 
     # -- privacy ---------------------------------------------------------------------------------

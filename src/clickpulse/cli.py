@@ -27,11 +27,11 @@ from typing import Any
 
 import orjson
 
-from .errors import ClickpulseError, ConfigError, ServiceError
+from .errors import ClickpulseError, ConfigError, DatasetError, ServiceError, error_text
 from .ingest.datasets import BUNDLED_SAMPLE
 from .ingest.replay import FORMATS, messages, publish
-from .runtime import Progress, check_port_free
 from .quarantine import REPAIRABLE_FIELDS
+from .runtime import Progress, check_port_free
 from .settings import Settings
 from .topics import ensure_topics, kafka_unreachable
 
@@ -105,8 +105,20 @@ def cmd_report_experiments(args: argparse.Namespace) -> int:
     from .experiments.report import aggregate, analyze, format_table, set_gauges
 
     if args.file:
+        records = []
         with open(args.file, "rb") as fh:
-            records = [orjson.loads(line) for line in fh if line.strip()]
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = orjson.loads(line)
+                except orjson.JSONDecodeError as err:
+                    raise DatasetError(f"{args.file}: not a JSONL file of experiment records: line {lineno} is "
+                                      f"not JSON ({err})") from None
+                if not isinstance(rec, dict):
+                    raise DatasetError(f"{args.file}: not a JSONL file of experiment records: line {lineno} is "
+                                      f"a JSON {type(rec).__name__}, not an object")
+                records.append(rec)
         source = args.file
     else:
         from .runtime import read_topic
@@ -119,7 +131,8 @@ def cmd_report_experiments(args: argparse.Namespace) -> int:
             except orjson.JSONDecodeError:
                 records.append({})  # counted as malformed below
     data, bad = aggregate(records)
-    results = analyze(data, alpha=args.alpha, tau2=args.tau2, baseline=args.baseline)
+    results = analyze(data, alpha=args.alpha, tau2=args.tau2, baseline=args.baseline,
+                      declared=_declared_shares())
     if args.json:
         print(orjson.dumps(results, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY).decode())
     else:
@@ -133,6 +146,21 @@ def cmd_report_experiments(args: argparse.Namespace) -> int:
         set_gauges(m, results)
         write_to_textfile(args.textfile, m.registry)
     return 0
+
+
+def _declared_shares() -> dict[str, dict[str, float]]:
+    """Experiment -> arm -> share of the configured rules (CLICKPULSE_RULES_PATH), to name the arms
+    that have no exposure in the SRM check; empty when the rules cannot be read (the records'
+    own shares still count)."""
+    from .rules.ruleset import load_rules
+    try:
+        path = Settings.from_env().rules_file
+        rs = load_rules(path) if path is not None else None
+    except ClickpulseError as err:
+        log.info("experiment shares from the records only (rules not read: %s)", err)
+        return {}
+    return {t.experiment.name: t.experiment.expected_shares() for t in (rs.triggers if rs else ())
+            if t.experiment is not None}
 
 
 def cmd_rules_check(args: argparse.Namespace) -> int:
@@ -159,12 +187,52 @@ def cmd_rules_check(args: argparse.Namespace) -> int:
             print(f"    experiment {t.experiment.name}: {shares}; window {t.experiment.window_s:g} s")
     for w in rs.warnings:
         print(f"  warning: {w}")
+    for w in _pii_dropped_reads(path):
+        print(f"  warning: {w}")
     return 0
 
 
+def _pii_dropped_reads(path: str) -> list[str]:
+    """One warning per ``event.properties.<k>`` / ``event.context.<k>`` the rules file reads that
+    the configured PII policy (CLICKPULSE_PII_POLICY_PATH) drops at ingest: such a condition is
+    valid but never sees the key (it is always absent)."""
+    import re
+
+    import yaml
+
+    from .events.pii import PiiPolicy
+    policy = PiiPolicy.from_settings(Settings.from_env())
+    kept = {sec: getattr(policy, sec) | {h.name for h in policy.hash if h.section == sec}
+            for sec in ("properties", "context")}
+    ref = re.compile(r"""\bevent\.(properties|context)(?:\.([A-Za-z_][A-Za-z0-9_]*)|\[\s*["']([^"']+)["']\s*\])""")
+    found: set[tuple[str, str]] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, str):
+            for m in ref.finditer(node):
+                found.add((m.group(1), m.group(2) or m.group(3)))
+        elif isinstance(node, dict):
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+    with open(path, "rb") as fh:
+        walk(yaml.safe_load(fh))
+    return [f"event.{sec}.{key} is read by a rule but the PII policy {policy.source} drops {sec}.{key} at "
+            f"ingest, so the rule never sees it: add it to {sec}.allow of a policy of your own "
+            "(CLICKPULSE_PII_POLICY_PATH; README, Custom event properties)"
+            for sec, key in sorted(found) if key not in kept[sec]]
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
+    from .ingest.replay import JsonlStats
     settings = Settings.from_env()
-    records = messages(args.format, args.file)
+    if args.strict and args.format == "jsonl":
+        for _ in messages(args.format, args.file, strict=True):  # the whole file, before touching Kafka
+            pass
+    stats = JsonlStats()
+    records = messages(args.format, args.file, stats)
     first = next(records, None)  # reads the header: a bad file fails before touching Kafka
     records = itertools.chain([first] if first is not None else [], records)
     asyncio.run(ensure_topics(settings))
@@ -178,6 +246,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
     progress.done()
     print(f"published {res.published} records from {args.file} to {settings.topic_raw} in {res.seconds:.2f} s"
           f"{' + end_of_input on every partition' if res.flushed else ''}")
+    if stats.not_objects:
+        print(f"clickpulse replay: warning: {stats.not_objects} of {stats.lines} lines of {args.file} are not JSON "
+              f"objects (the first: line {stats.first_bad}); the worker dead-letters them (reason not_json or "
+              f"not_object, topic {settings.topic_dlq}); --strict refuses such a file before publishing",
+              file=sys.stderr)
     return 0
 
 
@@ -276,11 +349,14 @@ def cmd_collector(args: argparse.Namespace) -> int:
         settings = settings.replace(collector_host=args.host)
     logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         force=True)
+    # a port in use or an address not of this host: one line naming the setting, before any producer
+    check_port_free(settings.collector_host, settings.collector_port,
+                    "--port or CLICKPULSE_COLLECTOR_PORT" if args.host is None else "--host/--port")
     if not args.no_create_topics:
         try:
             asyncio.run(ensure_topics(settings))
         except Exception as err:  # noqa: BLE001 - Kafka may be down: the collector answers 503 until it is back
-            log.warning("could not check/create topics (%s: %s); starting anyway", type(err).__name__, err)
+            log.warning("could not check/create topics (%s); starting anyway", error_text(err))
     run(settings)
 
 
@@ -288,7 +364,10 @@ def cmd_api(args: argparse.Namespace) -> int:
     """Serve the profile API (see clickpulse.serving.api) until SIGTERM/SIGINT."""
     from .serving.api import run
 
-    run(Settings.from_env(), host=args.host, port=args.port)
+    settings = Settings.from_env()
+    host, port = args.host or settings.api_host, args.port or settings.api_port
+    check_port_free(host, port, "--port or CLICKPULSE_API_PORT" if args.host is None else "--host/--port")
+    run(settings, host=host, port=port)
     return 0
 
 
@@ -462,8 +541,9 @@ def cmd_topics(args: argparse.Namespace) -> int:
     from .topics import delete_namespace, footprints
 
     settings = Settings.from_env()
-    # list: every namespace unless one (or a glob) is named; clean: CLICKPULSE_NAMESPACE by default
-    pattern = args.namespace or ("*" if args.topics_cmd == "list" else settings.namespace)
+    # list: every namespace unless one (or a glob) is named; clean: only the one(s) named (--namespace
+    # is required: a default would delete whatever CLICKPULSE_NAMESPACE happens to be)
+    pattern = args.namespace or "*"
     fps = asyncio.run(footprints(settings, pattern, describe=args.topics_cmd == "clean" or args.namespace is not None))
     redis_keys: dict[str, list[bytes]] = {}
     if getattr(args, "redis", False):
@@ -503,6 +583,11 @@ def cmd_topics(args: argparse.Namespace) -> int:
     if not args.yes:
         print("dry run: nothing deleted; run again with --yes to delete the above")
         return 0
+    from .topics import groups_with_members
+    active = asyncio.run(groups_with_members(settings, [g for fp in fps.values() for g in fp.groups]))
+    if active:  # every namespace's groups are checked before anything of any namespace is deleted
+        raise ServiceError("; ".join(f"group {g} has members (its processes are running): stop them first"
+                                     for g in sorted(active)) + "; nothing was deleted")
     problems: list[str] = []
     for ns, fp in fps.items():
         found = asyncio.run(delete_namespace(settings, fp))
@@ -544,6 +629,17 @@ def _redis_delete(settings: Settings, keys: list[bytes]) -> None:
         r.unlink(*keys[i:i + 1000])
 
 
+def _port(value: str) -> int:
+    """argparse type of ``--port``: a TCP port in 1..65535."""
+    try:
+        port = int(value)
+    except ValueError:
+        port = 0
+    if not 0 < port < 65536:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a TCP port (1..65535)")
+    return port
+
+
 def _log_level(value: str) -> str:
     """argparse type of ``--log-level`` / ``--loglevel``: a :mod:`logging` level name, any case."""
     name = value.strip().upper()
@@ -563,7 +659,7 @@ def _version() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="clickpulse", description=__doc__.split("\n")[0],
+        prog="clickpulse", description=__doc__.split("\n")[0].replace("``", ""),
         epilog="Settings are CLICKPULSE_* environment variables (README, Configuration). Errors are one line "
                "'clickpulse: error: ...' with exit code 2 (invalid input), 3 (Kafka/Redis unreachable, port "
                "in use) or 70 (a bug); CLICKPULSE_DEBUG=1 shows the traceback instead.")
@@ -635,6 +731,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--progress-s", type=float, default=2.0,
                    help="seconds between progress lines on stderr (records sent, rate; default 2)")
     r.add_argument("--quiet", action="store_true", help="no progress lines")
+    r.add_argument("--strict", action="store_true",
+                   help="jsonl: refuse the file (exit 2, nothing published) if a line is not a JSON object "
+                        "(default: publish it, the worker dead-letters it, and warn with the count)")
     r.set_defaults(func=cmd_replay)
 
     q = sub.add_parser("quarantine", help="users whose stored state could not be processed (moved aside by the "
@@ -650,14 +749,14 @@ def build_parser() -> argparse.ArgumentParser:
     qr = qsub.add_parser("repair", help="put a quarantined user back: the owning worker re-tries its quarantined "
                                         "state with the running code (or --reset / --drop-field), merges it with the "
                                         "state it went on with, and publishes an audit record; prints it")
-    qr.add_argument("user_key")
+    qr.add_argument("user_key", help="the quarantined user's key (as in quarantine list)")
     qr.add_argument("--reset", action="store_true",
                     help="keep only the durable record (identifiers, consent decisions, lifetime totals)")
     qr.add_argument("--drop-field", action="append", default=[], metavar="FIELD",
                     help="reset this part of the quarantined state to empty (repeatable): " + ", ".join(
                         sorted(REPAIRABLE_FIELDS)))
     qr.add_argument("--no-wait", action="store_true", help="publish the request, do not wait for the audit record")
-    qr.add_argument("--timeout", type=float, default=120.0)
+    qr.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the audit record (default 120)")
     qr.set_defaults(func=cmd_quarantine_repair)
 
     pv = sub.add_parser("privacy", help="erase or export one user's data")
@@ -678,14 +777,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="jsonl: append to a file; webhook: POST each action to a URL")
     dl.add_argument("--out", help="jsonl: the file to append to (one action per line, fsynced per batch)")
     dl.add_argument("--url", help="webhook: the URL each action is POSTed to (JSON)")
-    dl.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
+    dl.add_argument("--metrics-port", type=_port, default=None, help="serve Prometheus /metrics on this port")
     dl.add_argument("--from", dest="start_from", choices=("earliest", "latest"), default="earliest",
                     help="where to start when the group <ns>-delivery has no committed offset (default earliest)")
     dl.set_defaults(func=cmd_deliver)
 
     co = sub.add_parser("collector", help="serve the Segment/RudderStack HTTP tracking API (POST /v1/track, "
                                           "/v1/batch, ...) into <ns>.events.raw until SIGTERM/SIGINT")
-    co.add_argument("--port", type=int, default=None, help="listen port (default CLICKPULSE_COLLECTOR_PORT, 8088)")
+    co.add_argument("--port", type=_port, default=None, help="listen port (default CLICKPULSE_COLLECTOR_PORT, 8088)")
     co.add_argument("--host", default=None, help="listen address (default CLICKPULSE_COLLECTOR_HOST, 127.0.0.1)")
     co.add_argument("--no-create-topics", action="store_true", help="do not create missing topics at start")
     co.add_argument("--loglevel", default="info", type=_log_level, help="the collector's logging level (default info)")
@@ -693,7 +792,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = sub.add_parser("api", help="serve the profile API (GET /v1/profiles/{id}, /v1/segments/{name}/members; "
                                     "keys from CLICKPULSE_API_KEYS) until SIGTERM/SIGINT")
     ap.add_argument("--host", help="override CLICKPULSE_API_HOST")
-    ap.add_argument("--port", type=int, help="override CLICKPULSE_API_PORT")
+    ap.add_argument("--port", type=_port, help="override CLICKPULSE_API_PORT")
     ap.set_defaults(func=cmd_api)
 
     d = sub.add_parser("demo", help="start local services and a worker, replay the bundled REES46 sample, "
@@ -713,10 +812,13 @@ def build_parser() -> argparse.ArgumentParser:
                                        "one namespace's topics with --namespace")
     tl.add_argument("--namespace", metavar="NS", help="a namespace or a glob (demo-*): list its topics and groups")
     tl.set_defaults(func=cmd_topics)
-    tc = tpsub.add_parser("clean", help="delete a namespace's topics and consumer groups (dry run unless --yes); "
-                                        "refused while its worker, trainer or delivery is running")
-    tc.add_argument("--namespace", metavar="NS",
-                    help="a namespace or a glob such as 'demo-*' (default: CLICKPULSE_NAMESPACE)")
+    clean_help = ("delete a namespace's topics and consumer groups (dry run unless --yes); refused while its "
+                  "worker, trainer or delivery is running (a consumer group with members); a running collector "
+                  "or api cannot be detected: stop them first")
+    tc = tpsub.add_parser("clean", help=clean_help, description=clean_help)
+    tc.add_argument("--namespace", metavar="NS", required=True,
+                    help="a namespace or a glob such as 'demo-*' (required; on a shared cluster a glob also "
+                         "matches other people's namespaces: check the dry run)")
     tc.add_argument("--yes", action="store_true", help="really delete (without it: only list what would go)")
     tc.add_argument("--redis", action="store_true", help="also delete the namespace's Redis keys (<ns>:*: "
                                                         "profiles, delivery de-duplication)")
@@ -752,7 +854,7 @@ def error_exit(err: BaseException) -> tuple[str, int]:
         return f"a port is already in use: {err.strerror}", EXIT_UNAVAILABLE
     if isinstance(err, OSError) and err.filename is not None:
         return f"{err.filename}: {err.strerror}", EXIT_INVALID
-    return (f"unexpected {type(err).__name__}: {err} (a bug; CLICKPULSE_DEBUG=1 shows the traceback)",
+    return (f"unexpected {error_text(err)} (a bug; CLICKPULSE_DEBUG=1 shows the traceback)",
             EXIT_BUG)
 
 

@@ -668,6 +668,15 @@ def run_cli(kind: str, *, out: str | None, url: str | None, metrics_port: int | 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        if kind == "jsonl":
+            where = out
+        else:  # no credentials in the line: user:password@ and the query string are left out
+            from urllib.parse import urlsplit
+            u = urlsplit(url or "")
+            where = f"{u.scheme}://{u.hostname}{f':{u.port}' if u.port else ''}{u.path}"
+        print(f"delivering {settings.topic_actions} to {kind} {where} (group {group_id(settings)}"
+              + (f", metrics on http://{settings.web_host}:{metrics_port}/metrics" if metrics_port is not None else "")
+              + ")", flush=True)
         await run(settings, sink, metrics=metrics, stop=stop, start_from=start_from)
 
     asyncio.run(main())

@@ -39,3 +39,17 @@ class DatasetError(ClickpulseError):
 
 class ServiceError(ClickpulseError):
     """A required service (Kafka, Redis, the worker) is not reachable or failed."""
+
+
+def error_text(err: BaseException) -> str:
+    """``"<Type>: <message>"`` for a log line or an error message, without repeating the type
+    when the message already starts with it (aiokafka's errors do:
+    ``str(KafkaConnectionError("x")) == "KafkaConnectionError: x"``).
+
+    >>> error_text(ValueError("bad")), error_text(ValueError())
+    ('ValueError: bad', 'ValueError')
+    """
+    name, text = type(err).__name__, str(err)
+    if text.startswith(name):
+        return text
+    return f"{name}: {text}" if text else name

@@ -9,7 +9,8 @@
   ``<ns>:alias:<guest>`` Redis key; erasing a guest key removes that guest's stub and link only,
   its merged history is the customer's: docs/identity.md) and publishes an audit record on
   ``<ns>.privacy.audit`` (the user key only as its SHA-256). :func:`request_erase` waits for that
-  record.
+  record and then for the Redis profile key to be gone (the worker's write-behind flush deletes
+  it a few seconds after the audit is published).
 * :func:`export_user` gathers everything clickpulse stores about a user: the latest state in the
   table's changelog (decoded), the Redis profile and the quarantine record, as one JSON object.
 
@@ -67,10 +68,43 @@ def request_erase(settings: Settings, user_key: str, *, wait: bool = True, timeo
     while time.monotonic() < deadline:
         for key, value, _m in asyncio.run(read_topic(settings.kafka_bootstrap, settings.topic_privacy_audit)):
             if key == req["request_id"].encode() and value is not None:
-                return orjson.loads(value)
+                audit = orjson.loads(value)
+                wait_profile_deleted(settings, user_key, deadline)
+                return audit  # type: ignore[no-any-return]
         time.sleep(1.0)
     raise ServiceError(f"no audit record for erase request {req['request_id']} within {timeout_s:g} s "
                        f"(is a worker of namespace {settings.namespace!r} running?)")
+
+
+def wait_profile_deleted(settings: Settings, user_key: str, deadline: float) -> None:
+    """Return once the user's Redis profile key is gone (no Redis configured: at once).
+
+    The worker publishes the audit record (``removed.redis_profile: true``) when it has queued
+    the key's deletion; the write-behind flush deletes it within ``CLICKPULSE_REDIS_FLUSH_INTERVAL_S``
+    (retried until Redis answers). Waiting here makes what ``clickpulse privacy erase`` prints true
+    when it is printed.
+
+    Raises
+    ------
+    ServiceError
+        The key is still there at ``deadline`` (``time.monotonic()``).
+    """
+    if not settings.redis_url:
+        return
+    import redis
+
+    from .serving.redis_sink import profile_key
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    name = profile_key(settings.namespace, user_key)
+    try:
+        while client.exists(name):
+            if time.monotonic() >= deadline:
+                raise ServiceError(f"the worker recorded the erasure, but the Redis profile {name} is still there "
+                                   "(its deletion is queued on the worker and retried until Redis answers); "
+                                   "check the worker's log and clickpulse_redis_errors_total")
+            time.sleep(0.5)
+    finally:
+        client.close()
 
 
 def plain(obj: Any) -> Any:

@@ -25,7 +25,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from .errors import ServiceError
+from .errors import ConfigError, ServiceError
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -75,17 +75,22 @@ def check_port_free(host: str, port: int, setting: str) -> None:
     Raises
     ------
     ServiceError
-        The port is in use (another worker or program) or cannot be bound here; names
-        ``setting``, the variable that chooses it.
+        The port is in use (another worker or program); names ``setting``, the variable that
+        chooses it.
+    ConfigError
+        The address cannot be bound here (not this host's, not resolvable, a privileged port).
     """
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as err:
-            why = "is already in use (another clickpulse process?)" if err.errno == errno.EADDRINUSE \
-                else f"cannot be bound: {err.strerror}"
-            raise ServiceError(f"port {port} on {host} {why}; choose another with {setting}") from err
+            if err.errno == errno.EADDRINUSE:
+                raise ServiceError(f"port {port} on {host} is already in use (another clickpulse process?); "
+                                   f"choose another with {setting}") from err
+            # an address that is not this host's, cannot be resolved, or a privileged port: invalid input
+            raise ConfigError(f"port {port} on {host} cannot be bound: {err.strerror or err}; choose another "
+                              f"address or port ({setting})") from err
 
 
 T = TypeVar("T")
@@ -214,13 +219,18 @@ async def _stop(consumer: AIOKafkaConsumer) -> None:
 
 
 async def partitions_of(bootstrap: str, topic: str) -> list[int]:
-    """Partition numbers of ``topic`` (empty when it does not exist)."""
+    """Partition numbers of ``topic`` (empty when it does not exist). Never creates it: the
+    metadata request says ``allow_auto_topic_creation=False`` (aiokafka's ``describe_topics``
+    lets a broker with ``auto.create.topics.enable`` create the topic it is asked about)."""
+    from aiokafka.protocol.metadata import MetadataRequest
+
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        desc = await admin.describe_topics([topic])
+        resp = await admin._send_request(MetadataRequest([topic], allow_auto_topic_creation=False))
     finally:
         await admin.close()
+    desc = resp.to_object()["topics"]
     return sorted(p["partition"] for d in desc if d["error_code"] == 0 for p in d["partitions"])
 
 

@@ -456,6 +456,21 @@ class Settings:
     collector_event_loop : str
         ``CLICKPULSE_COLLECTOR_EVENT_LOOP``; ``auto`` (the default: uvloop when installed, the
         ``collector`` extra), ``uvloop`` (required) or ``asyncio``.
+    collector_body_timeout_s : float
+        ``CLICKPULSE_COLLECTOR_BODY_TIMEOUT_S``; seconds for the whole request body to arrive
+        once the headers are in; a slower body gets 408 and its connection is closed. Default 10.
+    collector_idle_timeout_s : float
+        ``CLICKPULSE_COLLECTOR_IDLE_TIMEOUT_S``; seconds a connection may stay idle between
+        requests, or take to send its request line and headers, before it is closed (aiohttp's
+        ``keepalive_timeout``). Default 15.
+    collector_max_in_flight : int
+        ``CLICKPULSE_COLLECTOR_MAX_IN_FLIGHT``; tracking requests handled at once (requests; each
+        holds at most ``CLICKPULSE_COLLECTOR_MAX_BATCH_BYTES`` of body, so this bounds body
+        memory); beyond, 503 ``overloaded`` with ``Retry-After`` at once. Default 512.
+    collector_max_connections : int
+        ``CLICKPULSE_COLLECTOR_MAX_CONNECTIONS``; open connections (connections; each is a file
+        descriptor: keep it under ``ulimit -n``, a warning is logged otherwise); a connection
+        beyond is answered 503 and closed on accept. Default 10000.
     recs_enabled : bool
         ``CLICKPULSE_RECS_ENABLED``; the worker learns item-to-item co-occurrence from its own
         partitions' sessions and puts recommendations in the actions of ``recs_triggers`` and on
@@ -577,6 +592,10 @@ class Settings:
     collector_linger_ms: int = 2
     collector_cors_origins: str = "*"
     collector_event_loop: str = "auto"
+    collector_body_timeout_s: float = 10.0
+    collector_idle_timeout_s: float = 15.0
+    collector_max_in_flight: int = 512
+    collector_max_connections: int = 10000
     recs_enabled: bool = True
     recs_half_life_s: float = 7 * 86400.0
     recs_neighbours: int = 20
@@ -612,7 +631,9 @@ class Settings:
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{_env(name)} must be >= 0, got {getattr(self, name)!r}")
         for name in ("collector_port", "collector_max_event_bytes", "collector_max_batch_bytes",
-                     "collector_max_batch_events", "collector_ack_timeout_s", "collector_retry_after_s"):
+                     "collector_max_batch_events", "collector_ack_timeout_s", "collector_retry_after_s",
+                     "collector_body_timeout_s", "collector_idle_timeout_s", "collector_max_in_flight",
+                     "collector_max_connections"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{_env(name)} must be > 0, got {getattr(self, name)!r}")
         if self.collector_event_loop not in ("auto", "uvloop", "asyncio"):
@@ -641,7 +662,7 @@ class Settings:
             raise ConfigError(f"{_env('state_store')} must be 'rocksdb' or 'memory', got {self.state_store!r}")
         if self.standby_replicas < 0:
             raise ConfigError(f"{_env('standby_replicas')} must be >= 0, got {self.standby_replicas!r}")
-        for name in ("web_port", "trainer_web_port"):
+        for name in ("web_port", "trainer_web_port", "collector_port", "api_port"):
             if not 0 < getattr(self, name) < 65536:
                 raise ConfigError(f"{_env(name)} must be a TCP port in 1..65535, got {getattr(self, name)!r}")
         _check_bootstrap(self.kafka_bootstrap)

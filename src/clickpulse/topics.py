@@ -44,9 +44,9 @@ from dataclasses import dataclass, field
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError, for_code
 from aiokafka.protocol.api import Request, RequestStruct, Response
-from aiokafka.protocol.types import Array, Int16, Int32, Schema, String
+from aiokafka.protocol.types import Array, Bytes, Int16, Int32, Schema, String
 
-from .errors import ConfigError, ServiceError
+from .errors import ConfigError, ServiceError, error_text
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -239,6 +239,67 @@ class _DeleteGroupsRequest(Request[_DeleteGroupsRequest_v0 | _DeleteGroupsReques
         return request_struct_class(self._groups)
 
 
+class _DescribeGroupsResponse_v1(Response):
+    API_KEY = 15
+    API_VERSION = 1
+    SCHEMA = Schema(("throttle_time_ms", Int32),
+                    ("groups", Array(("error_code", Int16), ("group_id", String("utf-8")), ("state", String("utf-8")),
+                                     ("protocol_type", String("utf-8")), ("protocol", String("utf-8")),
+                                     ("members", Array(("member_id", String("utf-8")), ("client_id", String("utf-8")),
+                                                       ("client_host", String("utf-8")), ("member_metadata", Bytes),
+                                                       ("member_assignment", Bytes))))))
+
+
+class _DescribeGroupsRequest_v1(RequestStruct):
+    API_KEY = 15
+    API_VERSION = 1
+    RESPONSE_TYPE = _DescribeGroupsResponse_v1
+    SCHEMA = Schema(("groups", Array(String("utf-8"))))
+
+
+class _DescribeGroupsRequest(Request[_DescribeGroupsRequest_v1]):
+    """Kafka's DescribeGroups v1 (API key 15): aiokafka 0.14's ``describe_consumer_groups`` fails to
+    decode Kafka 4.0's answer (the connection is closed)."""
+
+    API_KEY = 15
+
+    def __init__(self, groups: list[str]) -> None:
+        self._groups = groups
+
+    def build(self, request_struct_class):  # type: ignore[no-untyped-def]
+        return request_struct_class(self._groups)
+
+
+async def groups_with_members(s: Settings, groups: list[str]) -> dict[str, int]:
+    """Group -> number of members, for the ``groups`` that have members now (a running worker,
+    trainer or delivery process). Only consumers that joined a group are seen: a collector or a
+    profile API (producers and readers without a group) cannot be detected.
+
+    Raises
+    ------
+    ServiceError
+        A group's membership could not be read (the clean must not go ahead blind).
+    """
+    out: dict[str, int] = {}
+    async with kafka_admin(s) as admin:
+        for g in groups:
+            try:
+                node = await admin.find_coordinator(g)
+                resp = await admin._send_request(_DescribeGroupsRequest([g]), node)  # noqa: SLF001
+            except KafkaError as err:
+                raise ServiceError(f"cannot read the members of consumer group {g}: {error_text(err)}; "
+                                   "nothing was deleted") from err
+            for code, gid, _state, _ptype, _proto, members in resp.groups:
+                if code == GROUP_NOT_FOUND:
+                    continue
+                if code != 0:
+                    raise ServiceError(f"cannot read the members of consumer group {gid}: "
+                                       f"{for_code(code).__name__}; nothing was deleted")
+                if members:
+                    out[gid] = len(members)
+    return out
+
+
 @dataclass
 class NamespaceFootprint:
     """What one namespace left on Kafka (and Redis): topic -> partitions, groups, key count."""
@@ -282,19 +343,25 @@ async def delete_namespace(s: Settings, fp: NamespaceFootprint) -> list[str]:
     """Delete a namespace's consumer groups, then its topics; returns the problems (empty: all
     gone).
 
-    The groups go first because Kafka refuses to delete a group that has members
-    (``NON_EMPTY_GROUP``): a worker, trainer or delivery process of the namespace is still
-    running, and it would recreate the topics. Then no topic is deleted either.
+    Every group's membership is read first (:func:`groups_with_members`): if one has members (a
+    worker, trainer or delivery process of the namespace is running and would recreate the
+    topics), nothing is deleted. The groups then go before the topics; Kafka itself refuses to
+    delete a group that got members since (``NON_EMPTY_GROUP``), and then no topic is deleted
+    either. A collector or a profile API of the namespace has no consumer group and cannot be
+    detected: stop them before cleaning.
     """
     problems: list[str] = []
-    running: list[str] = []
+    running: list[str] = sorted(await groups_with_members(s, fp.groups))
+    if running:  # check every group before deleting any
+        return [f"group {g} has members (its processes are running): stop them first; "
+                "no topic of the namespace was deleted" for g in running]
     async with kafka_admin(s) as admin:
         for g in fp.groups:
             try:
                 node = await admin.find_coordinator(g)
                 resp = await admin._send_request(_DeleteGroupsRequest([g]), node)  # noqa: SLF001
             except KafkaError as err:
-                problems.append(f"group {g}: {type(err).__name__}: {err}")
+                problems.append(f"group {g}: {error_text(err)}")
                 continue
             for gid, code in resp.results:
                 if code == NON_EMPTY_GROUP:

@@ -191,3 +191,69 @@ def test_kafka_unavailable_is_503_with_retry_after_never_200(make_settings, coll
         client.track(user_id="u1", event="x")
     assert "503" in str(exc.value) or getattr(exc.value, "status", None) == 503
     assert c.alive()
+
+
+def _slow_request(url: str, headers: dict[str, str]) -> "socket.socket":
+    """A request whose headers promise 100,000 bytes of body of which 20 are sent."""
+    import socket
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=60)
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    sock.sendall(f"POST /v1/track HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n{head}\r\n".encode()
+                 + b'{"userId": "slow-1", ')
+    return sock
+
+
+def _read_to_eof(sock) -> bytes:
+    """Everything the server sends until it closes (the socket's 60 s timeout fails the test)."""
+    out = b""
+    while chunk := sock.recv(65536):
+        out += chunk
+    sock.close()
+    return out
+
+
+def test_slow_clients_are_timed_out_and_capped_and_health_stays_up(make_settings, collectors):
+    """The review's attack on a real collector process: requests that send their headers and then
+    dribble the body are answered 408 after CLICKPULSE_COLLECTOR_BODY_TIMEOUT_S and closed (with a
+    key and without one), a wrong key is refused from the headers alone, requests beyond
+    CLICKPULSE_COLLECTOR_MAX_IN_FLIGHT get 503 + Retry-After at once, and /health answers throughout."""
+    s = make_settings().replace(collector_body_timeout_s=5.0, collector_max_in_flight=4, collector_retry_after_s=2)
+    c = collectors(s)
+    wait_for(lambda: c.health() == 200, 60, "the collector's producer to connect")
+    auth = {"Authorization": "Basic " + base64.b64encode(f"{KEY}:".encode()).decode()}
+    for headers in (auth, {}):  # authenticated, and with the key expected in the body
+        raw = _read_to_eof(_slow_request(c.url, headers))
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408"), raw[:300]
+        assert orjson.loads(body)["code"] == "request_timeout"
+    wrong = _slow_request(c.url, {"Authorization": "Basic " + base64.b64encode(b"nope:").decode()})
+    assert wrong.recv(12) == b"HTTP/1.1 401"  # before the body (which never comes)
+    wrong.close()
+
+    slow = [_slow_request(c.url, auth) for _ in range(4)]  # hold every in-flight slot
+    try:
+        def in_flight() -> float:
+            text = urllib.request.urlopen(c.url + "/metrics", timeout=10).read().decode()
+            return float(next(ln.split()[1] for ln in text.splitlines()
+                              if ln.startswith("clickpulse_collector_in_flight_requests ")))
+        wait_for(lambda: in_flight() == 4, 30, "the four slow requests to be in flight")
+        # while they are held, a request is refused at once; after the body timeout frees the
+        # slots, the same request is accepted (a 200 can come only once all four have ended)
+        answers = []
+
+        def refused_then_accepted() -> bool:
+            status, headers, body = post(c.url + "/v1/track", orjson.dumps({"userId": "u-ok", "event": "x"}))
+            answers.append((status, headers.get("Retry-After"), body.get("code")))
+            assert c.health() == 200
+            return status == 200
+        wait_for(refused_then_accepted, 60, "the collector to accept again after the slow requests' timeout")
+        assert answers[0] == (503, "2", "overloaded"), answers
+        for sock in slow:  # every slow request was answered 408 and closed
+            assert _read_to_eof(sock).startswith(b"HTTP/1.1 408")
+    finally:
+        for sock in slow:
+            sock.close()
+    assert c.alive() and c.health() == 200
+    metrics = urllib.request.urlopen(c.url + "/metrics", timeout=10).read().decode()
+    assert 'clickpulse_collector_refused_total{code="request_timeout"} 6.0' in metrics

@@ -105,7 +105,7 @@ KAFKA_COMMANDS = [
     ["worker"], ["trainer"], ["replay", "--format", "rees46", "src/clickpulse/data/rees46-2019-oct-sample.csv"],
     ["quarantine", "list"], ["quarantine", "show", "u1"], ["privacy", "erase", "u1", "--timeout", "5"],
     ["privacy", "export", "u1"], ["deliver", "--sink", "jsonl", "--out", "{tmp}/out.jsonl"],
-    ["demo", "--no-services", "--out-dir", "{tmp}/demo"], ["topics", "list"], ["topics", "clean"],
+    ["demo", "--no-services", "--out-dir", "{tmp}/demo"], ["topics", "list"], ["topics", "clean", "--namespace", "x"],
     ["topics", "clean", "--namespace", "x", "--yes"],
 ]
 
@@ -123,15 +123,20 @@ def test_kafka_unreachable_is_one_line_exit_3(argv, tmp_path):
 
 @pytest.mark.parametrize("argv,var", [(["worker"], "CLICKPULSE_WEB_PORT"), (["trainer"], "CLICKPULSE_TRAINER_WEB_PORT"),
                                       (["deliver", "--sink", "jsonl", "--out", "x", "--metrics-port", "{port}"],
-                                       "--metrics-port")])
+                                       "--metrics-port"),
+                                      (["collector"], "--port or CLICKPULSE_COLLECTOR_PORT"),
+                                      (["collector", "--port", "{port}"], "--port or CLICKPULSE_COLLECTOR_PORT"),
+                                      (["api"], "--port or CLICKPULSE_API_PORT")])
 def test_port_in_use_is_one_line_naming_the_setting(argv, var, monkeypatch, capsys):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
         monkeypatch.setenv("CLICKPULSE_KAFKA_BOOTSTRAP", f"127.0.0.1:{closed_port()}")  # never reached
-        if var.startswith("CLICKPULSE_"):
-            monkeypatch.setenv(var, str(port))
+        for name in ("CLICKPULSE_WEB_PORT", "CLICKPULSE_TRAINER_WEB_PORT", "CLICKPULSE_COLLECTOR_PORT",
+                     "CLICKPULSE_API_PORT"):
+            if name in var:
+                monkeypatch.setenv(name, str(port))
         assert main([a.format(port=port) for a in argv]) == EXIT_UNAVAILABLE
     err = capsys.readouterr().err.strip()
     assert err == f"clickpulse: error: port {port} on 127.0.0.1 is already in use (another clickpulse process?); " \
@@ -372,3 +377,36 @@ def test_long_running_commands_log_a_lost_broker_again(monkeypatch):
     finally:
         logging.getLogger("aiokafka").removeFilter(cli._quiet_refused_connections)
     assert seen == {"filtered_at_start": True, "filtered_while_running": False}
+
+
+@pytest.mark.parametrize("argv", [["collector", "--port", "99999"], ["api", "--port", "99999"], ["api", "--port", "-5"],
+                                  ["collector", "--port", "0"], ["deliver", "--sink", "jsonl", "--out", "x",
+                                                                 "--metrics-port", "70000"]])
+def test_a_port_flag_out_of_range_is_a_usage_error(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert "is not a TCP port (1..65535)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,var", [(["collector"], "CLICKPULSE_COLLECTOR_PORT"), (["api"], "CLICKPULSE_API_PORT")])
+def test_a_port_setting_out_of_range_is_one_line_exit_2(argv, var, monkeypatch, capsys):
+    monkeypatch.setenv(var, "99999")
+    assert main(argv) == EXIT_INVALID
+    assert capsys.readouterr().err.strip() == f"clickpulse: error: {var} must be a TCP port in 1..65535, got 99999"
+
+
+@pytest.mark.parametrize("cmd,port", [("collector", 8088), ("api", 6068)])
+def test_an_address_that_cannot_be_bound_is_one_line_exit_2(cmd, port, monkeypatch, capsys):
+    monkeypatch.setenv("CLICKPULSE_KAFKA_BOOTSTRAP", f"127.0.0.1:{closed_port()}")  # never reached
+    assert main([cmd, "--host", "999.1.1.1"]) == EXIT_INVALID
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(f"clickpulse: error: port {port} on 999.1.1.1 cannot be bound: ") and "--host/--port" in err
+
+
+def test_topics_clean_needs_an_explicit_namespace(monkeypatch, capsys):
+    monkeypatch.setenv("CLICKPULSE_NAMESPACE", "mine")
+    with pytest.raises(SystemExit) as exc:
+        main(["topics", "clean", "--yes"])
+    assert exc.value.code == 2 and "--namespace" in capsys.readouterr().err

@@ -211,7 +211,8 @@ def run_client(test: Callable[[TestClient, Collector, FakeProducer], Any], mode:
     async def main() -> None:
         c = Collector(_settings(**over), producer_factory=lambda: producer)
         server = TestServer(c.app())
-        await server.start_server(auto_decompress=False)  # as serve() runs it: gzip is decoded with a cap
+        await server.start_server(**c.runner_options())  # as serve() runs it: gzip decoded with a cap, ...
+        c.harden(server.runner)  # ... aiohttp's own errors as JSON, the connection cap
         async with TestClient(server) as client:
             if mode != "down":
                 for _ in range(200):
@@ -434,3 +435,208 @@ def test_write_keys_from_the_environment():
     s = Settings.from_env({"CLICKPULSE_COLLECTOR_WRITE_KEYS": " a ,b,, "})
     assert s.collector_keys == frozenset({"a", "b"})
     assert "collector_write_keys" not in repr(s)  # a secret: not in logs
+
+
+# --- slow and abusive clients, aiohttp's own errors (issue #9/#10 review) ------------------------------
+
+def test_concatenated_gzip_members_are_one_body():
+    a, b = b'{"userId": "u1", ', b'"event": "x"}'
+    assert decode_body(gzip.compress(a) + gzip.compress(b), "gzip", 100) == a + b
+    assert decode_body(gzip.compress(a) + gzip.compress(b"") + gzip.compress(b), "gzip", 100) == a + b
+    for raw, why in [(gzip.compress(a) + b"junk", "bytes after the end of the gzip stream"),
+                     (gzip.compress(a) + gzip.compress(b)[:-4], "truncated"),
+                     (gzip.compress(a) + b"\x1f\x8b\x63" + b"\0" * 20, "not valid gzip")]:
+        with pytest.raises(RequestError, match=why) as exc:
+            decode_body(raw, "gzip", 100)
+        assert exc.value.code == "bad_encoding"
+
+
+def test_a_gzip_bomb_split_over_members_is_capped_as_a_whole():
+    member = gzip.compress(b"\0" * (1024 * 1024), compresslevel=9)  # 1 MB in ~1 KB
+    with pytest.raises(RequestError) as exc:
+        decode_body(member * 100, "gzip", 512000)  # 100 MB in all, each member under the cap
+    assert exc.value.code == "payload_too_large"
+    with pytest.raises(RequestError) as exc:
+        decode_body(gzip.compress(b"x" * 60) * 2, "gzip", 100)  # 120 bytes over two members
+    assert exc.value.code == "payload_too_large"
+
+
+def test_invalid_utf8_is_named_as_such():
+    for body in (b'{"userId": "\xff"}', b"\xff\xfe\x00", b'{"a": "\xed\xa0\x80"}'):  # the last: a UTF-8 surrogate
+        with pytest.raises(RequestError, match="body is not valid UTF-8") as exc:
+            parse_json(body)
+        assert exc.value.code == "invalid_request" and "surrogates" not in exc.value.message
+
+
+def test_gzip_members_through_the_server():
+    async def t(client: TestClient, c: Collector, p: FakeProducer) -> None:
+        body = orjson.dumps({"batch": [{"type": "track", "event": "x", "userId": f"u{i}"} for i in range(3)]})
+        gz = gzip.compress(body[:20]) + gzip.compress(body[20:])
+        r = await client.post("/v1/batch", data=gz, headers={**AUTH, "Content-Encoding": "gzip"})
+        assert r.status == 200, await r.text()
+        assert [k for _, k, _ in p.acked] == [b"u0", b"u1", b"u2"]
+    run_client(t)
+
+
+async def _raw(port: int, data: bytes, *, wait_s: float = 30.0) -> tuple[int, dict[str, str], bytes]:
+    """Send ``data`` on a fresh connection, read until the server closes it (at most ``wait_s``:
+    a server that never closes fails the test); the status, headers and body of the answer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), wait_s)  # until EOF
+    finally:
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+    return int(lines[0].split()[1]), headers, body
+
+
+def _head(path: str, headers: dict[str, str], length: int = 100000, method: str = "POST") -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: x", f"Content-Length: {length}",
+             *(f"{k}: {v}" for k, v in headers.items())]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+@pytest.mark.parametrize("headers", [AUTH, {}], ids=["authenticated", "no-key"])
+def test_a_body_that_never_arrives_is_408_and_the_connection_closed(headers):
+    async def t(client: TestClient, c: Collector, p: FakeProducer) -> None:
+        # the headers promise 100,000 bytes, 20 arrive: answered 408 after the body timeout and
+        # closed by the server (_raw reads until EOF), with or without a key in the headers
+        status, h, body = await _raw(client.port, _head("/v1/track", headers) + b'{"userId": "u1", ')
+        got = orjson.loads(body)
+        assert (status, got["code"], got["success"]) == (408, "request_timeout", False)
+        assert "0.3 seconds" in got["message"] and h["connection"] == "close"
+        assert p.sent == [] and c._in_flight == 0
+        metrics = await (await client.get("/metrics")).text()
+        assert 'clickpulse_collector_refused_total{code="request_timeout"} 1.0' in metrics
+    run_client(t, collector_body_timeout_s=0.3)
+
+
+def test_a_wrong_key_is_refused_from_the_headers_before_any_body_byte():
+    async def t(client: TestClient, c: Collector, p: FakeProducer) -> None:
+        bad = {"Authorization": "Basic " + base64.b64encode(b"wrong:").decode()}
+        reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+        writer.write(_head("/v1/track", bad))  # headers only: no body byte is ever sent
+        await writer.drain()
+        first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)  # long before the 60 s body timeout
+        assert first.startswith(b"HTTP/1.1 401")
+        writer.close()
+    run_client(t, collector_body_timeout_s=60)
+
+
+def test_requests_beyond_the_in_flight_cap_get_503_at_once_and_health_stays_up():
+    async def t(client: TestClient, c: Collector, p: FakeProducer) -> None:
+        slow = []
+        for _ in range(2):  # two requests whose bodies never come hold both slots
+            reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+            writer.write(_head("/v1/track", AUTH) + b"{")
+            await writer.drain()
+            slow.append(writer)
+        for _ in range(3000):
+            if c._in_flight == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert c._in_flight == 2
+        r = await client.post("/v1/track", data=orjson.dumps({"userId": "u1"}), headers=AUTH)
+        got = await r.json()
+        assert (r.status, got["code"], r.headers["Retry-After"]) == (503, "overloaded", "5")
+        assert "limit 2" in got["message"]
+        assert (await client.get("/health")).status == 200  # not counted against the cap
+        assert p.sent == []
+        for w in slow:
+            w.close()
+        for _ in range(3000):  # the slow handlers end with their connections
+            if c._in_flight == 0:
+                break
+            await asyncio.sleep(0.01)
+        r = await client.post("/v1/track", data=orjson.dumps({"userId": "u1"}), headers=AUTH)
+        assert r.status == 200
+    run_client(t, collector_max_in_flight=2, collector_body_timeout_s=60)
+
+
+def test_connections_beyond_the_cap_are_answered_503_on_accept():
+    async def t(client: TestClient, c: Collector, p: FakeProducer) -> None:
+        srv = client.server.runner.server
+        idle = []
+        for _ in range(3):
+            idle.append(await asyncio.open_connection("127.0.0.1", client.port))
+        for _ in range(3000):
+            if srv.open_connections >= 3:
+                break
+            await asyncio.sleep(0.01)
+        assert srv.open_connections == 3
+        reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+        raw = await asyncio.wait_for(reader.read(), 30)  # answered and closed without a request
+        writer.close()
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503") and b"Retry-After: 5" in head
+        assert orjson.loads(body)["success"] is False and srv.refused_connections == 1
+        for _r, w in idle:
+            w.close()
+        for _ in range(3000):
+            if srv.open_connections == 0:
+                break
+            await asyncio.sleep(0.01)
+        status, _h, body = await _raw(client.port, _head("/v1/track", {**AUTH, "Connection": "close"}, 16)
+                                      + b'{"userId": "u1"}')
+        assert status == 200
+    # a TestClient keeps no connection open before its first request: the three idle ones fill the cap
+    run_client(t, collector_max_connections=3)
+
+
+def test_an_idle_connection_is_closed_after_the_idle_timeout():
+    async def t(client: TestClient, c: Collector, p: FakeProducer) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+        writer.write(b"POST /v1/track HTTP/1.1\r\nHost: x\r\n")  # headers never finished
+        await writer.drain()
+        assert await asyncio.wait_for(reader.read(), 30) == b""  # closed by the server
+        writer.close()
+    run_client(t, collector_idle_timeout_s=0.3)
+
+
+@pytest.mark.parametrize("request_bytes,status,code", [
+    (_head("/v1/../v1/track", AUTH, 2) + b"{}", None, None),  # a dot segment: whatever aiohttp routes it to, JSON
+    (_head("/v1/track", AUTH, 0, "GET"), 405, "method_not_allowed"),
+    (_head("/v1/track", AUTH, 0, "PUT"), 405, "method_not_allowed"),
+    (_head("/nope", AUTH, 2) + b"{}", 404, "not_found"),
+    (_head("/v1/track?" + "x" * 9000, AUTH, 2) + b"{}", 400, "bad_request"),  # request line over 8190 bytes
+    (_head("/v1/track", {**AUTH, "X-Big": "y" * 9000}, 2) + b"{}", 400, "bad_request"),  # a header too long
+    (b"NOT AN HTTP REQUEST\r\n\r\n", 400, "bad_request"),
+    (_head("/v1/track", {**AUTH, "Transfer-Encoding": "chunked"}, 2) + b"{}", 400, "bad_request"),  # both lengths
+])
+def test_every_error_is_the_segment_json_body(request_bytes, status, code):
+    async def t(client: TestClient, c: Collector, p: FakeProducer) -> None:
+        got_status, headers, body = await _raw(client.port, request_bytes.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1))
+        assert headers["content-type"].startswith("application/json"), (got_status, body)
+        got = orjson.loads(body)
+        assert got["success"] is False and got["code"] and got["message"]
+        if status is not None:
+            assert (got_status, got["code"]) == (status, code)
+        else:
+            assert got_status != 200 or got == {"success": True}
+    run_client(t)
+
+
+@pytest.mark.parametrize("over,match", [
+    ({"collector_body_timeout_s": 0}, "BODY_TIMEOUT_S"),
+    ({"collector_idle_timeout_s": -1}, "IDLE_TIMEOUT_S"),
+    ({"collector_max_in_flight": 0}, "MAX_IN_FLIGHT"),
+    ({"collector_max_connections": 0}, "MAX_CONNECTIONS"),
+])
+def test_slow_client_settings_are_checked(over, match):
+    with pytest.raises(ConfigError, match=match):
+        Settings(**over)
+
+
+def test_fd_headroom_warning():
+    import resource
+
+    from clickpulse.collector.http import fd_headroom_warning
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        pytest.skip("no open-file limit")
+    assert fd_headroom_warning(soft) is not None and "ulimit -n" in fd_headroom_warning(soft)
+    assert fd_headroom_warning(max(1, soft - 100)) is None

@@ -136,3 +136,54 @@ def test_cli_table_json_and_gauges(simulated, tmp_path: Path, capsys) -> None:
     g = ExperimentGauges()
     set_gauges(g, js)
     assert g.experiment_stat.labels("welcome_offer", "treatment", "p_value_z")._value.get() < 0.001
+
+
+def _exposures(counts: dict[str, int], shares: dict[str, float | None], exp: str = "x") -> list[dict]:
+    out = []
+    for arm, n in counts.items():
+        for i in range(n):
+            out.append({"record_id": f"{arm}-{i}", "kind": "exposure", "experiment": exp, "variant": arm,
+                        "user_key": f"{arm}{i}", "exposure_time_ms": T0 + i, "event_time_ms": T0 + i,
+                        "share": shares[arm]})
+    return out
+
+
+def test_srm_counts_an_arm_without_any_user() -> None:
+    # 1,000 exposures over chat/chat_discount (0.4 each), none in the holdout (0.2): a mismatch
+    recs = _exposures({"chat": 500, "chat_discount": 500}, {"chat": 0.4, "chat_discount": 0.4})
+    (r,) = analyze(aggregate(recs)[0])
+    assert r["srm"]["mismatch"] and r["srm"]["p_value"] < 1e-20
+    assert r["srm"]["expected"]["(unobserved arms)"] == pytest.approx(200)
+    assert "MISMATCH" in format_table([r]) and "0 users in (unobserved arms)" in format_table([r])
+    # with the rules' shares the missing arm is named
+    (r,) = analyze(aggregate(recs)[0], declared={"x": {"holdout": 0.2, "chat": 0.4, "chat_discount": 0.4}})
+    assert r["srm"]["observed"]["holdout"] == 0 and r["srm"]["expected"]["holdout"] == pytest.approx(200)
+    assert r["srm"]["unobserved"] == ["holdout"] and r["srm"]["mismatch"]
+    # all arms observed in proportion: no mismatch, nothing unobserved
+    ok = _exposures({"chat": 400, "chat_discount": 400, "holdout": 200},
+                    {"chat": 0.4, "chat_discount": 0.4, "holdout": 0.2})
+    (r,) = analyze(aggregate(ok)[0])
+    assert not r["srm"]["mismatch"] and r["srm"]["unobserved"] == []
+
+
+def test_srm_with_one_observed_arm_uses_its_recorded_share() -> None:
+    (r,) = analyze(aggregate(_exposures({"chat": 300}, {"chat": 0.4}))[0])
+    assert r["srm"] is not None and r["srm"]["mismatch"]
+    assert "no shares recorded" not in format_table([r])
+    # records without a share and no rules: unknown
+    (r,) = analyze(aggregate(_exposures({"chat": 300}, {"chat": None}))[0])
+    assert r["srm"] is None
+    # ... the rules' shares then stand in
+    (r,) = analyze(aggregate(_exposures({"chat": 300}, {"chat": None}))[0], declared={"x": {"chat": 0.5, "b": 0.5}})
+    assert r["srm"]["mismatch"] and r["srm"]["unobserved"] == ["b"]
+
+
+def test_cli_refuses_a_file_that_is_not_experiment_records(tmp_path: Path, capsys) -> None:
+    f = tmp_path / "README.md"
+    f.write_text("# clickpulse\n\nsome text\n")
+    assert main(["report", "experiments", "--file", str(f)]) == 2
+    err = capsys.readouterr().err
+    assert "not a JSONL file of experiment records: line 1" in err and err.count("\n") == 1
+    f.write_text('{"kind": "exposure"}\n[1, 2]\n')
+    assert main(["report", "experiments", "--file", str(f)]) == 2
+    assert "line 2 is a JSON list" in capsys.readouterr().err

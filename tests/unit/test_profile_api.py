@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from clickpulse.errors import ConfigError
 from clickpulse.observability.metrics import Metrics
-from clickpulse.serving.api import ApiMetrics, create_api
+from clickpulse.serving.api import RUNNER_OPTIONS, ApiMetrics, create_api, harden_api
 from clickpulse.serving.redis_sink import ProfileRefill, ProfileWriter, engine_profile, epoch_key
 from clickpulse.settings import Settings
 from clickpulse.store import key_partition
@@ -154,7 +154,10 @@ def _settings(**kw) -> Settings:
 
 async def _client(redis: FakeRedis) -> TestClient:
     app = create_api(_settings(), client=redis, metrics=ApiMetrics(CollectorRegistry()))
-    c = TestClient(TestServer(app))
+    server = TestServer(app)
+    await server.start_server(**RUNNER_OPTIONS)  # as clickpulse api runs it
+    harden_api(server.runner)
+    c = TestClient(server)
     await c.start_server()
     return c
 
@@ -437,3 +440,76 @@ def test_refill_rewrites_identity_links_not_stub_profiles():
     run(refill.check(lambda: [0, 1, 2, 3], eng.table, lambda k: key_partition(k, 4), engine_profile(eng)))
     assert r.kv[b"t:alias:anon:g-77"] == b"u3"
     assert b"t:profile:anon:g-77" not in r.kv and b"t:profile:u3" in r.kv
+
+
+# ---------------------------------------------------------------------------------- edge cases (#9 review)
+def test_any_valid_credential_is_accepted_when_both_are_sent():
+    async def go():
+        r = FakeRedis()
+        r.kv[b"t:profile:u1"] = orjson.dumps(_profile("u1"))
+        c = await _client(r)
+        try:
+            cases = [({"X-API-Key": "wrong" * 4, "Authorization": f"Bearer {KEY}"}, 200),
+                     ({"X-API-Key": KEY, "Authorization": "Bearer " + "wrong" * 4}, 200),
+                     ({"X-API-Key": KEY, "Authorization": "Basic xyz"}, 200),
+                     ({"X-API-Key": "wrong" * 4, "Authorization": "Bearer " + "bad" * 6}, 401),
+                     ({"X-API-Key": "", "Authorization": f"Bearer {KEY}"}, 200)]
+            for headers, status in cases:
+                resp = await c.get("/v1/profiles/u1", headers=headers)
+                assert resp.status == status, headers
+        finally:
+            await c.close()
+    run(go())
+
+
+def test_a_cursor_that_is_base64url_but_not_utf8_is_400():
+    async def go():
+        r = FakeRedis()
+        r.sets[b"t:segments"] = {b"vip"}
+        r.z[b"t:segment:vip"] = {b"u1", b"u2"}
+        c = await _client(r)
+        try:
+            for cursor in ("__8", "_w", "gICA"):  # 0xff 0xff, 0xff, 0x80 0x80 0x80: valid base64url, not UTF-8
+                resp = await c.get("/v1/segments/vip/members", headers=HDR, params={"cursor": cursor})
+                assert resp.status == 400, cursor
+                assert (await resp.json())["error"] == "bad_request"
+            ok = await c.get("/v1/segments/vip/members", headers=HDR, params={"cursor": "dTE"})  # "u1"
+            assert ok.status == 200 and (await ok.json())["members"] == ["u2"]
+        finally:
+            await c.close()
+    run(go())
+
+
+async def _raw(port: int, data: bytes) -> tuple[int, str, bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), 30)  # the server closes after an error
+    finally:
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    ctype = next((ln.split(":", 1)[1].strip() for ln in head.decode().split("\r\n")
+                  if ln.lower().startswith("content-type:")), "")
+    return int(head.split()[1]), ctype, body
+
+
+@pytest.mark.parametrize("request_bytes,status,code", [
+    (b"GET /v1/profiles/" + b"u" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad_request"),  # URL > 8 KB
+    (b"GET /v1/profiles/u1 HTTP/1.1\r\nHost: x\r\nX-API-Key: " + b"k" * 9000 + b"\r\n\r\n", 400, "bad_request"),
+    (b"GARBAGE\r\n\r\n", 400, "bad_request"),
+    (b"POST /v1/profiles/u1 HTTP/1.1\r\nHost: x\r\nX-API-Key: " + KEY.encode()
+     + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", 405, "method_not_allowed"),
+    (b"GET /nothing HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 404, "not_found"),
+])
+def test_every_error_is_the_api_json_body(request_bytes, status, code):
+    async def go():
+        c = await _client(FakeRedis())
+        try:
+            got_status, ctype, body = await _raw(c.port, request_bytes)
+            assert (got_status, ctype) == (status, "application/json"), body[:200]
+            got = orjson.loads(body)
+            assert got["error"] == code and got["detail"]
+        finally:
+            await c.close()
+    run(go())

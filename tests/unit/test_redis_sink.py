@@ -69,3 +69,20 @@ def test_outage_keeps_newest_bounded_and_recovers():
     assert asyncio.run(w.flush()) == 3
     assert orjson.loads(client.data["ns:profile:u4"]) == {"v": 44}
     assert set(client.data) == {"ns:profile:u2", "ns:profile:u3", "ns:profile:u4"}
+
+
+def test_a_new_namespace_refills_nothing_and_logs_one_info_line(caplog):
+    import logging
+
+    from clickpulse.serving.redis_sink import ProfileRefill, epoch_key
+    from tests.unit.test_profile_api import FakeRedis as ApiFakeRedis
+
+    r = ApiFakeRedis()
+    w = ProfileWriter(r, "t", 60, 10_000, Metrics(CollectorRegistry()))
+    refill = ProfileRefill(w, rate_per_s=1e6, batch=10)
+    with caplog.at_level(logging.INFO, logger="clickpulse.serving.redis_sink"):
+        written = asyncio.run(refill.check(lambda: [0, 1, 2, 3], {}, lambda k: 0, lambda raw: None))
+    assert written == {0: 0, 1: 0, 2: 0, 3: 0}
+    assert all(r.kv[epoch_key("t", p).encode()].startswith(b"done:") for p in range(4))
+    records = [rec for rec in caplog.records if rec.name == "clickpulse.serving.redis_sink"]
+    assert [rec.levelname for rec in records] == ["INFO"] and "new namespace" in records[0].getMessage()

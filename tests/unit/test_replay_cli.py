@@ -51,7 +51,7 @@ def test_report_paths_cli(capsys):
 def test_rules_check_lists_a_valid_file_and_rejects_a_bad_one(tmp_path, capsys):
     assert main(["rules", "check"]) == 0  # the packaged default rules
     out = capsys.readouterr().out
-    assert "valid, version 2026-11-29.1+" in out
+    assert "valid, version 2026-12-01.1+" in out
     assert "trigger cart_abandonment         on timeout after add_to_cart, no purchase within 1800 s -> " \
            "cart_abandoned (once per episode, needs marketing consent)" in out
     bad = tmp_path / "rules.yaml"

@@ -275,7 +275,7 @@ def test_yaml_syntax_error_has_a_position():
 
 def test_the_example_rules_file_loads():
     rs = load_rules(EXAMPLE)
-    assert rs.version.startswith("2026-11-29.1+") and len(rs.version.split("+")[1]) == 8
+    assert rs.version.startswith("2026-12-01.1+") and len(rs.version.split("+")[1]) == 8
     assert {t.name for t in rs.triggers} == {"cart_abandonment", "browse_abandonment", "repeat_cart_incentive",
                                             "checkout_help", "category_interest"}
     cart = rs.trigger("cart_abandonment")

@@ -104,7 +104,7 @@ def test_ports_and_replication_ranges(env):
         Settings.from_env(env)
 
 
-def test_replication_settings_reach_the_topics_and_the_faust_app():
+def test_replication_settings_reach_the_topics_and_the_faust_app(tmp_path):
     from clickpulse.topics import topic_specs
     s = Settings.from_env({"CLICKPULSE_REPLICATION_FACTOR": "3", "CLICKPULSE_STANDBY_REPLICAS": "1",
                            "CLICKPULSE_PARTITIONS": "12"})
@@ -112,7 +112,7 @@ def test_replication_settings_reach_the_topics_and_the_faust_app():
     assert {spec["replication"] for spec in specs.values()} == {3}
     assert specs[s.topic_raw]["partitions"] == 12 and specs[s.topic_training]["partitions"] == 1
     from clickpulse.app import _app
-    app = _app(s.replace(data_dir=str(REPO_ROOT / ".local" / "test-replication-app")))
+    app = _app(s.replace(data_dir=str(tmp_path / "test-replication-app")))  # nothing left in the checkout
     assert (app.conf.topic_replication_factor, app.conf.table_standby_replicas, app.conf.topic_partitions) == (3, 1, 12)
 
 

@@ -21,7 +21,10 @@ Error codes (``code`` of the 4xx body ``{"success": false, "code": ..., "message
 shape the Segment libraries read): ``invalid_request`` (not JSON, not an object, a bad batch),
 ``payload_too_large`` (body or event over its limit, too many events), ``bad_encoding`` (bad
 gzip), ``unsupported_encoding`` (415), ``no_user_anon_id`` (an event without identity),
-``unauthorized`` (401), ``not_found`` (404).
+``unauthorized`` (401), ``not_found`` (404); and from the server
+(:mod:`clickpulse.collector.server`): ``request_timeout`` (408, body not received in time),
+``method_not_allowed`` (405), ``overloaded`` and ``kafka_unavailable`` (503), ``bad_request``
+(aiohttp's own 400s: a request line or header too long, a malformed request).
 """
 
 from __future__ import annotations
@@ -85,7 +88,8 @@ def call_of(path: str) -> str | None:
 
 
 def decode_body(raw: bytes, encoding: str | None, limit: int) -> bytes:
-    """The request body with its ``Content-Encoding`` undone: ``identity`` (or none) and ``gzip``.
+    """The request body with its ``Content-Encoding`` undone: ``identity`` (or none) and ``gzip``
+    (one member or several concatenated).
 
     Parameters
     ----------
@@ -101,26 +105,46 @@ def decode_body(raw: bytes, encoding: str | None, limit: int) -> bytes:
     ------
     RequestError
         400 ``payload_too_large`` (over ``limit``), 400 ``bad_encoding`` (not gzip, truncated,
-        trailing bytes), 415 ``unsupported_encoding`` (another encoding).
+        trailing bytes that are not another gzip member), 415 ``unsupported_encoding`` (another encoding).
     """
     enc = (encoding or "identity").strip().lower()
     if enc == "identity":
         out = raw
     elif enc in ("gzip", "x-gzip"):
-        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        try:
-            out = d.decompress(raw, limit + 1)
-        except zlib.error as err:
-            raise RequestError(400, "bad_encoding", f"body is not valid gzip: {err}") from err
-        if len(out) <= limit and not d.eof:
-            raise RequestError(400, "bad_encoding", "gzip body is truncated")
-        if len(out) <= limit and d.unused_data:
-            raise RequestError(400, "bad_encoding", "bytes after the end of the gzip stream")
+        out = _gunzip(raw, limit)
     else:
         raise RequestError(415, "unsupported_encoding", f"Content-Encoding {enc[:32]!r} is not supported (gzip or none)")
     if len(out) > limit:
         raise RequestError(400, "payload_too_large", f"request body is over {limit} bytes")
     return out
+
+
+def _gunzip(raw: bytes, limit: int) -> bytes:
+    """``raw`` gunzipped, one member after another (RFC 1952 2.2: a gzip file is a series of
+    members, and ``gzip -c a b``, Go's and Java's writers produce several); at most ``limit + 1``
+    bytes are decoded in all, so a bomb split over many members is capped as one."""
+    parts: list[bytes] = []
+    size = 0
+    rest = raw
+    while True:
+        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            part = d.decompress(rest, limit + 1 - size)
+        except zlib.error as err:
+            where = "body is" if not parts else "bytes after the end of a gzip member are"
+            raise RequestError(400, "bad_encoding", f"{where} not valid gzip: {err}") from err
+        parts.append(part)
+        size += len(part)
+        if size > limit:
+            break
+        if not d.eof:
+            raise RequestError(400, "bad_encoding", "gzip body is truncated")
+        rest = d.unused_data
+        if not rest:
+            break
+        if not rest.startswith(b"\x1f\x8b"):
+            raise RequestError(400, "bad_encoding", "bytes after the end of the gzip stream")
+    return b"".join(parts)
 
 
 def basic_user(header: str | None) -> str | None:
@@ -150,11 +174,16 @@ def parse_json(body: bytes) -> dict[str, Any]:
     Raises
     ------
     RequestError
-        400 ``invalid_request``: not UTF-8 JSON, or not an object.
+        400 ``invalid_request``: not UTF-8 ("body is not valid UTF-8"), not JSON, or not an object.
     """
     try:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError as err:
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as uerr:
+            raise RequestError(400, "invalid_request",
+                               f"body is not valid UTF-8 (byte {uerr.start}: {uerr.reason})") from err
         raise RequestError(400, "invalid_request", f"body is not valid JSON: {str(err)[:200]}") from err
     if not isinstance(obj, dict):
         raise RequestError(400, "invalid_request", f"body must be a JSON object, got {type(obj).__name__}")

@@ -12,6 +12,24 @@ SIGTERM. A request is answered
   Kafka late is published twice, with the same ``messageId``, which the worker de-duplicates);
 * ``4xx`` for a request it refuses (:mod:`clickpulse.collector.request`).
 
+Slow and abusive clients (every answer, aiohttp's own 400/404/405/413/500 included, is the
+Segment-style JSON body ``{"success": false, "code": ..., "message": ...}``):
+
+* the write key of an ``Authorization`` header is checked from the headers, before the body is
+  read (a wrong key: 401 at once); the body is read only for a request with a valid key or with
+  no ``Authorization`` header (analytics.js sends ``writeKey`` in the body);
+* the whole body must arrive within ``CLICKPULSE_COLLECTOR_BODY_TIMEOUT_S`` (10 s), else ``408
+  request_timeout`` and the connection is closed;
+* at most ``CLICKPULSE_COLLECTOR_MAX_IN_FLIGHT`` tracking requests are handled at once (each
+  holds at most ``CLICKPULSE_COLLECTOR_MAX_BATCH_BYTES`` of body): beyond, ``503 overloaded``
+  with ``Retry-After`` at once, body unread, connection closed (``/health`` and ``/metrics``
+  are not counted);
+* at most ``CLICKPULSE_COLLECTOR_MAX_CONNECTIONS`` connections are open: a connection beyond is
+  answered 503 and closed on accept (:mod:`clickpulse.collector.http`); a connection idle (or
+  still sending its request line and headers) for ``CLICKPULSE_COLLECTOR_IDLE_TIMEOUT_S`` is
+  closed (aiohttp's ``keepalive_timeout``); an unread body left after an early answer is drained
+  for at most :data:`LINGER_S` before the connection closes.
+
 The producer is started in the background and restarted until the broker answers, so the
 collector serves (503) while Kafka is down and accepts as soon as it is back.
 
@@ -23,6 +41,7 @@ answers a metadata request, else 503), ``GET /metrics`` (Prometheus text), ``OPT
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import signal
@@ -38,6 +57,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ..errors import ConfigError
 from ..settings import Settings
+from .http import fd_headroom_warning, harden
 from .request import Limits, RequestError, basic_user, body_write_key, call_of, decode_body, parse_json, records
 
 log = logging.getLogger(__name__)
@@ -46,6 +66,12 @@ log = logging.getLogger(__name__)
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _OK = orjson.dumps({"success": True})
 _JSON = "application/json"
+#: Seconds aiohttp keeps reading (and dropping) a body left unread by an early answer (401, 503,
+#: 408) before it closes the connection (its ``lingering_time``, 10 s by default).
+LINGER_S = 2.0
+#: Error code of the errors aiohttp raises itself (routing, limits), by status.
+_HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 408: "request_timeout",
+               413: "payload_too_large", 414: "bad_request", 431: "bad_request"}
 #: Slack over the decoded limit for the raw body (gzip of incompressible data is a little larger).
 _RAW_SLACK = 1024
 
@@ -64,6 +90,8 @@ class CollectorMetrics:
         self.latency = Histogram("clickpulse_collector_request_seconds",
                                  "Request time from body read to answer, accepted requests, by kind (single, batch)",
                                  ["kind"], buckets=LATENCY_BUCKETS_S, registry=r)
+        self.in_flight = Gauge("clickpulse_collector_in_flight_requests",
+                               "Tracking requests being handled (body read, published, answered)", registry=r)
         self.kafka_up = Gauge("clickpulse_collector_kafka_up",
                               "1 while the producer is connected and its last produce succeeded", registry=r)
 
@@ -108,6 +136,7 @@ class Collector:
         origins = [o.strip() for o in settings.collector_cors_origins.split(",") if o.strip()]
         self._cors_any = "*" in origins
         self._cors_origins = frozenset(origins)
+        self._in_flight = 0
 
     # --- producer -------------------------------------------------------------------------------
 
@@ -125,6 +154,10 @@ class Collector:
             p = self._factory()
             try:
                 await p.start()
+            except asyncio.CancelledError:  # stopped while connecting (e.g. the port was taken)
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(p.stop())
+                raise
             except Exception as err:  # noqa: BLE001 - any failure: Kafka is not there yet
                 log.warning("Kafka at %s unavailable (%s: %s); answering 503, retrying in %.1f s",
                             self.settings.kafka_bootstrap, type(err).__name__, err, delay)
@@ -184,17 +217,34 @@ class Collector:
     def _answer(self, call: str, err: RequestError, extra: dict[str, str] | None = None) -> web.Response:
         self.metrics.requests.labels(call, str(err.status)).inc()
         self.metrics.refused.labels(err.code).inc()
-        return web.Response(status=err.status, body=err.body(), content_type=_JSON, headers=extra)
+        resp = web.Response(status=err.status, body=err.body(), content_type=_JSON, headers=extra)
+        if err.status in (408, 503) and err.code != "kafka_unavailable":
+            resp.force_close()  # the body is not (all) read: this connection is done
+        return resp
 
     async def _read(self, request: web.Request) -> bytes:
+        """The raw body, at most the batch limit, all of it within ``collector_body_timeout_s``.
+
+        Raises
+        ------
+        RequestError
+            400 ``payload_too_large``; 408 ``request_timeout``.
+        """
         limit = self.limits.max_batch_bytes + _RAW_SLACK
         if request.content_length is not None and request.content_length > limit:
             raise RequestError(400, "payload_too_large", f"request body is over {self.limits.max_batch_bytes} bytes")
         body = bytearray()
-        async for chunk in request.content.iter_chunked(65536):
-            body += chunk
-            if len(body) > limit:
-                raise RequestError(400, "payload_too_large", f"request body is over {self.limits.max_batch_bytes} bytes")
+        timeout = self.settings.collector_body_timeout_s
+        try:
+            async with asyncio.timeout(timeout):
+                async for chunk in request.content.iter_chunked(65536):
+                    body += chunk
+                    if len(body) > limit:
+                        raise RequestError(400, "payload_too_large",
+                                           f"request body is over {self.limits.max_batch_bytes} bytes")
+        except TimeoutError:
+            raise RequestError(408, "request_timeout", f"request body not received within {timeout:g} seconds "
+                                                       f"({len(body)} bytes arrived)") from None
         return bytes(body)
 
     async def track(self, request: web.Request) -> web.StreamResponse:
@@ -272,6 +322,48 @@ class Collector:
             "Access-Control-Max-Age": "86400"})
 
     @web.middleware
+    async def _guard(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """The in-flight cap of tracking requests, and aiohttp's own HTTP errors (404, 405, 413
+        raised by routing or limits) as the Segment-style JSON body."""
+        tracked = request.method == "POST"
+        if tracked:
+            if self._in_flight >= self.settings.collector_max_in_flight:
+                return self._answer("unknown", RequestError(
+                    503, "overloaded", f"{self._in_flight} requests in flight (limit "
+                                       f"{self.settings.collector_max_in_flight}); retry later"),
+                    {"Retry-After": str(self.settings.collector_retry_after_s)})
+            self._in_flight += 1
+            self.metrics.in_flight.set(self._in_flight)
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            extra = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+            return self._answer("unknown", RequestError(exc.status, _HTTP_CODES.get(exc.status, "http_error"),
+                                                        f"{exc.reason}: {request.method} {request.path[:100]}"), extra)
+        finally:
+            if tracked:
+                self._in_flight -= 1
+                self.metrics.in_flight.set(self._in_flight)
+
+    def error_body(self, status: int, message: str) -> bytes:
+        """The JSON body of an error aiohttp answers before any handler (:func:`harden`)."""
+        return RequestError(status, _HTTP_CODES.get(status, "http_error" if status < 500 else "internal"),
+                            message).body()
+
+    def runner_options(self) -> dict[str, Any]:
+        """The ``web.AppRunner`` (and ``TestServer.start_server``) options the collector needs:
+        gzip decoded by the collector with its cap, the idle timeout, a short lingering time."""
+        return {"auto_decompress": False, "access_log": None,
+                "keepalive_timeout": self.settings.collector_idle_timeout_s, "lingering_time": LINGER_S}
+
+    def harden(self, runner: web.BaseRunner) -> web.Server:
+        """JSON bodies for aiohttp's own errors and the connection cap on a set-up ``runner``."""
+        return harden(runner, self.error_body, self.settings.collector_max_connections,
+                      self.settings.collector_retry_after_s)
+
+    @web.middleware
     async def _cors(self, request: web.Request, handler: Any) -> web.StreamResponse:
         resp = await handler(request)
         origin = request.headers.get("Origin")
@@ -283,7 +375,8 @@ class Collector:
 
     def app(self) -> web.Application:
         """The aiohttp application (producer started on startup, stopped on cleanup)."""
-        app = web.Application(middlewares=[self._cors] if self._cors_origins else [],
+        middlewares = [self._cors, self._guard] if self._cors_origins else [self._guard]
+        app = web.Application(middlewares=middlewares,
                               client_max_size=self.limits.max_batch_bytes + _RAW_SLACK)
         app.router.add_post("/v1/{call}", self.track)
         app.router.add_post("/v1/{call}/", self.track)
@@ -298,11 +391,17 @@ class Collector:
 async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     """Serve the collector on ``collector_host:collector_port`` until cancelled, SIGINT or SIGTERM."""
     collector = Collector(settings)
-    runner = web.AppRunner(collector.app(), auto_decompress=False, access_log=None,
-                           handle_signals=False)
+    runner = web.AppRunner(collector.app(), handle_signals=False, **collector.runner_options())
     await runner.setup()
+    collector.harden(runner)
+    if (warning := fd_headroom_warning(settings.collector_max_connections)) is not None:
+        log.warning("CLICKPULSE_COLLECTOR_MAX_CONNECTIONS: %s", warning)
     site = web.TCPSite(runner, settings.collector_host, settings.collector_port, backlog=1024)
-    await site.start()
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()  # stops the producer started on setup (no "Unclosed AIOKafkaProducer")
+        raise
     log.info("collector listening on http://%s:%d (topic %s)", settings.collector_host, settings.collector_port,
              settings.topic_raw)
     stop = asyncio.Event()

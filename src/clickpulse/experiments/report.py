@@ -139,15 +139,50 @@ def _sequential(d: ExperimentData, base: str, tau2: float) -> dict[str, Any]:
     return {"event_time_ms": times[idx].astype(int).tolist(), "arms": out}
 
 
+#: the name of the share no observed arm accounts for, when the rules do not name the missing arms
+UNOBSERVED = "(unobserved arms)"
+
+
+def declared_shares(d: ExperimentData, rules: Mapping[str, float] | None = None) -> dict[str, float] | None:
+    """Every arm's configured share of users, including arms that have no user yet (an arm
+    with 0 users is the strongest sample-ratio mismatch there is), or None when unknown.
+
+    The observed arms' shares come from their exposure records (``share``); they are shares of
+    all arms, so what they leave of 1 belongs to arms without a record: the arms of ``rules``
+    (arm -> share, e.g. :meth:`~clickpulse.experiments.assignment.Experiment.expected_shares`)
+    that were not observed, in proportion to their shares there, else one :data:`UNOBSERVED`
+    arm. When an observed arm's record carries no share, ``rules`` gives all shares (None
+    without rules)."""
+    own = {arm: a.share for arm, a in d.arms.items()}
+    if any(v is None for v in own.values()):
+        if not rules or not set(d.arms) <= set(rules):
+            return None
+        return {arm: float(v) for arm, v in rules.items()}
+    shares: dict[str, float] = {arm: float(v) for arm, v in own.items()}  # type: ignore[arg-type]
+    rest = 1.0 - sum(shares.values())
+    if rest > 1e-6:
+        missing = {arm: float(v) for arm, v in (rules or {}).items() if arm not in shares and v > 0}
+        total = sum(missing.values())
+        if total > 0:
+            shares.update({arm: rest * v / total for arm, v in missing.items()})
+        else:
+            shares[UNOBSERVED] = rest
+    return shares
+
+
 def analyze(data: Mapping[str, ExperimentData], *, alpha: float = 0.05, tau2: float = 1e-4, seed: int = 0,
-            baseline: str | None = None) -> list[dict[str, Any]]:
+            baseline: str | None = None,
+            declared: Mapping[str, Mapping[str, float]] | None = None) -> list[dict[str, Any]]:
     """The analysis of every experiment, as plain data (JSON-serializable).
+
+    ``declared``: experiment -> arm -> configured share (from the rules), to name the arms
+    without any exposure in the sample-ratio check (:func:`declared_shares`).
 
     Returns
     -------
     list of dict
         Per experiment: ``experiment``, ``baseline``, ``alpha``, ``srm`` (chi2, p_value,
-        mismatch, observed, expected), ``arms`` (per arm: ``variant``, ``users``,
+        mismatch, observed, expected, unobserved: the arms with 0 users), ``arms`` (per arm: ``variant``, ``users``,
         ``converters``, ``conversions``, ``conversion_rate``, ``revenue``, ``revenue_per_user``
         and, except the baseline, ``vs_baseline``: ``diff``, ``diff_ci``, ``lift``, ``lift_ci``,
         ``p_value_z``, ``revenue_diff``, ``revenue_diff_ci``, ``p_value_welch``,
@@ -161,12 +196,12 @@ def analyze(data: Mapping[str, ExperimentData], *, alpha: float = 0.05, tau2: fl
             continue
         base = baseline if baseline in d.arms else baseline_of(d.arms)
         seq = _sequential(d, base, tau2)
-        shares = {arm: a.share for arm, a in d.arms.items()}
+        shares = declared_shares(d, (declared or {}).get(name))
         srm = None
-        if all(s is not None for s in shares.values()) and len(shares) > 1:
-            r = srm_check({arm: len(a.exposed) for arm, a in d.arms.items()}, shares)  # type: ignore[arg-type]
+        if shares is not None and len(shares) > 1:
+            r = srm_check({arm: len(a.exposed) for arm, a in d.arms.items()}, shares)
             srm = {"chi2": r.chi2, "p_value": r.p_value, "mismatch": r.mismatch, "observed": r.observed,
-                   "expected": r.expected}
+                   "expected": r.expected, "unobserved": sorted(set(shares) - set(d.arms))}
         b = d.arms[base]
         nb, xb = len(b.exposed), len(b.conversions)
         rb = summary(_revenue_values(b))
@@ -220,7 +255,8 @@ def format_table(results: list[dict[str, Any]]) -> str:
         srm = r["srm"]
         srm_text = "SRM: no shares recorded" if srm is None else (
             f"SRM chi2 {srm['chi2']:.2f}, p {srm['p_value']:.4g}: "
-            + ("MISMATCH (p < 0.001): do not trust the comparison" if srm["mismatch"] else "ok"))
+            + ("MISMATCH (p < 0.001): do not trust the comparison" if srm["mismatch"] else "ok")
+            + (f"; 0 users in {', '.join(srm['unobserved'])}" if srm.get("unobserved") else ""))
         lines.append(f"experiment {r['experiment']}  (baseline {r['baseline']}; {srm_text})")
         head = (f"  {'arm':<14}{'users':>7}{'conv':>6}{'rate':>8}  {'diff vs baseline':>10} {level}% CI"
                 f"{'':<14}{'lift':>9} {level}% CI{'':<13}{'p(z)':>7}{'rev/user':>10}  {'rev diff':>8} {level}% CI"

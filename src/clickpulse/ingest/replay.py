@@ -51,24 +51,49 @@ def _key_of(obj: Any) -> bytes | None:
     return None
 
 
-def messages(fmt: str, path: str | Path) -> Iterator[tuple[bytes | None, bytes, int | None]]:
+@dataclass
+class JsonlStats:
+    """What :func:`messages` saw in a JSON-lines file: ``lines`` (non-empty), ``not_objects``
+    (lines that are not a JSON object: not JSON at all, or an array/number/...) and the 1-based
+    number of the first such line (``first_bad``; counting non-empty lines)."""
+
+    lines: int = 0
+    not_objects: int = 0
+    first_bad: int | None = None
+
+
+def messages(fmt: str, path: str | Path, stats: JsonlStats | None = None,
+             strict: bool = False) -> Iterator[tuple[bytes | None, bytes, int | None]]:
     """``(key, value, event_time_ms)`` for every record of a dataset file.
+
+    ``jsonl``: a line that is not a JSON object is published as it is (ingest dead-letters it as
+    ``not_json``/``not_object``) and counted in ``stats``; with ``strict`` it raises instead.
 
     Raises
     ------
     DatasetError
-        Unknown format, missing file or malformed file header.
+        Unknown format, missing file or malformed file header; ``strict`` and a line of a
+        ``jsonl`` file that is not a JSON object.
     """
     if fmt == "rees46":
         for ev in read_rees46(path):
             yield _key_of(ev), orjson.dumps(ev), ev["timestamp"]
     elif fmt == "jsonl":
+        stats = stats if stats is not None else JsonlStats()
         for line in read_jsonl(path):
+            stats.lines += 1
             try:
-                key = _key_of(orjson.loads(line))
+                obj = orjson.loads(line)
             except orjson.JSONDecodeError:
-                key = None  # published as-is: ingest sends it to the dead-letter topic
-            yield key, line, event_time_of(line)
+                obj = None  # published as-is: ingest sends it to the dead-letter topic
+            if not isinstance(obj, dict):
+                stats.not_objects += 1
+                if stats.first_bad is None:
+                    stats.first_bad = stats.lines
+                if strict:
+                    raise DatasetError(f"{path}: line {stats.lines} (non-empty lines counted) is not a JSON object; "
+                                       "a jsonl file has one event object per line")
+            yield _key_of(obj), line, event_time_of(line)
     else:
         raise DatasetError(f"unknown format {fmt!r}; expected one of {FORMATS}")
 

@@ -144,9 +144,9 @@ def snapshot_key(settings: Settings) -> bytes:
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"snapshot key file {path}: {err}") from err
     if created:
-        log.warning("CLICKPULSE_SNAPSHOT_KEY is not set: created the snapshot signing key file %s (key id %s). "
-                    "Only processes sharing this data dir share the key; set CLICKPULSE_SNAPSHOT_KEY on the "
-                    "trainer and every worker otherwise", path, key_id(key))
+        log.info("CLICKPULSE_SNAPSHOT_KEY is not set: created the snapshot signing key file %s (key id %s). "
+                 "Only processes sharing this data dir share the key; set CLICKPULSE_SNAPSHOT_KEY on the "
+                 "trainer and every worker otherwise", path, key_id(key))
     else:
         log.info("snapshot signing key from %s (key id %s)", path, key_id(key))
     return key

@@ -7,7 +7,10 @@ Redis round trips and no JSON parsing of the stored profile (its bytes are sent 
   id resolves to its customer: when identity stitching wrote ``<ns>:alias:<id>`` (the customer's
   user key), the customer's profile is served (aliases are followed up to
   :data:`MAX_ALIAS_HOPS` hops, cycles stop); if the customer has no profile yet, the guest's own
-  profile is served. ``404`` when neither exists. The header ``Content-Location`` names the
+  profile is served. An id with no profile that does not start with ``anon:`` is looked up
+  again as ``anon:<id>`` (a raw anonymous id, as the SDKs send it: its user key is
+  ``anon:<id>``); a user_id wins over an anonymous id spelled alike. ``404`` when nothing
+  exists (the detail names the ``anon:`` form). The header ``Content-Location`` names the
   profile served.
 * ``GET /v1/segments/{name}/members?limit=&cursor=`` — the members of a segment, ordered by user
   key, ``limit`` (1–1000, default 100) per page; ``next_cursor`` (opaque; ``null`` on the last
@@ -18,13 +21,18 @@ Redis round trips and no JSON parsing of the stored profile (its bytes are sent 
   ``clickpulse_api_request_seconds{route}``, ``clickpulse_api_redis_errors_total``. No key needed.
 
 Auth: every ``/v1/`` request needs one of ``CLICKPULSE_API_KEYS`` in ``Authorization: Bearer
-<key>`` or ``X-API-Key: <key>``; otherwise ``401`` with ``WWW-Authenticate: Bearer``. Keys are
-compared as SHA-256 digests with :func:`hmac.compare_digest`, against every configured key.
+<key>`` or ``X-API-Key: <key>``; otherwise ``401`` with ``WWW-Authenticate: Bearer``. When a
+request carries both, it is accepted if either is a valid key (any valid credential suffices: a
+stale ``X-API-Key`` added by a proxy does not lock out a client with a valid token, and a wrong
+credential never grants anything a valid one would not). Keys are compared as SHA-256 digests
+with :func:`hmac.compare_digest`, every presented credential against every configured key.
 
 Errors are JSON ``{"error": <code>, "detail": <text>}``: ``400 bad_request`` (an id or segment name
 that no user or segment can have, a bad ``limit`` or ``cursor``), ``401 unauthorized``,
-``404 not_found``, ``503 unavailable`` (Redis unreachable or not answering within
-:data:`REQUEST_TIMEOUT_S`; ``Retry-After: 1``). The spec is
+``404 not_found``, ``405 method_not_allowed``, ``503 unavailable`` (Redis unreachable or not answering within
+:data:`REQUEST_TIMEOUT_S`; ``Retry-After: 1``). Every error has this
+body, also those aiohttp answers before any handler (a URL or header over 8190 bytes, a malformed
+request: ``400 bad_request``; :func:`clickpulse.collector.http.harden`). The spec is
 ``schemas/profile-api.openapi.yaml``.
 """
 
@@ -48,6 +56,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
+from ..collector.http import harden
 from ..errors import ConfigError
 from ..settings import Settings
 from .redis_sink import alias_key, profile_key, segment_key, segments_index_key
@@ -92,6 +101,13 @@ def _error(status: int, code: str, detail: str, headers: dict[str, str] | None =
                         content_type="application/json", headers=headers)
 
 
+def error_body(status: int, detail: str) -> bytes:
+    """The JSON error body for ``status`` (also for the errors aiohttp answers itself)."""
+    code = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+            503: "unavailable"}.get(status, "bad_request" if status < 500 else "internal")
+    return orjson.dumps({"error": code, "detail": detail})
+
+
 def _cursor_encode(member: bytes) -> str:
     return base64.urlsafe_b64encode(member).decode().rstrip("=")
 
@@ -106,6 +122,10 @@ def _cursor_decode(cursor: str) -> bytes:
         raise ValueError("not a cursor of this API") from err
     if not raw:
         raise ValueError("not a cursor of this API")
+    try:
+        raw.decode("utf-8")  # cursors are made of user keys, which are text
+    except UnicodeDecodeError as err:
+        raise ValueError("not a cursor of this API") from err
     return raw
 
 
@@ -145,17 +165,20 @@ class ProfileApi:
 
     # -- auth --------------------------------------------------------------------------------------
     def authorized(self, request: web.Request) -> bool:
+        """True when ``X-API-Key`` or the ``Authorization: Bearer`` token is a configured key
+        (either suffices when both are sent)."""
+        presented = []
         key = request.headers.get("X-API-Key")
-        if key is None:
-            auth = request.headers.get("Authorization", "")
-            scheme, _, token = auth.partition(" ")
-            if scheme.lower() != "bearer" or not token:
-                return False
-            key = token.strip()
-        digest = hashlib.sha256(key.encode(errors="surrogateescape")).digest()
+        if key:
+            presented.append(key)
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            presented.append(token.strip())
         ok = False
-        for d in self._digests:  # every key compared: the time does not tell which matched
-            ok |= hmac.compare_digest(d, digest)
+        for cred in presented:
+            digest = hashlib.sha256(cred.encode(errors="surrogateescape")).digest()
+            for d in self._digests:  # every key compared: the time does not tell which matched
+                ok |= hmac.compare_digest(d, digest)
         return ok
 
     @web.middleware
@@ -175,9 +198,9 @@ class ProfileApi:
                         # read, so try once more on a fresh connection before answering 503
                         resp = await handler(request)
         except web.HTTPException as exc:  # aiohttp's own 404/405 for unknown paths and methods
-            resp = _error(exc.status, "not_found" if exc.status == 404 else "method_not_allowed"
-                          if exc.status == 405 else "bad_request", exc.reason,
-                          {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None)
+            resp = web.Response(status=exc.status, body=error_body(exc.status, exc.reason),
+                                content_type="application/json",
+                                headers={"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None)
         except (ConnectionError, TimeoutError, OSError) as err:
             resp = self._unavailable(err)
         except RedisError as err:
@@ -197,6 +220,20 @@ class ProfileApi:
         why = check_id(user_id)
         if why is not None:
             return _error(400, "bad_request", why)
+        served, body = await self._resolve(user_id)
+        if body is None and not user_id.startswith("anon:") and check_id("anon:" + user_id) is None:
+            # a raw anonymous id (the SDK's anonymousId): its user key is anon:<id>
+            served, body = await self._resolve("anon:" + user_id)
+        if body is None:
+            hint = "" if user_id.startswith("anon:") else \
+                " (looked up as a user_id and as the anonymous id anon:<id>)"
+            return _error(404, "not_found", "no profile for this id" + hint)
+        from urllib.parse import quote
+        return web.Response(body=body, content_type="application/json",
+                            headers={"Content-Location": "/v1/profiles/" + quote(served, safe="")})
+
+    async def _resolve(self, user_id: str) -> tuple[str, bytes | None]:
+        """(user key served, profile bytes or None) for ``user_id``, following guest aliases."""
         ns, client = self.ns, self.client
         alias, own = await client.mget([alias_key(ns, user_id), profile_key(ns, user_id)])
         served, body = user_id, own
@@ -211,11 +248,7 @@ class ProfileApi:
             alias, prof = await client.mget([alias_key(ns, target), profile_key(ns, target)])
             if prof is not None:
                 served, body = target, prof
-        if body is None:
-            return _error(404, "not_found", "no profile for this id")
-        from urllib.parse import quote
-        return web.Response(body=body, content_type="application/json",
-                            headers={"Content-Location": "/v1/profiles/" + quote(served, safe="")})
+        return served, body
 
     async def members(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
@@ -296,16 +329,47 @@ def create_api(settings: Settings, client: Any = None, metrics: ApiMetrics | Non
     return app
 
 
+#: ``web.AppRunner`` options of ``clickpulse api``: idle connections closed after 15 s (aiohttp's
+#: default keeps them an hour), a body left unread drained for at most 2 s
+RUNNER_OPTIONS: dict[str, Any] = {"access_log": None, "keepalive_timeout": 15.0, "lingering_time": 2.0}
+
+
+def harden_api(runner: web.BaseRunner) -> web.Server:
+    """aiohttp's own errors (URL or header too long, malformed request) with the API's JSON
+    body, on a set-up ``runner`` (:func:`clickpulse.collector.http.harden`)."""
+    return harden(runner, error_body)
+
+
+async def serve(settings: Settings, host: str, port: int) -> None:
+    """Serve the API on ``host:port`` until cancelled, SIGINT or SIGTERM."""
+    import signal
+    runner = web.AppRunner(create_api(settings), handle_signals=False, **RUNNER_OPTIONS)
+    await runner.setup()
+    harden_api(runner)
+    await web.TCPSite(runner, host, port).start()
+    print(f"clickpulse api listening on http://{host}:{port} (namespace {settings.namespace})", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
 def run(settings: Settings, host: str | None = None, port: int | None = None) -> None:
     """Serve the API until SIGTERM/SIGINT (``clickpulse api``)."""
-    app = create_api(settings)
     host, port = host or settings.api_host, port or settings.api_port
-    log.info("clickpulse api on http://%s:%d (namespace %s)", host, port, settings.namespace)
-    loop = None
+    factory = None
     if os.environ.get("CLICKPULSE_API_UVLOOP", "1") != "0":
         try:
             import uvloop
-            loop = uvloop.new_event_loop()
+            factory = uvloop.new_event_loop
         except ImportError:
             pass
-    web.run_app(app, host=host, port=port, access_log=None, print=None, handle_signals=True, loop=loop)
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(serve(settings, host, port))

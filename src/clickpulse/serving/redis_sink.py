@@ -40,6 +40,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from ..errors import error_text
 from ..observability.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -293,7 +294,7 @@ class ProfileRefill:
             return await self._refill(todo, partitions, table, partition_of, build, skip_key)
         except Exception as err:  # noqa: BLE001 - Redis unavailable: retried at the next check
             self.writer.metrics.redis_errors.inc()
-            log.warning("redis profile refill check failed (%s: %s); retrying later", type(err).__name__, err)
+            log.warning("redis profile refill check failed (%s); retrying later", error_text(err))
             return {}
         finally:
             self.busy = False
@@ -317,8 +318,13 @@ class ProfileRefill:
             p = partition_of(k)
             if p in want:
                 keys[p].append(k)
-        log.warning("redis lost the profiles of partitions %s (sentinel missing): refilling %d users at <= %.0f/s",
-                    todo, sum(len(v) for v in keys.values()), self.rate_per_s)
+        n_users = sum(len(v) for v in keys.values())
+        if n_users:
+            log.warning("redis lost the profiles of partitions %s (sentinel missing): refilling %d users at "
+                        "<= %.0f/s", todo, n_users, self.rate_per_s)
+        else:  # a new namespace (or no user yet): nothing was lost, one line at INFO
+            log.info("redis profiles of partitions %s: no sentinel and no user yet (a new namespace); "
+                     "sentinels written", todo)
         written = {p: 0 for p in todo}
         started = time.monotonic()
         total = 0
@@ -363,7 +369,8 @@ class ProfileRefill:
                 ok = await client.set(epoch_key(ns, p), f"done:{token}", xx=True)
                 if ok:
                     self.refills.inc()
-                    log.warning("partition %d: %d profiles refilled to redis", p, written[p])
+                    if n_users:
+                        log.warning("partition %d: %d profiles refilled to redis", p, written[p])
                 else:
                     log.warning("partition %d: redis lost its data again during the refill; will refill again", p)
         return written
