@@ -9,7 +9,7 @@
   compiled validator, followed by the money/quantity bounds (``out_of_range``), with the hardening
   rules added since (issue #10): identifiers stripped, blank ones absent, checked by
   :func:`check_identity` (``bad_identity``); schema details built by :func:`describe_error` (no
-  value echoed); integers beyond 2**53 ``out_of_range`` after the named bounds. Where the legacy
+  value echoed); integers beyond 2**53 - 1 ``out_of_range`` after the named bounds. Where the legacy
   code crashed with another exception, ``parse`` dead-letters instead.
 * ``parse`` on arbitrary bytes or arbitrary JSON raises nothing but :class:`InvalidEvent` with a
   reason in :data:`DLQ_REASONS`.

@@ -183,12 +183,12 @@ def test_integers_beyond_2_53_are_out_of_range_anywhere_and_dwell_has_a_maximum(
     reason, detail = _redacted({}, b'{"type":"dwell","user_id":"victim","timestamp":1569888000000,'
                                    b'"properties":{"dwell_ms":18446744073709551615}}')
     assert reason == "schema" and detail == "properties.dwell_ms: number is above the maximum (maximum 86400000)"
-    for where in (b'"x":18446744073709551615', b'"context":{"a":[1,-9007199254740993]}',
+    for where in (b'"x":18446744073709551615', b'"context":{"a":[1,-9007199254740992]}', b'"y":9007199254740992',
                   b'"properties":{"product_id":9007199254740993}'):
         reason, detail = _outcome({}, b'{"type":"dwell","user_id":"u","timestamp":1569888000000,' + where + b"}")
-        assert reason == "out_of_range" and "outside [-2**53, 2**53]" in detail, (where, detail)
-    assert _outcome({}, b'{"type":"x","user_id":"u","timestamp":1569888000000,"n":9007199254740992,'
-                        b'"s":"12345678901234567890"}')[0] == "ok"   # 2**53 itself, and digits in a string
+        assert reason == "out_of_range" and "outside [-(2**53 - 1), 2**53 - 1]" in detail, (where, detail)
+    assert _outcome({}, b'{"type":"x","user_id":"u","timestamp":1569888000000,"n":9007199254740991,'
+                        b'"m":-9007199254740991,"s":"12345678901234567890"}')[0] == "ok"  # 2**53 - 1; digits in a string
 
 
 def test_timestamp_zero_and_other_numbers_below_1e11_are_refused():
