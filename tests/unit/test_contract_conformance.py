@@ -378,6 +378,8 @@ REASON_CASES = [
     ("schema", orjson.dumps(_good(properties={"currency": "euro"})), None),
     ("schema", orjson.dumps(_good(type=[1])), None),  # crashed with TypeError before
     ("schema", orjson.dumps({"type": [], "userId": "u1", "timestamp": T0}), None),  # crashed too
+    ("schema", b'{"type":"identify","timestamp":1569924000000,"user_id":"u1","traits":{"c":"DE"},"properties":true}',
+     None),  # crashed (TypeError) too: found by the Hypothesis corpus
     ("schema", b'{"type": "x", "user_id": "u1", "timestamp": 1569888000000, "properties": {"d": %s}}' % (b"[" * 300 + b"]" * 300), None),
     ("schema", orjson.dumps(_good(properties={"product_id": "p" * 60000})), None),  # issue #10: "too long"
     ("out_of_range", orjson.dumps(_good(type="purchase", properties={"revenue": 9e307})), None),

@@ -632,8 +632,8 @@ def _map_segment(obj: dict[str, Any]) -> dict[str, Any]:
             out["type"] = SEGMENT_EVENT_NAMES.get(name, name)
     elif isinstance(call, str) and call in SEGMENT_CALL_TYPES:
         out["type"] = SEGMENT_CALL_TYPES[call]
-    if call == "identify" and isinstance(out.get("traits"), dict):
-        props = dict(out.get("properties") or {})
+    if call == "identify" and isinstance(out.get("traits"), dict) and isinstance(out.get("properties") or {}, dict):
+        props = dict(out.get("properties") or {})  # (properties of another type: left to the schema)
         props.setdefault("traits", out.pop("traits"))
         out["properties"] = props
     ctx = out.get("context")
