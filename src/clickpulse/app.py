@@ -721,7 +721,7 @@ def _wire_process(w: Worker) -> None:
         for f in em.failed:  # rolled back alone; the rest of the batch stands
             msg = msgs[f.index]
             log.error("processing failed at %s[%d]@%d: %s", msg.topic, msg.partition, msg.offset, f.error)
-            out.append(w.dead_letter(InvalidEvent("internal", f.error), msg))
+            out.append(w.dead_letter(InvalidEvent(f.reason, f.error), msg))
         elapsed = time.perf_counter() - started
         w.metrics.process_latency.observe(elapsed / len(items))
         w.metrics.batch_size.observe(len(items))

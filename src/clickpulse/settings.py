@@ -239,6 +239,13 @@ class Settings:
         ``CLICKPULSE_MAX_QUANTITY``; units. An event whose ``properties.quantity`` is above this
         goes to the dead-letter topic (``out_of_range``). Default 10,000 (the schema's own bound
         is 100,000).
+    max_state_bytes : int
+        ``CLICKPULSE_MAX_STATE_BYTES``; bytes. The engine's last resort against a user's state
+        outgrowing a Kafka message: a step that would write a state larger than this rolls the
+        user's events back one by one and dead-letters each event that would take it over
+        (``state_too_large``; the user's previous state stands, nothing is produced). Default
+        262144 (256 KiB), well below the producer's maximum request size (1 MiB); the per-user
+        caps of :mod:`clickpulse.state.user` keep real states far smaller (a few KiB).
     dlq_max_payload_bytes : int
         ``CLICKPULSE_DLQ_MAX_PAYLOAD_BYTES``; bytes of the original value copied into a
         dead-letter record (the full value stays at its topic/partition/offset). Default 65536.
@@ -522,6 +529,7 @@ class Settings:
     max_event_bytes: int = 65536
     max_money: float = 1e9
     max_quantity: int = 10_000
+    max_state_bytes: int = 262_144
     dlq_max_payload_bytes: int = 65536
     dedup_ids_per_user: int = 32
     user_retention_s: float = 30 * 86400.0
@@ -609,7 +617,7 @@ class Settings:
                     "validation_window", "churn_horizon_days", "partitions", "session_gap_s", "max_event_bytes", "rules_poll_s",
                     "bot_max_cart_adds", "bot_cart_window_s", "bot_max_events", "bot_events_window_s",
                     "dedup_ids_per_user", "redis_flush_interval_s", "idle_timeout_s", "batch_max_events",
-                    "batch_within_s", "max_in_flight_batches", "max_money", "max_quantity",
+                    "batch_within_s", "max_in_flight_batches", "max_money", "max_quantity", "max_state_bytes",
                     "replication_factor", "redis_refill_check_s", "redis_refill_rate",
                     "segment_sizes_interval_s", "health_poll_s")
         for name in positive:

@@ -86,6 +86,66 @@ def test_erasure_leaves_nothing_even_after_a_restart(make_settings, workers):
     assert r.get(profile_key(s.namespace, "victim")) is None
 
 
+def test_no_user_can_outgrow_a_kafka_message_or_take_others_down(make_settings, workers):
+    """Issue #10, second review: 14 valid-looking add_to_cart events of one user, each with a
+    60,000-character product_id (each < 64 KB), grew the user's state past Kafka's 1 MB limit;
+    the changelog produce failed and the batch's events (other users' too) were lost. Now the
+    contract refuses them (``schema``, too long), and the engine's last-resort cap refuses any
+    event that would still take a state past CLICKPULSE_MAX_STATE_BYTES (``state_too_large``),
+    so nothing oversized reaches the changelog and every other event is processed."""
+    from clickpulse.engine.step import CLOCK_KEY_PREFIX
+    from clickpulse.state.user import UserState
+    cap = 8000
+    s = make_settings(time_mode="replay", cart_abandon_after_s=600, max_state_bytes=cap)
+    w = workers(s)
+    t0 = int(time.time() * 1000)
+    big = "p" * 60_000
+    recs = []
+    for i in range(14):  # the reviewer's input, with other users' events in between
+        recs.append(("victim", {"event_id": f"big-{i}", "type": "add_to_cart", "user_id": "victim", "timestamp": t0 + i,
+                                "properties": {"product_id": big, "price": 1.0}}))
+        recs.append((f"other{i}", {"event_id": f"o-{i}", "type": "add_to_cart", "user_id": f"other{i}",
+                                   "timestamp": t0 + i, "properties": {"product_id": "p1", "price": 2.0}}))
+    for i in range(40):  # within the contract's limits, but more than the (test-sized) state cap holds
+        recs.append(("grower", {"event_id": f"g-{i}", "type": "add_to_cart", "user_id": "grower", "timestamp": t0 + i,
+                                "properties": {"product_id": f"{i:03d}" + "x" * 250, "category": "c" * 256,
+                                               "price": 1.0}}))
+    recs.append(("victim", {"event_id": "ok-1", "type": "add_to_cart", "user_id": "victim", "timestamp": t0 + 100,
+                            "properties": {"product_id": "p1", "price": 3.0}}))
+    produce(s, recs)
+
+    def dlq() -> list[dict]:
+        return topic_values(s, s.topic_dlq)
+    records = wait_for(lambda: (lambda r: r if sum(x["reason"] == "schema" for x in r) == 14
+                                and any(x["reason"] == "state_too_large" for x in r) else None)(dlq()),
+                       90, "the 14 oversized events and the state cap's refusals dead-lettered")
+    schema = [r for r in records if r["reason"] == "schema"]
+    assert all(r["detail"] == "properties.product_id: string of 60000 characters is too long (maxLength 256)"
+               for r in schema), schema[0]["detail"]
+    refused = [r for r in records if r["reason"] == "state_too_large"]
+    assert {r["reason"] for r in records} == {"schema", "state_too_large"}
+    assert all(f"above the limit of {cap}" in r["detail"] and "grower" not in r["detail"] for r in refused)
+    # every other user (and the victim's valid event, and the grower's events that fit) got through
+    users = {"victim", "grower"} | {f"other{i}" for i in range(14)}
+
+    def changelog_with_everyone():
+        recs = [r for r in asyncio.run(read_topic(s.kafka_bootstrap, f"{s.namespace}-worker-users-changelog"))
+                if not r[0].startswith(CLOCK_KEY_PREFIX)]  # the partitions' clock logs are not users
+        return recs if {k.decode() for k, _v, _m in recs} >= users else None
+    changelog = wait_for(changelog_with_everyone, 60, "every user's state on the changelog")
+    sizes = {}
+    for k, v, _m in changelog:
+        if v is not None:
+            sizes[k.decode()] = max(sizes.get(k.decode(), 0), len(v))
+    assert set(sizes) == users
+    assert max(sizes.values()) <= cap
+    last = {k.decode(): v for k, v, _m in changelog if v is not None}
+    grower = UserState.from_bytes(last["grower"])
+    assert len(grower.cart.items) + len(refused) == 40
+    assert list(UserState.from_bytes(last["victim"]).cart.items) == ["p1"]
+    assert w.proc.poll() is None                                       # the worker is alive
+
+
 def test_a_poisoned_user_is_quarantined_then_repaired_by_its_worker(make_settings, workers):
     """The issue's poisoned user (lifetime revenue stored as null, as an overflow left it) on the
     real broker: its next purchase quarantines the state and it goes on from a fresh one (which

@@ -6,7 +6,10 @@
   unicode, extra fields), one case per dead-letter reason, and the REES46 sample.
 * ``parse`` returns exactly what the reference path returns: ``parse(..., reference=True)``
   (jsonschema only), and :func:`legacy_parse`, a frozen copy of ``parse`` as it was before the
-  compiled validator, followed by the money/quantity bounds (``out_of_range``). Where the legacy
+  compiled validator, followed by the money/quantity bounds (``out_of_range``), with the hardening
+  rules added since (issue #10): identifiers stripped, blank ones absent, checked by
+  :func:`check_identity` (``bad_identity``); schema details built by :func:`describe_error` (no
+  value echoed); integers beyond 2**53 - 1 ``out_of_range`` after the named bounds. Where the legacy
   code crashed with another exception, ``parse`` dead-letters instead.
 * ``parse`` on arbitrary bytes or arbitrary JSON raises nothing but :class:`InvalidEvent` with a
   reason in :data:`DLQ_REASONS`.
@@ -32,8 +35,11 @@ from clickpulse.events.contract import (
     DLQ_REASONS,
     SEGMENT_CALL_TYPES,
     SEGMENT_EVENT_NAMES,
+    _bad_number_path,
     check_bounds,
+    check_identity,
     compiled_validator,
+    describe_error,
     map_real_payload,
     normalize,
     parse,
@@ -96,17 +102,22 @@ def _legacy_normalize(obj: dict[str, Any], *, received_ms: int | None = None,
                       max_future_skew_ms: int = 300_000, id_source: dict[str, Any] | None = None) -> dict[str, Any]:
     ev = _legacy_map_segment(obj)
     ev.pop("user_key", None)
-    for idf in ("user_id", "anonymous_id"):
+    for idf in ("user_id", "anonymous_id", "previous_id"):
         v = ev.get(idf)
         if isinstance(v, int) and not isinstance(v, bool):
-            ev[idf] = str(v)
-        elif v == "" or v is None:
+            ev[idf] = v = str(v)
+        if isinstance(v, str):  # issue #10: surrounding whitespace stripped, a blank id is absent
+            ev[idf] = v = v.strip()
+            if not v:
+                ev.pop(idf, None)
+        elif v is None:
             ev.pop(idf, None)
     if "user_id" not in ev and "anonymous_id" not in ev:
         raise InvalidEvent("missing_identity", "neither user_id nor anonymous_id is set")
     for idf in ("user_id", "anonymous_id"):
         if idf in ev and not isinstance(ev[idf], str):
             raise InvalidEvent("schema", f"{idf}: must be a string, got {type(ev[idf]).__name__}")
+    check_identity(ev)
     if not isinstance(ev.get("type"), str) or not ev["type"]:
         raise InvalidEvent("schema", "type: missing or not a non-empty string")
     ev["type"] = SEGMENT_EVENT_NAMES.get(ev["type"], ev["type"])
@@ -134,8 +145,7 @@ def _legacy_normalize(obj: dict[str, Any], *, received_ms: int | None = None,
     errors = sorted(contract._event_validator().iter_errors(ev), key=lambda e: list(e.absolute_path))
     if errors:
         err = errors[0]
-        path = ".".join(str(p) for p in err.absolute_path) or "(root)"
-        raise InvalidEvent("schema", f"{path}: {err.message[:200]}")
+        raise InvalidEvent("schema", describe_error(err))
     ev["user_key"] = ev["user_id"] if "user_id" in ev else "anon:" + ev["anonymous_id"]
     return ev
 
@@ -217,6 +227,9 @@ def expected_outcome(value: bytes | None, key: bytes | None = None, **kw) -> tup
         check_bounds(ev)
     except InvalidEvent as err:
         return "invalid", (err.reason, err.detail)
+    bad = _bad_number_path(ev)
+    if bad is not None:
+        return "invalid", ("out_of_range", bad)
     return "ok", canonical(ev)
 
 
@@ -365,9 +378,16 @@ REASON_CASES = [
     ("schema", orjson.dumps(_good(properties={"currency": "euro"})), None),
     ("schema", orjson.dumps(_good(type=[1])), None),  # crashed with TypeError before
     ("schema", orjson.dumps({"type": [], "userId": "u1", "timestamp": T0}), None),  # crashed too
-    ("schema", b'{"type": "x", "user_id": "u1", "timestamp": 0, "properties": {"d": %s}}' % (b"[" * 300 + b"]" * 300), None),
+    ("schema", b'{"type":"identify","timestamp":1569924000000,"user_id":"u1","traits":{"c":"DE"},"properties":true}',
+     None),  # crashed (TypeError) too: found by the Hypothesis corpus
+    ("schema", b'{"type": "x", "user_id": "u1", "timestamp": 1569888000000, "properties": {"d": %s}}' % (b"[" * 300 + b"]" * 300), None),
+    ("schema", orjson.dumps(_good(properties={"product_id": "p" * 60000})), None),  # issue #10: "too long"
     ("out_of_range", orjson.dumps(_good(type="purchase", properties={"revenue": 9e307})), None),
     ("out_of_range", orjson.dumps(_good(properties={"quantity": 10001})), None),
+    ("out_of_range", b'{"type": "dwell", "user_id": "u1", "timestamp": 1569888000000, "x": 18446744073709551615}', None),
+    ("bad_identity", orjson.dumps(_good(user_id="anon:victim")), None),
+    ("bad_identity", orjson.dumps(_good(user_id="vic\u202etim")), None),
+    ("bad_timestamp", orjson.dumps(_good(timestamp=0)), None),
 ]
 
 
@@ -380,7 +400,8 @@ def test_one_case_per_dead_letter_reason(reason, value, key):
 def test_every_parse_reason_has_a_case():
     # ``internal`` (an unexpected exception around parse) and ``forged_control`` (an unsigned
     # control header, tests/unit/test_control.py) are the worker's own, never parse's
-    assert {r for r, _v, _k in REASON_CASES} == set(DLQ_REASONS) - {"internal", "forged_control"}
+    # and ``state_too_large`` (the engine's state size net, tests/unit/test_hostile_input.py)
+    assert {r for r, _v, _k in REASON_CASES} == set(DLQ_REASONS) - {"internal", "forged_control", "state_too_large"}
 
 
 # --- verdicts of the two validators -------------------------------------------------------------

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from clickpulse.errors import InvalidEvent
 from clickpulse.engine.identity import link_keys, route, route_key
 from clickpulse.events.contract import normalize
 from clickpulse.rules.triggers import next_due
@@ -64,8 +65,10 @@ def test_link_events_are_routed_to_the_guest_key():
     rename = normalize({"type": "alias", "userId": "c-5", "previousId": "c-4", "anonymousId": "g-9",
                         "timestamp": ms(DAY + "09:12:00Z")})
     assert link_keys(rename) is None and route_key(rename) == "c-5"
-    # a user id in the guest key space never links
-    assert link_keys(ev("identify", "09:12:00", user="anon:x", anon="y")) is None
+    # a user id in the guest key space never links (the contract dead-letters it: bad_identity)
+    with pytest.raises(InvalidEvent, match="bad_identity"):
+        ev("identify", "09:12:00", user="anon:x", anon="y")
+    assert link_keys({"type": "identify", "user_id": "anon:x", "anonymous_id": "y"}) is None
 
 
 # ------------------------------------------------------------------ g-77 / c-5

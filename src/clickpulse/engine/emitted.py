@@ -25,6 +25,7 @@ class Failed:
     index: int       # position in the step's input
     user_key: str
     error: str       # "<ExceptionType>: <message>"
+    reason: str = "internal"  # the dead-letter reason (``state_too_large``: the state cap, see Engine)
 
 
 @dataclass(slots=True)

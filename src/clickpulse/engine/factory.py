@@ -93,4 +93,4 @@ def build_engine(settings: Settings, table: MutableMapping[bytes, bytes] | None 
                   cache_users=settings.state_cache_users, model_actions_consent=settings.model_actions_consent,
                   recs=build_recs(settings),
                   recs_triggers=frozenset(t.strip() for t in settings.recs_triggers.split(",") if t.strip()),
-                  recs_k=settings.recs_k)
+                  recs_k=settings.recs_k, max_state_bytes=settings.max_state_bytes)

@@ -18,6 +18,16 @@ Unit of work (like a quix-streams state transaction, or bytewax's ``StatefulLogi
   re-run one event at a time; the failing event is rolled back alone and reported in
   :attr:`Emitted.failed` (the worker dead-letters it with reason ``internal``); every other
   event's effect is as if the failing one had not been there.
+* **State size net.** A step that would write a user's state larger than ``max_state_bytes``
+  (``CLICKPULSE_MAX_STATE_BYTES``) raises :class:`StateTooLarge` inside the unit of work, so it
+  is rolled back and re-run one event at a time like any failure: the event that would take the
+  state over the cap is reported in :attr:`Emitted.failed` with reason ``state_too_large`` (the
+  user's previous state stands, nothing is produced; the user is not quarantined).
+* **Quarantine decision.** An event that fails over its user's stored state but not over a
+  fresh one blames the stored state only when a *bare* copy of the event (its type, time and
+  identity, without properties and context) fails over the stored state too; otherwise the
+  combination of this event with the state is at fault (e.g. a number that overflows only when
+  added to the stored total): the event is dead-lettered and the state kept.
 
 Order and determinism
 ---------------------
@@ -63,6 +73,19 @@ from .emitted import Emitted, Failed
 from .identity import LINK_TYPES, already_merged, link_keys, merge_into, stub, unsupported_alias
 
 log = logging.getLogger(__name__)
+
+
+class StateTooLarge(Exception):
+    """A step would write a user's state larger than the engine's ``max_state_bytes``."""
+
+    def __init__(self, key: str, size: int, limit: int) -> None:
+        super().__init__(f"the user's state would be {size} bytes, above the limit of {limit} "
+                         "(CLICKPULSE_MAX_STATE_BYTES); the event was not applied")
+        self.key, self.size, self.limit = key, size, limit
+
+
+#: fields a bare probe event keeps (see Engine._state_at_fault)
+_BARE_FIELDS = ("type", "timestamp", "timestamp_ms", "user_key", "user_id", "anonymous_id", "schema_version")
 #: model action type -> the task whose model decides it
 MODEL_ACTION_TASKS = {"high_intent": "intent", "churn_risk": "churn"}
 
@@ -201,6 +224,9 @@ class Engine:
         recommended items in their payload (``recommendations``), also on the profile
         (:meth:`profile_extra`). Learned after the event's rules ran (recommend, then learn); a
         step that raises takes its learning back (the model's journal).
+    max_state_bytes
+        Largest serialized user state an event step may write, bytes (``CLICKPULSE_MAX_STATE_BYTES``;
+        see the module docstring, *State size net*).
     """
 
     def __init__(self, table: MutableMapping[bytes, bytes], cfg: StateConfig, *, allowed_lateness_ms: int,
@@ -209,8 +235,13 @@ class Engine:
                  rules: Any = None, assumed_consent: frozenset[str] = frozenset(),
                  bots: BotConfig | None = None, model_min_class_examples: int = 0,
                  cache_users: int = 50_000, model_actions_consent: str = "marketing", recs: Any = None,
-                 recs_triggers: frozenset[str] = frozenset(), recs_k: int = 5) -> None:
+                 recs_triggers: frozenset[str] = frozenset(), recs_k: int = 5,
+                 max_state_bytes: int = 262_144) -> None:
         self.table = table
+        self.max_state_bytes = max_state_bytes
+        #: while a failed batch is re-run event by event: the states its earlier events wrote
+        #: (not committed to the table yet), read before the table (see :meth:`_stored`)
+        self._overlay: dict[str, bytes | None] | None = None
         self.cfg = cfg
         self.lateness = allowed_lateness_ms
         self.idle = idle_timeout_ms
@@ -302,16 +333,24 @@ class Engine:
                 em.applied.append(self._event(tx, p, ev, wall_ms, em, None if received is None else received[i]))
             for p in tick:
                 self._fire(tx, p, wall_ms, em)
-            self._finish(tx, em)
+            self._finish(tx, em, self.max_state_bytes if batch else None)
             return em
         except Exception as err:  # noqa: BLE001 - isolate below
             self._rollback(tx)
             if not batch:
                 raise
             failure = f"{type(err).__name__}: {err}"
-            if len(batch) == 1:
+            too_large = isinstance(err, StateTooLarge)
+            if len(batch) == 1 and not too_large:
                 log.exception("event %s of user %s failed; rolled back", batch[0][1].get("event_id"),
                               batch[0][1].get("user_key"))
+        if len(batch) == 1 and too_large:  # the event is refused, the user's state stands
+            log.warning("event %s dead-lettered: %s", batch[0][1].get("event_id"), failure)
+            em = Emitted(applied=[None])
+            em.failed.append(Failed(0, str(batch[0][1].get("user_key")), failure, "state_too_large"))
+            if tick:
+                em.merge(self.step([], wall_ms, tick=tick))
+            return em
         if len(batch) == 1:
             em = self._retry_fresh(batch[0], wall_ms, failure, None if received is None else received[0])
             if em is None:  # the event fails on a fresh state too: the event is at fault
@@ -322,15 +361,29 @@ class Engine:
                 em.merge(self.step([], wall_ms, tick=tick))
             return em
         # one event of the batch raised: re-run them one by one, each its own unit of work
+        # (later events of a user see the states its earlier ones wrote: the overlay, because a
+        # failing event's rollback reloads its user from the stored state)
         out = Emitted()
-        for i, item in enumerate(batch):
-            one = self.step([item], wall_ms, received=None if received is None else [received[i]])
-            for f in one.failed:
-                f.index = i
-            out.merge(one)
-        if tick:
-            out.merge(self.step([], wall_ms, tick=tick))
+        self._overlay = {}
+        try:
+            for i, item in enumerate(batch):
+                one = self.step([item], wall_ms, received=None if received is None else [received[i]])
+                self._overlay.update(one.changed)
+                for f in one.failed:
+                    f.index = i
+                out.merge(one)
+            if tick:
+                out.merge(self.step([], wall_ms, tick=tick))
+        finally:
+            self._overlay = None
         return out
+
+    def _stored(self, key: str) -> bytes | None:
+        """The stored state of ``key``: the re-run overlay's, else the table's."""
+        ov = self._overlay
+        if ov is not None and key in ov:
+            return ov[key]
+        return self.table.get(key.encode())
 
     def _retry_fresh(self, item: tuple[int, dict[str, Any]], wall_ms: int, failure: str,
                      received_ms: int | None = None) -> Emitted | None:
@@ -344,8 +397,10 @@ class Engine:
         key = ev.get("user_key")
         if not isinstance(key, str):
             return None
-        old = self.table.get(key.encode())
+        old = self._stored(key)
         if old is None:
+            return None
+        if not self._state_at_fault(p, ev, wall_ms):
             return None
         tx = _Tx(self)
         em = Emitted()
@@ -360,6 +415,23 @@ class Engine:
             self._rollback(tx)
             return None
         return em
+
+    def _state_at_fault(self, p: int, ev: dict[str, Any], wall_ms: int) -> bool:
+        """Whether a bare copy of ``ev`` (:data:`_BARE_FIELDS`, a new event id) fails over the
+        user's stored state (decoding, the state step, rules and models, encoding): then the state
+        is broken, else ``ev`` is at fault. Changes nothing (rolled back)."""
+        bare = {k: ev[k] for k in _BARE_FIELDS if k in ev}
+        bare["event_id"] = f"{ev.get('event_id')}#probe"
+        tx = _Tx(self)
+        try:
+            self._event(tx, p, bare, wall_ms, Emitted())
+            for key in tx.dirty:
+                tx.users[key].to_bytes()
+        except Exception:  # noqa: BLE001 - the answer
+            return True
+        finally:
+            self._rollback(tx)
+        return False
 
     def _quarantine(self, tx: _Tx, key: str, old: bytes | None, error: str, stage: str, wall_ms: int,
                     em: Emitted) -> None:
@@ -433,10 +505,12 @@ class Engine:
                 for ti in self.timers.values():
                     ti.set(key, None)
 
-    def _finish(self, tx: _Tx, em: Emitted) -> None:
+    def _finish(self, tx: _Tx, em: Emitted, limit: int | None = None) -> None:
         for key in tx.dirty:
             st = tx.users[key]
-            em.changed[key] = st.to_bytes()
+            raw = em.changed[key] = st.to_bytes()
+            if limit is not None and len(raw) > limit and key not in tx.deleted:
+                raise StateTooLarge(key, len(raw), limit)
             em.states[key] = st
         for key in tx.deleted:
             em.changed[key] = None
@@ -458,7 +532,7 @@ class Engine:
         if st is None:
             st = self._cache.get(key)
             if st is None:
-                raw = self.table.get(key.encode())
+                raw = self._stored(key)
                 if raw is None:
                     return None
                 st = UserState.from_bytes(raw)
@@ -467,7 +541,7 @@ class Engine:
 
     def load(self, user_key: str) -> UserState | None:
         """The committed state of ``user_key`` (a fresh copy decoded from the table)."""
-        raw = self.table.get(user_key.encode())
+        raw = self._stored(user_key)
         return None if raw is None else UserState.from_bytes(raw)
 
     # ------------------------------------------------------------------ rules
@@ -1037,7 +1111,7 @@ class Engine:
                 self.timers[partition].set(key, self._due(st, closed=wm == END_OF_TIME))
             except Exception as err:  # noqa: BLE001 - one user's broken state never stops the timers
                 del em.actions[mark[0]:], em.examples[mark[1]:], em.segment_changes[mark[2]:], out[mark[3]:]
-                self._quarantine(tx, key, self.table.get(key.encode()), f"{type(err).__name__}: {err}", "timer",
+                self._quarantine(tx, key, self._stored(key), f"{type(err).__name__}: {err}", "timer",
                                  wall_ms, em)
                 tx.users[key] = UserState(key=key, partition=partition)
                 tx.dirty.add(key)

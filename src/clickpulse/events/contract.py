@@ -9,8 +9,11 @@
    other context objects, identify traits in ``context.traits``, ``products[]`` totals), then
    maps Segment spec messages (``{"type": "track", "event": "Product Added", "userId": ...}``)
    and Segment event names onto canonical names and fields;
-3. requires ``user_id`` or ``anonymous_id`` (``missing_identity``), parses the event time
-   (RFC 3339 with offset, or epoch milliseconds; ``bad_timestamp``) and clamps times further
+3. strips surrounding whitespace from the ids (a blank id is absent), requires ``user_id`` or
+   ``anonymous_id`` (``missing_identity``), checks them (:func:`check_identity`: printable, at
+   most 128 characters, no ``user_id`` in the guest key space ``anon:``; ``bad_identity``),
+   parses the event time (RFC 3339 with offset, or epoch milliseconds, any number below 1e11
+   refused as epoch seconds; ``bad_timestamp``) and clamps times further
    than ``max_future_skew_ms`` past the receive time (``sent_at``/``received_at`` correct the
    client clock when present, as in Segment's timestamp correction);
 4. derives a deterministic ``event_id`` from the content when there is none;
@@ -20,7 +23,15 @@
    checking), whose first error (by field path) is the detail and whose verdict is final;
 6. bounds money and quantities (``out_of_range``): the numeric money fields of ``properties``
    (:data:`MONEY_FIELDS`) must be finite with ``abs(x) <= max_money`` and ``quantity`` at most
-   ``max_quantity``, so no event can push a user's lifetime revenue to ``inf``.
+   ``max_quantity``, so no event can push a user's lifetime revenue to ``inf``; then any integer
+   anywhere in the event outside ``[-(2**53 - 1), 2**53 - 1]`` (:data:`MAX_JSON_INT`) is
+   ``out_of_range`` (found by orjson's strict-integer writer, about 0.2 µs; the path by a walk
+   only then).
+
+Every string the state keeps has a schema limit (``schema``, ``... is too long (maxLength N)``;
+listed in the README, *Topics and schemas*), and schema details are built from the failed rule,
+never from the value (:func:`describe_error`). A key repeated in one JSON object is not
+detected: the last value wins (orjson's reading).
 
 JSON numbers beyond the double range (``1e400``) and ``NaN``/``Infinity`` are refused by the JSON
 decoder (``not_json``); :func:`normalize`, which takes already-decoded objects, rejects any
@@ -98,7 +109,17 @@ MIN_CLOCK_OFFSET_MS = 2000
 
 DLQ_REASONS = ("not_utf8", "key_not_utf8", "not_json", "not_object", "too_large",
                "missing_identity", "bad_timestamp", "schema", "internal", "out_of_range",
-               "forged_control")
+               "forged_control", "bad_identity", "state_too_large")
+
+#: Largest magnitude of a JSON integer anywhere in an event: 2**53 - 1 (JavaScript's
+#: ``Number.MAX_SAFE_INTEGER``), the range every JSON implementation (and a float64) holds
+#: exactly; larger ones are ``out_of_range``.
+MAX_JSON_INT = 2**53 - 1
+#: Prefix of the ``user_key`` of a guest (``"anon:" + anonymous_id``): a ``user_id`` may not start
+#: with it (``bad_identity``), so no customer id can address a guest's state.
+ANON_PREFIX = "anon:"
+#: Identity fields checked by :func:`check_identity`.
+ID_FIELDS = ("user_id", "anonymous_id", "previous_id")
 
 #: Money fields of ``properties`` (in ``currency``): ``price`` (unit price) and ``revenue`` are
 #: what :mod:`clickpulse.state.user` adds up; ``total`` becomes ``revenue`` of a Segment
@@ -178,15 +199,76 @@ def compiled_validator() -> Callable[[Any], Any]:
     return _compiled
 
 
+def _kind_of(x: Any) -> str:
+    """The JSON type name of a decoded value."""
+    if x is None:
+        return "null"
+    if isinstance(x, bool):
+        return "boolean"
+    return {int: "integer", float: "number", str: "string", list: "array", dict: "object"}.get(type(x), type(x).__name__)
+
+
+def _path_part(p: Any) -> str:
+    """A field path element as a detail shows it: a key longer than 64 characters or with
+    characters outside printable ASCII is shown by its length only."""
+    s = str(p)
+    return s if len(s) <= 64 and s.isascii() and s.isprintable() else f"<key of {len(s)} characters>"
+
+
+def describe_error(err: Any) -> str:
+    """A :class:`jsonschema.ValidationError` as ``"<path>: <rule>"`` built from the failed keyword,
+    its limit and the size or type of the value, never from the value itself, so the reason
+    (``too long``, ``above the maximum``...) survives redaction of the dead-letter detail
+    (:func:`clickpulse.events.pii.redact_detail`) and no PII is echoed.
+
+    >>> from jsonschema import Draft202012Validator
+    >>> e = next(Draft202012Validator({"properties": {"a": {"maxLength": 3}}}).iter_errors({"a": "x" * 9}))
+    >>> describe_error(e)
+    'a: string of 9 characters is too long (maxLength 3)'
+    """
+    path = ".".join(_path_part(p) for p in err.absolute_path) or "(root)"
+    kw, lim, x = err.validator, err.validator_value, err.instance
+    kind = _kind_of(x)
+    if kw == "maxLength":
+        rule = f"string of {len(x)} characters is too long (maxLength {lim})"
+    elif kw == "minLength":
+        rule = f"string of {len(x)} characters is too short (minLength {lim})"
+    elif kw == "maxItems":
+        rule = f"array of {len(x)} items is too long (maxItems {lim})"
+    elif kw == "maxProperties":
+        rule = f"object with {len(x)} properties has too many (maxProperties {lim})"
+    elif kw in ("maximum", "exclusiveMaximum"):
+        rule = f"number is above the maximum ({kw} {lim})"
+    elif kw in ("minimum", "exclusiveMinimum"):
+        rule = f"number is below the minimum ({kw} {lim})"
+    elif kw == "type":
+        want = lim if isinstance(lim, str) else " or ".join(lim)
+        rule = f"is of type {kind}, expected {want}"
+    elif kw == "required":
+        missing = [k for k in lim if isinstance(x, dict) and k not in x]
+        rule = f"required property missing: {', '.join(missing) or lim}"
+    elif kw == "pattern":
+        rule = f"string of {len(x)} characters does not match the pattern {lim}"
+    elif kw == "not":
+        rule = f"{kind} matches a forbidden form {orjson.dumps(lim).decode()[:120]}"
+    elif kw == "format":
+        rule = f"{kind} is not a valid {lim}"
+    elif kw in ("const", "enum"):
+        rule = f"{kind} is not one of the allowed values ({kw})"
+    elif kw in ("oneOf", "anyOf"):
+        rule = f"{kind} matches none of the allowed forms ({kw})"
+    else:
+        rule = f"{kind} fails {kw}"
+    return f"{path}: {rule}"
+
+
 def schema_error(ev: dict[str, Any]) -> str | None:
     """jsonschema's verdict on ``ev``: ``None`` when valid, else the first error (by field path) as
-    ``"<path>: <message>"`` (path ``(root)`` for the whole object; message cut at 200 characters)."""
+    ``"<path>: <rule>"`` (:func:`describe_error`; path ``(root)`` for the whole object)."""
     errors = sorted(_event_validator().iter_errors(ev), key=lambda e: list(e.absolute_path))
     if not errors:
         return None
-    err = errors[0]
-    path = ".".join(str(p) for p in err.absolute_path) or "(root)"
-    return f"{path}: {err.message[:200]}"
+    return describe_error(errors[0])
 
 
 def validate_slow(ev: dict[str, Any]) -> None:
@@ -224,6 +306,42 @@ def validate(ev: dict[str, Any]) -> None:
         raise InvalidEvent("schema", detail) from None
 
 
+def check_identity(ev: dict[str, Any]) -> None:
+    """Check the identity fields (:data:`ID_FIELDS`) that are strings (already stripped of
+    surrounding whitespace by the contract).
+
+    Each must be at most 128 characters of printable text (:meth:`str.isprintable`: no control
+    characters, no format characters such as the bidi overrides U+202A-U+202E/U+2066-U+2069 or
+    zero-width ones, no line/paragraph separators, no unassigned or private-use code points;
+    a space inside is fine), and a ``user_id`` must not start with :data:`ANON_PREFIX`, which
+    marks a guest's ``user_key``.
+
+    Raises
+    ------
+    InvalidEvent
+        ``bad_identity`` (the detail names the field and the rule, never the value), or
+        ``schema`` for an id longer than 128 characters (``too long``).
+
+    >>> check_identity({"user_id": "anon:victim"})
+    Traceback (most recent call last):
+    ...
+    clickpulse.errors.InvalidEvent: bad_identity: user_id: starts with the reserved prefix anon: (guest keys)
+    """
+    for idf in ID_FIELDS:
+        v = ev.get(idf)
+        if not isinstance(v, str):
+            continue
+        if len(v) > 128:
+            raise InvalidEvent("schema", f"{idf}: string of {len(v)} characters is too long (maxLength 128)")
+        if not v.isprintable():
+            bad = next(c for c in v if not c.isprintable())
+            raise InvalidEvent("bad_identity", f"{idf}: contains the non-printable character U+{ord(bad):04X} "
+                                               "(control, format/bidi or separator characters are not allowed)")
+    uid = ev.get("user_id")
+    if isinstance(uid, str) and uid.startswith(ANON_PREFIX):
+        raise InvalidEvent("bad_identity", f"user_id: starts with the reserved prefix {ANON_PREFIX} (guest keys)")
+
+
 def check_bounds(ev: dict[str, Any], max_money: float = DEFAULT_MAX_MONEY,
                  max_quantity: int = DEFAULT_MAX_QUANTITY) -> None:
     """Bound money and quantities of a schema-valid event.
@@ -255,14 +373,20 @@ def check_bounds(ev: dict[str, Any], max_money: float = DEFAULT_MAX_MONEY,
                                            f"{max_quantity} units (CLICKPULSE_MAX_QUANTITY)")
 
 
-def _non_finite_path(obj: Any) -> str | None:
-    """Path (``a.b.0``) of the first non-finite float (NaN, ±inf) anywhere in ``obj``, else ``None``."""
+def _bad_number_path(obj: Any, ints: bool = True) -> str | None:
+    """``"<path>: <problem>"`` for the first non-finite float (NaN, ±inf) or (with ``ints``)
+    integer outside ``[-(2**53 - 1), 2**53 - 1]`` (:data:`MAX_JSON_INT`) anywhere in ``obj`` (path
+    ``a.b.0``), else ``None``."""
     stack: list[tuple[Any, str]] = [(obj, "")]
     while stack:
         node, path = stack.pop()
         if isinstance(node, float):
             if not math.isfinite(node):
-                return path or "(root)"
+                return f"{path or '(root)'}: not a finite number"
+        elif ints and isinstance(node, int):
+            if not -MAX_JSON_INT <= node <= MAX_JSON_INT and node.__class__ is not bool:
+                return (f"{path or '(root)'}: integer of {len(str(abs(node)))} digits is outside "
+                        f"[-(2**53 - 1), 2**53 - 1], the range JSON numbers hold exactly")
         elif isinstance(node, dict):
             stack.extend((v, f"{path}.{k}" if path else str(k)) for k, v in node.items())
         elif isinstance(node, list | tuple):
@@ -302,13 +426,16 @@ def parse_timestamp(value: Any, field: str = "timestamp") -> int:
     ------
     InvalidEvent
         ``bad_timestamp``: missing, naive (no offset), not RFC 3339, epoch seconds instead of
-        milliseconds (a number below 1e11, i.e. before 1973), or outside year 1970–9999.
+        milliseconds (any number below 1e11, i.e. before 1973-03-03, including 0 and negative
+        numbers), or outside year 1970–9999.
     """
     if isinstance(value, bool) or value is None:
         raise InvalidEvent("bad_timestamp", f"{field} is missing or not a time: {value!r}")
     if isinstance(value, int | float):
+        if value != value or value in (math.inf, -math.inf):
+            raise InvalidEvent("bad_timestamp", f"{field} is not a finite number")
         ms = int(value)
-        if 0 < ms < _MIN_PLAUSIBLE_MS:
+        if ms < _MIN_PLAUSIBLE_MS:
             raise InvalidEvent("bad_timestamp", f"{field}={value!r} is before 1973 as epoch milliseconds; "
                                                 "epoch seconds are not accepted (multiply by 1000)")
     elif isinstance(value, str):
@@ -505,8 +632,8 @@ def _map_segment(obj: dict[str, Any]) -> dict[str, Any]:
             out["type"] = SEGMENT_EVENT_NAMES.get(name, name)
     elif isinstance(call, str) and call in SEGMENT_CALL_TYPES:
         out["type"] = SEGMENT_CALL_TYPES[call]
-    if call == "identify" and isinstance(out.get("traits"), dict):
-        props = dict(out.get("properties") or {})
+    if call == "identify" and isinstance(out.get("traits"), dict) and isinstance(out.get("properties") or {}, dict):
+        props = dict(out.get("properties") or {})  # (properties of another type: left to the schema)
         props.setdefault("traits", out.pop("traits"))
         out["properties"] = props
     ctx = out.get("context")
@@ -591,9 +718,9 @@ def normalize(obj: dict[str, Any], *, received_ms: int | None = None,
     InvalidEvent
         With ``reason`` in :data:`DLQ_REASONS`.
     """
-    bad = _non_finite_path(obj)
+    bad = _bad_number_path(obj, ints=False)
     if bad is not None:
-        raise InvalidEvent("out_of_range", f"{bad}: not a finite number")
+        raise InvalidEvent("out_of_range", bad)
     return _normalize(obj, received_ms, max_future_skew_ms, max_money, max_quantity, reference)
 
 
@@ -606,17 +733,23 @@ def _normalize(obj: dict[str, Any], received_ms: int | None, max_future_skew_ms:
         # Segment alias {userId, previousId}: the previous id is the guest's anonymous id
         # (identity stitching, clickpulse.engine.identity)
         ev["previous_id"] = ev["anonymous_id"] = str(ev["previous_id"])
-    for idf in ("user_id", "anonymous_id"):
+    for idf in ID_FIELDS:
         v = ev.get(idf)
         if isinstance(v, int) and not isinstance(v, bool):
-            ev[idf] = str(v)
-        elif v == "" or v is None:
+            ev[idf] = v = str(v)
+        if isinstance(v, str):
+            if v and (v[0].isspace() or v[-1].isspace()):
+                ev[idf] = v = v.strip()
+            if not v:
+                ev.pop(idf, None)
+        elif v is None:
             ev.pop(idf, None)
     if "user_id" not in ev and "anonymous_id" not in ev:
         raise InvalidEvent("missing_identity", "neither user_id nor anonymous_id is set")
     for idf in ("user_id", "anonymous_id"):
         if idf in ev and not isinstance(ev[idf], str):
             raise InvalidEvent("schema", f"{idf}: must be a string, got {type(ev[idf]).__name__}")
+    check_identity(ev)
     if not isinstance(ev.get("type"), str) or not ev["type"]:
         raise InvalidEvent("schema", "type: missing or not a non-empty string")
     ev["type"] = SEGMENT_EVENT_NAMES.get(ev["type"], ev["type"])
@@ -653,5 +786,11 @@ def _normalize(obj: dict[str, Any], received_ms: int | None, max_future_skew_ms:
     else:
         validate(ev)
     check_bounds(ev, max_money, max_quantity)
+    try:  # after the named bounds, whose details say more (money, quantity, time, schema maxima)
+        orjson.dumps(ev, option=orjson.OPT_STRICT_INTEGER)  # ~0.2 µs: raises on any |int| > 2**53 - 1
+    except TypeError:
+        bad = _bad_number_path(ev)  # where (or nothing: another reason orjson cannot write it)
+        if bad is not None:
+            raise InvalidEvent("out_of_range", bad) from None
     ev["user_key"] = ev["user_id"] if "user_id" in ev else "anon:" + ev["anonymous_id"]
     return ev

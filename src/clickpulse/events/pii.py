@@ -531,12 +531,18 @@ CONTENT_FREE_REASONS = frozenset({"too_large", "not_utf8", "key_not_utf8", "not_
 #: Quoted words a detail keeps (JSON types and literals named by jsonschema and orjson messages).
 SAFE_QUOTED = frozenset({"string", "integer", "number", "object", "array", "boolean", "null", "true", "false"})
 REDACTED = "<redacted>"
-_QUOTED = re.compile(r"""'(?:[^'\\]|\\.)*(?:'|\\?$)|"(?:[^"\\]|\\.)*(?:"|\\?$)""")
+#: A quoted value: an opening quote not preceded by a letter or digit (so the apostrophe of
+#: ``can't`` opens nothing) up to its closing quote, or to the end when the detail was cut.
+_QUOTED = re.compile(r"""(?<![^\W_])(?:'(?:[^'\\]|\\.)*(?:'|\\?$)|"(?:[^"\\]|\\.)*(?:"|\\?$))""")
+#: Words after which a number is a schema limit (``maxLength 128``, ``maximum 86400000``), kept.
+_LIMIT_WORDS = ("maxLength ", "minLength ", "maximum ", "minimum ", "exclusiveMaximum ", "exclusiveMinimum ",
+                "maxItems ", "maxProperties ", "limit of ", "limit is ")
 _EMAIL = re.compile(r"[^\s'\"<>(),;:]+@[^\s'\"<>(),;:]+")
 _IPV4 = re.compile(r"(?<![\d.])\d{1,3}(?:\.\d{1,3}){3}(?![\d.])")
 _IPV6 = re.compile(r"(?<![\w:])(?=[0-9A-Fa-f:]*::|(?:[0-9A-Fa-f]{1,4}:){3})[0-9A-Fa-f:]{3,39}(?![\w:])")
 _DIGITS = re.compile(r"\+?\(?\d(?:[ ()/-]{0,2}\d)+")
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_LEAD = re.compile(r"\d+")
 
 
 def _quoted(m: re.Match[str]) -> str:
@@ -548,6 +554,9 @@ def _digits(m: re.Match[str]) -> str:
     s = m.group(0)
     if sum(c.isdigit() for c in s) < 7 or _DATE.fullmatch(s):
         return s
+    if m.string.endswith(_LIMIT_WORDS, 0, m.start()):  # a schema limit: kept, what follows it checked
+        lead = _LEAD.match(s).group(0)  # type: ignore[union-attr]
+        return lead + _DIGITS.sub(_digits, s[len(lead):])
     return REDACTED
 
 

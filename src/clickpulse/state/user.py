@@ -941,6 +941,27 @@ PAGE_TYPES = {"page_view": "page", "product_view": "product", "add_to_cart": "ca
               "checkout_start": "checkout", "purchase": "confirmation", "search": "search"}
 MAX_PATH = 16
 MAX_CATEGORIES = 16
+#: Caps of the per-user collections whose keys come from events (each user's state stays small
+#: whatever the user sends; the engine's last resort is ``CLICKPULSE_MAX_STATE_BYTES``):
+#: distinct event types counted in the windows and in a session's counts (canonical types are
+#: always counted; a custom type beyond the cap is not counted there, the event still applies)
+MAX_EVENT_TYPES = 64
+#: distinct page types in a session's page dwell (the canonical ones always credited)
+MAX_PAGE_TYPES = 32
+#: distinct products in the cart; adding one more drops the one added longest ago
+MAX_CART_ITEMS = 100
+#: add-lots per cart item; one more merges the two oldest (the later time of the two, so a
+#: purchase settles their units together: never earlier than the units were added)
+MAX_LOTS = 32
+#: trait names kept; a new name beyond the cap is ignored (known names are still updated)
+MAX_TRAITS = 64
+#: consent purposes kept; a new purpose beyond the cap drops the oldest granted decision
+#: (a refusal is only dropped when every kept decision is a refusal: the oldest one)
+MAX_CONSENT_PURPOSES = 32
+#: characters kept of a product id, category, page type and trait value (the contract rejects
+#: longer ones: schemas/event.v1.json)
+MAX_ID_CHARS = 256
+_CANONICAL_PAGE_TYPES = frozenset(PAGE_TYPES.values())
 
 
 def page_type(etype: str, props: dict[str, Any] | None) -> str | None:
@@ -958,7 +979,8 @@ def _extend(s: Session, t: int, etype: str, props: dict[str, Any] | None = None,
         lp = s.last_page
         if t > last and lp is not None and s.events:
             pd = s.page_dwell_ms
-            pd[lp] = pd.get(lp, 0) + min(t - last, gap)
+            if lp in pd or len(pd) < MAX_PAGE_TYPES or lp in _CANONICAL_PAGE_TYPES:
+                pd[lp] = pd.get(lp, 0) + min(t - last, gap)
         pt = props.get("page_type") if props else None
         if isinstance(pt, str) and pt:
             s.last_page = pt[:64]
@@ -975,13 +997,14 @@ def _extend(s: Session, t: int, etype: str, props: dict[str, Any] | None = None,
         s.start_ms = t
     s.events += 1
     counts = s.counts
-    counts[etype] = counts.get(etype, 0) + 1
+    if etype in counts or len(counts) < MAX_EVENT_TYPES or etype in _CODE:
+        counts[etype] = counts.get(etype, 0) + 1
     if props:
         pid = props.get("product_id")
         if pid is not None:
             products = s.products
             if len(products) < MAX_SESSION_PRODUCTS:
-                pid = str(pid)
+                pid = str(pid)[:MAX_ID_CHARS]
                 if pid not in products:
                     products.append(pid)
         scroll = props.get("scroll_pct")
@@ -1024,7 +1047,7 @@ def _apply_cart(cart: Cart, etype: str, props: dict[str, Any], t: int) -> None:
     if etype == "add_to_cart" or etype == "remove_from_cart":
         if cart.closed_ms is not None and t <= cart.closed_ms:
             return  # arrived after a purchase that already settled it: same result in any order
-        pid = str(props.get("product_id", "unknown"))
+        pid = str(props.get("product_id", "unknown"))[:MAX_ID_CHARS]
         qty = props.get("quantity")
         qty = 1 if qty is None else int(qty)
         if etype == "add_to_cart":
@@ -1032,8 +1055,18 @@ def _apply_cart(cart: Cart, etype: str, props: dict[str, Any], t: int) -> None:
                 return
             item = cart.items.get(pid)
             if item is None:
-                cart.items[pid] = CartItem(qty, props.get("price"), t, props.get("category"), [Lot(t, qty)])
+                items = cart.items
+                if len(items) >= MAX_CART_ITEMS:  # drop the product added longest ago
+                    del items[min(items, key=lambda p: items[p].added_ms)]
+                cat = props.get("category")
+                items[pid] = CartItem(qty, props.get("price"), t, cat[:MAX_ID_CHARS] if isinstance(cat, str) else cat,
+                                      [Lot(t, qty)])
             else:
+                lots = item.lots
+                if len(lots) >= MAX_LOTS:  # merge the two oldest lots at the later time of the two
+                    lots.sort()
+                    first = lots.pop(0)
+                    lots[0].quantity += first.quantity
                 item.lots.append(Lot(t, qty))
                 item.quantity += qty
                 item.added_ms = max(item.added_ms, t)
@@ -1087,7 +1120,10 @@ def apply(st: UserState, event: dict[str, Any], watermark_ms: int | None, cfg: S
     etype = event["type"]
     late = watermark_ms is not None and t < watermark_ms
     if not late:
-        st.windows.add(etype, t)
+        types = st.windows.types
+        code = _CODE.get(etype, etype)
+        if code in types or len(types) < MAX_EVENT_TYPES or code is not etype:
+            st.windows.add(etype, t)
     if st.user_id is None:
         uid = event.get("user_id")
         if uid:
@@ -1138,21 +1174,27 @@ def apply(st: UserState, event: dict[str, Any], watermark_ms: int | None, cfg: S
         for k in ("device", "country"):
             v = ctx.get(k)
             if isinstance(v, str):
-                st.traits[k] = v
+                st.traits[k] = v[:64]
     if etype == "product_view":
         cat = props.get("category")
         if not late and isinstance(cat, str) and cat:
             _count_category(st.categories, cat[:256], t)
     elif etype == "consent" and isinstance(props.get("consent"), dict):
+        consent = st.consent
         for purpose, granted in list(props["consent"].items())[:16]:
             if isinstance(granted, bool) and len(str(purpose)) <= 64:
-                prev = st.consent.get(str(purpose))
+                prev = consent.get(str(purpose))
                 if prev is None or t >= prev[1]:
-                    st.consent[str(purpose)] = [granted, t]
+                    if prev is None and len(consent) >= MAX_CONSENT_PURPOSES:
+                        granted_ones = [p for p, d in consent.items() if d[0]] or list(consent)
+                        del consent[min(granted_ones, key=lambda p: consent[p][1])]
+                    consent[str(purpose)] = [granted, t]
     elif etype == "identify" and isinstance(props.get("traits"), dict):
+        traits = st.traits
         for k, v in list(props["traits"].items())[:16]:
-            if isinstance(v, str | int | float | bool) and len(str(k)) <= 64:
-                st.traits[str(k)] = v if not isinstance(v, str) else v[:256]
+            if isinstance(v, str | int | float | bool) and len(str(k)) <= 64 \
+                    and (str(k) in traits or len(traits) < MAX_TRAITS):
+                traits[str(k)] = v if not isinstance(v, str) else v[:MAX_ID_CHARS]
     return Applied(False, late, started)
 
 
