@@ -122,10 +122,9 @@ def _cursor_decode(cursor: str) -> bytes:
         raise ValueError("not a cursor of this API") from err
     if not raw:
         raise ValueError("not a cursor of this API")
-    try:
-        raw.decode("utf-8")  # cursors are made of user keys, which are text
-    except UnicodeDecodeError as err:
-        raise ValueError("not a cursor of this API") from err
+    # any bytes are a position in the segment's byte-wise (ZRANGE BYLEX) order: a cursor this
+    # service did not make (it encodes user keys, UTF-8) just starts the page after those bytes,
+    # so every schema-valid cursor gets a page (schemathesis: no 400 for a schema-valid request)
     return raw
 
 
