@@ -17,8 +17,20 @@ from clickpulse.settings import Settings
 
 import time
 
-BODY = orjson.dumps({"schema_version": 1, "control": "end_of_input", "source_partition": 1, "source_partitions": 2,
-                     "run_id": "r1", "namespace": "clickpulse", "issued_at_ms": int(time.time() * 1000)})
+def _fresh() -> bytes:
+    return orjson.dumps({"schema_version": 1, "control": "end_of_input", "source_partition": 1, "source_partitions": 2,
+                         "run_id": "r1", "namespace": "clickpulse", "issued_at_ms": int(time.time() * 1000)})
+
+
+BODY = _fresh()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_body():
+    """Each test's control is issued now: a body made at import time goes stale (the 10-minute
+    freshness window) when the test session runs longer than that before reaching this file."""
+    global BODY
+    BODY = _fresh()
 
 
 @dataclass
