@@ -121,23 +121,35 @@ class InputGaps:
     before acknowledging anything after the hole (exit code 75), so the commit stays before it and
     the successor reads the skipped messages. A hole seen again at the same place after a restart
     (a marker file in the data directory) is real — e.g. records deleted by retention — and is
-    accepted with a WARNING, so a restart never loops on it."""
+    accepted with a WARNING, so a restart never loops on it.
+
+    A rebalance (:meth:`reset`) does not forget where a partition had got to: the first message
+    of a partition after it may be at most the latest of the committed offset, the saved position
+    + 1 and the offset after the last one this worker saw of it. The consumer re-reads a retained
+    partition from its committed offset, but a message fetched before the rebalance can still be
+    delivered after it, beyond that offset while the commit of the ones before it is under way;
+    judged against the committed offset alone it was a false alarm (the worker exited 75 on a
+    rebalance). Messages this worker already saw are in its state, so no real skip is missed
+    there."""
 
     def __init__(self, metrics: Metrics, committed: Any, data_dir: str, saved: Any = None) -> None:
         self.metrics = metrics
         self.committed = committed  # (topic, partition) -> committed offset or None
         self.saved = saved  # (topic, partition) -> last offset the saved state holds, or None
         self.marks = Path(data_dir) / "input-gaps"
-        self.next: dict[tuple[str, int], int] = {}
+        self.next: dict[tuple[str, int], int] = {}  # partition -> the offset after the last one seen
+        self.checked: set[tuple[str, int]] = set()  # partitions whose first message since a rebalance came
 
     def reset(self) -> None:
-        self.next.clear()
+        """A rebalance: the next message of each partition is checked against its start again."""
+        self.checked.clear()
 
     def see(self, msg: Any) -> bool:
         key = (msg.topic, msg.partition)
         nxt = self.next.get(key)
-        if nxt is None:  # the first message of this partition: where must it be at most?
-            starts = []
+        if key not in self.checked:  # the first message of this partition: where must it be at most?
+            self.checked.add(key)
+            starts = [] if nxt is None else [nxt]
             c = self.committed(msg.topic, msg.partition)
             if isinstance(c, int) and c >= 0:
                 starts.append(c)

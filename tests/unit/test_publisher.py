@@ -65,3 +65,29 @@ def test_input_gaps_stop_the_worker_once_and_accept_a_real_hole(tmp_path):
     again = InputGaps(m, lambda topic, p: 12, str(tmp_path))   # the successor, same hole again
     assert again.see(msg(0, 15)) is True                   # a real hole: accepted
     assert again.see(msg(0, 16)) is True
+
+
+def test_input_gaps_a_rebalance_keeps_what_was_seen(tmp_path):
+    """The false alarm a 3-worker run hit: raw[2] offsets 0-1 seen, a rebalance, then offset 2
+    delivered (fetched before it) while the committed offset was still 1."""
+    from clickpulse.app import InputGaps
+    m = Metrics(CollectorRegistry())
+    msg = lambda p, o: SimpleNamespace(topic="t", partition=p, offset=o)  # noqa: E731
+    committed = {2: None}
+    gaps = InputGaps(m, lambda topic, p: committed.get(p), str(tmp_path))
+    assert gaps.see(msg(2, 0)) and gaps.see(msg(2, 1))
+    committed[2] = 1
+    gaps.reset()
+    assert gaps.see(msg(2, 2)) is True                     # not a gap: 1 was seen here
+    assert gaps.see(msg(2, 1)) and gaps.see(msg(2, 2))     # the consumer re-reads from the commit
+    assert gaps.see(msg(2, 3)) is True
+    assert m.input_gaps.labels("t")._value.get() == 0
+    # a partition regained after another worker moved it on: its committed offset is the start
+    committed[2] = 40
+    gaps.reset()
+    assert gaps.see(msg(2, 40)) is True
+    assert m.input_gaps.labels("t")._value.get() == 0
+    # and a real skip after a rebalance is still caught
+    gaps.reset()
+    assert gaps.see(msg(2, 45)) is False
+    assert m.input_gaps.labels("t")._value.get() == 1
