@@ -37,7 +37,6 @@ import base64
 import contextlib
 import logging
 import os
-import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -48,6 +47,7 @@ import orjson
 from prometheus_client import CollectorRegistry, Counter
 
 from .errors import ConfigError, ServiceError
+from .runtime import stop_on_signals
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -664,10 +664,7 @@ def run_cli(kind: str, *, out: str | None, url: str | None, metrics_port: int | 
         start_http_server(metrics_port, addr=settings.web_host, registry=metrics.registry)
 
     async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        stop = stop_on_signals()
         if kind == "jsonl":
             where = out
         else:  # no credentials in the line: user:password@ and the query string are left out

@@ -58,21 +58,34 @@ def request_erase(settings: Settings, user_key: str, *, wait: bool = True, timeo
     ServiceError
         ``wait`` and no audit record for the request within ``timeout_s`` (no worker running?).
     """
-    from .runtime import read_topic
     req = {"schema_version": 1, "request": "erase", "request_id": str(uuid.uuid4()), "user_key": user_key,
            "requested_at": _now_rfc3339()}
-    asyncio.run(_send(settings, settings.topic_privacy, user_key.encode(), orjson.dumps(req)))
+    audit = send_request(settings, req, wait=wait, timeout_s=timeout_s)
+    if wait:
+        wait_profile_deleted(settings, user_key, time.monotonic() + timeout_s)
+    return audit
+
+
+def send_request(settings: Settings, req: dict[str, Any], *, wait: bool, timeout_s: float) -> dict[str, Any]:
+    """Publish ``req`` (a ``privacy_request.v1`` record) on ``<ns>.privacy`` keyed by its
+    ``user_key``; returns its audit record from ``<ns>.privacy.audit`` (``wait``) or ``req``.
+
+    Raises
+    ------
+    ServiceError
+        ``wait`` and no audit record for the request within ``timeout_s`` (no worker running?).
+    """
+    from .runtime import read_topic
+    asyncio.run(_send(settings, settings.topic_privacy, req["user_key"].encode(), orjson.dumps(req)))
     if not wait:
         return req
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for key, value, _m in asyncio.run(read_topic(settings.kafka_bootstrap, settings.topic_privacy_audit)):
             if key == req["request_id"].encode() and value is not None:
-                audit = orjson.loads(value)
-                wait_profile_deleted(settings, user_key, deadline)
-                return audit  # type: ignore[no-any-return]
+                return orjson.loads(value)  # type: ignore[no-any-return]
         time.sleep(1.0)
-    raise ServiceError(f"no audit record for erase request {req['request_id']} within {timeout_s:g} s "
+    raise ServiceError(f"no audit record for {req['request']} request {req['request_id']} within {timeout_s:g} s "
                        f"(is a worker of namespace {settings.namespace!r} running?)")
 
 

@@ -13,14 +13,12 @@ and publishes an audit record on ``<ns>.privacy.audit``. Nothing here writes the
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
-from .errors import ServiceError
 from .settings import Settings
 
 #: the parts of a user's state ``clickpulse quarantine repair --drop-field`` can reset to empty
@@ -55,20 +53,9 @@ def request_repair(settings: Settings, user_key: str, record: dict[str, Any], *,
     ServiceError
         ``wait`` and no audit record for the request within ``timeout_s`` (no worker running?).
     """
-    from .privacy import _send
-    from .runtime import read_topic
+    from .privacy import send_request
     req = {"schema_version": 1, "request": "repair", "request_id": str(uuid.uuid4()), "user_key": user_key,
            "requested_at": datetime.now(tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
            "mode": mode, "drop_fields": list(drop_fields or []), "quarantined_at": record.get("quarantined_at"),
            "state_b64": record.get("state_b64")}
-    asyncio.run(_send(settings, settings.topic_privacy, user_key.encode(), orjson.dumps(req)))
-    if not wait:
-        return req
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for key, value, _m in asyncio.run(read_topic(settings.kafka_bootstrap, settings.topic_privacy_audit)):
-            if key == req["request_id"].encode() and value is not None:
-                return orjson.loads(value)
-        time.sleep(1.0)
-    raise ServiceError(f"no audit record for repair request {req['request_id']} within {timeout_s:g} s "
-                       f"(is a worker of namespace {settings.namespace!r} running?)")
+    return send_request(settings, req, wait=wait, timeout_s=timeout_s)

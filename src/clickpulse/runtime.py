@@ -129,6 +129,19 @@ class Progress(Generic[T]):
             self._print(self.clock())
 
 
+def stop_on_signals(stop: asyncio.Event | None = None) -> asyncio.Event:
+    """``stop`` (a new event when None), set on SIGTERM or SIGINT; call from the running loop.
+    Where the loop cannot install handlers (not the main thread, Windows) nothing is installed."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    return stop
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -50,7 +50,7 @@ def test_s6_learns_from_features_at_prediction_time():
     eng, _reg = engine()
     eng.process(0, event("product_view", user="u7", product_id="p", at="2019-10-01T10:00:00Z"), 0)
     eng.process(0, event("add_to_cart", user="u7", product_id="p", price=20.0, at="2019-10-01T10:02:00Z"), 0)
-    from clickpulse.features.extract import unpack
+    from clickpulse.models.features import unpack
     x_at_add = unpack(eng.load("u7").ml["pi"][0][4])
     assert eng.drain_examples() == []                               # unlabeled until the outcome
     for t in ("10:15", "10:28"):                                     # still browsing: same session

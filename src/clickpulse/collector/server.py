@@ -44,7 +44,6 @@ import asyncio
 import contextlib
 import hmac
 import logging
-import signal
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -56,6 +55,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ..errors import ConfigError
+from ..runtime import stop_on_signals
 from ..settings import Settings
 from .http import fd_headroom_warning, harden
 from .request import Limits, RequestError, basic_user, body_write_key, call_of, decode_body, parse_json, records
@@ -404,13 +404,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
         raise
     log.info("collector listening on http://%s:%d (topic %s)", settings.collector_host, settings.collector_port,
              settings.topic_raw)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):
-            pass
+    stop = stop_on_signals()
     if ready is not None:
         ready.set()
     try:

@@ -469,7 +469,7 @@ def derive_event_id(obj: dict[str, Any], prefix: str = "d") -> str:
 
 #: Segment ``context.device.type`` values of phones and tablets (the mobile libraries send the OS).
 _MOBILE_OS = frozenset({"ios", "android", "ipados", "watchos", "tvos", "harmonyos", "fireos"})
-#: ``context.device`` classes the features know (:mod:`clickpulse.features.extract`).
+#: ``context.device`` classes the features know (:mod:`clickpulse.models.features`).
 _DEVICE_CLASSES = frozenset({"desktop", "mobile", "tablet"})
 #: Canonical types whose ``properties.products[]`` give the money total (``revenue`` of a
 #: purchase, ``value`` of the others) when the producer sent none.

@@ -129,7 +129,7 @@ import yaml
 from ..yamlstrict import StrictLoader
 
 from ..errors import ConfigError
-from ..settings import secret_bytes
+from ..keys import secret_bytes
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ SECTIONS = ("properties", "context", "traits")
 #: Prefix of a hashed value (version 1: HMAC-SHA256, 32 hex digits).
 HASH_PREFIX = "h1:"
 #: Smallest accepted ``CLICKPULSE_PII_HASH_KEY``, in bytes.
-from ..settings import MIN_KEY_BYTES  # noqa: E402 - one minimum for every secret
+from ..keys import MIN_KEY_BYTES  # noqa: E402 - one minimum for every secret
 
 _HASHED = re.compile(r"h1:[0-9a-f]{32}")
 _NON_DIGITS = re.compile(r"[^0-9]")

@@ -1,1 +1,2 @@
-"""State -> feature dict for models and rules."""
+"""Engagement scoring of a user's sessions (:mod:`clickpulse.features.engagement`); the model
+feature vector built from a user's state is :mod:`clickpulse.models.features`."""

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..events.contract import to_rfc3339
-from ..features.extract import features, pack, unpack
+from .features import features, pack, unpack
 from ..state.clock import END_OF_TIME
 from ..state.user import ACTION_NAMESPACE, Session, UserState, action_id, cart_items
 

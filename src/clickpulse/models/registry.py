@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from ..errors import ConfigError
-from ..settings import secret_bytes
+from ..keys import secret_bytes
 from .markov import MarkovChain
 from .online import OnlineModel, safe_loads
 from .tiers import EngagementTiers
@@ -70,7 +70,7 @@ MAC_DOMAIN = b"clickpulse.snapshot.v1\n"
 """Prefix of the signed bytes, so a snapshot MAC can never be a valid MAC of anything else."""
 KEY_FILE = "snapshot.key"
 """The key file in ``data_dir`` used when ``CLICKPULSE_SNAPSHOT_KEY`` is empty."""
-from ..settings import MIN_KEY_BYTES  # noqa: E402 - one minimum for every secret
+from ..keys import MIN_KEY_BYTES  # noqa: E402 - one minimum for every secret
 REJECT_REASONS = ("malformed", "unsigned", "key_mismatch", "bad_signature", "unknown_task", "stale",
                   "invalid_model", "no_key")
 """Why a snapshot was not installed: not a well-formed envelope; no signature; signed under another

@@ -42,7 +42,6 @@ import asyncio
 import base64
 import logging
 import pickle
-import signal
 import time
 import zlib
 from collections.abc import Awaitable, Callable, Iterator
@@ -53,6 +52,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
+from ..runtime import stop_on_signals
 from ..settings import Settings
 from .markov import END, PURCHASE, START, MarkovChain
 from .online import OnlineModel, safe_loads
@@ -422,13 +422,7 @@ class TrainerMetrics:
 
 async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
     """Run the trainer until ``stop`` is set (or SIGTERM/SIGINT)."""
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):
-            pass
+    stop = stop_on_signals(stop)
     key = snapshot_key(settings)   # before anything starts: a bad key configuration stops here
     registry = CollectorRegistry()
     metrics = TrainerMetrics(registry)

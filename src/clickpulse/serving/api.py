@@ -58,6 +58,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 
 from ..collector.http import harden
 from ..errors import ConfigError
+from ..runtime import stop_on_signals
 from ..settings import Settings
 from .redis_sink import alias_key, profile_key, segment_key, segments_index_key
 
@@ -341,19 +342,12 @@ def harden_api(runner: web.BaseRunner) -> web.Server:
 
 async def serve(settings: Settings, host: str, port: int) -> None:
     """Serve the API on ``host:port`` until cancelled, SIGINT or SIGTERM."""
-    import signal
     runner = web.AppRunner(create_api(settings), handle_signals=False, **RUNNER_OPTIONS)
     await runner.setup()
     harden_api(runner)
     await web.TCPSite(runner, host, port).start()
     print(f"clickpulse api listening on http://{host}:{port} (namespace {settings.namespace})", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):
-            pass
+    stop = stop_on_signals()
     try:
         await stop.wait()
     finally:
