@@ -67,7 +67,7 @@ from .events.control import (
 from .events.dlq import dlq_record
 from .events.pii import PiiPolicy
 from .models.trainer import metric_samples
-from .observability.health import KafkaProbe, Readiness, redis_ping
+from .observability.health import KafkaProbe, ProgressWatch, Readiness, redis_ping
 from .observability.latency import observe_step
 from .observability.metrics import Metrics, type_label
 from .serving.redis_sink import ProfileRefill, ProfileWriter, engine_profile
@@ -847,6 +847,38 @@ def _wire_process(w: Worker) -> None:
             await w.publisher.send(out)
 
 
+def _seen(w: Worker) -> dict[tuple[str, int], int]:
+    """The offset after the last input record of each partition the agents were handed."""
+    out: dict[tuple[str, int], int] = {}
+    for gaps in w.__dict__.get("input_gaps", ()):
+        out.update(gaps.next)
+    return out
+
+
+def _consumer_state(app: Any, topic: str, partition: int) -> str:
+    """Faust's and aiokafka's bookkeeping of one partition, for the stall log line (best effort:
+    private attributes of faust-streaming 0.15 / aiokafka 0.12)."""
+    from faust.types import TP
+    tp = TP(topic, partition)
+    parts = []
+    try:
+        c = app.consumer
+        parts.append(f"faust: paused={tp in c._paused_partitions} active={tp in (c._active_partitions or ())} "
+                     f"read={c._read_offset.get(tp)} committed={c._committed_offset.get(tp)} "
+                     f"acked={len(c._acked.get(tp, ()))} flow={'on' if app.flow_control.is_active() else 'off'}")
+        from aiokafka import TopicPartition
+        ak = c._thread._ensure_consumer()
+        st = ak._fetcher._subscriptions.subscription.assignment.state_value(TopicPartition(topic, partition))
+        if st is None:
+            parts.append("aiokafka: not assigned")
+        else:
+            parts.append(f"aiokafka: paused={st.paused} position={getattr(st, '_position', None)} "
+                         f"highwater={st.highwater} fetched_at_ms={st.timestamp}")
+    except Exception as err:  # noqa: BLE001 - a diagnostic never fails the exit
+        parts.append(f"({type(err).__name__}: {err})")
+    return "; ".join(parts)
+
+
 def _committed(w: Worker, topic: str, partition: int) -> int | None:
     """The offset Faust's consumer resumed ``topic[partition]`` from (its committed offset)."""
     from faust.types import TP
@@ -1202,9 +1234,13 @@ def _wire_health(w: Worker) -> None:
 
     lock = asyncio.Lock()
 
+    watch = ProgressWatch(s.stall_timeout_s) if s.stall_timeout_s > 0 else None
+
     @app.on_rebalance_complete.connect
     async def health_recovered(sender: Any = None, **kwargs: Any) -> None:
         readiness.recovered = True
+        if watch is not None:
+            watch.reset()
         asyncio.ensure_future(check())  # ready without waiting a whole period
 
     @app.timer(interval=s.health_poll_s)
@@ -1229,6 +1265,8 @@ def _wire_health(w: Worker) -> None:
                 metrics.consumer_lag.remove(topic, str(part))
             reported.clear()
             reported.update(lags)
+            if watch is not None and not app.rebalancing:
+                stalled(watch.check(time.monotonic(), lags, probe.committed, _seen(w)))
         if s.redis_url:
             try:
                 if not redis_client:
@@ -1240,6 +1278,17 @@ def _wire_health(w: Worker) -> None:
                 record("redis", f"{type(err).__name__}: {err}"[:300])
             else:
                 record("redis", None)
+
+    def stalled(stalls: list[Any]) -> None:
+        if not stalls:
+            return
+        for st in stalls:
+            metrics.input_stalls.labels(st.topic).inc()
+            log.error("input stalled: %s[%d] has %d records waiting but made no progress for %.0f s (committed offset "
+                      "%s, next offset delivered %s; consumer state: %s): exiting 75 so that a restart resumes it "
+                      "(CLICKPULSE_STALL_TIMEOUT_S)", st.topic, st.partition, st.lag, st.seconds, st.committed,
+                      st.seen, _consumer_state(app, st.topic, st.partition))
+        w.publisher.on_fatal(75)
 
     @app.page("/ready")
     async def ready_page(web: Any, request: Any) -> Any:

@@ -478,6 +478,13 @@ class Settings:
         poll its consumer lag) and Redis for ``/ready`` and ``clickpulse_dependency_up``;
         ``/ready`` fails when a check failed or none succeeded for 3 periods (at least 15 s).
         Default 5.
+    stall_timeout_s : float
+        ``CLICKPULSE_STALL_TIMEOUT_S``; seconds. An input partition of the worker with lag that
+        makes no progress this long (its committed offset does not move and no new record of it
+        is delivered) is stalled: the worker logs its consumer state, counts
+        ``clickpulse_input_stalls_total`` and exits with code 75 for its supervisor to restart it
+        (docs/operations.md). Checked at each ``CLICKPULSE_HEALTH_POLL_S``. 0 turns it off.
+        Default 180.
     """
 
     kafka_bootstrap: str = "127.0.0.1:9092"
@@ -578,6 +585,7 @@ class Settings:
     recs_triggers: str = "cart_abandonment,browse_abandonment"
     segment_sizes_interval_s: float = 2.0
     health_poll_s: float = 5.0
+    stall_timeout_s: float = 180.0
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -612,6 +620,8 @@ class Settings:
         if self.collector_event_loop not in ("auto", "uvloop", "asyncio"):
             raise ConfigError(f"{_env('collector_event_loop')} must be auto, uvloop or asyncio, "
                               f"got {self.collector_event_loop!r}")
+        if not 0 <= self.stall_timeout_s < float("inf"):
+            raise ConfigError(f"{_env('stall_timeout_s')} must be >= 0 (0: off), got {self.stall_timeout_s!r}")
         if self.collector_linger_ms < 0:
             raise ConfigError(f"{_env('collector_linger_ms')} must be >= 0, got {self.collector_linger_ms!r}")
         if self.collector_max_event_bytes > min(self.max_event_bytes, self.collector_max_batch_bytes):

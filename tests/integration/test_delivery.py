@@ -149,7 +149,7 @@ def processed(w) -> int:
 
 @pytest.mark.timeout(900)
 def test_sigkill_mid_replay_duplicates_identical_none_lost_adapter_delivers_once(make_settings, workers, tmp_path):
-    s = make_settings(time_mode="replay", delivery_dedup_ttl_s=3600)
+    s = make_settings(time_mode="replay", delivery_dedup_ttl_s=3600, stall_timeout_s=60)
     out = tmp_path / "delivered" / "actions.jsonl"
     adapter = Adapter(s, out, tmp_path / "deliver-1.log").start()
     adapters = [adapter]

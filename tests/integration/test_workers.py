@@ -249,7 +249,7 @@ class Supervisor:
 
 @pytest.mark.timeout(1500)
 def test_three_workers_one_joins_one_killed_mid_replay(make_settings, workers, tmp_path):
-    s = make_settings(time_mode="replay")
+    s = make_settings(time_mode="replay", stall_timeout_s=60)  # a stalled worker exits 75 (restarted)
     assert s.partitions == 4
     msgs = list(messages("rees46", BUNDLED_SAMPLE))
     thirds = [msgs[: len(msgs) // 3], msgs[len(msgs) // 3: 2 * len(msgs) // 3], msgs[2 * len(msgs) // 3:]]

@@ -42,6 +42,72 @@ def consumer_lag(ends: Mapping[TP, int], committed: Mapping[TP, int | None],
     return out
 
 
+@dataclass
+class Stall:
+    """An input partition that has not moved for ``seconds``: ``lag`` records waiting, the
+    committed offset stuck at ``committed``, and no new record delivered (the last one the
+    worker saw ends at ``seen``, the next offset; None: none since the start or a rebalance)."""
+
+    topic: str
+    partition: int
+    lag: int
+    committed: int | None
+    seen: int | None
+    seconds: float
+
+
+@dataclass
+class ProgressWatch:
+    """Liveness of the worker's own input partitions (a watchdog, as a Kubernetes liveness probe
+    is for a process).
+
+    A partition *makes progress* when its committed offset moves or the worker is handed a record
+    of it it had not seen. A partition with lag (records waiting: log end beyond the committed
+    offset) that makes no progress for ``timeout_s`` seconds is *stalled*: the consumer stopped
+    fetching it or the commits of what was processed stopped. Both were seen with Faust after a
+    rebalance or a restart on a loaded machine, and in both a restart resumes it (the worker then
+    exits 75 for its supervisor; docs/operations.md). A partition without lag is idle, never
+    stalled; :meth:`reset` (at each rebalance) starts every partition's clock again.
+
+    Examples
+    --------
+    >>> w = ProgressWatch(timeout_s=60)
+    >>> w.check(0, {("t", 0): 5}, {("t", 0): 10}, {("t", 0): 11})     # first look
+    []
+    >>> w.check(30, {("t", 0): 5}, {("t", 0): 10}, {("t", 0): 11})
+    []
+    >>> [s.partition for s in w.check(61, {("t", 0): 5}, {("t", 0): 10}, {("t", 0): 11})]
+    [0]
+    >>> w.check(62, {("t", 0): 4}, {("t", 0): 11}, {("t", 0): 11})    # the commit moved
+    []
+    """
+
+    timeout_s: float
+    _last: dict[TP, tuple[Any, float]] = field(default_factory=dict)
+
+    def reset(self) -> None:
+        self._last.clear()
+
+    def check(self, now_s: float, lags: Mapping[TP, int], committed: Mapping[TP, int | None],
+              seen: Mapping[TP, int | None]) -> list[Stall]:
+        """The partitions of ``lags`` stalled at ``now_s`` (seconds, any monotonic clock);
+        ``committed`` and ``seen`` as in :class:`Stall`. Partitions no longer in ``lags`` are
+        forgotten."""
+        out = []
+        for tp in list(self._last):
+            if tp not in lags:
+                del self._last[tp]
+        for tp, lag in lags.items():
+            state = (committed.get(tp), seen.get(tp))
+            prev = self._last.get(tp)
+            if lag <= 0 or prev is None or prev[0] != state:
+                self._last[tp] = (state, now_s)
+                continue
+            if now_s - prev[1] >= self.timeout_s:
+                out.append(Stall(tp[0], tp[1], lag, state[0], state[1], round(now_s - prev[1], 1)))
+        return out
+
+
 class KafkaProbe:
     """Polls a consumer group's lag on given partitions; a failed poll means Kafka is unreachable.
 
@@ -61,6 +127,8 @@ class KafkaProbe:
         self.timeout_s = timeout_s
         self._admin: Any = None
         self._consumer: Any = None
+        #: the group's committed offset of each partition of the last successful poll (None: none yet)
+        self.committed: dict[TP, int | None] = {}
 
     async def _clients(self) -> tuple[Any, Any]:
         from aiokafka import AIOKafkaConsumer
@@ -103,6 +171,7 @@ class KafkaProbe:
         kt = [TopicPartition(t, p) for t, p in tps]
         ends = {(tp.topic, tp.partition): o for tp, o in (await consumer.end_offsets(kt)).items()}
         begins = {(tp.topic, tp.partition): o for tp, o in (await consumer.beginning_offsets(kt)).items()}
+        self.committed = {tp: committed.get(tp) for tp in tps}  # for ProgressWatch
         return consumer_lag(ends, committed, begins)
 
     async def close(self) -> None:

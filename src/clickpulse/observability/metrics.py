@@ -124,6 +124,10 @@ class Metrics:
         self.users_quarantined = Counter("clickpulse_users_quarantined_total",
                                          "Users whose stored state could not be processed: moved to the quarantine "
                                          "topic, continuing from a fresh state", registry=r)
+        self.input_stalls = Counter("clickpulse_input_stalls_total",
+                                    "Input partitions of this worker with lag that made no progress (no commit, "
+                                    "no new record) for CLICKPULSE_STALL_TIMEOUT_S; the worker then exits 75",
+                                    ["topic"], registry=r)
         self.input_gaps = Counter("clickpulse_input_gaps_total",
                                   "Runs of input offsets the consumer never delivered to the worker (a jump in "
                                   "a partition's offsets; Faust may commit past them: those events are lost)",
