@@ -865,7 +865,9 @@ def _consumer_state(app: Any, topic: str, partition: int) -> str:
         c = app.consumer
         parts.append(f"faust: paused={tp in c._paused_partitions} active={tp in (c._active_partitions or ())} "
                      f"read={c._read_offset.get(tp)} committed={c._committed_offset.get(tp)} "
-                     f"acked={len(c._acked.get(tp, ()))} flow={'on' if app.flow_control.is_active() else 'off'}")
+                     f"acked={len(c._acked.get(tp, ()))} unacked={sum(1 for m in list(c._unacked_messages) if m.tp == tp)} "
+                     f"flow={'on' if app.flow_control.is_active() else 'off'} "
+                     f"consumer_flow={'on' if c.flow_active else 'off'} buffered={tp in c._buffered_partitions}")
         from aiokafka import TopicPartition
         ak = c._thread._ensure_consumer()
         st = ak._fetcher._subscriptions.subscription.assignment.state_value(TopicPartition(topic, partition))

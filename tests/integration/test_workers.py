@@ -235,7 +235,7 @@ class Supervisor:
                 assert w.proc.returncode == 75, f"worker {i} exited with {w.proc.returncode}; log: {w.log_path}"
                 assert self.restarts < 6, "workers keep exiting 75"
                 self.restarts += 1
-                print(f"worker {i} exited 75 (input skipped by its consumer); restarted")
+                print(f"worker {i} exited 75 (its consumer skipped or stalled input: see its log); restarted")
                 self.slots[i] = self._start(w.settings)
 
     def kill(self, i: int) -> None:
