@@ -419,7 +419,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                   flush=args.flush, control_key=settings.control_key))
         progress.done()
         print("waiting for the worker to catch up ...", flush=True)
-        wait_caught_up(worker, settings, progress=sys.stdout)
+        for restarts in range(4):
+            try:
+                wait_caught_up(worker, settings, progress=sys.stdout)
+                break
+            except ServiceError:
+                # exit 75: the worker saw its consumer skip or stall input and stopped before
+                # committing past it (docs/operations.md); restarted here as a supervisor would
+                if worker.alive() or worker.proc is None or worker.proc.returncode != 75 or restarts == 3:
+                    raise
+                print(f"  the worker exited 75 (its consumer skipped or stalled input; see {worker.log_path}); "
+                      "restarting it, as a supervisor would", flush=True)
+                worker.start()
+                worker.wait_ready()
         elapsed = time.monotonic() - t0
         m = worker.metrics()
         segments_now = orjson.loads(worker.get("/segments"))
