@@ -301,7 +301,9 @@ def test_three_workers_one_joins_one_killed_mid_replay(make_settings, workers, t
         sup.check()
         confirmations[0] = confirmations[0] + 1 if sum(asyncio.run(lag(s)).values()) == 0 else 0
         return confirmations[0] >= 2
+    t_wait = time.monotonic()
     wait_for(caught_up, 900, "the two surviving workers to commit every input message", poll_s=1.0)
+    print(f"caught up {time.monotonic() - t_wait:.0f} s after the end of input")
     survivors = sup.live()
     assert len(survivors) == 2
     # the survivors hold every partition between them
