@@ -118,6 +118,27 @@ def test_records_of_a_single_call():
     assert "writeKey" not in msg  # a credential never reaches Kafka
 
 
+def test_an_event_without_a_time_happened_when_received():
+    """Segment's HTTP API: ``timestamp`` is optional. Hand-written calls without one were
+    answered 200 and then dead-lettered as bad_timestamp by the worker (a newcomer's review)."""
+    from clickpulse.events.contract import parse
+    def ev() -> dict:
+        return {"userId": "u1", "event": "Product Viewed", "properties": {"product_id": "p9"}}
+    [(_k, value)] = records("track", ev(), T, Limits())
+    msg = orjson.loads(value)
+    assert msg["timestamp"] == T
+    assert parse(value, None)["timestamp"] == parse(orjson.dumps({**msg, "timestamp": T}), None)["timestamp"]
+    # a sent time is kept as it is: timestamp, or the SDKs' originalTimestamp
+    [(_k, v2)] = records("track", {**ev(), "timestamp": "2026-12-01T08:00:00Z"}, T, Limits())
+    assert orjson.loads(v2)["timestamp"] == "2026-12-01T08:00:00Z"
+    [(_k, v3)] = records("track", {**ev(), "originalTimestamp": "2026-12-01T08:00:00Z"}, T, Limits())
+    assert "timestamp" not in orjson.loads(v3)
+    batch = {"batch": [{"type": "track", "event": "A", "userId": "u"}, {"type": "track", "event": "B", "userId": "v",
+                                                                         "timestamp": "2026-12-01T07:00:00Z"}]}
+    times = [orjson.loads(v)["timestamp"] for _k, v in records("batch", batch, T, Limits())]
+    assert times == [T, "2026-12-01T07:00:00Z"]
+
+
 def test_records_of_a_batch_merge_context_and_sent_at():
     obj = {"writeKey": KEY, "sentAt": "2026-12-01T09:59:59Z", "context": {"library": {"name": "x"}, "ip": "1.2.3.4"},
            "batch": [{"type": "track", "event": "A", "anonymousId": "a1", "context": {"ip": "5.6.7.8"}},

@@ -212,7 +212,9 @@ def records(call: str, obj: dict[str, Any], received_at: str, limits: Limits) ->
     """The ``(key, value)`` records of one request, in order.
 
     Every message gets ``receivedAt = received_at`` (the collector's clock; any sent value is
-    replaced) and loses ``writeKey``. A single call's ``type`` is the call. A batch's top-level
+    replaced) and loses ``writeKey``; one with neither ``timestamp`` nor ``originalTimestamp``
+    gets ``timestamp = received_at`` (Segment's HTTP API treats the time as optional and uses the
+    receive time). A single call's ``type`` is the call. A batch's top-level
     ``sentAt`` is given to messages without one and its ``context`` is merged under each
     message's own (the message's keys win), as Segment does.
 
@@ -257,6 +259,8 @@ def records(call: str, obj: dict[str, Any], received_at: str, limits: Limits) ->
         for name in _DROPPED:
             m.pop(name, None)
         m["receivedAt"] = received_at
+        if m.get("timestamp") is None and m.get("originalTimestamp") is None:
+            m["timestamp"] = received_at  # Segment: an event sent without a time happened when received
         try:
             value = orjson.dumps(m)
         except TypeError as err:  # nested deeper than orjson writes (254 levels)
