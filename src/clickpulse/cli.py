@@ -328,8 +328,9 @@ def cmd_privacy(args: argparse.Namespace) -> int:
 
 def cmd_deliver(args: argparse.Namespace) -> int:
     """Deliver the actions topic to a sink once per action_id (see clickpulse.delivery)."""
-    from .delivery import run_cli
+    from .delivery import check_sink_args, run_cli
     settings = Settings.from_env()
+    check_sink_args(args.sink, args.out, args.url)  # before Kafka: a missing flag is an input error (exit 2)
     if args.metrics_port is not None:
         check_port_free(settings.web_host, args.metrics_port, "--metrics-port")
     asyncio.run(_kafka_answers(settings))

@@ -553,21 +553,35 @@ async def ensure_dlq_topic(settings: Settings) -> None:
         await admin.close()
 
 
+def check_sink_args(kind: str, out: str | None, url: str | None) -> None:
+    """The CLI's sink arguments are complete (checked before any broker is contacted).
+
+    Raises
+    ------
+    ConfigError
+        An unknown sink, ``jsonl`` without ``--out`` or ``webhook`` without ``--url``.
+    """
+    if kind == "jsonl" and not out:
+        raise ConfigError("--sink jsonl needs --out FILE")
+    if kind == "webhook" and not url:
+        raise ConfigError("--sink webhook needs --url URL")
+    if kind not in ("jsonl", "webhook"):
+        raise ConfigError(f"unknown sink {kind!r} (jsonl, webhook)")
+
+
 def make_sink(kind: str, *, out: str | None, url: str | None, settings: Settings,
               metrics: DeliveryMetrics) -> Sink:
-    """A sink from the CLI's ``--sink jsonl --out FILE`` / ``--sink webhook --url URL``."""
+    """A sink from the CLI's ``--sink jsonl --out FILE`` / ``--sink webhook --url URL``
+    (:func:`check_sink_args` raises ``ConfigError`` for incomplete ones)."""
+    check_sink_args(kind, out, url)
     if kind == "jsonl":
-        if not out:
-            raise ConfigError("--sink jsonl needs --out FILE")
-        return JsonlSink(out)
+        return JsonlSink(out)  # type: ignore[arg-type]
     if kind == "webhook":
-        if not url:
-            raise ConfigError("--sink webhook needs --url URL")
         return WebhookSink(url, attempts=settings.delivery_webhook_attempts,
                            timeout_s=settings.delivery_webhook_timeout_s,
                            backoff_s=settings.delivery_webhook_backoff_s,
                            backoff_max_s=settings.delivery_webhook_backoff_max_s, metrics=metrics)
-    raise ConfigError(f"unknown sink {kind!r} (jsonl, webhook)")
+    raise AssertionError(kind)  # check_sink_args refused it
 
 
 def _max_poll_interval_ms(settings: Settings, sink: Sink) -> int:

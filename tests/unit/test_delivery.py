@@ -343,7 +343,9 @@ def test_webhook_url_must_be_http():
         WebhookSink("file:///etc/passwd")
 
 
-def test_cli_deliver_needs_its_sink_argument(capsys):
+def test_cli_deliver_needs_its_sink_argument(capsys, monkeypatch):
+    # no broker at this address: the flags are checked first (exit 2, not 3), no I/O at all
+    monkeypatch.setenv("CLICKPULSE_KAFKA_BOOTSTRAP", "127.0.0.1:1")
     assert main(["deliver", "--sink", "jsonl"]) == 2
     assert "--out" in capsys.readouterr().err
     assert main(["deliver", "--sink", "webhook"]) == 2
