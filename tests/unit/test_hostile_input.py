@@ -191,6 +191,20 @@ def test_integers_beyond_2_53_are_out_of_range_anywhere_and_dwell_has_a_maximum(
                         b'"m":-9007199254740991,"s":"12345678901234567890"}')[0] == "ok"  # 2**53 - 1; digits in a string
 
 
+
+
+def test_integers_beyond_64_bits_are_read_as_floats_and_stay_finite():
+    """orjson (like most JSON decoders) reads an integer literal beyond 64 bits as a float:
+    2**64 arrives as 1.8446744073709552e+19, a finite float like any other, so it is not
+    ``out_of_range`` (the README says so); the money fields keep their own bound."""
+    reason, _ = _outcome({}, b'{"type":"identify","user_id":"u","timestamp":1569888000000,'
+                             b'"traits":{"age":18446744073709551616}}')
+    assert reason == "ok"
+    reason, detail = _outcome({}, b'{"type":"purchase","user_id":"u","timestamp":1569888000000,'
+                                  b'"properties":{"revenue":18446744073709551616}}')
+    assert reason == "out_of_range" and "CLICKPULSE_MAX_MONEY" in detail, detail
+
+
 def test_timestamp_zero_and_other_numbers_below_1e11_are_refused():
     for ts in (0, -1, 1, 1_569_888_000, 99_999_999_999, 0.5):
         reason, detail = _outcome({"type": "page_view", "user_id": "u1", "timestamp": ts})
