@@ -73,7 +73,8 @@ def test_erasure_leaves_nothing_even_after_a_restart(make_settings, workers):
     assert r.get(profile_key(s.namespace, "victim")) is None
     after = export_user(s, "victim")
     assert after["state"] is None and after["profile"] is None and after["quarantine"] is None
-    assert w.metrics().get("clickpulse_timers_pending") == 1
+    # the gauge is set by the worker's 1 s timer tick: waited for, not read at once (load)
+    wait_for(lambda: w.metrics().get("clickpulse_timers_pending") == 1, 30, "one pending cart timer left")
 
     w.stop()                                                             # a restart restores from the changelog
     w2 = workers(s)
