@@ -273,9 +273,16 @@ def test_progress_prints_count_and_rate_at_most_every_interval():
     prog.done()
     lines = out.getvalue().splitlines()
     assert seen == 10_000
-    # a line about every 2 s of the 10 s run (checked every 256 records), then the final one
+    # a line about every 2 s of the 10 s run, then the final one
     assert 4 <= len(lines) <= 6, lines
     assert lines[-1] == "replay x.csv: 10,000 records (1,000/s, 10 s)"
+    # a paced replay (a few records a second): a line as soon as 2 s have passed, not 256 records
+    # later (a newcomer saw nothing for two minutes of `replay --speed 60`)
+    out2 = io.StringIO()
+    slow = Progress(range(20), "replay slow", every_s=2.0, out=out2, clock=lambda: now[0])
+    for _ in slow:
+        now[0] += 0.5  # 2 records per second
+    assert len(out2.getvalue().splitlines()) >= 4, out2.getvalue()
     assert Progress([1], "quiet", every_s=0, out=out).done() is None and "quiet" not in out.getvalue()
 
 
