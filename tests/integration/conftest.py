@@ -23,13 +23,34 @@ from clickpulse.topics import CONTROL_HEADER, ensure_topics
 pytestmark = pytest.mark.integration
 
 
+#: the namespaces this test session created (their topics are deleted at its end)
+CREATED: set[str] = set()
+
+
+async def _delete_topics_of(base: Settings, namespaces: set[str]) -> int:
+    from clickpulse.topics import kafka_admin, namespace_of
+    async with kafka_admin(base) as admin:
+        names = [t for t in await admin.list_topics() if namespace_of(t) in namespaces]
+        for i in range(0, len(names), 100):
+            await admin.delete_topics(names[i:i + 100])
+    return len(names)
+
+
 @pytest.fixture(scope="session")
-def local_services() -> Settings:
-    """Kafka and Redis on loopback (deploy/local/services.sh start is idempotent)."""
+def local_services() -> Iterator[Settings]:
+    """Kafka and Redis on loopback (deploy/local/services.sh start is idempotent). At the end
+    of the session the topics of every namespace it created are deleted (a shared broker does
+    not pile up thousands of test partitions; consumer groups expire with their offsets)."""
     services("start")
     base = Settings.from_env()
     redis.Redis.from_url(base.redis_url).ping()
-    return base
+    yield base
+    if CREATED:
+        try:
+            n = asyncio.run(_delete_topics_of(base, CREATED))
+            print(f"\n[integration] deleted the {n} topics of the session's {len(CREATED)} namespaces")
+        except Exception as err:  # noqa: BLE001 - a cleanup never fails the run
+            print(f"\n[integration] could not delete the session's topics: {err}")
 
 
 @pytest.fixture
@@ -46,6 +67,7 @@ def make_settings(local_services: Settings, tmp_path: Path) -> Callable[..., Set
             path = tmp_path / f"rules-{ns}.yaml"
             path.write_text(rules.replace("within_s: 1800", f"within_s: {delay}"))
             over["rules_path"] = str(path)
+        CREATED.add(ns)
         s = local_services.replace(namespace=ns, web_port=free_port(), data_dir=str(tmp_path / ns), **over)
         asyncio.run(ensure_topics(s))
         return s
