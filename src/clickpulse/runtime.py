@@ -143,6 +143,23 @@ def stop_on_signals(stop: asyncio.Event | None = None) -> asyncio.Event:
 
 
 def free_port() -> int:
+    """A loopback TCP port nobody listens on now, for a process started next.
+
+    Chosen at random below the kernel's ephemeral range (``ip_local_port_range``, 32768–60999
+    on Linux): a port the kernel hands out itself (``bind(0)``) is also what it gives the local
+    side of outgoing connections, and with many Kafka clients on the machine one of them took
+    such a port between the choice and the worker's bind (a worker exited 3, "already in use",
+    in a CI run). Falls back to ``bind(0)`` when no port of the range is free after 50 tries."""
+    import random
+    rng = random.SystemRandom()
+    for _ in range(50):
+        port = rng.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
