@@ -327,8 +327,9 @@ class Worker:
     progress: dict[str, dict[int, int]]
     pii: PiiPolicy | None = None
     #: ids (events.control.control_id) of the end-of-input messages accepted in the last
-    #: CONTROL_MAX_AGE_MS -> their issue time (epoch ms); durably: Engine.control_seen
-    controls_seen: dict[str, int] = field(default_factory=dict)
+    #: CONTROL_MAX_AGE_MS -> (their issue time, epoch ms; the raw offset they were read at);
+    #: durably: Engine.control_seen
+    controls_seen: dict[str, tuple[int, int]] = field(default_factory=dict)
     #: business metrics fed by every step (clickpulse.metrics.business; see _wire_business)
     business: Any = None
     #: dead letters logged at DEBUG, summarized at most every 10 s (clickpulse.events.dlq.DeadLetterLog)
@@ -521,25 +522,36 @@ class Worker:
             out.append(self.dead_letter(InvalidEvent("schema", f"unknown control message {kind[:64]!r}"), msg))
             return
         # a genuine signature on a captured message: bound to this namespace, this raw partition,
-        # fresh, used once (remembered in memory and, durably, in the partitions' clock logs)
+        # fresh, used once (remembered with its raw offset in memory and, durably, in the
+        # partitions' clock logs). The same raw record read again — its offset was not committed
+        # before a rebalance or a restart — is a redelivery, not a replay: forwarded again (the
+        # valid step applies it idempotently); the same body at another offset is a replay.
         now = _now_ms()
         problem = control_problem(body, namespace=s.namespace, partition=msg.partition, now_ms=now)
         cid = control_id(body)
         if problem is None:
-            for old in [c for c, t in self.controls_seen.items() if now - t > CONTROL_MAX_AGE_MS]:
+            for old in [c for c, (t, _) in self.controls_seen.items() if now - t > CONTROL_MAX_AGE_MS]:
                 del self.controls_seen[old]
-            if cid in self.controls_seen or (self.engine is not None and self.engine.control_seen(cid)):
+            mem = self.controls_seen.get(cid)
+            seen = ("new" if mem is None else "redelivered" if mem[1] == msg.offset else "replayed")
+            if seen != "replayed" and self.engine is not None:
+                durable = self.engine.control_seen(cid, msg.offset)
+                seen = durable if durable != "new" else seen
+            if seen == "replayed":
                 problem = f"control {cid!r} was already accepted (replayed)"
+            elif seen == "redelivered":
+                log.info("control %r read again at %s[%d]@%d (redelivered); forwarded again",
+                         cid, msg.topic, msg.partition, msg.offset)
         if problem is not None:
             self.metrics.control_forged.inc()
             out.append(self.dead_letter(InvalidEvent("forged_control", problem), msg))
             return
-        self.controls_seen[cid] = int(body["issued_at_ms"])
+        self.controls_seen[cid] = (int(body["issued_at_ms"]), msg.offset)
         n_src = body.get("source_partitions")
         if not isinstance(n_src, int) or n_src < 1:
             n_src = s.partitions  # the raw topic is created with this many partitions
         fwd = {"schema_version": 1, "control": "end_of_input", "source_partition": msg.partition,
-               "source_partitions": n_src, "issued_at_ms": int(body["issued_at_ms"])}
+               "source_partitions": n_src, "issued_at_ms": int(body["issued_at_ms"]), "raw_offset": msg.offset}
         if body.get("run_id"):
             fwd["run_id"] = str(body["run_id"])
         value = orjson.dumps(fwd)
@@ -844,10 +856,12 @@ def _wire_process(w: Worker) -> None:
                             skipped(msg)
                             continue
                         issued = body.get("issued_at_ms")
+                        raw_off = body.get("raw_offset")
                         em = engine.end_of_input_step(msg.partition, int(body["source_partition"]),
                                                       int(body["source_partitions"]), _now_ms(),
                                                       control=control_id(body) if isinstance(issued, int) else None,
-                                                      issued_at_ms=issued if isinstance(issued, int) else None)
+                                                      issued_at_ms=issued if isinstance(issued, int) else None,
+                                                      raw_offset=raw_off if isinstance(raw_off, int) else None)
                         if em.counters.get(("control_forged", ())):  # accepted here before (a replay)
                             out.append(w.dead_letter(InvalidEvent(
                                 "forged_control", f"control {control_id(body)!r} was already accepted on "

@@ -95,7 +95,7 @@ def test_replay_without_flush_then_kill_restart_and_flush(make_settings, workers
     assert "524325294" not in users and "533624186" not in users       # S10
     assert_rule_actions_match_oracle(s, flush=True)                     # nothing lost or doubled
     counts = assert_topics_match_schemas(s)
-    assert counts[s.topic_dlq] == 0
+    assert counts[s.topic_dlq] == 0, [(r["reason"], r["detail"]) for r in topic_values(s, s.topic_dlq)]
 
 
 def test_replay_with_flush_yields_pending_carts(make_settings, workers):

@@ -109,10 +109,18 @@ def test_a_genuinely_signed_control_from_elsewhere_or_from_the_past_is_refused(c
 
 
 def test_the_same_signed_control_is_accepted_once():
+    """Re-published (a new raw offset): a replay, refused. The same raw record read again (same
+    offset: not committed before a rebalance) is a redelivery: forwarded again, not dead-lettered
+    (a CI run dead-lettered 3 legitimate controls as forged after a worker restart)."""
     w = _worker()
-    msg = Msg(BODY, control_headers(w.settings.control_key, BODY))
-    assert _reasons(_ingest(w, msg)) == []
-    assert _reasons(_ingest(w, msg)) == ["forged_control"]
+    msg = Msg(BODY, control_headers(w.settings.control_key, BODY), offset=7)
+    first = _ingest(w, msg)
+    assert _reasons(first) == [] and len(first) == 2
+    again = _ingest(w, msg)
+    assert _reasons(again) == [] and again == first
+    assert {orjson.loads(v)["raw_offset"] for _t, _k, v, _p, _h in again} == {7}
+    assert _reasons(_ingest(w, Msg(BODY, msg.headers, offset=8))) == ["forged_control"]
+    assert w.metrics.control_forged._value.get() == 1
 
 
 def _body(**change) -> bytes:
@@ -154,7 +162,8 @@ def test_a_control_replayed_after_a_restart_is_refused():
         for _t, _k, value, p, _h in out:
             fwd = orjson.loads(value)
             em = w.engine.end_of_input_step(p, fwd["source_partition"], fwd["source_partitions"], int(time.time() * 1000),
-                                            control=control_id(fwd), issued_at_ms=fwd["issued_at_ms"])
+                                            control=control_id(fwd), issued_at_ms=fwd["issued_at_ms"],
+                                            raw_offset=fwd["raw_offset"])
             w.engine.commit(em)
             w.engine.table[clock_key(p, lambda k, p=p: p)] = w.engine.checkpoint(p, {"valid": 0})
 
@@ -167,18 +176,29 @@ def test_a_control_replayed_after_a_restart_is_refused():
 
     restarted = _worker(engine=memory_engine())
     restarted.engine.restore([0, 1], list(table.items()), int(time.time() * 1000))
-    out = _ingest(restarted, msg)
+    replay = Msg(msg.value, msg.headers, offset=msg.offset + 5)   # re-published: a new raw offset
+    out = _ingest(restarted, replay)
     assert _reasons(out) == ["forged_control"] and "already accepted" in orjson.loads(out[0][2])["detail"]
+    # the raw record itself read again (its offset was not committed before the restart): forwarded
+    # again, and the valid side applies the forwarded copies as redeliveries, not as forgeries
+    out = _ingest(restarted, msg)
+    assert _reasons(out) == [] and len(out) == 2
+    for _t, _k, value, p, _h in out:
+        fwd = orjson.loads(value)
+        em = restarted.engine.end_of_input_step(p, fwd["source_partition"], fwd["source_partitions"],
+                                                int(time.time() * 1000), control=control_id(fwd),
+                                                issued_at_ms=fwd["issued_at_ms"], raw_offset=fwd["raw_offset"])
+        assert em.counters.get(("control_forged", ())) is None
 
     fresh = _worker(engine=memory_engine())     # negative control: without the clock log it passes
-    assert _reasons(_ingest(fresh, msg)) == []
+    assert _reasons(_ingest(fresh, replay)) == []
 
 
 def test_the_in_memory_ids_are_bounded_by_the_freshness_window(monkeypatch):
     import clickpulse.app as app_mod
     w = _worker()
     now = int(time.time() * 1000)
-    w.controls_seen.update({f"old:{i}:0": now - 700_000 for i in range(50)})
+    w.controls_seen.update({f"old:{i}:0": (now - 700_000, i) for i in range(50)})
     assert _reasons(_ingest(w, Msg(BODY, control_headers(w.settings.control_key, BODY)))) == []
     assert list(w.controls_seen) == [f"r1:1:{orjson.loads(BODY)['issued_at_ms']}"]
     assert app_mod.CONTROL_MAX_AGE_MS == 600_000

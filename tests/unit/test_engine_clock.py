@@ -109,8 +109,9 @@ def test_historical_replay_is_unchanged_by_receive_times():
 
 
 # ---------------------------------------------------------------------- end-of-input controls
-def _closing(eng, part: int, src: int, control: str | None, issued: int = T0, wall: int = T0):
-    em = eng.end_of_input_step(part, src, 1, wall, control=control, issued_at_ms=issued)
+def _closing(eng, part: int, src: int, control: str | None, issued: int = T0, wall: int = T0,
+             raw_offset: int | None = None):
+    em = eng.end_of_input_step(part, src, 1, wall, control=control, issued_at_ms=issued, raw_offset=raw_offset)
     eng.commit(em)
     return em
 
@@ -123,7 +124,28 @@ def test_a_control_is_accepted_once_per_partition():
     eng.clock(0).closed, eng.clock(0).eoi_sources, eng.clock(0).wm = False, set(), T0   # as after a restart
     again = _closing(eng, 0, 0, "run-a:0:1")
     assert again.counters.get(("control_forged", ())) == 1 and not eng.clock(0).closed
-    assert eng.control_seen("run-a:0:1") and not eng.control_seen("run-b:0:1")
+    assert eng.control_seen("run-a:0:1") == "replayed" and eng.control_seen("run-b:0:1") == "new"
+
+
+def test_a_control_forwarded_again_from_the_same_raw_offset_is_a_redelivery():
+    """The raw record re-read after a rebalance or restart is forwarded again: applied (ending a
+    source's input twice is idempotent), not counted as forged; from another offset: a replay."""
+    eng = memory_engine(rules=RULES)
+    eng.commit(eng.step([(0, _add("u1", T0))], T0))
+    assert _closing(eng, 0, 0, "run-a:0:1", raw_offset=41).counters.get(("control_forged", ())) is None
+    assert eng.control_seen("run-a:0:1", 41) == "redelivered" and eng.control_seen("run-a:0:1", 42) == "replayed"
+    eng.table[clock_key(0, lambda k: 0)] = eng.checkpoint(0, {"valid": 5})
+    eng2 = memory_engine(rules=RULES)                       # restart: the closed time is not durable
+    eng2.restore([0], list(eng.table.items()), T0 + 1_000)
+    eng2.commit(eng2.step([(0, _add("u2", T0 + 1_000))], T0 + 1_000))
+    assert eng2.control_seen("run-a:0:1", 41) == "redelivered"
+    again = _closing(eng2, 0, 0, "run-a:0:1", wall=T0 + 2_000, raw_offset=41)
+    assert again.counters.get(("control_forged", ())) is None and eng2.clock(0).closed
+    assert [a["user_key"] for a in again.actions] == ["u2"]
+    eng3 = memory_engine(rules=RULES)
+    eng3.restore([0], list(eng.table.items()), T0 + 1_000)
+    replay = _closing(eng3, 0, 0, "run-a:0:1", wall=T0 + 2_000, raw_offset=42)
+    assert replay.counters.get(("control_forged", ())) == 1 and not eng3.clock(0).closed
 
 
 def test_a_replayed_control_is_refused_after_a_restart_from_the_changelog():
@@ -134,7 +156,7 @@ def test_a_replayed_control_is_refused_after_a_restart_from_the_changelog():
     # restart: a new engine restores the partition from the table (= the changelog)
     eng2 = memory_engine(rules=RULES)
     eng2.restore([0], list(eng.table.items()), T0 + 1_000)
-    assert eng2.control_seen("run-a:0:1")
+    assert eng2.control_seen("run-a:0:1") == "replayed"
     eng2.commit(eng2.step([(0, _add("u2", T0 + 1_000))], T0 + 1_000))
     replay = _closing(eng2, 0, 0, "run-a:0:1", wall=T0 + 2_000)
     assert replay.counters.get(("control_forged", ())) == 1
@@ -142,7 +164,7 @@ def test_a_replayed_control_is_refused_after_a_restart_from_the_changelog():
     # negative control: a new engine that did not restore the clock log accepts it
     eng3 = memory_engine(rules=RULES)
     eng3.restore([0], [(k, v) for k, v in eng.table.items() if not k.startswith(b"\xffclock")], T0 + 1_000)
-    assert not eng3.control_seen("run-a:0:1")
+    assert eng3.control_seen("run-a:0:1") == "new"
     assert _closing(eng3, 0, 0, "run-a:0:1", wall=T0 + 2_000).counters.get(("control_forged", ())) is None
 
 
@@ -152,10 +174,18 @@ def test_accepted_control_ids_are_forgotten_after_the_freshness_window():
     _closing(eng, 0, 0, "new:0:1", issued=T0 + CONTROL_MAX_AGE_MS, wall=T0 + CONTROL_MAX_AGE_MS + 1)
     assert set(eng.clock(0).controls) == {"new:0:1"}
     blob = orjson.loads(eng.checkpoint(0, {"valid": 1}))
-    assert blob["ctl"] == {"new:0:1": T0 + CONTROL_MAX_AGE_MS}
+    assert blob["ctl"] == {"new:0:1": [T0 + CONTROL_MAX_AGE_MS, None]}
 
 
-@pytest.mark.parametrize("ctl", ["not a dict", {"a:0:1": "x"}, ["a"], None])
+def test_a_clock_log_written_before_raw_offsets_restores_its_ids():
+    eng = memory_engine(rules=RULES)
+    eng.restore([0], [(clock_key(0, lambda k: 0), orjson.dumps({"p": 0, "log": [], "ctl": {"a:0:1": T0}}))], T0)
+    assert eng.clock(0).controls == {"a:0:1": (T0, None)}
+    assert eng.control_seen("a:0:1", 3) == "replayed"
+
+
+@pytest.mark.parametrize("ctl", ["not a dict", {"a:0:1": "x"}, ["a"], None, {"a:0:1": [1]}, {"a:0:1": [1, "x"]},
+                                 {"a:0:1": [True, 2]}])
 def test_a_broken_control_list_in_the_clock_log_restores_no_ids(ctl):
     eng = memory_engine(rules=RULES)
     eng.restore([0], [(clock_key(0, lambda k: 0), orjson.dumps({"p": 0, "log": [], "ctl": ctl}))], T0)

@@ -50,7 +50,7 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 
@@ -117,11 +117,23 @@ def _int_map(obj: Any) -> dict[Any, int]:
     return {k: v for k, v in obj.items() if isinstance(v, int) and not isinstance(v, bool)}
 
 
-def _control_ids(obj: Any) -> dict[str, int]:
-    """The accepted control ids of a clock log (``{"ctl": {id: issued_at_ms}}``; a broken one: none)."""
+def _control_ids(obj: Any) -> dict[str, tuple[int, int | None]]:
+    """The accepted controls of a clock log: ``{"ctl": {id: [issued_at_ms, raw offset or null]}}``
+    (a log written before raw offsets were kept: ``{id: issued_at_ms}``, offset unknown); a broken
+    entry is dropped, never raises."""
     if not isinstance(obj, dict):
         return {}
-    return {str(k): v for k, v in obj.items() if isinstance(v, int) and not isinstance(v, bool)}
+
+    def ok(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    out: dict[str, tuple[int, int | None]] = {}
+    for k, v in obj.items():
+        if ok(v):
+            out[str(k)] = (v, None)
+        elif isinstance(v, list) and len(v) == 2 and ok(v[0]) and (v[1] is None or ok(v[1])):
+            out[str(k)] = (v[0], v[1])
+    return out
 
 
 def is_dormant(st: UserState) -> bool:
@@ -1126,27 +1138,37 @@ class Engine:
 
     # ------------------------------------------------------------------ control, recovery, retention
     def end_of_input_step(self, partition: int, source_partition: int, source_partitions: int,
-                          wall_ms: int, *, control: str | None = None, issued_at_ms: int | None = None) -> Emitted:
+                          wall_ms: int, *, control: str | None = None, issued_at_ms: int | None = None,
+                          raw_offset: int | None = None) -> Emitted:
         """A bounded input ended on one source partition; when all have, close the partition's
         event time (watermark = end of time) and fire every pending timer. The closed time is not
         persisted: after a restart the partition's time is open again (a closed time is never
         permanent).
 
-        ``control`` (:func:`clickpulse.events.control.control_id`) and ``issued_at_ms``: the
-        control's identity. Each is accepted once per partition: the ids accepted in the last
-        :data:`~clickpulse.events.control.CONTROL_MAX_AGE_MS` are remembered in the clock
-        (written durably with :meth:`checkpoint`, restored by :meth:`restore`), so a replayed
-        control — also after a restart — changes nothing and is counted (``control_forged``)."""
+        ``control`` (:func:`clickpulse.events.control.control_id`), ``issued_at_ms`` and
+        ``raw_offset`` (the offset of the signed record on its raw partition): the control's
+        identity. Each is accepted once per partition: the ids accepted in the last
+        :data:`~clickpulse.events.control.CONTROL_MAX_AGE_MS` are remembered in the clock with
+        their raw offset (written durably with :meth:`checkpoint`, restored by :meth:`restore`),
+        so a replayed control — also after a restart — changes nothing and is counted
+        (``control_forged``), while the same raw record forwarded again (a redelivery, see
+        :meth:`~clickpulse.state.clock.PartitionClock.accept_control`) is applied again: ending
+        a source partition's input twice is idempotent."""
         tx = _Tx(self)
         em = Emitted()
         try:
             clock = self.clock(partition)
-            if control is not None and not clock.accept_control(
-                    control, issued_at_ms if issued_at_ms is not None else wall_ms, wall_ms, CONTROL_MAX_AGE_MS):
+            verdict = "accepted" if control is None else clock.accept_control(
+                control, issued_at_ms if issued_at_ms is not None else wall_ms, wall_ms, CONTROL_MAX_AGE_MS,
+                raw_offset)
+            if verdict == "replayed":
                 log.warning("partition %d: end of input %r was already accepted (replayed); ignored", partition, control)
                 em.count("control_forged")
                 self._finish(tx, em)
                 return em
+            if verdict == "redelivered":
+                log.info("partition %d: end of input %r read again from raw offset %s (redelivered)",
+                         partition, control, raw_offset)
             if clock.end_of_input(source_partition, source_partitions):
                 log.info("partition %d: end of input from all %d source partitions; watermark closed",
                          partition, source_partitions)
@@ -1157,11 +1179,20 @@ class Engine:
             raise
         return em
 
-    def control_seen(self, control: str) -> bool:
-        """True when an end-of-input control with id ``control`` was accepted on any partition this
-        engine holds (in the last :data:`~clickpulse.events.control.CONTROL_MAX_AGE_MS`;
-        restored from the clock logs after a restart)."""
-        return any(control in c.controls for c in self.clocks.values())
+    def control_seen(self, control: str, raw_offset: int | None = None) -> Literal["new", "redelivered", "replayed"]:
+        """Whether an end-of-input control with id ``control``, read at ``raw_offset`` of its raw
+        partition, was accepted on any partition this engine holds (in the last
+        :data:`~clickpulse.events.control.CONTROL_MAX_AGE_MS`; restored from the clock logs after
+        a restart): ``"new"`` (never), ``"redelivered"`` (accepted from the same raw offset: the
+        same record read again), ``"replayed"`` (accepted from another or an unknown offset)."""
+        verdict: Literal["new", "redelivered", "replayed"] = "new"
+        for c in self.clocks.values():
+            seen = c.controls.get(control)
+            if seen is not None:
+                if raw_offset is None or seen[1] != raw_offset:
+                    return "replayed"
+                verdict = "redelivered"
+        return verdict
 
     def restore(self, partitions: Iterable[int], items: Iterable[tuple[bytes, bytes]], wall_ms: int,
                 committed: Mapping[tuple[str, int], int | None] | None = None) -> int:
@@ -1205,7 +1236,7 @@ class Engine:
         max_wall: dict[int, int | None] = {}
         due: dict[int, list[tuple[str, int]]] = {p: [] for p in keep}
         logs: dict[int, list[dict[str, Any]]] = {}
-        ctl: dict[int, dict[str, int]] = {}
+        ctl: dict[int, dict[str, tuple[int, int | None]]] = {}
         for key, raw in items:
             if key.startswith(CLOCK_KEY_PREFIX):
                 try:

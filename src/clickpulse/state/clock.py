@@ -34,20 +34,25 @@ Examples
 >>> c.watermark(wall_ms=2_000_100)                              # moves time to the arrival only
 90000
 
-End-of-input controls accepted on the partition are remembered by id (:meth:`PartitionClock.accept_control`),
-durably (the clock log, see :meth:`clickpulse.engine.Engine.checkpoint`), so a captured control
-replayed — even after a restart — is refused:
+End-of-input controls accepted on the partition are remembered by id with the raw offset they
+were read at (:meth:`PartitionClock.accept_control`), durably (the clock log, see
+:meth:`clickpulse.engine.Engine.checkpoint`), so a captured control replayed — even after a
+restart — is refused, while the same raw record read again (a redelivery: its offset was not
+committed before a rebalance or a restart) is told apart and applied again (idempotent):
 
->>> c.accept_control("run-1:0:1000", issued_ms=1_000, wall_ms=2_000, max_age_ms=600_000)
-True
->>> c.accept_control("run-1:0:1000", issued_ms=1_000, wall_ms=3_000, max_age_ms=600_000)
-False
+>>> c.accept_control("run-1:0:1000", issued_ms=1_000, wall_ms=2_000, max_age_ms=600_000, raw_offset=41)
+'accepted'
+>>> c.accept_control("run-1:0:1000", issued_ms=1_000, wall_ms=3_000, max_age_ms=600_000, raw_offset=41)
+'redelivered'
+>>> c.accept_control("run-1:0:1000", issued_ms=1_000, wall_ms=3_000, max_age_ms=600_000, raw_offset=97)
+'replayed'
 """
 
 from __future__ import annotations
 
 import heapq
 from collections.abc import Iterable
+from typing import Literal
 
 END_OF_TIME = 2**62
 
@@ -86,8 +91,9 @@ class PartitionClock:
         self.wm: int | None = None
         self.eoi_sources: set[int] = set()
         self.closed = False
-        #: ids of the end-of-input controls accepted (:meth:`accept_control`) -> their issue time (epoch ms)
-        self.controls: dict[str, int] = {}
+        #: ids of the end-of-input controls accepted (:meth:`accept_control`) -> (their issue time,
+        #: epoch ms; the raw offset they were read at, ``None`` when unknown)
+        self.controls: dict[str, tuple[int, int | None]] = {}
 
     def observe(self, ts_ms: int, wall_ms: int, received_ms: int | None = None) -> None:
         """Record an event with event time ``ts_ms`` processed at wall time ``wall_ms``; it moves
@@ -116,17 +122,28 @@ class PartitionClock:
             self.wm = END_OF_TIME
         return self.closed
 
-    def accept_control(self, control_id: str, issued_ms: int, wall_ms: int, max_age_ms: int) -> bool:
-        """True the first time the end-of-input control ``control_id`` is seen on this partition
-        (then it is remembered), False for a replay. Ids issued more than ``max_age_ms`` before
-        ``wall_ms`` are forgotten: a control that old is refused as stale before it gets here
-        (``CONTROL_MAX_AGE_MS``), so the memory stays bounded by the controls of one window."""
-        for cid in [c for c, t in self.controls.items() if wall_ms - t > max_age_ms]:
+    def accept_control(self, control_id: str, issued_ms: int, wall_ms: int, max_age_ms: int,
+                       raw_offset: int | None = None) -> Literal["accepted", "redelivered", "replayed"]:
+        """Whether the end-of-input control ``control_id``, read at ``raw_offset`` of its raw
+        partition, may take effect on this partition:
+
+        * ``"accepted"`` — the first time (then it is remembered);
+        * ``"redelivered"`` — seen before *at the same raw offset*: the same raw record read again
+          (its offset was not committed before a rebalance or a restart); applying it again
+          changes nothing it had not already changed;
+        * ``"replayed"`` — seen before at another raw offset, or with an unknown offset: the same
+          signed message sent again (refused).
+
+        Ids issued more than ``max_age_ms`` before ``wall_ms`` are forgotten: a control that old is
+        refused as stale before it gets here (``CONTROL_MAX_AGE_MS``), so the memory stays bounded
+        by the controls of one window."""
+        for cid in [c for c, (t, _) in self.controls.items() if wall_ms - t > max_age_ms]:
             del self.controls[cid]
-        if control_id in self.controls:
-            return False
-        self.controls[control_id] = issued_ms
-        return True
+        seen = self.controls.get(control_id)
+        if seen is None:
+            self.controls[control_id] = (issued_ms, raw_offset)
+            return "accepted"
+        return "redelivered" if raw_offset is not None and seen[1] == raw_offset else "replayed"
 
     def _raise(self, candidate: int) -> None:
         if self.wm is None or candidate > self.wm:
