@@ -596,6 +596,8 @@ class Worker:
 
 
 def _app(settings: Settings) -> faust.App:
+    from . import faust_fixes
+    faust_fixes.install()  # records lost after a rebalance (see the module)
     data_dir = Path(settings.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     return faust.App(

@@ -1,0 +1,96 @@
+"""Two fixes to faust-streaming 0.15 / aiokafka 0.14 that lose input records after a rebalance.
+
+What was seen (docs/operations.md, "Stall watchdog"): after a rebalance a worker keeps input
+partitions that were **never committed** in its consumer group; aiokafka's position on them
+reaches the log end (every record fetched) while Faust's agent receives none of them and nothing
+is ever committed. The stall watchdog caught it in about 4 of 10 three-worker test runs and
+restarted the worker (exit 75).
+
+The two defects that combine (read in the installed sources; described upstream in
+robinhood/faust PR #69 and aio-libs/aiokafka#1003):
+
+A. Faust hands aiokafka's ``Fetcher.fetched_records`` its **live** set of active partitions
+   (``AIOKafkaConsumerThread._fetch_records``), which the rebalance empties in place while the
+   fetch waits (pausing the revoked and the newly assigned partitions). To aiokafka an empty set
+   means *every* partition: the fetch drains the new assignment and advances its positions;
+   Faust then drops those records (their partitions are not active) without seeking back.
+B. Faust rewinds what it dropped with ``perform_seek`` → ``seek_to_committed`` after recovery
+   and whenever it is handed records while its flow is stopped; but aiokafka's
+   ``seek_to_committed`` seeks only partitions whose committed offset is **> 0**, so a partition
+   never committed (or committed at 0) keeps the advanced position: its records are gone for
+   this process.
+
+:func:`install` patches both, in clickpulse's own process only (the installed packages are not
+changed): the fetch gets a frozen copy of the active set and returns nothing for an empty one
+(A); ``seek_to_committed`` also seeks partitions committed at 0 to 0 and never-committed input
+partitions to their beginning — where ``consumer_auto_offset_reset="earliest"`` starts them — so
+every dropped record is read again (B). Changelog partitions are left to Faust's recovery.
+Reading again is what a rewind to a committed offset already does; clickpulse's engine skips
+what its state already holds (:meth:`clickpulse.engine.Engine.redelivered`).
+
+The stall watchdog stays as the backstop for any other cause. :func:`install` refuses (returns
+``False`` and logs why) when the patched methods are not the ones it was written against.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Set
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+_INSTALLED = "_clickpulse_fixed"
+
+
+async def _seek_to_committed_in_thread(thread: Any) -> Mapping[Any, int | None]:
+    """Runs in the consumer thread: aiokafka's seek to the committed offsets, plus the partitions
+    it leaves where they are (committed at 0, or never committed). Returns the committed offsets
+    (``{TopicPartition: offset or None}``), as aiokafka's does."""
+    consumer = thread._ensure_consumer()
+    committed: Mapping[Any, int | None] = await consumer.seek_to_committed()  # seeks offsets > 0 only
+    changelogs: Set[str] = thread.app.tables.changelog_topics
+    fresh = []
+    for tp, off in committed.items():
+        if tp.topic in changelogs:
+            continue
+        if off == 0:
+            consumer.seek(tp, 0)
+        elif off is None:
+            fresh.append(tp)
+    if fresh:
+        await consumer.seek_to_beginning(*fresh)
+    return committed
+
+
+async def _seek_to_committed(self: Any) -> Mapping[Any, int | None]:
+    return await self.call_thread(_seek_to_committed_in_thread, self)
+
+
+def install() -> bool:
+    """Patch :class:`faust.transport.drivers.aiokafka.AIOKafkaConsumerThread` (idempotent).
+    Returns ``True`` when the fixes are in place, ``False`` (with a WARNING) when this Faust does
+    not have the methods they replace."""
+    from faust.transport.drivers import aiokafka as driver
+
+    cls = driver.AIOKafkaConsumerThread
+    if getattr(cls, _INSTALLED, False):
+        return True
+    fetch = getattr(cls, "_clickpulse_original_fetch", None) or getattr(cls, "_fetch_records", None)
+    if fetch is None or not hasattr(cls, "seek_to_committed") or not hasattr(cls, "call_thread"):
+        log.warning("faust %s: AIOKafkaConsumerThread has no _fetch_records/seek_to_committed; "
+                    "the rebalance fixes are not installed", getattr(driver, "__version__", "?"))
+        return False
+
+    async def _fetch_records(self: Any, consumer: Any, active_partitions: Set[Any],
+                             timeout: float | None = None, max_records: int | None = None) -> Any:
+        snapshot = frozenset(active_partitions or ())
+        if not snapshot:  # to aiokafka an empty set means every partition
+            return {}
+        return await fetch(self, consumer, snapshot, timeout=timeout, max_records=max_records)
+
+    cls._clickpulse_original_fetch = fetch
+    cls._fetch_records = _fetch_records
+    cls.seek_to_committed = _seek_to_committed
+    setattr(cls, _INSTALLED, True)
+    return True

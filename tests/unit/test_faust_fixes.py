@@ -1,0 +1,108 @@
+"""clickpulse.faust_fixes: the two rebalance fixes to faust-streaming / aiokafka, checked on the
+real patched class with fake aiokafka objects (no broker)."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+from aiokafka import TopicPartition
+from faust.transport.drivers import aiokafka as driver
+
+from clickpulse import faust_fixes
+
+RAW0, RAW1, RAW2, RAW3 = (TopicPartition("ns.events.raw", p) for p in range(4))
+CHANGELOG = TopicPartition("ns-users-changelog", 0)
+
+
+class FakeFetcher:
+    _closed = False
+
+    def __init__(self, on_fetch=None):
+        self.asked: list = []
+        self.on_fetch = on_fetch
+        self._subscriptions = SimpleNamespace(fetch_context=lambda: _Null())
+
+    async def fetched_records(self, partitions, timeout=None, max_records=None):
+        self.asked.append(partitions)
+        if self.on_fetch:
+            self.on_fetch()         # the rebalance pauses partitions while the fetch waits
+        return {tp: ["record"] for tp in partitions} if partitions else {"every": "partition"}
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _thread(fetcher: FakeFetcher) -> SimpleNamespace:
+    return SimpleNamespace(consumer=SimpleNamespace(flow_active=True))
+
+
+def _fetch(active: set, fetcher: FakeFetcher):
+    consumer = SimpleNamespace(_fetcher=fetcher, _closed=False)
+    fn = driver.AIOKafkaConsumerThread._fetch_records
+    return asyncio.run(fn(_thread(fetcher), consumer, active, timeout=1.0))
+
+
+def test_install_is_idempotent_and_patches_the_driver():
+    assert faust_fixes.install() is True
+    fn = driver.AIOKafkaConsumerThread._fetch_records
+    assert faust_fixes.install() is True and driver.AIOKafkaConsumerThread._fetch_records is fn
+    assert driver.AIOKafkaConsumerThread.seek_to_committed is faust_fixes._seek_to_committed
+
+
+def test_the_fetch_gets_a_copy_the_rebalance_cannot_empty():
+    faust_fixes.install()
+    active = {RAW0, RAW1}
+    fetcher = FakeFetcher(on_fetch=active.clear)
+    records = _fetch(active, fetcher)
+    assert fetcher.asked[0] == {RAW0, RAW1} and fetcher.asked[0] is not active
+    assert set(records) == {RAW0, RAW1}
+
+
+def test_an_empty_active_set_fetches_nothing():
+    """aiokafka reads an empty set as 'every partition' (the drain that lost the records)."""
+    faust_fixes.install()
+    fetcher = FakeFetcher()
+    assert _fetch(set(), fetcher) == {} and fetcher.asked == []
+    # negative control: aiokafka's own reading of the empty set, as the unpatched driver passed it
+    assert asyncio.run(fetcher.fetched_records(set())) == {"every": "partition"}
+
+
+class FakeConsumer:
+    def __init__(self, committed):
+        self.committed = committed
+        self.seeks: list = []
+        self.to_beginning: list = []
+
+    async def seek_to_committed(self):  # aiokafka: seeks only offsets > 0
+        self.seeks += [(tp, off) for tp, off in self.committed.items() if off and off > 0]
+        return dict(self.committed)
+
+    def seek(self, tp, offset):
+        self.seeks.append((tp, offset))
+
+    async def seek_to_beginning(self, *tps):
+        self.to_beginning += tps
+
+
+def test_never_committed_and_zero_committed_input_partitions_are_rewound():
+    consumer = FakeConsumer({RAW0: 5, RAW1: 0, RAW2: None, RAW3: None, CHANGELOG: None})
+    thread = SimpleNamespace(_ensure_consumer=lambda: consumer,
+                             app=SimpleNamespace(tables=SimpleNamespace(changelog_topics={CHANGELOG.topic})))
+    committed = asyncio.run(faust_fixes._seek_to_committed_in_thread(thread))
+    assert committed == consumer.committed                       # what Faust's perform_seek reads
+    assert consumer.seeks == [(RAW0, 5), (RAW1, 0)]
+    assert consumer.to_beginning == [RAW2, RAW3]                  # the changelog is left to recovery
+
+
+def test_the_worker_app_installs_the_fixes(tmp_path):
+    from clickpulse.app import _app
+    from clickpulse.settings import Settings
+    setattr(driver.AIOKafkaConsumerThread, faust_fixes._INSTALLED, False)
+    _app(Settings(data_dir=str(tmp_path)))
+    assert getattr(driver.AIOKafkaConsumerThread, faust_fixes._INSTALLED) is True
