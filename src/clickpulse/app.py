@@ -893,7 +893,7 @@ def _seen(w: Worker) -> dict[tuple[str, int], int]:
 
 def _consumer_state(app: Any, topic: str, partition: int) -> str:
     """Faust's and aiokafka's bookkeeping of one partition, for the stall log line (best effort:
-    private attributes of faust-streaming 0.15 / aiokafka 0.12)."""
+    private attributes of faust-streaming 0.15 / aiokafka 0.14)."""
     from faust.types import TP
     tp = TP(topic, partition)
     parts = []

@@ -21,8 +21,9 @@ B. Faust rewinds what it dropped with ``perform_seek`` → ``seek_to_committed``
    this process.
 
 :func:`install` patches both, in clickpulse's own process only (the installed packages are not
-changed): the fetch gets a frozen copy of the active set and returns nothing for an empty one
-(A); ``seek_to_committed`` also seeks partitions committed at 0 to 0 and never-committed input
+changed): the fetch returns nothing when the active set is empty and reads it through a view
+that is never falsy (:class:`LiveActive`: a copy would not do — a partition Faust pauses while the
+fetch waits would be drained and then dropped, which a test run showed as input gaps) (A); ``seek_to_committed`` also seeks partitions committed at 0 to 0 and never-committed input
 partitions to their beginning — where ``consumer_auto_offset_reset="earliest"`` starts them — so
 every dropped record is read again (B). Changelog partitions are left to Faust's recovery.
 Reading again is what a rewind to a committed offset already does; clickpulse's engine skips
@@ -41,6 +42,37 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 _INSTALLED = "_clickpulse_fixed"
+
+
+class LiveActive(Set[Any]):
+    """Faust's live set of active partitions as aiokafka's fetch reads it: membership follows the
+    live set (a partition paused while the fetch waits — a rebalance, or Faust's per-partition
+    backpressure — is no longer drained), but it is never falsy, so an emptied set means *no*
+    partition instead of aiokafka's *every* partition.
+
+    >>> live = {"a"}
+    >>> view = LiveActive(live)
+    >>> live.clear()
+    >>> bool(view), "a" in view, len(view)
+    (True, False, 0)
+    """
+
+    __slots__ = ("_live",)
+
+    def __init__(self, live: Set[Any]) -> None:
+        self._live = live
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._live
+
+    def __iter__(self) -> Any:
+        return iter(list(self._live))
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def __bool__(self) -> bool:
+        return True
 
 
 async def _seek_to_committed_in_thread(thread: Any) -> Mapping[Any, int | None]:
@@ -84,10 +116,9 @@ def install() -> bool:
 
     async def _fetch_records(self: Any, consumer: Any, active_partitions: Set[Any],
                              timeout: float | None = None, max_records: int | None = None) -> Any:
-        snapshot = frozenset(active_partitions or ())
-        if not snapshot:  # to aiokafka an empty set means every partition
+        if not active_partitions:  # to aiokafka an empty set means every partition
             return {}
-        return await fetch(self, consumer, snapshot, timeout=timeout, max_records=max_records)
+        return await fetch(self, consumer, LiveActive(active_partitions), timeout=timeout, max_records=max_records)
 
     cls._clickpulse_original_fetch = fetch
     cls._fetch_records = _fetch_records

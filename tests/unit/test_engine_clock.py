@@ -110,10 +110,21 @@ def test_historical_replay_is_unchanged_by_receive_times():
 
 # ---------------------------------------------------------------------- end-of-input controls
 def _closing(eng, part: int, src: int, control: str | None, issued: int = T0, wall: int = T0,
-             raw_offset: int | None = None):
-    em = eng.end_of_input_step(part, src, 1, wall, control=control, issued_at_ms=issued, raw_offset=raw_offset)
+             raw_offset: int | None = None, n: int = 1):
+    em = eng.end_of_input_step(part, src, n, wall, control=control, issued_at_ms=issued, raw_offset=raw_offset)
     eng.commit(em)
     return em
+
+
+def _restarted(eng, wall: int, items=None):
+    """A new engine restoring partition 0 from ``eng``'s table (= the changelog) after it wrote
+    its clock log, as the worker does after each batch."""
+    eng.table[clock_key(0, lambda k: 0)] = eng.checkpoint(0, {"valid": 5})
+    table = dict(items if items is not None else eng.table)
+    new = memory_engine(rules=RULES)
+    new.table.update(table)                 # the recovered table
+    new.restore([0], list(table.items()), wall)
+    return new
 
 
 def test_a_control_is_accepted_once_per_partition():
@@ -121,7 +132,7 @@ def test_a_control_is_accepted_once_per_partition():
     eng.commit(eng.step([(0, _add("u1", T0))], T0))
     first = _closing(eng, 0, 0, "run-a:0:1")
     assert [a["user_key"] for a in first.actions] == ["u1"] and eng.clock(0).closed
-    eng.clock(0).closed, eng.clock(0).eoi_sources, eng.clock(0).wm = False, set(), T0   # as after a restart
+    eng.clock(0).closed, eng.clock(0).eoi_sources, eng.clock(0).wm = False, set(), T0   # reopened
     again = _closing(eng, 0, 0, "run-a:0:1")
     assert again.counters.get(("control_forged", ())) == 1 and not eng.clock(0).closed
     assert eng.control_seen("run-a:0:1") == "replayed" and eng.control_seen("run-b:0:1") == "new"
@@ -132,40 +143,80 @@ def test_a_control_forwarded_again_from_the_same_raw_offset_is_a_redelivery():
     source's input twice is idempotent), not counted as forged; from another offset: a replay."""
     eng = memory_engine(rules=RULES)
     eng.commit(eng.step([(0, _add("u1", T0))], T0))
-    assert _closing(eng, 0, 0, "run-a:0:1", raw_offset=41).counters.get(("control_forged", ())) is None
+    assert _closing(eng, 0, 0, "run-a:0:1", raw_offset=41, n=2).counters.get(("control_forged", ())) is None
     assert eng.control_seen("run-a:0:1", 41) == "redelivered" and eng.control_seen("run-a:0:1", 42) == "replayed"
-    eng.table[clock_key(0, lambda k: 0)] = eng.checkpoint(0, {"valid": 5})
-    eng2 = memory_engine(rules=RULES)                       # restart: the closed time is not durable
-    eng2.restore([0], list(eng.table.items()), T0 + 1_000)
+    again = _closing(eng, 0, 0, "run-a:0:1", raw_offset=41, n=2)
+    assert again.counters.get(("control_forged", ())) is None and not eng.clock(0).closed
+    eng2 = _restarted(eng, T0 + 1_000)
     eng2.commit(eng2.step([(0, _add("u2", T0 + 1_000))], T0 + 1_000))
     assert eng2.control_seen("run-a:0:1", 41) == "redelivered"
-    again = _closing(eng2, 0, 0, "run-a:0:1", wall=T0 + 2_000, raw_offset=41)
-    assert again.counters.get(("control_forged", ())) is None and eng2.clock(0).closed
-    assert [a["user_key"] for a in again.actions] == ["u2"]
-    eng3 = memory_engine(rules=RULES)
-    eng3.restore([0], list(eng.table.items()), T0 + 1_000)
-    replay = _closing(eng3, 0, 0, "run-a:0:1", wall=T0 + 2_000, raw_offset=42)
+    again = _closing(eng2, 0, 0, "run-a:0:1", wall=T0 + 2_000, raw_offset=41, n=2)
+    assert again.counters.get(("control_forged", ())) is None and not eng2.clock(0).closed
+    last = _closing(eng2, 0, 1, "run-a:1:1", wall=T0 + 2_000, raw_offset=17, n=2)
+    assert eng2.clock(0).closed and sorted(a["user_key"] for a in last.actions) == ["u1", "u2"]
+    eng3 = _restarted(eng, T0 + 1_000)
+    replay = _closing(eng3, 0, 0, "run-a:0:1", wall=T0 + 2_000, raw_offset=42, n=2)
     assert replay.counters.get(("control_forged", ())) == 1 and not eng3.clock(0).closed
+
+
+def test_an_end_of_input_accepted_before_a_restart_still_counts_after_it():
+    """Source 0 of 2 ended, then the worker restarted (or the partition moved): the end of source
+    1 closes the partition. Before the accepted controls were counted from the durable clock log,
+    the source-0 end was forgotten and the partition never closed: a three-worker test run lost
+    471 actions (its raw controls were committed, nothing would send them again)."""
+    eng = memory_engine(rules=RULES)
+    eng.commit(eng.step([(0, _add("u1", T0))], T0))
+    _closing(eng, 0, 0, "run-a:0:1", raw_offset=3, n=2)
+    eng2 = _restarted(eng, T0 + 1_000)
+    assert not eng2.clock(0).closed and eng2.pending_timers() == 1
+    last = _closing(eng2, 0, 1, "run-a:1:1", wall=T0 + 2_000, raw_offset=8, n=2)
+    assert eng2.clock(0).closed and [a["user_key"] for a in last.actions] == ["u1"]
+
+
+def test_a_closed_event_time_is_closed_again_after_a_restart_within_the_window():
+    """Every source ended, the clock log written, the crash before the fired states were saved:
+    the restored partition is closed and its timers fire at the next tick. After the 10-minute
+    window the controls are forgotten and a restored partition is open again (never permanent)."""
+    eng = memory_engine(rules=RULES)
+    eng.commit(eng.step([(0, _add("u1", T0))], T0))
+    states_before = dict(eng.table)
+    for src in (0, 1):
+        _closing(eng, 0, src, f"run-a:{src}:1", raw_offset=5 + src, n=2)
+    assert eng.clock(0).closed
+    eng.table[clock_key(0, lambda k: 0)] = eng.checkpoint(0, {"valid": 5})
+    torn = {**states_before, clock_key(0, lambda k: 0): eng.table[clock_key(0, lambda k: 0)]}
+    eng2 = _restarted(eng, T0 + 1_000, torn)
+    assert eng2.clock(0).closed and eng2.pending_timers() == 1
+    fired = eng2.step([], T0 + 2_000, tick=[0])
+    assert [a["user_key"] for a in fired.actions] == ["u1"]
+    late = _restarted(eng, T0 + CONTROL_MAX_AGE_MS + 1, torn)
+    assert not late.clock(0).closed and late.clock(0).controls == {}
+
+
+def test_controls_of_different_runs_never_combine():
+    eng = memory_engine(rules=RULES)
+    eng.commit(eng.step([(0, _add("u1", T0))], T0))
+    _closing(eng, 0, 0, "run-a:0:1", raw_offset=1, n=2)
+    _closing(eng, 0, 1, "run-b:1:1", raw_offset=2, n=2)
+    assert not eng.clock(0).closed and eng.pending_timers() == 1
+    _closing(eng, 0, 1, "run-a:1:1", raw_offset=3, n=2)
+    assert eng.clock(0).closed
 
 
 def test_a_replayed_control_is_refused_after_a_restart_from_the_changelog():
     eng = memory_engine(rules=RULES)
     eng.commit(eng.step([(0, _add("u1", T0))], T0))
-    _closing(eng, 0, 0, "run-a:0:1")
-    eng.table[clock_key(0, lambda k: 0)] = eng.checkpoint(0, {"valid": 5})   # what the worker writes
-    # restart: a new engine restores the partition from the table (= the changelog)
-    eng2 = memory_engine(rules=RULES)
-    eng2.restore([0], list(eng.table.items()), T0 + 1_000)
+    _closing(eng, 0, 0, "run-a:0:1", n=2)
+    eng2 = _restarted(eng, T0 + 1_000)
     assert eng2.control_seen("run-a:0:1") == "replayed"
     eng2.commit(eng2.step([(0, _add("u2", T0 + 1_000))], T0 + 1_000))
-    replay = _closing(eng2, 0, 0, "run-a:0:1", wall=T0 + 2_000)
+    replay = _closing(eng2, 0, 0, "run-a:0:1", wall=T0 + 2_000, n=2)
     assert replay.counters.get(("control_forged", ())) == 1
-    assert replay.actions == [] and not eng2.clock(0).closed and eng2.pending_timers() == 1
+    assert replay.actions == [] and not eng2.clock(0).closed and eng2.pending_timers() == 2
     # negative control: a new engine that did not restore the clock log accepts it
-    eng3 = memory_engine(rules=RULES)
-    eng3.restore([0], [(k, v) for k, v in eng.table.items() if not k.startswith(b"\xffclock")], T0 + 1_000)
+    eng3 = _restarted(eng, T0 + 1_000, {k: v for k, v in eng.table.items() if not k.startswith(b"\xffclock")})
     assert eng3.control_seen("run-a:0:1") == "new"
-    assert _closing(eng3, 0, 0, "run-a:0:1", wall=T0 + 2_000).counters.get(("control_forged", ())) is None
+    assert _closing(eng3, 0, 0, "run-a:0:1", wall=T0 + 2_000, n=2).counters.get(("control_forged", ())) is None
 
 
 def test_accepted_control_ids_are_forgotten_after_the_freshness_window():
@@ -174,18 +225,18 @@ def test_accepted_control_ids_are_forgotten_after_the_freshness_window():
     _closing(eng, 0, 0, "new:0:1", issued=T0 + CONTROL_MAX_AGE_MS, wall=T0 + CONTROL_MAX_AGE_MS + 1)
     assert set(eng.clock(0).controls) == {"new:0:1"}
     blob = orjson.loads(eng.checkpoint(0, {"valid": 1}))
-    assert blob["ctl"] == {"new:0:1": [T0 + CONTROL_MAX_AGE_MS, None]}
+    assert blob["ctl"] == {"new:0:1": [T0 + CONTROL_MAX_AGE_MS, None, 1]}
 
 
 def test_a_clock_log_written_before_raw_offsets_restores_its_ids():
     eng = memory_engine(rules=RULES)
     eng.restore([0], [(clock_key(0, lambda k: 0), orjson.dumps({"p": 0, "log": [], "ctl": {"a:0:1": T0}}))], T0)
-    assert eng.clock(0).controls == {"a:0:1": (T0, None)}
+    assert eng.clock(0).controls == {"a:0:1": (T0, None, None)}
     assert eng.control_seen("a:0:1", 3) == "replayed"
 
 
 @pytest.mark.parametrize("ctl", ["not a dict", {"a:0:1": "x"}, ["a"], None, {"a:0:1": [1]}, {"a:0:1": [1, "x"]},
-                                 {"a:0:1": [True, 2]}])
+                                 {"a:0:1": [True, 2]}, {"a:0:1": [1, 2, 3, 4]}])
 def test_a_broken_control_list_in_the_clock_log_restores_no_ids(ctl):
     eng = memory_engine(rules=RULES)
     eng.restore([0], [(clock_key(0, lambda k: 0), orjson.dumps({"p": 0, "log": [], "ctl": ctl}))], T0)

@@ -117,22 +117,25 @@ def _int_map(obj: Any) -> dict[Any, int]:
     return {k: v for k, v in obj.items() if isinstance(v, int) and not isinstance(v, bool)}
 
 
-def _control_ids(obj: Any) -> dict[str, tuple[int, int | None]]:
-    """The accepted controls of a clock log: ``{"ctl": {id: [issued_at_ms, raw offset or null]}}``
-    (a log written before raw offsets were kept: ``{id: issued_at_ms}``, offset unknown); a broken
-    entry is dropped, never raises."""
+def _control_ids(obj: Any) -> dict[str, tuple[int, int | None, int | None]]:
+    """The accepted controls of a clock log: ``{"ctl": {id: [issued_at_ms, raw offset,
+    source_partitions]}}`` (the last two null when unknown; logs written before they were kept:
+    ``{id: issued_at_ms}`` or ``[issued_at_ms, raw offset]``); a broken entry is dropped, never
+    raises."""
     if not isinstance(obj, dict):
         return {}
 
     def ok(v: Any) -> bool:
         return isinstance(v, int) and not isinstance(v, bool)
 
-    out: dict[str, tuple[int, int | None]] = {}
+    out: dict[str, tuple[int, int | None, int | None]] = {}
     for k, v in obj.items():
         if ok(v):
-            out[str(k)] = (v, None)
-        elif isinstance(v, list) and len(v) == 2 and ok(v[0]) and (v[1] is None or ok(v[1])):
-            out[str(k)] = (v[0], v[1])
+            out[str(k)] = (v, None, None)
+        elif (isinstance(v, list) and len(v) in (2, 3) and ok(v[0])
+              and all(x is None or ok(x) for x in v[1:])):
+            n = v[2] if len(v) == 3 else None
+            out[str(k)] = (v[0], v[1], n if n is None or n >= 1 else None)
     return out
 
 
@@ -1141,9 +1144,11 @@ class Engine:
                           wall_ms: int, *, control: str | None = None, issued_at_ms: int | None = None,
                           raw_offset: int | None = None) -> Emitted:
         """A bounded input ended on one source partition; when all have, close the partition's
-        event time (watermark = end of time) and fire every pending timer. The closed time is not
-        persisted: after a restart the partition's time is open again (a closed time is never
-        permanent).
+        event time (watermark = end of time) and fire every pending timer. With ``control``, the
+        sources are counted per run from the accepted controls, which the clock log keeps for
+        :data:`~clickpulse.events.control.CONTROL_MAX_AGE_MS`: a restart or a rebalance in that
+        window closes the partition again (:meth:`restore`), later it reopens (a closed time is
+        never permanent); without, in memory only.
 
         ``control`` (:func:`clickpulse.events.control.control_id`), ``issued_at_ms`` and
         ``raw_offset`` (the offset of the signed record on its raw partition): the control's
@@ -1160,7 +1165,7 @@ class Engine:
             clock = self.clock(partition)
             verdict = "accepted" if control is None else clock.accept_control(
                 control, issued_at_ms if issued_at_ms is not None else wall_ms, wall_ms, CONTROL_MAX_AGE_MS,
-                raw_offset)
+                raw_offset, source_partitions)
             if verdict == "replayed":
                 log.warning("partition %d: end of input %r was already accepted (replayed); ignored", partition, control)
                 em.count("control_forged")
@@ -1169,7 +1174,14 @@ class Engine:
             if verdict == "redelivered":
                 log.info("partition %d: end of input %r read again from raw offset %s (redelivered)",
                          partition, control, raw_offset)
-            if clock.end_of_input(source_partition, source_partitions):
+            if control is None:
+                ended = clock.end_of_input(source_partition, source_partitions)
+            elif clock.input_ended():  # the run's controls (durable: restore closes it again)
+                clock.close()
+                ended = True
+            else:
+                ended = False
+            if ended:
                 log.info("partition %d: end of input from all %d source partitions; watermark closed",
                          partition, source_partitions)
                 self._fire(tx, partition, wall_ms, em)
@@ -1236,7 +1248,7 @@ class Engine:
         max_wall: dict[int, int | None] = {}
         due: dict[int, list[tuple[str, int]]] = {p: [] for p in keep}
         logs: dict[int, list[dict[str, Any]]] = {}
-        ctl: dict[int, dict[str, tuple[int, int | None]]] = {}
+        ctl: dict[int, dict[str, tuple[int, int | None, int | None]]] = {}
         for key, raw in items:
             if key.startswith(CLOCK_KEY_PREFIX):
                 try:
@@ -1289,6 +1301,11 @@ class Engine:
                 self.positions[p] = {}
                 self.sources[p] = {}
             clock.controls = {**ctl.get(p, {}), **clock.controls}  # the accepted controls (durable)
+            clock.forget_controls(wall_ms, CONTROL_MAX_AGE_MS)
+            if not clock.closed and clock.input_ended():  # its run's end of input was accepted here
+                clock.close()
+                log.info("partition %d: event time closed again from the clock log (end of input accepted "
+                         "before the restart or rebalance); every timer fires", p)
             self.timers[p].rebuild(due[p])
         return sum(len(v) for v in due.values())
 

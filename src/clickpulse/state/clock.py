@@ -92,8 +92,9 @@ class PartitionClock:
         self.eoi_sources: set[int] = set()
         self.closed = False
         #: ids of the end-of-input controls accepted (:meth:`accept_control`) -> (their issue time,
-        #: epoch ms; the raw offset they were read at, ``None`` when unknown)
-        self.controls: dict[str, tuple[int, int | None]] = {}
+        #: epoch ms; the raw offset they were read at; their run's number of source partitions —
+        #: ``None`` when unknown)
+        self.controls: dict[str, tuple[int, int | None, int | None]] = {}
 
     def observe(self, ts_ms: int, wall_ms: int, received_ms: int | None = None) -> None:
         """Record an event with event time ``ts_ms`` processed at wall time ``wall_ms``; it moves
@@ -118,32 +119,70 @@ class PartitionClock:
         """One source partition reports the end of a bounded input; returns True once all have."""
         self.eoi_sources.add(source_partition)
         if len(self.eoi_sources) >= source_partitions:
-            self.closed = True
-            self.wm = END_OF_TIME
+            self.close()
         return self.closed
 
     def accept_control(self, control_id: str, issued_ms: int, wall_ms: int, max_age_ms: int,
-                       raw_offset: int | None = None) -> Literal["accepted", "redelivered", "replayed"]:
+                       raw_offset: int | None = None,
+                       source_partitions: int | None = None) -> Literal["accepted", "redelivered", "replayed"]:
         """Whether the end-of-input control ``control_id``, read at ``raw_offset`` of its raw
         partition, may take effect on this partition:
 
-        * ``"accepted"`` — the first time (then it is remembered);
+        * ``"accepted"`` — the first time (then it is remembered, with ``source_partitions``: how
+          many source partitions its run has, for :meth:`input_ended`);
         * ``"redelivered"`` — seen before *at the same raw offset*: the same raw record read again
           (its offset was not committed before a rebalance or a restart); applying it again
           changes nothing it had not already changed;
         * ``"replayed"`` — seen before at another raw offset, or with an unknown offset: the same
           signed message sent again (refused).
 
-        Ids issued more than ``max_age_ms`` before ``wall_ms`` are forgotten: a control that old is
-        refused as stale before it gets here (``CONTROL_MAX_AGE_MS``), so the memory stays bounded
-        by the controls of one window."""
-        for cid in [c for c, (t, _) in self.controls.items() if wall_ms - t > max_age_ms]:
-            del self.controls[cid]
+        Ids issued more than ``max_age_ms`` before ``wall_ms`` are forgotten
+        (:meth:`forget_controls`): a control that old is refused as stale before it gets here
+        (``CONTROL_MAX_AGE_MS``), so the memory stays bounded by the controls of one window."""
+        self.forget_controls(wall_ms, max_age_ms)
         seen = self.controls.get(control_id)
         if seen is None:
-            self.controls[control_id] = (issued_ms, raw_offset)
+            self.controls[control_id] = (issued_ms, raw_offset, source_partitions)
             return "accepted"
         return "redelivered" if raw_offset is not None and seen[1] == raw_offset else "replayed"
+
+    def forget_controls(self, wall_ms: int, max_age_ms: int) -> None:
+        """Forget the accepted controls issued more than ``max_age_ms`` before ``wall_ms``."""
+        for cid in [c for c, v in self.controls.items() if wall_ms - v[0] > max_age_ms]:
+            del self.controls[cid]
+
+    def input_ended(self) -> bool:
+        """True when the accepted controls (:meth:`accept_control`) hold an end of input from
+        every source partition ``0 … n-1`` of one run (ids ``"<run_id>:<source>:<issued_at_ms>"``,
+        :func:`clickpulse.events.control.control_id`; ``n`` = the run's ``source_partitions``).
+        The controls are durable (the clock log), so a restart or a rebalance within their
+        freshness window closes the partition again; controls of different runs never combine.
+
+        >>> c = PartitionClock(1_000, 1_000, live=False)
+        >>> for src in (0, 1):
+        ...     _ = c.accept_control(f"a:{src}:5", 5, 10, 600_000, raw_offset=9, source_partitions=3)
+        >>> _ = c.accept_control("b:2:7", 7, 10, 600_000, raw_offset=4, source_partitions=3)
+        >>> c.input_ended()            # run a lacks source 2; run b's source 2 does not count
+        False
+        >>> _ = c.accept_control("a:2:5", 5, 10, 600_000, raw_offset=12, source_partitions=3)
+        >>> c.input_ended()
+        True
+        """
+        runs: dict[str, tuple[set[int], int]] = {}
+        for cid, (_issued, _off, n) in self.controls.items():
+            run, _, rest = cid.rpartition(":")
+            run, _, src = run.rpartition(":")
+            if n is None or not src.isdigit():
+                continue
+            have, want = runs.get(run, (set(), n))
+            have.add(int(src))
+            runs[run] = (have, max(want, n))
+        return any(have >= set(range(n)) for have, n in runs.values())
+
+    def close(self) -> None:
+        """Close the partition's event time: the watermark becomes :data:`END_OF_TIME`."""
+        self.closed = True
+        self.wm = END_OF_TIME
 
     def _raise(self, candidate: int) -> None:
         if self.wm is None or candidate > self.wm:
