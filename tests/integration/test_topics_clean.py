@@ -162,10 +162,18 @@ def test_replication_factor_is_used_and_checked_against_the_brokers(make_setting
             desc = await admin.describe_topics(sorted(ns_topics_now))
         finally:
             await admin.close()
-        if any(d["error_code"] != 0 or not d["partitions"] for d in desc):
+        pending = {d["topic"]: (d["error_code"], len(d["partitions"])) for d in desc
+                   if d["error_code"] != 0 or not d["partitions"]}
+        if pending:
+            last[:] = [pending]
             return None
         return {len(p["replicas"]) for d in desc for p in d["partitions"]}
-    assert wait_for(lambda: asyncio.run(replicas()), 180, "the new topics' metadata") == {1}
+    last: list = []
+    try:
+        got = wait_for(lambda: asyncio.run(replicas()), 180, "the new topics' metadata")
+    except AssertionError as err:  # say which topics (error code, partitions) were still missing
+        raise AssertionError(f"{err}; last answer {last} for {sorted(ns_topics_now)}") from None
+    assert got == {1}
     # the local cluster has one broker: three copies cannot be placed, and the error says why
     bad = s.replace(namespace=s.namespace + "-rf3", replication_factor=3)
     with pytest.raises(ConfigError, match=r"replication factor 3 \(CLICKPULSE_REPLICATION_FACTOR\): "
