@@ -1,4 +1,4 @@
-"""Two fixes to faust-streaming 0.15 / aiokafka 0.14 that lose input records after a rebalance.
+"""Fixes to faust-streaming 0.15 / aiokafka 0.14 that lose input records around a rebalance.
 
 What was seen (docs/operations.md, "Stall watchdog"): after a rebalance a worker keeps input
 partitions that were **never committed** in its consumer group; aiokafka's position on them
@@ -6,7 +6,7 @@ reaches the log end (every record fetched) while Faust's agent receives none of 
 is ever committed. The stall watchdog caught it in about 4 of 10 three-worker test runs and
 restarted the worker (exit 75).
 
-The two defects that combine (read in the installed sources; described upstream in
+The defects (read in the installed sources; A and B combine, described upstream in
 robinhood/faust PR #69 and aio-libs/aiokafka#1003):
 
 A. Faust hands aiokafka's ``Fetcher.fetched_records`` its **live** set of active partitions
@@ -19,15 +19,25 @@ B. Faust rewinds what it dropped with ``perform_seek`` → ``seek_to_committed``
    ``seek_to_committed`` seeks only partitions whose committed offset is **> 0**, so a partition
    never committed (or committed at 0) keeps the advanced position: its records are gone for
    this process.
+C. A stream skips a message that waited in its buffer while the consumer generation changed (a
+   rebalance) or flow stopped — and *acknowledges* it (``faust/streams.py``: the skip path
+   acks "so that the lag does not grow"), so its offset can be committed although no agent saw
+   it. A partition that stays with the worker is not rewound, so the record is lost; the next
+   record of the partition shows the hole (the input-gap check, docs/delivery.md), but the skipped
+   offset may already be committed by then, and a skipped *last* record shows nothing at all.
 
-:func:`install` patches both, in clickpulse's own process only (the installed packages are not
+:func:`install` patches the three, in clickpulse's own process only (the installed packages are not
 changed): the fetch returns nothing when the active set is empty and reads it through a view
 that is never falsy (:class:`LiveActive`: a copy would not do — a partition Faust pauses while the
-fetch waits would be drained and then dropped, which a test run showed as input gaps) (A); ``seek_to_committed`` also seeks partitions committed at 0 to 0 and never-committed input
+fetch waits would be drained and then dropped, which a test run showed as input gaps) (A);
+``seek_to_committed`` also seeks partitions committed at 0 to 0 and never-committed input
 partitions to their beginning — where ``consumer_auto_offset_reset="earliest"`` starts them — so
 every dropped record is read again (B). Changelog partitions are left to Faust's recovery.
 Reading again is what a rewind to a committed offset already does; clickpulse's engine skips
-what its state already holds (:meth:`clickpulse.engine.Engine.redelivered`).
+what its state already holds (:meth:`clickpulse.engine.Engine.redelivered`). ``Consumer.ack``
+leaves a message no stream tracked, on an acking topic, unacknowledged (a WARNING): Faust's
+commits stop below it and the input-gap check or the stall watchdog restarts the worker, which
+reads it again (C).
 
 The stall watchdog stays as the backstop for any other cause. :func:`install` refuses (returns
 ``False`` and logs why) when the patched methods are not the ones it was written against.
@@ -75,6 +85,22 @@ class LiveActive(Set[Any]):
         return True
 
 
+def _refuse_untracked_ack(orig: Any) -> Any:
+    """Wrap ``Consumer.ack``: a message of an acking topic that no stream tracked is left
+    unacknowledged (fix C, see :func:`install`)."""
+
+    def ack(self: Any, message: Any) -> bool:
+        if not getattr(message, "tracked", True) and self.app.topics.acks_enabled_for(message.topic):
+            log.warning("faust skipped %s[%d]@%d before a stream took it (its consumer generation changed or "
+                        "flow stopped while it waited): left unacknowledged, so it is not committed and is "
+                        "read again", message.topic, message.partition, message.offset)
+            return False
+        return bool(orig(self, message))
+
+    ack._clickpulse_original = orig  # type: ignore[attr-defined]
+    return ack
+
+
 async def _seek_to_committed_in_thread(thread: Any) -> Mapping[Any, int | None]:
     """Runs in the consumer thread: aiokafka's seek to the committed offsets, plus the partitions
     it leaves where they are (committed at 0, or never committed). Returns the committed offsets
@@ -120,8 +146,12 @@ def install() -> bool:
             return {}
         return await fetch(self, consumer, LiveActive(active_partitions), timeout=timeout, max_records=max_records)
 
+    from faust.transport.consumer import Consumer
+    ack = getattr(Consumer.ack, "_clickpulse_original", Consumer.ack)
+
     cls._clickpulse_original_fetch = fetch
     cls._fetch_records = _fetch_records
     cls.seek_to_committed = _seek_to_committed
+    Consumer.ack = _refuse_untracked_ack(ack)
     setattr(cls, _INSTALLED, True)
     return True

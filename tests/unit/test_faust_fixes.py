@@ -112,3 +112,21 @@ def test_the_worker_app_installs_the_fixes(tmp_path):
     setattr(driver.AIOKafkaConsumerThread, faust_fixes._INSTALLED, False)
     _app(Settings(data_dir=str(tmp_path)))
     assert getattr(driver.AIOKafkaConsumerThread, faust_fixes._INSTALLED) is True
+
+
+def test_a_message_no_stream_tracked_is_not_acknowledged(caplog):
+    """Faust's stream skips a message whose consumer generation changed while it waited, and acks
+    it: its offset could be committed although no agent saw it (fix C)."""
+    from faust.transport.consumer import Consumer
+    faust_fixes.install()
+    assert Consumer.ack._clickpulse_original is not None
+    calls = []
+    ack = faust_fixes._refuse_untracked_ack(lambda self, m: calls.append(m.offset) or True)
+    consumer = SimpleNamespace(app=SimpleNamespace(topics=SimpleNamespace(acks_enabled_for=lambda t: t != "nack")))
+    skipped = SimpleNamespace(topic="ns.events.raw", partition=3, offset=410, tracked=False)
+    assert ack(consumer, skipped) is False and calls == []
+    assert "ns.events.raw[3]@410" in caplog.text and "left unacknowledged" in caplog.text
+    taken = SimpleNamespace(topic="ns.events.raw", partition=3, offset=411, tracked=True)
+    assert ack(consumer, taken) is True and calls == [411]
+    untracked_elsewhere = SimpleNamespace(topic="nack", partition=0, offset=1, tracked=False)
+    assert ack(consumer, untracked_elsewhere) is True and calls == [411, 1]
