@@ -181,3 +181,22 @@ def test_replication_factor_is_used_and_checked_against_the_brokers(make_setting
         asyncio.run(ensure_topics(bad))
     assert not ns_topics(bad)
     assert main(["topics", "clean", "--namespace", s.namespace, "--yes"]) == 0
+
+
+def test_group_committed_reads_the_workers_commit_from_the_broker(make_settings):
+    """What the input-gap check asks the broker when Faust does not know a partition's commit yet."""
+    from clickpulse.app import group_committed
+    s = make_settings()
+    assert asyncio.run(group_committed(s, s.topic_raw, 0)) is None       # nothing committed yet
+
+    async def commit() -> None:
+        c = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, group_id=s.app_id, enable_auto_commit=False)
+        await c.start()
+        try:
+            c.assign([TopicPartition(s.topic_raw, 0)])
+            await c.commit({TopicPartition(s.topic_raw, 0): 0})
+        finally:
+            await c.stop()
+    asyncio.run(commit())
+    assert asyncio.run(group_committed(s, s.topic_raw, 0)) == 0
+    assert asyncio.run(group_committed(s, s.topic_raw, 1)) is None

@@ -275,23 +275,32 @@ def test_three_workers_one_joins_one_killed_mid_replay(make_settings, workers, t
     print(f"\nafter the join: {[sorted(owned(w)) for w in sup.live()]}")
     # SIGKILL one of the first two that holds partitions, while it processes the second part
     # (within its 1 s commit interval: its successor re-processes what it had not committed)
-    victim = next(i for i in (0, 1) if owned(sup.slots[i]))
-    held = owned(sup.slots[victim])
-    base = processed([sup.slots[victim]])
+    # The victim: the first of the two that holds partitions and has processed 100 events of the
+    # second part. A worker restarted meanwhile (exit 75) counts from its own start (a run once
+    # waited 300 s on a victim whose restarted process could not reach the old one's count).
+    before_second = {i: (sup.slots[i], processed([sup.slots[i]])) for i in (0, 1)}
     results: list[int] = []
     t = threading.Thread(target=lambda: results.append(replay(thirds[1])))
     t.start()
 
-    def victim_progressed() -> int:
+    def victim_progressed() -> tuple[int, set[int], int, int] | None:
         sup.check()
-        n = processed([sup.slots[victim]])
-        return n >= base + 100 and n
-    at_kill = wait_for(victim_progressed, 300, "the victim to process part of the second part", poll_s=0.02)
+        for i in (0, 1):
+            w = sup.slots[i]
+            held_now = owned(w)
+            if not held_now:
+                continue
+            n, base_i = processed([w]), before_second[i][1] if before_second[i][0] is w else 0
+            if n >= base_i + 100:
+                return i, held_now, n, base_i
+        return None
+    victim, held, at_kill, base = wait_for(victim_progressed, 300, "one of the first two workers to process part "
+                                           "of the second part", poll_s=0.02)
     sup.kill(victim)
     t.join(300)
     assert results == [len(thirds[1])]
-    print(f"SIGKILLed the worker holding partitions {sorted(held)} after it processed {at_kill - base} events of "
-          f"the second part ({at_kill} in all)")
+    print(f"SIGKILLed worker {victim} holding partitions {sorted(held)} after it processed {at_kill - base} events "
+          f"of the second part ({at_kill} in all)")
     assert replay(thirds[2]) == len(thirds[2])
     end_of_input(s)
 

@@ -91,3 +91,37 @@ def test_input_gaps_a_rebalance_keeps_what_was_seen(tmp_path):
     gaps.reset()
     assert gaps.see(msg(2, 45)) is False
     assert m.input_gaps.labels("t")._value.get() == 1
+
+
+def test_input_gaps_ask_the_broker_when_the_commit_is_not_known_yet(tmp_path):
+    """The false alarm of a three-worker run: a newly assigned partition's first record (the
+    group's commit, 1551) reached the agent before Faust knew the committed offset; judged
+    against the saved position + 1 (1190) alone it looked like a hole of 361 records."""
+    import asyncio
+
+    from clickpulse.app import InputGaps
+    m = Metrics(CollectorRegistry())
+    msg = lambda p, o: SimpleNamespace(topic="t", partition=p, offset=o)  # noqa: E731
+    broker = {2: 1551}
+
+    async def fetch(topic, p):
+        return broker.get(p)
+    gaps = InputGaps(m, lambda topic, p: None, str(tmp_path), lambda topic, p: 1189, fetch_committed=fetch)
+    assert gaps.see(msg(2, 1551)) is None                    # not judged yet
+    assert asyncio.run(gaps.confirm(msg(2, 1551))) is True   # the broker's commit is the start
+    assert gaps.see(msg(2, 1552)) is True and m.input_gaps.labels("t")._value.get() == 0
+    # a real hole beyond the broker's commit is still caught
+    broker[2] = 1552
+    gaps.reset()
+    gaps.next[("t", 2)] = 1190                               # (as if nothing were seen since)
+    assert gaps.see(msg(2, 1600)) is None
+    assert asyncio.run(gaps.confirm(msg(2, 1600))) is False and m.input_gaps.labels("t")._value.get() == 1
+
+    async def down(topic, p):
+        raise OSError("broker unreachable")
+    other = InputGaps(m, lambda topic, p: None, str(tmp_path / "o"), lambda topic, p: 10, fetch_committed=down)
+    assert other.see(msg(0, 20)) is None
+    assert asyncio.run(other.confirm(msg(0, 20))) is False   # judged as before: a gap
+    # with the commit known the answer is immediate (no broker round trip)
+    known = InputGaps(m, lambda topic, p: 20, str(tmp_path / "k"), lambda topic, p: 10, fetch_committed=down)
+    assert known.see(msg(0, 20)) is True
