@@ -151,6 +151,7 @@ class InputGaps:
         self.marks = Path(data_dir) / "input-gaps"
         self.next: dict[tuple[str, int], int] = {}  # partition -> the offset after the last one seen
         self.checked: set[tuple[str, int]] = set()  # partitions whose first message since a rebalance came
+        self.bounds: dict[tuple[str, int], str] = {}  # what the first message since a rebalance was judged on
 
     def reset(self) -> None:
         """A rebalance: the next message of each partition is checked against its start again."""
@@ -164,6 +165,7 @@ class InputGaps:
         nxt = self.next.get(key)
         if key not in self.checked:  # the first message of this partition: where must it be at most?
             self.checked.add(key)
+            last = None if nxt is None else nxt - 1
             starts = [] if nxt is None else [nxt]
             c = self.committed(msg.topic, msg.partition)
             if isinstance(c, int) and c >= 0:
@@ -172,6 +174,7 @@ class InputGaps:
             if isinstance(pos, int):
                 starts.append(pos + 1)  # what the saved state holds needs no reading
             nxt = self.next[key] = max(starts) if starts else msg.offset
+            self.bounds[key] = f"committed {c}, saved {pos}, last seen {last}, first {msg.offset}"
             if msg.offset > nxt and not (isinstance(c, int) and c >= 0) and self.fetch_committed is not None:
                 return None
         return self._judge(msg, key, nxt)
@@ -202,8 +205,9 @@ class InputGaps:
                             "hole in the log", msg.topic, msg.partition, nxt, msg.offset - 1)
             else:
                 log.error("input gap: %s[%d] offsets %d-%d never reached this worker (the consumer skipped them); "
-                          "the next message is %d: exiting before it is acknowledged, so that they are read again",
-                          msg.topic, msg.partition, nxt, msg.offset - 1, msg.offset)
+                          "the next message is %d: exiting before it is acknowledged, so that they are read again "
+                          "(since the last rebalance: %s)",
+                          msg.topic, msg.partition, nxt, msg.offset - 1, msg.offset, self.bounds.get(key, "-"))
                 try:
                     self.marks.mkdir(parents=True, exist_ok=True)
                     mark.touch()
