@@ -34,7 +34,7 @@ from clickpulse.events.contract import parse
 from clickpulse.events.schemas import validation_errors
 from clickpulse.ingest.datasets import BUNDLED_SAMPLE, read_rees46
 from clickpulse.ingest.replay import messages, publish
-from clickpulse.runtime import WorkerProcess, free_port, lag, read_topic
+from clickpulse.runtime import WorkerProcess, committed_offsets, end_offsets, free_port, lag, read_topic
 from clickpulse.state.user import UserState
 from clickpulse.testing import memory_engine
 from tests.integration.conftest import end_of_input, produce, topic_values, wait_for
@@ -52,6 +52,18 @@ def owned(w) -> set[int] | None:
     if not found:
         return None
     return {int(p) for p in found[-1].replace(b" ", b"").split(b",") if p}
+
+
+async def partition_lag(s) -> dict[str, tuple[int, int | None]]:
+    """``{"<topic suffix>[<p>]": (end, committed)}`` of the input partitions not fully committed."""
+    committed = await committed_offsets(s.kafka_bootstrap, s.app_id)
+    out = {}
+    for topic in (s.topic_raw, s.topic_valid):
+        for p, end in (await end_offsets(s.kafka_bootstrap, topic)).items():
+            c = committed.get((topic, p))
+            if c is None or c < end:
+                out[f"{topic.rsplit('.', 1)[-1]}[{p}]"] = (end, c)
+    return out
 
 
 def another(s, tmp_path: Path, i: int):
@@ -306,9 +318,15 @@ def test_three_workers_one_joins_one_killed_mid_replay(make_settings, workers, t
 
     confirmations = [0]
 
+    next_report = [time.monotonic() + 60]
+
     def caught_up() -> bool:  # the group's lag on the raw and valid topics is 0, twice 1 s apart
         sup.check()
         confirmations[0] = confirmations[0] + 1 if sum(asyncio.run(lag(s)).values()) == 0 else 0
+        if confirmations[0] == 0 and time.monotonic() > next_report[0]:  # which partitions, held by whom
+            next_report[0] = time.monotonic() + 60
+            print(f"still waiting {time.monotonic() - t_wait:.0f} s: {asyncio.run(partition_lag(s))}; held: "
+                  f"{[sorted(owned(w) or ()) for w in sup.live()]}")
         return confirmations[0] >= 2
     t_wait = time.monotonic()
     wait_for(caught_up, 900, "the two surviving workers to commit every input message", poll_s=1.0)
