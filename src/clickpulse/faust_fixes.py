@@ -25,8 +25,15 @@ C. A stream skips a message that waited in its buffer while the consumer generat
    it. A partition that stays with the worker is not rewound, so the record is lost; the next
    record of the partition shows the hole (the input-gap check, docs/delivery.md), but the skipped
    offset may already be committed by then, and a skipped *last* record shows nothing at all.
+D. After the seek that ends a rebalance, a record fetched before it and delivered after it makes
+   Faust record a *gap* from the committed offset to that record (``_add_gap``); those offsets are
+   then read and acknowledged again, so the acknowledged list holds each twice, and
+   ``Consumer._new_offset`` — which commits up to the end of the first run of consecutive
+   offsets — advances **one offset per commit** (one per second): a partition's commit crawled
+   for 2.5–4 minutes after a restart or rebalance while the worker was idle (found by a review
+   that logged Faust's internals; the "commits stall after a restart" of docs/delivery.md).
 
-:func:`install` patches the three, in clickpulse's own process only (the installed packages are not
+:func:`install` patches all four, in clickpulse's own process only (the installed packages are not
 changed): the fetch returns nothing when the active set is empty and reads it through a view
 that is never falsy (:class:`LiveActive`: a copy would not do — a partition Faust pauses while the
 fetch waits would be drained and then dropped, which a test run showed as input gaps) (A);
@@ -37,7 +44,8 @@ Reading again is what a rewind to a committed offset already does; clickpulse's 
 what its state already holds (:meth:`clickpulse.engine.Engine.redelivered`). ``Consumer.ack``
 leaves a message no stream tracked, on an acking topic, unacknowledged (a WARNING): Faust's
 commits stop below it and the input-gap check or the stall watchdog restarts the worker, which
-reads it again (C).
+reads it again (C). ``Consumer._new_offset`` works on the acknowledged offsets without
+duplicates, so a commit covers the whole run acknowledged (D).
 
 The stall watchdog stays as the backstop for any other cause. :func:`install` refuses (returns
 ``False`` and logs why) when the patched methods are not the ones it was written against.
@@ -101,6 +109,32 @@ def _refuse_untracked_ack(orig: Any) -> Any:
     return ack
 
 
+def _dedupe(acked: list[int]) -> bool:
+    """Make ``acked`` sorted and free of duplicates, in place; True when it had duplicates."""
+    uniq = sorted(set(acked))
+    if len(uniq) == len(acked):
+        return False
+    acked[:] = uniq
+    return True
+
+
+def _whole_runs(orig: Any) -> Any:
+    """Wrap ``Consumer._new_offset`` (fix D, see :func:`install`)."""
+
+    def _new_offset(self: Any, tp: Any) -> int | None:
+        acked = self._acked[tp]
+        _dedupe(acked)
+        offset = orig(self, tp)  # adds the recorded gap ranges to ``acked``: duplicates, maybe
+        if offset is not None and acked and _dedupe(acked):
+            again = orig(self, tp)
+            if again is not None and again > offset:
+                return int(again)
+        return None if offset is None else int(offset)
+
+    _new_offset._clickpulse_original = orig  # type: ignore[attr-defined]
+    return _new_offset
+
+
 async def _seek_to_committed_in_thread(thread: Any) -> Mapping[Any, int | None]:
     """Runs in the consumer thread: aiokafka's seek to the committed offsets, plus the partitions
     it leaves where they are (committed at 0, or never committed). Returns the committed offsets
@@ -148,10 +182,12 @@ def install() -> bool:
 
     from faust.transport.consumer import Consumer
     ack = getattr(Consumer.ack, "_clickpulse_original", Consumer.ack)
+    new_offset = getattr(Consumer._new_offset, "_clickpulse_original", Consumer._new_offset)
 
     cls._clickpulse_original_fetch = fetch
     cls._fetch_records = _fetch_records
     cls.seek_to_committed = _seek_to_committed
     Consumer.ack = _refuse_untracked_ack(ack)
+    Consumer._new_offset = _whole_runs(new_offset)
     setattr(cls, _INSTALLED, True)
     return True

@@ -130,3 +130,26 @@ def test_a_message_no_stream_tracked_is_not_acknowledged(caplog):
     assert ack(consumer, taken) is True and calls == [411]
     untracked_elsewhere = SimpleNamespace(topic="nack", partition=0, offset=1, tracked=False)
     assert ack(consumer, untracked_elsewhere) is True and calls == [411, 1]
+
+
+def test_a_commit_covers_the_whole_acknowledged_run_despite_duplicates():
+    """Fix D: Faust's gap ranges plus the same offsets acknowledged again made its acknowledged
+    list hold each offset twice; the commit then advanced one offset per commit interval (a
+    review saw a partition's commit crawl 287 -> 487 over minutes)."""
+    from faust.transport.consumer import Consumer
+    from intervaltree import IntervalTree
+    faust_fixes.install()
+
+    def consumer():
+        gap = IntervalTree()
+        gap.addi(268, 435)                                    # _add_gap(268, 434): a false gap
+        return SimpleNamespace(_acked={RAW0: list(range(268, 300)) + [435, 436]}, _gap={RAW0: gap},
+                               _committed_offset={RAW0: 267}, _acked_index={RAW0: set(range(268, 300))})
+    c = consumer()
+    assert Consumer._new_offset(c, RAW0) == 437
+    # negative control: Faust's own method on the same input advances by one
+    assert Consumer._new_offset._clickpulse_original(consumer(), RAW0) == 269
+    # no duplicates, no gap: unchanged behaviour (the first run of consecutive offsets)
+    plain = SimpleNamespace(_acked={RAW0: [5, 6, 7, 9]}, _gap={RAW0: IntervalTree()}, _committed_offset={RAW0: 4},
+                            _acked_index={RAW0: {5, 6, 7, 9}})
+    assert Consumer._new_offset(plain, RAW0) == 8 and plain._acked[RAW0] == [9]

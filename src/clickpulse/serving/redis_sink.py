@@ -320,8 +320,9 @@ class ProfileRefill:
                 keys[p].append(k)
         n_users = sum(len(v) for v in keys.values())
         if n_users:
-            log.warning("redis lost the profiles of partitions %s (sentinel missing): refilling %d users at "
-                        "<= %.0f/s", todo, n_users, self.rate_per_s)
+            log.warning("redis has no profile sentinel for partitions %s (Redis lost its data, or a new namespace "
+                        "had events before this first check): rewriting %d users' profiles at <= %.0f/s",
+                        todo, n_users, self.rate_per_s)
         else:  # a new namespace (or no user yet): nothing was lost, one line at INFO
             log.info("redis profiles of partitions %s: no sentinel and no user yet (a new namespace); "
                      "sentinels written", todo)
