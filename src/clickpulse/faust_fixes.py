@@ -32,8 +32,13 @@ D. After the seek that ends a rebalance, a record fetched before it and delivere
    offsets — advances **one offset per commit** (one per second): a partition's commit crawled
    for 2.5–4 minutes after a restart or rebalance while the worker was idle (found by a review
    that logged Faust's internals; the "commits stall after a restart" of docs/delivery.md).
+E. Faust filters the records a fetch returned against its live set of active partitions *again*
+   after the fetch: a partition that left the set in between (its ``clear()``/``update()``
+   when the set is rebuilt, a pause) loses the records aiokafka already handed over, and nothing
+   rewinds it — a restarted single worker stalled with its last record (an end-of-input control)
+   fetched (aiokafka at the log end) and never delivered, in a clean-clone CI run.
 
-:func:`install` patches all four, in clickpulse's own process only (the installed packages are not
+:func:`install` patches all five, in clickpulse's own process only (the installed packages are not
 changed): the fetch returns nothing when the active set is empty and reads it through a view
 that is never falsy (:class:`LiveActive`: a copy would not do — a partition Faust pauses while the
 fetch waits would be drained and then dropped, which a test run showed as input gaps) (A);
@@ -45,7 +50,9 @@ what its state already holds (:meth:`clickpulse.engine.Engine.redelivered`). ``C
 leaves a message no stream tracked, on an acking topic, unacknowledged (a WARNING): Faust's
 commits stop below it and the input-gap check or the stall watchdog restarts the worker, which
 reads it again (C). ``Consumer._new_offset`` works on the acknowledged offsets without
-duplicates, so a commit covers the whole run acknowledged (D).
+duplicates, so a commit covers the whole run acknowledged (D). The records a fetch returned
+are delivered whatever became of the active set since (stale ones are still discarded by
+Faust's generation and flow checks, which C and B make safe) (E).
 
 The stall watchdog stays as the backstop for any other cause. :func:`install` refuses (returns
 ``False`` and logs why) when the patched methods are not the ones it was written against.
@@ -107,6 +114,19 @@ def _refuse_untracked_ack(orig: Any) -> Any:
 
     ack._clickpulse_original = orig  # type: ignore[attr-defined]
     return ack
+
+
+def _keep_drained(orig: Any) -> Any:
+    """Wrap ``Consumer._wait_next_records`` (fix E, see :func:`install`)."""
+
+    async def _wait_next_records(self: Any, timeout: float) -> Any:
+        records, active = await orig(self, timeout)
+        if records and active is not None:  # drained while active: delivered, not dropped
+            active = frozenset(active) | frozenset(records)
+        return records, active
+
+    _wait_next_records._clickpulse_original = orig  # type: ignore[attr-defined]
+    return _wait_next_records
 
 
 def _dedupe(acked: list[int]) -> bool:
@@ -183,11 +203,13 @@ def install() -> bool:
     from faust.transport.consumer import Consumer
     ack = getattr(Consumer.ack, "_clickpulse_original", Consumer.ack)
     new_offset = getattr(Consumer._new_offset, "_clickpulse_original", Consumer._new_offset)
+    wait_next = getattr(Consumer._wait_next_records, "_clickpulse_original", Consumer._wait_next_records)
 
     cls._clickpulse_original_fetch = fetch
     cls._fetch_records = _fetch_records
     cls.seek_to_committed = _seek_to_committed
     Consumer.ack = _refuse_untracked_ack(ack)
     Consumer._new_offset = _whole_runs(new_offset)
+    Consumer._wait_next_records = _keep_drained(wait_next)
     setattr(cls, _INSTALLED, True)
     return True

@@ -153,3 +153,22 @@ def test_a_commit_covers_the_whole_acknowledged_run_despite_duplicates():
     plain = SimpleNamespace(_acked={RAW0: [5, 6, 7, 9]}, _gap={RAW0: IntervalTree()}, _committed_offset={RAW0: 4},
                             _acked_index={RAW0: {5, 6, 7, 9}})
     assert Consumer._new_offset(plain, RAW0) == 8 and plain._acked[RAW0] == [9]
+
+
+def test_records_a_fetch_returned_are_not_filtered_out_afterwards():
+    """Fix E: Faust filtered the fetched records against its live active set again; a partition
+    that left it meanwhile lost records aiokafka had handed over (a single worker stalled in CI)."""
+    from faust.transport.consumer import Consumer
+    faust_fixes.install()
+    live = {RAW0}
+
+    async def orig(self, timeout):
+        return {RAW0: ["a"], RAW1: ["b"]}, live                # RAW1 was active when drained
+    wrapped = faust_fixes._keep_drained(orig)
+    records, active = asyncio.run(wrapped(None, 1.0))
+    assert RAW1 in active and RAW0 in active and active is not live
+    assert Consumer._wait_next_records._clickpulse_original is not None
+
+    async def nothing(self, timeout):
+        return {}, live
+    assert asyncio.run(faust_fixes._keep_drained(nothing)(None, 1.0))[1] is live
