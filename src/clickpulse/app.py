@@ -139,7 +139,11 @@ class InputGaps:
     :meth:`confirm`, which asks the broker for the group's committed offset (``fetch_committed``)
     — a three-worker run exited 75 three times on such a false alarm (the saved position 1189,
     the commit 1551: the records between were duplicates skipped as already applied), and the
-    third time took the "hole" as real."""
+    third time took the "hole" as real. The same holds when nothing else bounds the first message
+    (the raw topic has no saved position; nothing seen yet): it is judged against the broker's
+    commit, not taken as the start — a restarted worker whose first raw[0] record was 1275 while
+    the commit was 508 took 1275 as the start and lost 767 records unnoticed. Only with no commit
+    at all (a new group) or no broker to ask is the first message the start."""
 
     def __init__(self, metrics: Metrics, committed: Any, data_dir: str, saved: Any = None,
                  fetch_committed: Any = None) -> None:
@@ -152,6 +156,8 @@ class InputGaps:
         self.next: dict[tuple[str, int], int] = {}  # partition -> the offset after the last one seen
         self.checked: set[tuple[str, int]] = set()  # partitions whose first message since a rebalance came
         self.bounds: dict[tuple[str, int], str] = {}  # what the first message since a rebalance was judged on
+        #: partitions whose first message awaits :meth:`confirm` -> the bound known without the broker
+        self.floor: dict[tuple[str, int], int | None] = {}
 
     def reset(self) -> None:
         """A rebalance: the next message of each partition is checked against its start again."""
@@ -173,9 +179,12 @@ class InputGaps:
             pos = None if self.saved is None else self.saved(msg.topic, msg.partition)
             if isinstance(pos, int):
                 starts.append(pos + 1)  # what the saved state holds needs no reading
-            nxt = self.next[key] = max(starts) if starts else msg.offset
+            floor = max(starts) if starts else None
+            nxt = self.next[key] = msg.offset if floor is None else floor
             self.bounds[key] = f"committed {c}, saved {pos}, last seen {last}, first {msg.offset}"
-            if msg.offset > nxt and not (isinstance(c, int) and c >= 0) and self.fetch_committed is not None:
+            if (not (isinstance(c, int) and c >= 0) and self.fetch_committed is not None
+                    and (floor is None or msg.offset > floor)):
+                self.floor[key] = floor
                 return None
         return self._judge(msg, key, nxt)
 
@@ -189,11 +198,12 @@ class InputGaps:
             log.warning("input gap check: committed offset of %s[%d] not fetched (%s: %s)",
                         msg.topic, msg.partition, type(err).__name__, err)
             c = None
-        nxt = self.next[key]
-        if isinstance(c, int) and c > nxt:
-            log.info("input gap check: %s[%d] starts at the group's committed offset %d (beyond the saved "
-                     "position), fetched from the broker", msg.topic, msg.partition, c)
-            nxt = self.next[key] = c
+        floor = self.floor.pop(key, None)
+        if isinstance(c, int) and c >= 0 and (floor is None or c > floor):
+            log.info("input gap check: %s[%d] starts at the group's committed offset %d (fetched from the "
+                     "broker; the other bounds: %s)", msg.topic, msg.partition, c, floor)
+            floor = c
+        nxt = self.next[key] = msg.offset if floor is None else floor
         return self._judge(msg, key, nxt)
 
     def _judge(self, msg: Any, key: tuple[str, int], nxt: int) -> bool:

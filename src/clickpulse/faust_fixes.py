@@ -1,13 +1,13 @@
 """Fixes to faust-streaming 0.15 / aiokafka 0.14 that lose input records around a rebalance.
 
-What was seen (docs/operations.md, "Stall watchdog"): after a rebalance a worker keeps input
-partitions that were **never committed** in its consumer group; aiokafka's position on them
-reaches the log end (every record fetched) while Faust's agent receives none of them and nothing
-is ever committed. The stall watchdog caught it in about 4 of 10 three-worker test runs and
-restarted the worker (exit 75).
+What was seen (docs/operations.md, "Stall watchdog"): after a restart or a rebalance a worker's
+aiokafka position on an input partition reaches the log end (the records were fetched) while
+Faust's agent receives none of them and nothing is committed, or a partition shows a hole of one
+record (the input-gap check, docs/delivery.md). The stall watchdog and the gap check caught these
+and restarted the worker (exit 75).
 
-The defects (read in the installed sources; A and B combine, described upstream in
-robinhood/faust PR #69 and aio-libs/aiokafka#1003):
+The defects (read in the installed sources; A and B are described upstream in robinhood/faust
+PR #69 and aio-libs/aiokafka#1003):
 
 A. Faust hands aiokafka's ``Fetcher.fetched_records`` its **live** set of active partitions
    (``AIOKafkaConsumerThread._fetch_records``), which the rebalance empties in place while the
@@ -23,47 +23,127 @@ C. A stream skips a message that waited in its buffer while the consumer generat
    rebalance) or flow stopped — and *acknowledges* it (``faust/streams.py``: the skip path
    acks "so that the lag does not grow"), so its offset can be committed although no agent saw
    it. A partition that stays with the worker is not rewound, so the record is lost; the next
-   record of the partition shows the hole (the input-gap check, docs/delivery.md), but the skipped
-   offset may already be committed by then, and a skipped *last* record shows nothing at all.
+   record of the partition shows the hole, but the skipped offset may already be committed by
+   then, and a skipped *last* record shows nothing at all.
 D. After the seek that ends a rebalance, a record fetched before it and delivered after it makes
    Faust record a *gap* from the committed offset to that record (``_add_gap``); those offsets are
    then read and acknowledged again, so the acknowledged list holds each twice, and
    ``Consumer._new_offset`` — which commits up to the end of the first run of consecutive
    offsets — advances **one offset per commit** (one per second): a partition's commit crawled
-   for 2.5–4 minutes after a restart or rebalance while the worker was idle (found by a review
-   that logged Faust's internals; the "commits stall after a restart" of docs/delivery.md).
-E. Faust filters the records a fetch returned against its live set of active partitions *again*
-   after the fetch: a partition that left the set in between (its ``clear()``/``update()``
-   when the set is rebuilt, a pause) loses the records aiokafka already handed over, and nothing
-   rewinds it — a restarted single worker stalled with its last record (an end-of-input control)
-   fetched (aiokafka at the log end) and never delivered, in a clean-clone CI run.
+   for 2.5–4 minutes after a restart or rebalance while the worker was idle.
+F. Recovery ends (``faust/tables/recovery.py``, ``Recovery.on_recovery_completed``) by resuming the
+   stream partitions, seeking them to the committed offsets, and *then* calling
+   ``app.flow_control.resume()`` — although flow was already resumed when the changelogs began to
+   be read. mode's ``FlowControlEvent.resume`` **clears every stream's queue**: a record fetched
+   after the seek and put on a stream's queue before that call is thrown away, while Faust's read
+   offset and aiokafka's position have moved past it. Nothing rewinds it. A single restarted
+   worker in a clean-clone CI run lost that way the one record a test published as soon as the
+   worker said it was ready (aiokafka at the log end, Faust's read offset there, nothing
+   acknowledged, the stall watchdog exited 75 after 185 s); a record lost in the middle of a
+   partition is an input gap.
 
-:func:`install` patches C and D, in clickpulse's own process only (the installed packages are not
-changed): ``Consumer.ack`` leaves a message no stream tracked, on an acking topic,
-unacknowledged (a WARNING): Faust's commits stop below it and the input-gap check or the stall
-watchdog restarts the worker, which reads it again (C). ``Consumer._new_offset`` works on the
-acknowledged offsets without duplicates, so a commit covers the whole run acknowledged (D).
+:func:`install` patches all five, in clickpulse's own process only (the installed packages are
+not changed):
 
-A, B and E are **not** patched. Patches for them (a never-falsy live view of the active set for
-the fetch, a rewind of never-committed partitions to their beginning in ``seek_to_committed``,
-delivering every record a fetch returned) removed the stalls from 23 three-worker runs (4 in 8
-without them), but with them a restarted single worker twice in three clean-clone CI runs never
-received a record fetched right after its start (aiokafka at the log end, Faust's read offset at
-the commit, nothing acknowledged) — a regression whose path was not found in the time left, so
-they were taken out; the stall watchdog turns those stalls into a restart again.
+- A: the fetch is handed a view of the live set that follows it but is never falsy
+  (:class:`LiveActive`), and an empty set fetches nothing.
+- B: ``seek_to_committed`` also seeks the input partitions aiokafka leaves where they are: to 0
+  when committed at 0, to their beginning when never committed (clickpulse's
+  ``auto_offset_reset`` is ``earliest``). Changelog partitions are left to recovery.
+- C: ``Consumer.ack`` leaves a message no stream tracked, on an acking topic, unacknowledged (a
+  WARNING): Faust's commits stop below it and the consumer's rewind, the input-gap check or the
+  stall watchdog has it read again.
+- D: ``Consumer._new_offset`` works on the acknowledged offsets without duplicates, so a commit
+  covers the whole run acknowledged.
+- F: ``FlowControlEvent.resume`` clears the queues only when flow was *suspended* (what they hold
+  then is from before the rebalance, and the seek that follows re-reads it); resuming a flow that
+  is already running keeps them. A stale message left in a queue is still skipped by the stream
+  (its consumer generation differs) and, by C, not acknowledged.
 
-The stall watchdog stays as the backstop for any other cause. :func:`install` refuses (returns
-``False`` and logs why) when the patched methods are not the ones it was written against.
+An earlier attempt also delivered every record a fetch returned, even for a partition that left
+the active set meanwhile (E); it made more records reach the queues before F's clear and was
+dropped. The stall watchdog and the gap check stay as the backstop for any other cause.
+:func:`install` refuses (returns ``False`` and logs why) when the patched methods are not the ones
+it was written against.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Set
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 _INSTALLED = "_clickpulse_fixed"
+
+
+class LiveActive(Set[Any]):
+    """Faust's live set of active partitions as aiokafka's fetch reads it (fix A): membership
+    follows the live set (a partition paused while the fetch waits — a rebalance, or Faust's
+    per-partition backpressure — is no longer drained), but it is never falsy, so an emptied set
+    means *no* partition instead of aiokafka's *every* partition.
+
+    >>> live = {"a"}
+    >>> view = LiveActive(live)
+    >>> live.clear()
+    >>> bool(view), "a" in view, len(view)
+    (True, False, 0)
+    """
+
+    __slots__ = ("_live",)
+
+    def __init__(self, live: Set[Any]) -> None:
+        self._live = live
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._live
+
+    def __iter__(self) -> Any:
+        return iter(list(self._live))
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def __bool__(self) -> bool:
+        return True
+
+
+def _fetch_live(orig: Any) -> Any:
+    """Wrap ``AIOKafkaConsumerThread._fetch_records`` (fix A)."""
+
+    async def _fetch_records(self: Any, consumer: Any, active_partitions: Set[Any],
+                             timeout: float | None = None, max_records: int | None = None) -> Any:
+        if not active_partitions:  # to aiokafka an empty set means every partition
+            return {}
+        return await orig(self, consumer, LiveActive(active_partitions), timeout=timeout, max_records=max_records)
+
+    _fetch_records._clickpulse_original = orig  # type: ignore[attr-defined]
+    return _fetch_records
+
+
+async def _seek_to_committed_in_thread(thread: Any) -> Mapping[Any, int | None]:
+    """Runs in the consumer thread (fix B): aiokafka's seek to the committed offsets, plus the
+    input partitions it leaves where they are (committed at 0, or never committed). Returns the
+    committed offsets (``{TopicPartition: offset or None}``), as aiokafka's does."""
+    consumer = thread._ensure_consumer()
+    committed: Mapping[Any, int | None] = await consumer.seek_to_committed()  # seeks offsets > 0 only
+    changelogs: Set[str] = thread.app.tables.changelog_topics
+    fresh = []
+    for tp, off in committed.items():
+        if tp.topic in changelogs:
+            continue
+        if off == 0:
+            consumer.seek(tp, 0)
+        elif off is None:
+            fresh.append(tp)
+    if fresh:
+        await consumer.seek_to_beginning(*fresh)
+    return committed
+
+
+async def _seek_to_committed(self: Any) -> Mapping[Any, int | None]:
+    return await self.call_thread(_seek_to_committed_in_thread, self)
 
 
 def _refuse_untracked_ack(orig: Any) -> Any:
@@ -108,18 +188,47 @@ def _whole_runs(orig: Any) -> Any:
     return _new_offset
 
 
-def install() -> bool:
-    """Patch :class:`faust.transport.consumer.Consumer` with fixes C and D (idempotent).
-    Returns ``True`` when they are in place, ``False`` (with a WARNING) when this Faust does not
-    have the methods they replace."""
-    from faust.transport.consumer import Consumer
+def _resume_keeping_live_queues(orig: Any) -> Any:
+    """Wrap ``mode.utils.queues.FlowControlEvent.resume`` (fix F): the queues are cleared only
+    when flow was suspended."""
 
+    def resume(self: Any) -> None:
+        if not self._suspend.is_set():  # already flowing: the queues hold live records
+            self._resume.set()
+            return
+        orig(self)
+
+    resume._clickpulse_original = orig  # type: ignore[attr-defined]
+    return resume
+
+
+def _original(fn: Any) -> Any:
+    return getattr(fn, "_clickpulse_original", fn)
+
+
+def install() -> bool:
+    """Patch Faust's aiokafka consumer thread (A, B), :class:`faust.transport.consumer.Consumer`
+    (C, D) and mode's ``FlowControlEvent`` (F); idempotent. Returns ``True`` when they are in
+    place, ``False`` (with a WARNING, nothing patched) when this Faust or mode does not have the
+    methods they replace."""
+    from faust.transport.consumer import Consumer
+    from faust.transport.drivers import aiokafka as driver
+    from mode.utils.queues import FlowControlEvent
+
+    thread = driver.AIOKafkaConsumerThread
     if getattr(Consumer, _INSTALLED, False):
         return True
-    if not hasattr(Consumer, "ack") or not hasattr(Consumer, "_new_offset"):
-        log.warning("this faust's Consumer has no ack/_new_offset; the rebalance fixes are not installed")
+    needed = {thread: ("_fetch_records", "seek_to_committed", "call_thread"), Consumer: ("ack", "_new_offset"),
+              FlowControlEvent: ("resume",)}
+    missing = [f"{cls.__name__}.{name}" for cls, names in needed.items() for name in names if not hasattr(cls, name)]
+    if missing or not hasattr(FlowControlEvent(), "_suspend"):
+        log.warning("this faust/mode lacks %s; the rebalance fixes are not installed",
+                    ", ".join(missing) or "FlowControlEvent._suspend")
         return False
-    Consumer.ack = _refuse_untracked_ack(getattr(Consumer.ack, "_clickpulse_original", Consumer.ack))
-    Consumer._new_offset = _whole_runs(getattr(Consumer._new_offset, "_clickpulse_original", Consumer._new_offset))
+    thread._fetch_records = _fetch_live(_original(thread._fetch_records))
+    thread.seek_to_committed = _seek_to_committed
+    Consumer.ack = _refuse_untracked_ack(_original(Consumer.ack))
+    Consumer._new_offset = _whole_runs(_original(Consumer._new_offset))
+    FlowControlEvent.resume = _resume_keeping_live_queues(_original(FlowControlEvent.resume))
     setattr(Consumer, _INSTALLED, True)
     return True

@@ -1,11 +1,14 @@
-"""clickpulse.faust_fixes: the two rebalance fixes to faust-streaming / aiokafka, checked on the
-real patched class with fake aiokafka objects (no broker)."""
+"""clickpulse.faust_fixes: the rebalance fixes to faust-streaming / aiokafka / mode, checked on the
+real patched classes with fake aiokafka objects (no broker), each beside a negative control."""
 
 from __future__ import annotations
 
+import asyncio
 from types import SimpleNamespace
 
 from aiokafka import TopicPartition
+from faust.transport.drivers import aiokafka as driver
+from mode.utils.queues import FlowControlEvent, FlowControlQueue
 
 from clickpulse import faust_fixes
 
@@ -21,8 +24,10 @@ def test_the_worker_app_installs_the_fixes(tmp_path):
     setattr(Consumer, faust_fixes._INSTALLED, False)
     _app(Settings(data_dir=str(tmp_path)))
     assert getattr(Consumer, faust_fixes._INSTALLED) is True
-    ack = Consumer.ack
-    assert faust_fixes.install() is True and Consumer.ack is ack          # idempotent
+    ack, fetch, resume = Consumer.ack, driver.AIOKafkaConsumerThread._fetch_records, FlowControlEvent.resume
+    assert faust_fixes.install() is True                                   # idempotent
+    assert (Consumer.ack, driver.AIOKafkaConsumerThread._fetch_records, FlowControlEvent.resume) == (ack, fetch, resume)
+    assert driver.AIOKafkaConsumerThread.seek_to_committed is faust_fixes._seek_to_committed
 
 
 def test_a_message_no_stream_tracked_is_not_acknowledged(caplog):
@@ -66,3 +71,112 @@ def test_a_commit_covers_the_whole_acknowledged_run_despite_duplicates():
     assert Consumer._new_offset(plain, RAW0) == 8 and plain._acked[RAW0] == [9]
 
 
+
+
+class FakeFetcher:
+    _closed = False
+
+    def __init__(self, on_fetch=None):
+        self.asked: list = []
+        self.on_fetch = on_fetch
+        self._subscriptions = SimpleNamespace(fetch_context=lambda: _Null())
+
+    async def fetched_records(self, partitions, timeout=None, max_records=None):
+        self.asked.append(partitions)
+        if self.on_fetch:
+            self.on_fetch()         # the rebalance pauses partitions while the fetch waits
+        buffered = [RAW0, RAW1, RAW2, RAW3]  # aiokafka's loop over its fetched partitions
+        return {tp: ["record"] for tp in buffered if not (partitions and tp not in partitions)}
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _fetch(active: set, fetcher: FakeFetcher, fn=None):
+    consumer = SimpleNamespace(_fetcher=fetcher, _closed=False)
+    fn = fn or driver.AIOKafkaConsumerThread._fetch_records
+    thread = SimpleNamespace(consumer=SimpleNamespace(flow_active=True))
+    return asyncio.run(fn(thread, consumer, active, timeout=1.0))
+
+
+def test_the_fetch_follows_the_live_set_and_an_emptied_one_drains_nothing():
+    """Fix A. Emptied while the fetch waits (a rebalance pauses every partition): nothing is
+    drained. One partition paused while it waits (Faust's backpressure): that one is not drained."""
+    faust_fixes.install()
+    active = {RAW0, RAW1}
+    assert _fetch(active, FakeFetcher(on_fetch=active.clear)) == {}
+    active = {RAW0, RAW1}
+    assert set(_fetch(active, FakeFetcher(on_fetch=lambda: active.discard(RAW1)))) == {RAW0}
+    # negative control: Faust's own method drains every partition once the live set is emptied
+    active = {RAW0, RAW1}
+    original = driver.AIOKafkaConsumerThread._fetch_records._clickpulse_original
+    assert set(_fetch(active, FakeFetcher(on_fetch=active.clear), original)) == {RAW0, RAW1, RAW2, RAW3}
+
+
+def test_an_empty_active_set_fetches_nothing():
+    faust_fixes.install()
+    fetcher = FakeFetcher()
+    assert _fetch(set(), fetcher) == {} and fetcher.asked == []
+
+
+class FakeConsumer:
+    def __init__(self, committed):
+        self.committed = committed
+        self.seeks: list = []
+        self.to_beginning: list = []
+
+    async def seek_to_committed(self):  # aiokafka: seeks only offsets > 0
+        self.seeks += [(tp, off) for tp, off in self.committed.items() if off and off > 0]
+        return dict(self.committed)
+
+    def seek(self, tp, offset):
+        self.seeks.append((tp, offset))
+
+    async def seek_to_beginning(self, *tps):
+        self.to_beginning += tps
+
+
+def test_never_committed_and_zero_committed_input_partitions_are_rewound():
+    """Fix B: aiokafka's seek_to_committed leaves them where the dropped fetch put them."""
+    consumer = FakeConsumer({RAW0: 5, RAW1: 0, RAW2: None, RAW3: None, CHANGELOG: None})
+    thread = SimpleNamespace(_ensure_consumer=lambda: consumer,
+                             app=SimpleNamespace(tables=SimpleNamespace(changelog_topics={CHANGELOG.topic})))
+    committed = asyncio.run(faust_fixes._seek_to_committed_in_thread(thread))
+    assert committed == consumer.committed                       # what Faust's perform_seek reads
+    assert consumer.seeks == [(RAW0, 5), (RAW1, 0)]
+    assert consumer.to_beginning == [RAW2, RAW3]                  # the changelog is left to recovery
+
+
+def test_resuming_a_running_flow_keeps_the_records_on_the_stream_queues():
+    """Fix F: recovery seeks the stream partitions and then calls flow_control.resume() on a flow
+    that is already running; mode cleared every stream queue there, throwing away records fetched
+    after the seek (a restarted worker lost the one record published as it became ready)."""
+    faust_fixes.install()
+
+    def queue_after(*steps):
+        async def run():
+            flow = FlowControlEvent()                  # Faust's app.flow_control starts suspended
+            q = FlowControlQueue(flow_control=flow, clear_on_resume=True)
+            for step in steps:
+                step(flow, q)
+            return list(q._queue)
+        return asyncio.run(run())
+
+    def put(record):
+        return lambda flow, q: q.put_nowait(record)
+    resume = FlowControlEvent.resume
+    original = resume._clickpulse_original
+    # changelog recovery resumes flow; after the seek a record reaches the queue; resumed again
+    assert queue_after(lambda f, q: resume(f), put("raw[0]@1264"), lambda f, q: resume(f)) == ["raw[0]@1264"]
+    # negative control: mode's own resume throws it away
+    assert queue_after(lambda f, q: original(f), put("raw[0]@1264"), lambda f, q: original(f)) == []
+    # a rebalance suspends flow: what the queue holds then is stale and still cleared on resume
+    assert queue_after(lambda f, q: resume(f), put("stale"), lambda f, q: f.suspend(), lambda f, q: resume(f)) == []
+    flow = FlowControlEvent()
+    resume(flow)
+    assert flow.is_active() and flow._resume.is_set()

@@ -125,3 +125,27 @@ def test_input_gaps_ask_the_broker_when_the_commit_is_not_known_yet(tmp_path):
     # with the commit known the answer is immediate (no broker round trip)
     known = InputGaps(m, lambda topic, p: 20, str(tmp_path / "k"), lambda topic, p: 10, fetch_committed=down)
     assert known.see(msg(0, 20)) is True
+
+
+def test_input_gaps_judge_an_unbounded_first_message_against_the_broker(tmp_path):
+    """The raw topic has no saved position: a restarted worker's first raw[0] record was 1275
+    while the group's commit was 508 (the records between were lost by Faust), and it was taken
+    as the start — 767 records lost unnoticed. It is judged against the broker's commit now."""
+    import asyncio
+
+    from clickpulse.app import InputGaps
+    m = Metrics(CollectorRegistry())
+    msg = lambda p, o: SimpleNamespace(topic="t", partition=p, offset=o)  # noqa: E731
+    broker = {0: 508, 1: None}
+
+    async def fetch(topic, p):
+        return broker[p]
+    gaps = InputGaps(m, lambda topic, p: None, str(tmp_path), fetch_committed=fetch)
+    assert gaps.see(msg(0, 1275)) is None
+    assert asyncio.run(gaps.confirm(msg(0, 1275))) is False and m.input_gaps.labels("t")._value.get() == 1
+    fresh = InputGaps(m, lambda topic, p: None, str(tmp_path / "f"), fetch_committed=fetch)
+    assert fresh.see(msg(0, 508)) is None                      # the successor reads from the commit
+    assert asyncio.run(fresh.confirm(msg(0, 508))) is True and fresh.see(msg(0, 509)) is True
+    assert fresh.see(msg(1, 7)) is None                        # a new group: nothing committed yet
+    assert asyncio.run(fresh.confirm(msg(1, 7))) is True and fresh.see(msg(1, 8)) is True
+    assert m.input_gaps.labels("t")._value.get() == 1
