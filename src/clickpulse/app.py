@@ -1007,13 +1007,49 @@ def _valid_partitions(w: Worker) -> list[int]:
     return sorted(tp.partition for tp in w.app.assignor.assigned_actives() if tp.topic == w.settings.topic_valid)
 
 
+def recovery_superseded(app: Any) -> bool:
+    """True when the table recovery Faust just reported complete was cut short by a newer
+    rebalance, so the table holds only part of its changelog.
+
+    Faust 0.15 ends a recovery whose changelog reading a rebalance interrupted as if it had read
+    everything ("Done reading from changelog topics", "Restore complete!") and sends
+    ``on_rebalance_complete`` before it compares generations; the newer rebalance's recovery is
+    then pending: ``Recovery.signal_recovery_start`` stays set until the recovery loop picks it
+    up. A worker that took that state lost events for good: its timers fired on the stale users
+    and wrote them to the changelog *after* their newer records, and the full recovery that
+    followed restored those stale users with the newer input position (docs/delivery.md).
+
+    >>> from types import SimpleNamespace
+    >>> import asyncio
+    >>> pending = asyncio.Event(); pending.set()
+    >>> recovery_superseded(SimpleNamespace(tables=SimpleNamespace(recovery=SimpleNamespace(
+    ...     signal_recovery_start=pending))))
+    True
+    >>> recovery_superseded(SimpleNamespace())          # another Faust: nothing to look at
+    False
+    """
+    rec = getattr(getattr(app, "tables", None), "recovery", None)
+    try:
+        return bool(rec is not None and rec.signal_recovery_start.is_set())
+    except AttributeError:
+        return False
+
+
+def _settled_partitions(w: Worker) -> list[int]:
+    """The valid partitions this worker owns with their state restored by the current
+    assignment's recovery: none while a rebalance or its recovery is under way (Faust's
+    ``app.rebalancing``), so timers and other writers never act on a state that is not, or no
+    longer, the whole changelog."""
+    return [] if w.app.rebalancing else _valid_partitions(w)
+
+
 def _wire_timers(w: Worker, users: Any) -> None:
     app, s, engine, metrics = w.app, w.settings, w.engine, w.metrics
 
     @app.timer(interval=1.0)
     async def fire_idle_timers() -> None:
         now = _now_ms()
-        await w.emit(engine.step([], now, tick=_valid_partitions(w)))
+        await w.emit(engine.step([], now, tick=_settled_partitions(w)))
         metrics.timers_pending.set(engine.pending_timers())
         wm = engine.min_watermark(now)
         if wm is not None:
@@ -1021,7 +1057,7 @@ def _wire_timers(w: Worker, users: Any) -> None:
 
     @app.timer(interval=300.0)
     async def expire_idle_users() -> None:
-        for p in _valid_partitions(w):
+        for p in _settled_partitions(w):
             em = engine.expire_step(p, s.user_retention_ms, _now_ms(), dormant_retention_ms=s.dormant_retention_ms)
             await w.emit(em)
             if em.changed:
@@ -1085,6 +1121,11 @@ def _wire_timers(w: Worker, users: Any) -> None:
 
     @app.on_rebalance_complete.connect
     async def on_rebalance_complete(sender: Any = None, **kwargs: Any) -> None:
+        if recovery_superseded(app):
+            log.warning("a table recovery ended after a newer rebalance had begun (Faust cut its changelog reading "
+                        "short): its state is not taken; the partitions are restored when the current recovery "
+                        "completes")
+            return
         parts = _valid_partitions(w)
         # clocks, positions and timers from the recovered table (its clock logs): see
         # Engine.restore; the re-read up to each partition's position is skipped
@@ -1107,7 +1148,8 @@ def _wire_refill(w: Worker) -> None:
 
     @w.app.on_rebalance_complete.connect
     async def table_recovered(sender: Any = None, **kwargs: Any) -> None:
-        recovered["gen"] = w.app.rebalancing_count
+        if not recovery_superseded(w.app):
+            recovered["gen"] = w.app.rebalancing_count
 
     def owned() -> list[int]:  # nothing while a rebalance or a recovery is under way
         app = w.app
@@ -1192,7 +1234,7 @@ def _wire_segment_sizes(w: Worker) -> None:
         counts = engine.segment_counts()
         # only partitions the group assigned to this worker *and* the engine counts (restored):
         # a partition just assigned but not yet recovered would publish a false zero
-        owned = [p for p in _valid_partitions(w) if p in counts]
+        owned = [p for p in _settled_partitions(w) if p in counts]
         out = []
         now = _now_ms()
         for p in owned:
@@ -1353,6 +1395,8 @@ def _wire_health(w: Worker) -> None:
 
     @app.on_rebalance_complete.connect
     async def health_recovered(sender: Any = None, **kwargs: Any) -> None:
+        if recovery_superseded(app):
+            return
         readiness.recovered = True
         if watch is not None:
             watch.reset()

@@ -57,8 +57,23 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from faust.worker import Worker
 
     worker = Worker(app, loglevel=args.loglevel, logfile=None, quiet=True, override_logging=True)
-    worker.execute_from_commandline()  # exits the process
+    try:
+        worker.execute_from_commandline()  # exits the process
+    except SystemExit as done:
+        raise SystemExit(worker_exit_code(done.code)) from None
     return 0
+
+
+def worker_exit_code(code: object) -> object:
+    """The worker's exit code for what mode's ``Worker`` exits with: its 1 (``EX_FAILURE``: a
+    service crashed on an exception, traceback in the log) becomes 70 (``EXIT_BUG``), the code
+    every other unexpected exception gets; anything else is kept (0 after SIGTERM; 75 leaves
+    through ``os._exit`` and never reaches here).
+
+    >>> worker_exit_code(1), worker_exit_code(0), worker_exit_code(None)
+    (70, 0, None)
+    """
+    return EXIT_BUG if code == 1 else code
 
 
 def cmd_trainer(args: argparse.Namespace) -> int:

@@ -41,20 +41,33 @@ F. Recovery ends (``faust/tables/recovery.py``, ``Recovery.on_recovery_completed
    worker said it was ready (aiokafka at the log end, Faust's read offset there, nothing
    acknowledged, the stall watchdog exited 75 after 185 s); a record lost in the middle of a
    partition is an input gap.
+G. That same end of recovery resumes the stream partitions *before* ``perform_seek`` asks the
+   broker for the committed offsets; records processed and committed while the answer is on its
+   way are then overwritten in Faust's ``_committed_offset`` by the older answer. Their offsets
+   have left the acknowledged list (committed), so ``_new_offset`` sees a hole between that
+   stale commit and the oldest acknowledged offset and returns nothing: the partition's commits
+   stop until the stall watchdog restarts the worker (a reviewer's three-worker run, 4 times; the
+   old commit always equal to the broker's at the seek, the oldest acknowledged to its later one).
 
-:func:`install` patches all five, in clickpulse's own process only (the installed packages are
+:func:`install` patches all six, in clickpulse's own process only (the installed packages are
 not changed):
 
 - A: the fetch is handed a view of the live set that follows it but is never falsy
   (:class:`LiveActive`), and an empty set fetches nothing.
 - B: ``seek_to_committed`` also seeks the input partitions aiokafka leaves where they are: to 0
-  when committed at 0, to their beginning when never committed (clickpulse's
-  ``auto_offset_reset`` is ``earliest``). Changelog partitions are left to recovery.
+  when committed at 0, to their first offset (asked of the broker, then an explicit seek) when
+  never committed (clickpulse's ``auto_offset_reset`` is ``earliest``). Changelog partitions are
+  left to recovery. (A first version used aiokafka's ``seek_to_beginning``, which leaves the
+  position unset until a lookup runs; Faust's ``verify_event_path`` read it in between and the
+  worker crashed with an AssertionError — a reviewer's three-worker run, twice.)
 - C: ``Consumer.ack`` leaves a message no stream tracked, on an acking topic, unacknowledged (a
   WARNING): Faust's commits stop below it and the consumer's rewind, the input-gap check or the
   stall watchdog has it read again.
 - D: ``Consumer._new_offset`` works on the acknowledged offsets without duplicates, so a commit
   covers the whole run acknowledged.
+- G: ``Consumer.perform_seek`` never moves Faust's record of a partition's committed offset
+  backwards: a commit this process made stays its commit (the broker holds it; nobody else
+  commits a partition this worker owns).
 - F: ``FlowControlEvent.resume`` clears the queues only when flow was *suspended* (what they hold
   then is from before the rebalance, and the seek that follows re-reads it); resuming a flow that
   is already running keeps them. A stale message left in a queue is still skipped by the stream
@@ -137,8 +150,10 @@ async def _seek_to_committed_in_thread(thread: Any) -> Mapping[Any, int | None]:
             consumer.seek(tp, 0)
         elif off is None:
             fresh.append(tp)
-    if fresh:
-        await consumer.seek_to_beginning(*fresh)
+    if fresh:  # an explicit offset: aiokafka's seek_to_beginning leaves the position unset until its
+        # lookup runs, and Faust's event-path check crashed the worker (AssertionError) in between
+        for tp, off in (await consumer.beginning_offsets(fresh)).items():
+            consumer.seek(tp, off)
     return committed
 
 
@@ -188,6 +203,22 @@ def _whole_runs(orig: Any) -> Any:
     return _new_offset
 
 
+def _keep_newer_commits(orig: Any) -> Any:
+    """Wrap ``Consumer.perform_seek`` (fix G): a committed offset the seek read before a commit
+    of this process landed does not replace that commit."""
+
+    async def perform_seek(self: Any) -> None:
+        before = {tp: off for tp, off in self._committed_offset.items() if off is not None}
+        await orig(self)
+        for tp, off in before.items():
+            now = self._committed_offset.get(tp)
+            if now is None or now < off:
+                self._committed_offset[tp] = off
+
+    perform_seek._clickpulse_original = orig  # type: ignore[attr-defined]
+    return perform_seek
+
+
 def _resume_keeping_live_queues(orig: Any) -> Any:
     """Wrap ``mode.utils.queues.FlowControlEvent.resume`` (fix F): the queues are cleared only
     when flow was suspended."""
@@ -208,7 +239,7 @@ def _original(fn: Any) -> Any:
 
 def install() -> bool:
     """Patch Faust's aiokafka consumer thread (A, B), :class:`faust.transport.consumer.Consumer`
-    (C, D) and mode's ``FlowControlEvent`` (F); idempotent. Returns ``True`` when they are in
+    (C, D, G) and mode's ``FlowControlEvent`` (F); idempotent. Returns ``True`` when they are in
     place, ``False`` (with a WARNING, nothing patched) when this Faust or mode does not have the
     methods they replace."""
     from faust.transport.consumer import Consumer
@@ -218,7 +249,7 @@ def install() -> bool:
     thread = driver.AIOKafkaConsumerThread
     if getattr(Consumer, _INSTALLED, False):
         return True
-    needed = {thread: ("_fetch_records", "seek_to_committed", "call_thread"), Consumer: ("ack", "_new_offset"),
+    needed = {thread: ("_fetch_records", "seek_to_committed", "call_thread"), Consumer: ("ack", "_new_offset", "perform_seek"),
               FlowControlEvent: ("resume",)}
     missing = [f"{cls.__name__}.{name}" for cls, names in needed.items() for name in names if not hasattr(cls, name)]
     if missing or not hasattr(FlowControlEvent(), "_suspend"):
@@ -229,6 +260,7 @@ def install() -> bool:
     thread.seek_to_committed = _seek_to_committed
     Consumer.ack = _refuse_untracked_ack(_original(Consumer.ack))
     Consumer._new_offset = _whole_runs(_original(Consumer._new_offset))
+    Consumer.perform_seek = _keep_newer_commits(_original(Consumer.perform_seek))
     FlowControlEvent.resume = _resume_keeping_live_queues(_original(FlowControlEvent.resume))
     setattr(Consumer, _INSTALLED, True)
     return True

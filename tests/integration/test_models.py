@@ -18,7 +18,7 @@ from clickpulse.ingest.datasets import BUNDLED_SAMPLE
 from clickpulse.ingest.replay import messages, publish
 from clickpulse.models.trainer import latest_snapshots
 from clickpulse.runtime import WorkerProcess, free_port, read_topic, wait_caught_up
-from tests.integration.conftest import assert_topics_match_schemas, wait_for
+from tests.integration.conftest import assert_topics_match_schemas, topic_values, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -101,7 +101,11 @@ def test_replay_trains_and_a_killed_trainer_resumes_exactly(make_settings, worke
         for ex in exs:
             assert validation_errors("example", ex) == []
         counts = {t: sum(1 for e in exs if e["task"] == t) for t in ("intent", "churn")}
-        assert counts["intent"] > 300 and sum(e["y"] for e in exs if e["task"] == "intent") > 10
+        # (once, in a loaded CI run, 105: no partition logged its end of input; the context printed
+        # here is what was missing to explain it)
+        assert counts["intent"] > 300 and sum(e["y"] for e in exs if e["task"] == "intent") > 10, (
+            counts, [(r["reason"], r["detail"]) for r in topic_values(s, s.topic_dlq)][:20],
+            {k: v for k, v in w.metrics().items() if "control" in k or "dead_letter" in k or "input_gaps" in k})
         snaps = wait_snapshots_cover(s, counts)
         for env in snaps.values():
             assert validation_errors("snapshot", env) == []

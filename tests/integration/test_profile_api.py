@@ -208,7 +208,9 @@ def test_refill_after_redis_restarts_empty(make_settings, workers, tmp_path: Pat
             return [{**p, "conversion": {**p["conversion"], "rate_smoothed": None}} for p in profs]
         before = wait_for(all_profiles, 120, f"the {n} profiles in redis")
         wait_for(lambda: sorted(m.decode() for m in client.zrange(seg, 0, -1)) == hesitant, 60, "the segment set")
-        assert all(client.get(epoch_key(s.namespace, p)) for p in range(s.partitions))
+        # the sentinels are set by the refill check (every 0.5 s), behind the profiles: waited for
+        wait_for(lambda: all(client.get(epoch_key(s.namespace, p)) for p in range(s.partitions)), 60,
+                 "every partition's sentinel after the first start")
         api = ApiProcess(s, tmp_path / "api.log")
         assert api.get("/v1/profiles/user-007")[1] == before[7]
 
