@@ -66,8 +66,11 @@ not changed):
 - D: ``Consumer._new_offset`` works on the acknowledged offsets without duplicates, so a commit
   covers the whole run acknowledged.
 - G: ``Consumer.perform_seek`` never moves Faust's record of a partition's committed offset
-  backwards: a commit this process made stays its commit (the broker holds it; nobody else
-  commits a partition this worker owns).
+  backwards: a commit this process made — before the seek or while its question to the broker
+  was on its way (``Consumer._commit_offsets`` remembers each) — stays its commit (the broker
+  holds it; nobody else commits a partition this worker owns). The first version kept only the
+  commits known when the seek began, and a reviewer's run still stalled once on a commit that
+  landed during it.
 - F: ``FlowControlEvent.resume`` clears the queues only when flow was *suspended* (what they hold
   then is from before the rebalance, and the seek that follows re-reads it); resuming a flow that
   is already running keeps them. A stale message left in a queue is still skipped by the stream
@@ -203,6 +206,27 @@ def _whole_runs(orig: Any) -> Any:
     return _new_offset
 
 
+_COMMITS = "_clickpulse_commits"  # per consumer: {tp: the highest offset this process committed}
+
+
+def _record_commits(orig: Any) -> Any:
+    """Wrap ``Consumer._commit_offsets`` (fix G): remember the highest offset each successful
+    commit of this process set, also one that lands while a seek's question is on its way."""
+
+    async def _commit_offsets(self: Any, offsets: Any, *args: Any, **kwargs: Any) -> bool:
+        did = await orig(self, offsets, *args, **kwargs)
+        if did:
+            mine = self.__dict__.setdefault(_COMMITS, {})
+            for tp in offsets:
+                off = self._committed_offset.get(tp)
+                if off is not None and off > mine.get(tp, -1):
+                    mine[tp] = off
+        return bool(did)
+
+    _commit_offsets._clickpulse_original = orig  # type: ignore[attr-defined]
+    return _commit_offsets
+
+
 def _keep_newer_commits(orig: Any) -> Any:
     """Wrap ``Consumer.perform_seek`` (fix G): a committed offset the seek read before a commit
     of this process landed does not replace that commit."""
@@ -210,7 +234,7 @@ def _keep_newer_commits(orig: Any) -> Any:
     async def perform_seek(self: Any) -> None:
         before = {tp: off for tp, off in self._committed_offset.items() if off is not None}
         await orig(self)
-        for tp, off in before.items():
+        for tp, off in [*before.items(), *self.__dict__.get(_COMMITS, {}).items()]:
             now = self._committed_offset.get(tp)
             if now is None or now < off:
                 self._committed_offset[tp] = off
@@ -249,7 +273,7 @@ def install() -> bool:
     thread = driver.AIOKafkaConsumerThread
     if getattr(Consumer, _INSTALLED, False):
         return True
-    needed = {thread: ("_fetch_records", "seek_to_committed", "call_thread"), Consumer: ("ack", "_new_offset", "perform_seek"),
+    needed = {thread: ("_fetch_records", "seek_to_committed", "call_thread"), Consumer: ("ack", "_new_offset", "perform_seek", "_commit_offsets"),
               FlowControlEvent: ("resume",)}
     missing = [f"{cls.__name__}.{name}" for cls, names in needed.items() for name in names if not hasattr(cls, name)]
     if missing or not hasattr(FlowControlEvent(), "_suspend"):
@@ -261,6 +285,7 @@ def install() -> bool:
     Consumer.ack = _refuse_untracked_ack(_original(Consumer.ack))
     Consumer._new_offset = _whole_runs(_original(Consumer._new_offset))
     Consumer.perform_seek = _keep_newer_commits(_original(Consumer.perform_seek))
+    Consumer._commit_offsets = _record_commits(_original(Consumer._commit_offsets))
     FlowControlEvent.resume = _resume_keeping_live_queues(_original(FlowControlEvent.resume))
     setattr(Consumer, _INSTALLED, True)
     return True

@@ -161,6 +161,25 @@ def test_restart_keeps_counting_idle_time_through_the_downtime():
     assert wall.now_ms <= ms("2019-10-01T10:31:01Z")   # not 20 minutes late
 
 
+def test_a_restart_reads_the_backlog_before_the_partition_counts_as_idle():
+    """A reviewer's three-worker run: a worker restarted 25 s after the last event it had saved
+    moved event time by the whole downtime at its first tick and fired timers that the events
+    waiting on the topic would have cancelled. The backlog read within the idle timeout after the
+    restore comes first now."""
+    from clickpulse.state.clock import PartitionClock
+    c = PartitionClock(allowed_lateness_ms=0, idle_timeout_ms=5_000, live=True)
+    c.observe(1_000_000, wall_ms=1_000_000)
+    c.restore(1_000_000, wall_ms=1_025_000, max_ts_wall_ms=1_000_000)       # down for 25 s
+    assert c.watermark(1_026_000) == 1_000_000                           # not idle yet: no jump
+    c.observe(1_010_000, wall_ms=1_027_000)                              # the backlog arrives
+    assert c.watermark(1_028_000) == 1_010_000
+    assert c.watermark(1_033_000) == 1_010_000 + 6_000                   # idle again: follows the wall
+    quiet = PartitionClock(allowed_lateness_ms=0, idle_timeout_ms=5_000, live=True)
+    quiet.observe(1_000_000, wall_ms=1_000_000)
+    quiet.restore(1_000_000, wall_ms=1_025_000, max_ts_wall_ms=1_000_000)
+    assert quiet.watermark(1_030_000) == 1_030_000                      # no backlog: the downtime counts
+
+
 def test_idle_users_expire_after_retention_even_with_a_pending_model_label():
     """A pending model label (churn: 14-day horizon) never keeps an idle user's behavioral state
     past the retention: the label is dropped and counted. Consent and lifetime totals stay (a

@@ -205,3 +205,19 @@ def test_the_seek_at_the_end_of_recovery_does_not_undo_a_commit_made_meanwhile()
     assert run(faust_fixes._keep_newer_commits(faust_perform_seek)) == {RAW0: 1200, RAW1: 40, RAW2: None, RAW3: 9}
     # negative control: Faust's own bookkeeping moves RAW0 back to 1100
     assert run(faust_perform_seek)[RAW0] == 1100
+
+    # the commit lands while the seek's question is on its way (a reviewer's run: 22993 undone by 22510)
+    c = SimpleNamespace(_committed_offset={RAW2: 22000})
+
+    async def faust_commit_offsets(self, offsets, start_new_transaction=True):
+        self._committed_offset.update(offsets)
+        return True
+    commit = faust_fixes._record_commits(faust_commit_offsets)
+
+    async def seek_racing_a_commit(self):
+        answer = {RAW2: 22510}                                   # read from the broker first
+        await commit(self, {RAW2: 22993})                        # then the commit lands
+        self._committed_offset.update(answer)                    # then Faust applies the answer
+    asyncio.run(faust_fixes._keep_newer_commits(seek_racing_a_commit)(c))
+    assert c._committed_offset[RAW2] == 22993
+    assert Consumer._commit_offsets._clickpulse_original is not None

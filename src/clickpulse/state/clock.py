@@ -80,7 +80,8 @@ class PartitionClock:
         ``True`` for live mode (idle advance), ``False`` for replay mode.
     """
 
-    __slots__ = ("lateness", "idle", "live", "max_ts", "last_event_wall", "wm", "eoi_sources", "closed", "controls")
+    __slots__ = ("lateness", "idle", "live", "max_ts", "last_event_wall", "wm", "eoi_sources", "closed", "controls",
+                 "restored_wall")
 
     def __init__(self, allowed_lateness_ms: int, idle_timeout_ms: int, live: bool) -> None:
         self.lateness = allowed_lateness_ms
@@ -95,6 +96,8 @@ class PartitionClock:
         #: epoch ms; the raw offset they were read at; their run's number of source partitions —
         #: ``None`` when unknown)
         self.controls: dict[str, tuple[int, int | None, int | None]] = {}
+        #: wall-clock time of the last :meth:`restore` (epoch ms): idleness is counted from it
+        self.restored_wall: int | None = None
 
     def observe(self, ts_ms: int, wall_ms: int, received_ms: int | None = None) -> None:
         """Record an event with event time ``ts_ms`` processed at wall time ``wall_ms``; it moves
@@ -108,7 +111,14 @@ class PartitionClock:
 
     def restore(self, max_ts: int | None, wall_ms: int, max_ts_wall_ms: int | None = None) -> None:
         """After a restart: the highest event time in the recovered state and the wall-clock time
-        it arrived at (so the idle clock keeps counting through the downtime)."""
+        it arrived at (so the idle clock keeps counting through the downtime); ``wall_ms`` is now.
+
+        The partition is not *idle* before ``idle_timeout_ms`` has passed since the restore
+        without an event (:meth:`watermark`): the input that arrived during the downtime is read
+        first. Counted from the last event alone, a worker restarted after 25 s moved event time
+        past that backlog at its first tick and fired timers its unread events would have cancelled
+        (5 wrong ``assistance_offer`` actions in a reviewer's three-worker run)."""
+        self.restored_wall = wall_ms
         if max_ts is not None:
             self.max_ts = max_ts if self.max_ts is None else max(self.max_ts, max_ts)
             self._raise(self.max_ts - self.lateness)
@@ -189,9 +199,13 @@ class PartitionClock:
             self.wm = candidate
 
     def watermark(self, wall_ms: int | None = None) -> int | None:
-        """The current watermark (epoch ms), ``None`` before any event; ``END_OF_TIME`` once closed."""
-        if self.live and wall_ms is not None and self.last_event_wall is not None \
-                and self.max_ts is not None and wall_ms - self.last_event_wall >= self.idle:
+        """The current watermark (epoch ms), ``None`` before any event; ``END_OF_TIME`` once closed.
+
+        Live mode: once no event has come for ``idle_timeout_ms`` (counted from the later of the
+        last event and the last :meth:`restore`), event time follows the wall clock from the last
+        event on."""
+        if self.live and wall_ms is not None and self.last_event_wall is not None and self.max_ts is not None \
+                and wall_ms - max(self.last_event_wall, self.restored_wall or 0) >= self.idle:
             self._raise(self.max_ts + (wall_ms - self.last_event_wall) - self.lateness)
         return self.wm
 
