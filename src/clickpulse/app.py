@@ -1052,25 +1052,30 @@ def _caught_up(w: Worker, parts: list[int]) -> list[int]:
     Without this, a worker that took over a partition with a backlog (a restart, or a reassignment
     after others died) moved event time over the whole downtime at its first idle tick and fired
     timers the unread events would have cancelled (27 wrong ``assistance_offer`` actions in a
-    reviewer's three-worker run, 17 s before the backlog was read). Unknown highwater or commit
-    (no fetch answered yet): not caught up."""
+    reviewer's three-worker run, 17 s before the backlog was read). With two hops the raw
+    partitions this worker owns count for every valid partition (the ingest forwards a raw
+    record to any of them: a third run fired 7 wrong actions on a valid partition read to its
+    end while this worker's own raw partition still held the carts). Raw partitions owned by
+    another worker are not seen. Unknown highwater or commit (no fetch answered yet): not caught
+    up."""
     from faust.types import TP
     s = w.settings
-    topics = (s.topic_valid, s.topic_raw) if s.raw_keyed else (s.topic_valid,)
     seen = _seen(w)
-    out = []
-    for p in parts:
-        for topic in topics:
-            try:
-                end = w.app.consumer.highwater(TP(topic, p))
-            except Exception:  # noqa: BLE001 - not assigned (a rebalance under way): not caught up
-                end = None
-            starts = [x for x in (seen.get((topic, p)), _committed(w, topic, p)) if isinstance(x, int)]
-            if end is None or not starts or max(starts) < end:
-                break
-        else:
-            out.append(p)
-    return out
+
+    def read_to_end(topic: str, p: int) -> bool:
+        try:
+            end = w.app.consumer.highwater(TP(topic, p))
+        except Exception:  # noqa: BLE001 - not assigned (a rebalance under way): not caught up
+            end = None
+        starts = [x for x in (seen.get((topic, p)), _committed(w, topic, p)) if isinstance(x, int)]
+        return end is not None and bool(starts) and max(starts) >= end
+
+    if not s.raw_keyed:  # two hops: this worker's raw backlog can be forwarded to any valid partition
+        own_raw = [tp.partition for tp in w.app.assignor.assigned_actives() if tp.topic == s.topic_raw]
+        if not all(read_to_end(s.topic_raw, p) for p in own_raw):
+            return []
+    topics = (s.topic_valid, s.topic_raw) if s.raw_keyed else (s.topic_valid,)
+    return [p for p in parts if all(read_to_end(topic, p) for topic in topics)]
 
 
 def _wire_timers(w: Worker, users: Any) -> None:

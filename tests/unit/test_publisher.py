@@ -164,9 +164,19 @@ def test_only_partitions_read_to_their_end_offset_get_the_idle_tick():
     consumer = SimpleNamespace(highwater=lambda tp: ends[(tp.topic, tp.partition)], _committed_offset=committed)
     gaps = InputGaps(Metrics(CollectorRegistry()), lambda topic, p: None, "/nonexistent")
     gaps.next[("ns.events.valid", 1)] = 500                    # handed everything up to the end
-    w = SimpleNamespace(app=SimpleNamespace(consumer=consumer), input_gaps=[gaps],
+    own = [TP("ns.events.valid", p) for p in range(4)]
+    w = SimpleNamespace(app=SimpleNamespace(consumer=consumer, assignor=SimpleNamespace(assigned_actives=lambda: own)),
+                        input_gaps=[gaps],
                         settings=SimpleNamespace(topic_valid="ns.events.valid", topic_raw="ns.events.raw",
                                                  raw_keyed=False))
     assert _caught_up(w, [0, 1, 2, 3]) == [1, 2]               # 0: backlog; 3: no fetch answered yet
     gaps.next[("ns.events.valid", 0)] = 24_021
     assert _caught_up(w, [0]) == [0]
+    # two hops: this worker's own raw[0] still holds records the ingest will forward (a third run:
+    # 7 wrong actions on a valid partition read to its end) -> no valid partition is idle
+    own.append(TP("ns.events.raw", 0))
+    ends[("ns.events.raw", 0)] = 13_885
+    committed[TP("ns.events.raw", 0)] = 11_147
+    assert _caught_up(w, [0, 1, 2]) == []
+    gaps.next[("ns.events.raw", 0)] = 13_885                   # forwarded everything
+    assert _caught_up(w, [0, 1, 2]) == [0, 1, 2]
