@@ -1067,6 +1067,8 @@ def _caught_up(w: Worker, parts: list[int]) -> list[int]:
             end = w.app.consumer.highwater(TP(topic, p))
         except Exception:  # noqa: BLE001 - not assigned (a rebalance under way): not caught up
             end = None
+        if end == 0:  # nothing ever written to it
+            return True
         starts = [x for x in (seen.get((topic, p)), _committed(w, topic, p)) if isinstance(x, int)]
         return end is not None and bool(starts) and max(starts) >= end
 

@@ -180,3 +180,6 @@ def test_only_partitions_read_to_their_end_offset_get_the_idle_tick():
     assert _caught_up(w, [0, 1, 2]) == []
     gaps.next[("ns.events.raw", 0)] = 13_885                   # forwarded everything
     assert _caught_up(w, [0, 1, 2]) == [0, 1, 2]
+    own.append(TP("ns.events.raw", 1))                         # a raw partition nobody wrote to
+    ends[("ns.events.raw", 1)] = 0
+    assert _caught_up(w, [0, 1, 2]) == [0, 1, 2]
