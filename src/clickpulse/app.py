@@ -1043,41 +1043,62 @@ def _settled_partitions(w: Worker) -> list[int]:
     return [] if w.app.rebalancing else _valid_partitions(w)
 
 
-def _caught_up(w: Worker, parts: list[int]) -> list[int]:
+def _tick_inputs(w: Worker, parts: list[int]) -> list[tuple[str, int]]:
+    """The input partitions whose backlog decides whether ``parts`` are idle (:func:`_caught_up`):
+    the valid partitions (and with one hop their raw ones), plus with two hops every raw
+    partition this worker owns."""
+    s = w.settings
+    if s.raw_keyed:
+        return [(t, p) for p in parts for t in (s.topic_valid, s.topic_raw)]
+    own_raw = [(s.topic_raw, tp.partition) for tp in w.app.assignor.assigned_actives() if tp.topic == s.topic_raw]
+    return [(s.topic_valid, p) for p in parts] + own_raw
+
+
+def _caught_up(w: Worker, parts: list[int], ends: dict[tuple[str, int], int | None]) -> list[int]:
     """Of ``parts``, the partitions whose input the processing agent has been handed up to the
-    end offset the consumer last saw (aiokafka's highwater) — a partition with records still to
-    read is not idle, whatever the wall clock says. Its event time then moves with those
-    records; the idle advance (and with it the tick's timers) waits until they are read.
+    broker's end offset (``ends``: ``{(topic, partition): end offset}`` of :func:`_tick_inputs`,
+    asked of the broker just before) — a partition with records still to read is not idle,
+    whatever the wall clock says. Its event time then moves with those records; the idle advance
+    (and with it the tick's timers) waits until they are read.
 
     Without this, a worker that took over a partition with a backlog (a restart, or a reassignment
     after others died) moved event time over the whole downtime at its first idle tick and fired
     timers the unread events would have cancelled (27 wrong ``assistance_offer`` actions in a
-    reviewer's three-worker run, 17 s before the backlog was read). With two hops the raw
-    partitions this worker owns count for every valid partition (the ingest forwards a raw
-    record to any of them: a third run fired 7 wrong actions on a valid partition read to its
-    end while this worker's own raw partition still held the carts). Raw partitions owned by
-    another worker are not seen. Unknown highwater or commit (no fetch answered yet): not caught
-    up."""
-    from faust.types import TP
-    s = w.settings
+    reviewer's three-worker run). With two hops the raw partitions this worker owns count for
+    every valid partition (the ingest forwards a raw record to any of them: 7 wrong actions in a
+    third run). The consumer's own highwater is not enough: it changes only with fetch answers,
+    and the worker's own forwards made a partition with thousands of unread records look read to
+    its end (42 wrong actions in a fourth run). Raw partitions owned by another worker are not
+    seen. An end offset unknown, or a partition with records of which nothing was handed and
+    nothing committed: not caught up; a partition never written to (end 0): caught up."""
     seen = _seen(w)
 
     def read_to_end(topic: str, p: int) -> bool:
-        try:
-            end = w.app.consumer.highwater(TP(topic, p))
-        except Exception:  # noqa: BLE001 - not assigned (a rebalance under way): not caught up
-            end = None
-        if end == 0:  # nothing ever written to it
+        end = ends.get((topic, p))
+        if end == 0:
             return True
         starts = [x for x in (seen.get((topic, p)), _committed(w, topic, p)) if isinstance(x, int)]
         return end is not None and bool(starts) and max(starts) >= end
 
-    if not s.raw_keyed:  # two hops: this worker's raw backlog can be forwarded to any valid partition
-        own_raw = [tp.partition for tp in w.app.assignor.assigned_actives() if tp.topic == s.topic_raw]
-        if not all(read_to_end(s.topic_raw, p) for p in own_raw):
-            return []
+    s = w.settings
+    if not s.raw_keyed and not all(read_to_end(t, p) for t, p in ends if t == s.topic_raw):
+        return []
     topics = (s.topic_valid, s.topic_raw) if s.raw_keyed else (s.topic_valid,)
     return [p for p in parts if all(read_to_end(topic, p) for topic in topics)]
+
+
+async def _end_offsets(w: Worker, inputs: list[tuple[str, int]]) -> dict[tuple[str, int], int | None]:
+    """The broker's end offsets of ``inputs`` (one ListOffsets request through Faust's consumer);
+    empty when it cannot answer (a rebalance under way): nothing is then taken as caught up."""
+    from faust.types import TP
+    if not inputs:
+        return {}
+    try:
+        got = await w.app.consumer.highwaters(*(TP(t, p) for t, p in inputs))
+    except Exception as err:  # noqa: BLE001 - the next tick asks again
+        log.debug("end offsets for the idle tick not available (%s: %s)", type(err).__name__, err)
+        return {}
+    return {(tp.topic, tp.partition): (off if isinstance(off, int) else None) for tp, off in got.items()}
 
 
 def _wire_timers(w: Worker, users: Any) -> None:
@@ -1086,7 +1107,12 @@ def _wire_timers(w: Worker, users: Any) -> None:
     @app.timer(interval=1.0)
     async def fire_idle_timers() -> None:
         now = _now_ms()
-        await w.emit(engine.step([], now, tick=_caught_up(w, _settled_partitions(w))))
+        parts = _settled_partitions(w)
+        if parts and s.time_mode != "replay":  # live mode: the idle advance needs an idle partition
+            ends = await _end_offsets(w, _tick_inputs(w, parts))
+            now = _now_ms()
+            parts = _caught_up(w, parts, ends)
+        await w.emit(engine.step([], now, tick=parts))
         metrics.timers_pending.set(engine.pending_timers())
         wm = engine.min_watermark(now)
         if wm is not None:

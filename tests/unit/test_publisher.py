@@ -154,32 +154,34 @@ def test_input_gaps_judge_an_unbounded_first_message_against_the_broker(tmp_path
 def test_only_partitions_read_to_their_end_offset_get_the_idle_tick():
     """A worker that took over valid[0] with a backlog fired idle timers 5 s after the restore
     although 9,569 records were still unread (a reviewer's run: 27 wrong actions). Partitions
-    with records left to read are not ticked; a caught-up or empty one is."""
+    with records left to read (end offsets asked of the broker) are not ticked; a caught-up or
+    empty one is."""
     from faust.types import TP
 
-    from clickpulse.app import InputGaps, _caught_up
-    ends = {("ns.events.valid", 0): 24_021, ("ns.events.valid", 1): 500, ("ns.events.valid", 2): 0,
-            ("ns.events.valid", 3): None}
-    committed = {TP("ns.events.valid", 0): 14_452, TP("ns.events.valid", 1): 480, TP("ns.events.valid", 2): 0}
-    consumer = SimpleNamespace(highwater=lambda tp: ends[(tp.topic, tp.partition)], _committed_offset=committed)
+    from clickpulse.app import InputGaps, _caught_up, _tick_inputs
+    V, R = "ns.events.valid", "ns.events.raw"
+    ends = {(V, 0): 24_021, (V, 1): 500, (V, 2): 0, (V, 3): None}
+    committed = {TP(V, 0): 14_452, TP(V, 1): 480, TP(V, 2): 0}
     gaps = InputGaps(Metrics(CollectorRegistry()), lambda topic, p: None, "/nonexistent")
-    gaps.next[("ns.events.valid", 1)] = 500                    # handed everything up to the end
-    own = [TP("ns.events.valid", p) for p in range(4)]
-    w = SimpleNamespace(app=SimpleNamespace(consumer=consumer, assignor=SimpleNamespace(assigned_actives=lambda: own)),
-                        input_gaps=[gaps],
-                        settings=SimpleNamespace(topic_valid="ns.events.valid", topic_raw="ns.events.raw",
-                                                 raw_keyed=False))
-    assert _caught_up(w, [0, 1, 2, 3]) == [1, 2]               # 0: backlog; 3: no fetch answered yet
-    gaps.next[("ns.events.valid", 0)] = 24_021
-    assert _caught_up(w, [0]) == [0]
+    gaps.next[(V, 1)] = 500                                    # handed everything up to the end
+    own = [TP(V, p) for p in range(4)]
+    w = SimpleNamespace(app=SimpleNamespace(consumer=SimpleNamespace(_committed_offset=committed),
+                                            assignor=SimpleNamespace(assigned_actives=lambda: own)),
+                        input_gaps=[gaps], settings=SimpleNamespace(topic_valid=V, topic_raw=R, raw_keyed=False))
+    assert _tick_inputs(w, [0, 1]) == [(V, 0), (V, 1)]
+    assert _caught_up(w, [0, 1, 2, 3], ends) == [1, 2]         # 0: backlog; 3: end unknown
+    assert _caught_up(w, [0, 1], {}) == []                     # the broker did not answer
+    gaps.next[(V, 0)] = 24_021
+    assert _caught_up(w, [0], ends) == [0]
     # two hops: this worker's own raw[0] still holds records the ingest will forward (a third run:
     # 7 wrong actions on a valid partition read to its end) -> no valid partition is idle
-    own.append(TP("ns.events.raw", 0))
-    ends[("ns.events.raw", 0)] = 13_885
-    committed[TP("ns.events.raw", 0)] = 11_147
-    assert _caught_up(w, [0, 1, 2]) == []
-    gaps.next[("ns.events.raw", 0)] = 13_885                   # forwarded everything
-    assert _caught_up(w, [0, 1, 2]) == [0, 1, 2]
-    own.append(TP("ns.events.raw", 1))                         # a raw partition nobody wrote to
-    ends[("ns.events.raw", 1)] = 0
-    assert _caught_up(w, [0, 1, 2]) == [0, 1, 2]
+    own += [TP(R, 0), TP(R, 1)]
+    assert _tick_inputs(w, [0]) == [(V, 0), (R, 0), (R, 1)]
+    ends.update({(R, 0): 13_885, (R, 1): 0})                   # raw[1]: never written to
+    committed[TP(R, 0)] = 11_147
+    assert _caught_up(w, [0, 1, 2], ends) == []
+    gaps.next[(R, 0)] = 13_885                                 # forwarded everything
+    assert _caught_up(w, [0, 1, 2], ends) == [0, 1, 2]
+    # one hop: the raw partition of the same number is the input
+    w.settings.raw_keyed = True
+    assert _tick_inputs(w, [0]) == [(V, 0), (R, 0)]
